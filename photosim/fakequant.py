@@ -1,0 +1,64 @@
+"""The fake-quantized float reference: the integer file executed in float64 with quantize-dequantize
+at the same points and with the same parameters as the integer engine.
+
+It is what fake-quant toolkits compute; the integer engine's ``float`` requant mode agrees with it to
+within one output LSB (float rounding of the accumulation), so float / fake-quant / engine accuracies
+can be compared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from photosim.format import Node, QParams, QuantizedModel, weights_scale
+
+
+def fake_quantize(x: torch.Tensor, q: QParams) -> torch.Tensor:
+    """Quantize-dequantize in float64: ``(clamp(rne(x / s) + z, qmin, qmax) - z) * s``."""
+    codes = torch.round(x / q.scale) + q.zero_point
+    return (codes.clamp(q.qmin, q.qmax) - q.zero_point) * q.scale
+
+
+def _dequantized_params(model: QuantizedModel, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = weights_scale(model, node)  # (O,) float64
+    w = model.tensors[f"{node.name}.weight"].double()
+    weight = w * scale.view(-1, *([1] * (w.dim() - 1)))
+    bias = model.tensors[f"{node.name}.bias"].double() * node.input_q[0].scale * scale
+    return weight, bias
+
+
+def run_node(model: QuantizedModel, node: Node, *inputs: torch.Tensor) -> torch.Tensor:
+    """One node on dequantized float64 inputs -> its fake-quantized float64 output."""
+    a = node.attrs
+    x = inputs[0]
+    if node.op == "conv2d":
+        weight, bias = _dequantized_params(model, node)
+        y = F.conv2d(x, weight, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+    elif node.op == "linear":
+        weight, bias = _dequantized_params(model, node)
+        y = F.linear(x, weight, bias)
+    elif node.op == "add":
+        y = x + inputs[1]
+    elif node.op == "maxpool2d":
+        return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+    elif node.op == "avgpool2d":
+        y = F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
+                         a["divisor_override"])
+    elif node.op == "adaptive_avgpool2d":
+        y = F.adaptive_avg_pool2d(x, a["output_size"])
+    elif node.op == "flatten":
+        return torch.flatten(x, a["start_dim"])
+    elif node.op == "reshape":
+        return x.reshape(x.shape[0], *a["shape"])
+    else:  # clamp
+        y = x
+    return fake_quantize(y, node.output_q)
+
+
+def fake_quant_forward(model: QuantizedModel, x: torch.Tensor) -> torch.Tensor:
+    """Float32 outputs of the fake-quantized reference for a batch of float inputs."""
+    values = {model.input_name: fake_quantize(x.double(), model.input_q)}
+    for node in model.nodes:
+        values[node.name] = run_node(model, node, *(values[i] for i in node.inputs))
+    return values[model.output].float()

@@ -1,0 +1,315 @@
+"""Float graph capture with torch.fx: the supported ops, BatchNorm folding and activation fusion.
+
+The captured ``FloatGraph`` has the same node vocabulary as the integer file (conv2d, linear, add,
+clamp, pools, flatten, reshape) so quantization is a node-by-node translation. It also executes
+itself in float, which is what calibration observes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from photosim.errors import PhotosimError
+
+SUPPORTED = (
+    "Conv2d (zeros padding), Linear, BatchNorm1d/2d after a conv/linear (folded), ReLU, ReLU6, Hardtanh, "
+    "clamp with constant bounds, residual add (+ / torch.add), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
+    "flatten, view/reshape, Dropout and Identity (removed in eval)"
+)
+_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+_PASS_THROUGH_CALLS = {F.dropout, "contiguous", "clone", "detach"}
+_SHAPE_CALLS = {"size", getattr, operator.getitem, operator.mul, operator.floordiv}
+
+
+@dataclass
+class FloatNode:
+    """One float op; ``act`` is the (lo, hi) clamp fused into its output (ReLU = (0, inf))."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    act: tuple[float, float] | None = None
+
+
+@dataclass
+class FloatGraph:
+    """Nodes in topological order; the graph input is named ``input``."""
+
+    nodes: list[FloatNode]
+    output: str
+    input_shape: tuple[int, ...]
+
+    def run(self, x: torch.Tensor, observe: Any = None) -> torch.Tensor:
+        """Execute in float; ``observe(name, tensor)`` is called for the input and every node output."""
+        values = {"input": x}
+        if observe:
+            observe("input", x)
+        for node in self.nodes:
+            values[node.name] = y = _FLOAT_OPS[node.op](node, *(values[i] for i in node.inputs))
+            if observe:
+                observe(node.name, y)
+        return values[self.output]
+
+
+def _pair(v: Any) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [int(v), int(v)]
+
+
+def _clamp_act(node: FloatNode, y: torch.Tensor) -> torch.Tensor:
+    return y if node.act is None else y.clamp(node.act[0], node.act[1])
+
+
+_FLOAT_OPS = {
+    "conv2d": lambda n, x: _clamp_act(
+        n, F.conv2d(x, n.weight, n.bias, n.attrs["stride"], n.attrs["padding"], n.attrs["dilation"], n.attrs["groups"])
+    ),
+    "linear": lambda n, x: _clamp_act(n, F.linear(x, n.weight, n.bias)),
+    "add": lambda n, a, b: _clamp_act(n, a + b),
+    "clamp": lambda n, x: _clamp_act(n, x),
+    "maxpool2d": lambda n, x: F.max_pool2d(
+        x, n.attrs["kernel"], n.attrs["stride"], n.attrs["padding"], n.attrs["dilation"], n.attrs["ceil_mode"]
+    ),
+    "avgpool2d": lambda n, x: F.avg_pool2d(
+        x, n.attrs["kernel"], n.attrs["stride"], n.attrs["padding"], n.attrs["ceil_mode"],
+        n.attrs["count_include_pad"], n.attrs["divisor_override"],
+    ),
+    "adaptive_avgpool2d": lambda n, x: F.adaptive_avg_pool2d(x, n.attrs["output_size"]),
+    "flatten": lambda n, x: torch.flatten(x, n.attrs["start_dim"]),
+    "reshape": lambda n, x: x.reshape(x.shape[0], *n.attrs["shape"]),
+}
+
+
+def _conv_attrs(m: nn.Conv2d, name: str) -> dict[str, Any]:
+    if m.padding_mode != "zeros":
+        raise PhotosimError(f"layer {name!r}: padding_mode {m.padding_mode!r} is not supported (only 'zeros').")
+    padding = m.padding
+    if isinstance(padding, str):  # 'same' / 'valid'
+        padding = [0, 0] if padding == "valid" else [d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation)]
+        if any(d * (k - 1) % 2 for k, d in zip(m.kernel_size, m.dilation)):
+            raise PhotosimError(f"layer {name!r}: padding='same' with an even kernel is asymmetric; pad explicitly.")
+    return {
+        "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel": _pair(m.kernel_size),
+        "stride": _pair(m.stride), "padding": _pair(padding), "dilation": _pair(m.dilation), "groups": m.groups,
+    }
+
+
+def _pool_attrs(kernel: Any, stride: Any, padding: Any, **extra: Any) -> dict[str, Any]:
+    kernel = _pair(kernel)
+    stride = _pair(stride) if stride not in (None, [], ()) else kernel
+    return {"kernel": kernel, "stride": stride, "padding": _pair(padding), **extra}
+
+
+def _activation_bounds(target: Any, module: nn.Module | None, args: tuple, kwargs: dict) -> tuple[float, float] | None:
+    """(lo, hi) of a ReLU-like op, or None when the node is not one."""
+    inf = float("inf")
+    if isinstance(module, nn.ReLU) or target in (F.relu, torch.relu, "relu"):
+        return 0.0, inf
+    if isinstance(module, nn.ReLU6) or target is F.relu6:
+        return 0.0, 6.0
+    if isinstance(module, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val)
+    if target is F.hardtanh:
+        return float(kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)), float(
+            kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+        )
+    if target in (torch.clamp, "clamp", torch.clip, "clip"):
+        lo = kwargs.get("min", args[1] if len(args) > 1 else None)
+        hi = kwargs.get("max", args[2] if len(args) > 2 else None)
+        if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+            return None
+        return (-inf if lo is None else float(lo)), (inf if hi is None else float(hi))
+    return None
+
+
+class _Tracer(fx.Tracer):
+    """symbolic_trace with source lines recorded, for error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """fx-trace ``model`` and annotate shapes; name the module and the reason when tracing fails."""
+    model = model.eval()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is the user's model, reported as such
+        raise PhotosimError(
+            f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. photosim needs a model "
+            "without data-dependent control flow in forward(); rewrite that part, or wrap it in a leaf module."
+        ) from None
+    gm = fx.GraphModule(model, graph)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    return gm
+
+
+def _source_line(node: fx.Node) -> str:
+    lines = (node.stack_trace or "").strip().splitlines()
+    for line in reversed(lines):
+        if line.strip().startswith("File "):
+            return line.strip()
+    return "source line unknown"
+
+
+def _is_tensor(node: Any) -> bool:
+    return isinstance(node, fx.Node) and "tensor_meta" in node.meta
+
+
+def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
+    """Trace ``model`` on ``example`` (a batch) into a FloatGraph with BN folded and activations fused."""
+    gm = trace(model, example)
+    modules = dict(gm.named_modules())
+    nodes: dict[str, FloatNode] = {}
+    alias: dict[str, str] = {}  # fx node name -> name of the FloatNode holding its value
+    shared: set[str] = set()  # FloatNodes whose value is read by more than one op (never fused into)
+    unsupported: list[str] = []
+    output = None
+
+    def src(arg: Any) -> str:
+        return alias[arg.name]
+
+    def bind(fx_node: fx.Node, float_name: str) -> None:
+        alias[fx_node.name] = float_name
+        if len(fx_node.users) > 1:
+            shared.add(float_name)
+
+    def fusable(arg: Any, ops: tuple[str, ...]) -> FloatNode | None:
+        producer = nodes.get(src(arg))
+        return producer if producer is not None and producer.op in ops and producer.name not in shared else None
+
+    for node in gm.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        target = node.target
+        args = node.args
+        if node.op == "placeholder":
+            if alias:
+                unsupported.append(f"{node.name} (second graph input; photosim models take one input tensor)")
+            bind(node, "input")
+            continue
+        if node.op == "output":
+            if not _is_tensor(args[0]):
+                unsupported.append(f"output (returns {type(args[0]).__name__}; photosim needs a single tensor)")
+            else:
+                output = src(args[0])
+            continue
+        if not _is_tensor(node):
+            continue  # shape arithmetic (x.size(0) ...) feeding a view/reshape
+        name = str(target) if node.op == "call_module" else node.name
+        tensor_args = [a for a in args if isinstance(a, fx.Node) and _is_tensor(a)]
+        bounds = _activation_bounds(target, module, args, node.kwargs)
+        new: FloatNode | None = None
+        if isinstance(module, _PASS_THROUGH_MODULES) or (node.op != "call_module" and target in _PASS_THROUGH_CALLS):
+            bind(node, src(args[0]))
+            continue
+        if bounds is not None:
+            producer = fusable(args[0], ("conv2d", "linear", "add"))
+            if producer is not None:
+                lo, hi = producer.act or (float("-inf"), float("inf"))
+                producer.act = (max(lo, bounds[0]), min(hi, bounds[1]))
+                bind(node, producer.name)
+                continue
+            new = FloatNode(name, "clamp", [src(args[0])], act=bounds)
+        elif isinstance(module, nn.Conv2d):
+            new = FloatNode(name, "conv2d", [src(args[0])], _conv_attrs(module, name),
+                            module.weight.detach().clone(), _bias(module))
+        elif isinstance(module, nn.Linear):
+            new = FloatNode(name, "linear", [src(args[0])], {"in_features": module.in_features,
+                            "out_features": module.out_features}, module.weight.detach().clone(), _bias(module))
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            producer = fusable(args[0], ("conv2d", "linear"))
+            if producer is None or producer.act is not None:
+                unsupported.append(f"{name} (BatchNorm not directly after a conv/linear) at {_source_line(node)}")
+                continue
+            _fold_batchnorm(producer, module)
+            bind(node, producer.name)
+            continue
+        elif target in (operator.add, torch.add, "add") and len(tensor_args) == 2 and len(args) == 2 \
+                and not node.kwargs:
+            new = FloatNode(name, "add", [src(a) for a in tensor_args])
+        elif isinstance(module, nn.MaxPool2d) or target is F.max_pool2d:
+            new = FloatNode(name, "maxpool2d", [src(args[0])], _maxpool_attrs(module, args, node.kwargs))
+        elif isinstance(module, nn.AvgPool2d) or target is F.avg_pool2d:
+            new = FloatNode(name, "avgpool2d", [src(args[0])], _avgpool_attrs(module, args, node.kwargs))
+        elif isinstance(module, nn.AdaptiveAvgPool2d) or target is F.adaptive_avg_pool2d:
+            out_shape = node.meta["tensor_meta"].shape  # resolves None entries of output_size
+            new = FloatNode(name, "adaptive_avgpool2d", [src(args[0])],
+                            {"output_size": [int(out_shape[2]), int(out_shape[3])]})
+        elif isinstance(module, nn.Flatten) or target in (torch.flatten, "flatten", "view", "reshape"):
+            new = _reshape_node(name, src(args[0]), node)
+        if new is None:
+            what = type(module).__name__ if module is not None else getattr(target, "__name__", str(target))
+            unsupported.append(f"{name} ({node.op} {what}) at {_source_line(node)}")
+            continue
+        nodes[new.name] = new
+        bind(node, new.name)
+    if unsupported:
+        raise PhotosimError(
+            f"{type(model).__name__} has {len(unsupported)} operation(s) photosim cannot run on integers: "
+            + "; ".join(unsupported) + f". Supported: {SUPPORTED}. Replace or remove these ops "
+            "(photosim never falls back to float silently)."
+        )
+    return FloatGraph(list(nodes.values()), output or "input", tuple(example.shape[1:]))
+
+
+def _bias(m: nn.Module) -> torch.Tensor:
+    return m.bias.detach().clone() if m.bias is not None else torch.zeros(m.weight.shape[0])
+
+
+def _fold_batchnorm(producer: FloatNode, bn: nn.Module) -> None:
+    """w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta, in float64."""
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
+    factor = gamma / torch.sqrt(var + bn.eps)
+    shape = (-1,) + (1,) * (producer.weight.dim() - 1)
+    producer.weight = (producer.weight.double() * factor.view(shape)).float()
+    producer.bias = ((producer.bias.double() - mean) * factor + beta).float()
+
+
+def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any) -> Any:
+    return kwargs.get(key, args[index] if len(args) > index else default)
+
+
+def _maxpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, Any]:
+    if m is not None:
+        if m.return_indices:
+            raise PhotosimError("MaxPool2d(return_indices=True) is not supported.")
+        return _pool_attrs(m.kernel_size, m.stride, m.padding, dilation=_pair(m.dilation),
+                           ceil_mode=bool(m.ceil_mode))
+    return _pool_attrs(_arg(args, kwargs, 1, "kernel_size", None), _arg(args, kwargs, 2, "stride", None),
+                       _arg(args, kwargs, 3, "padding", 0), dilation=_pair(_arg(args, kwargs, 4, "dilation", 1)),
+                       ceil_mode=bool(_arg(args, kwargs, 5, "ceil_mode", False)))
+
+
+def _avgpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, Any]:
+    if m is not None:
+        return _pool_attrs(m.kernel_size, m.stride, m.padding, ceil_mode=bool(m.ceil_mode),
+                           count_include_pad=bool(m.count_include_pad), divisor_override=m.divisor_override)
+    return _pool_attrs(_arg(args, kwargs, 1, "kernel_size", None), _arg(args, kwargs, 2, "stride", None),
+                       _arg(args, kwargs, 3, "padding", 0), ceil_mode=bool(_arg(args, kwargs, 4, "ceil_mode", False)),
+                       count_include_pad=bool(_arg(args, kwargs, 5, "count_include_pad", True)),
+                       divisor_override=_arg(args, kwargs, 6, "divisor_override", None))
+
+
+def _reshape_node(name: str, source: str, node: fx.Node) -> FloatNode:
+    """flatten / view / reshape: a flatten from dim 1 when the result is (N, -1), else a reshape."""
+    in_shape = node.all_input_nodes[0].meta["tensor_meta"].shape
+    out_shape = tuple(node.meta["tensor_meta"].shape)
+    if out_shape[0] != in_shape[0]:
+        raise PhotosimError(f"{name}: reshapes across the batch dimension ({tuple(in_shape)} -> {out_shape}) "
+                            "are not supported; keep dimension 0 as the batch.")
+    if len(out_shape) == 2:
+        return FloatNode(name, "flatten", [source], {"start_dim": 1})
+    return FloatNode(name, "reshape", [source], {"shape": list(out_shape[1:])})
