@@ -8,6 +8,7 @@ itself in float, which is what calibration observes.
 from __future__ import annotations
 
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,11 +157,9 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
 
 
 def _source_line(node: fx.Node) -> str:
-    lines = (node.stack_trace or "").strip().splitlines()
-    for line in reversed(lines):
-        if line.strip().startswith("File "):
-            return line.strip()
-    return "source line unknown"
+    frames = [line.strip() for line in (node.stack_trace or "").splitlines() if line.strip().startswith("File ")]
+    user_frames = [f for f in frames if f"{os.sep}torch{os.sep}" not in f]  # skip fx's own frames
+    return user_frames[-1] if user_frames else "source line unknown"
 
 
 def _is_tensor(node: Any) -> bool:
@@ -178,7 +177,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
     output = None
 
     def src(arg: Any) -> str:
-        return alias[arg.name]
+        return alias.get(arg.name, arg.name)  # unsupported nodes have no alias; they are reported below
 
     def bind(fx_node: fx.Node, float_name: str) -> None:
         alias[fx_node.name] = float_name

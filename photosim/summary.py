@@ -1,0 +1,69 @@
+"""Per-layer facts of an integer model: shapes, bits, scales, MACs and worst-case accumulator width."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+from photosim.fakequant import run_node
+from photosim.format import WEIGHTED_OPS, Node, QuantizedModel
+
+
+def dot_length(node: Node) -> int:
+    """K: the number of products summed into one output of a conv/linear."""
+    a = node.attrs
+    if node.op == "conv2d":
+        return a["in_channels"] // a["groups"] * a["kernel"][0] * a["kernel"][1]
+    return a["in_features"]
+
+
+def worst_case_acc_bits(input_bits: int, w_bits: int, k: int, bias_bits: int | None = None) -> int:
+    """Brevitas' bound ``ceil(log2((2^b_in - 1)(2^b_w - 1) K))``; with a bias, ``max(that, b_bias) + 1``."""
+    bits = math.ceil(math.log2((2**input_bits - 1) * (2**w_bits - 1) * k))
+    return bits if bias_bits is None else max(bits, bias_bits) + 1
+
+
+def output_shapes(model: QuantizedModel) -> dict[str, tuple[int, ...]]:
+    """Per-sample output shape of every tensor, by running the reference on one zero input."""
+    values = {model.input_name: torch.zeros(1, *model.input_shape, dtype=torch.float64)}
+    for node in model.nodes:
+        values[node.name] = run_node(model, node, *(values[i] for i in node.inputs))
+    return {name: tuple(v.shape[1:]) for name, v in values.items()}
+
+
+def layer_table(model: QuantizedModel) -> pd.DataFrame:
+    """One row per node: op, shapes, bits, scales, zero points, MACs per sample, accumulator bits."""
+    shapes = output_shapes(model)
+    rows = []
+    for node in model.nodes:
+        out_shape = shapes[node.name]
+        row = {
+            "layer": node.name,
+            "op": node.op,
+            "input_shape": "x".join(str(d) for d in shapes[node.inputs[0]]),
+            "output_shape": "x".join(str(d) for d in out_shape),
+            "in_bits": node.input_q[0].bits,
+            "w_bits": node.w_bits,
+            "a_bits": node.output_q.bits,
+            "bias_bits": node.bias_bits,
+            "input_scale": node.input_q[0].scale,
+            "output_scale": node.output_q.scale,
+            "output_zero_point": node.output_q.zero_point,
+            "weight_scale": None,
+            "macs": 0,
+            "acc_bits": None,
+            "acc_bits_with_bias": None,
+        }
+        if node.op in WEIGHTED_OPS:
+            k = dot_length(node)
+            scale = model.tensors[f"{node.name}.weight_scale"]
+            row["weight_scale"] = (
+                f"{float(scale):.3g}" if scale.dim() == 0 else f"{float(scale.min()):.3g}..{float(scale.max()):.3g}"
+            )
+            row["macs"] = math.prod(out_shape) * k
+            row["acc_bits"] = worst_case_acc_bits(node.input_q[0].bits, node.w_bits, k)
+            row["acc_bits_with_bias"] = worst_case_acc_bits(node.input_q[0].bits, node.w_bits, k, node.bias_bits)
+        rows.append(row)
+    return pd.DataFrame(rows)
