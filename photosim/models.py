@@ -1,0 +1,404 @@
+"""Model loading: built-in digits models, torchvision architectures and user files, plus weights.
+
+A model spec is a built-in name (``digits-cnn``), ``torchvision:NAME`` or ``path/to/file.py:NAME``;
+every loaded module comes back in eval mode with what is known about its input shape and provenance.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from photosim.errors import PhotosimError
+from photosim.format import file_sha256
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+MAX_KEYS_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A built-in model: its factory and the facts ``photosim models`` shows."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    float_accuracy: float
+    description: str
+    factory: Callable[[], nn.Module] = field(repr=False, compare=False)
+
+    @property
+    def weights_path(self) -> Path:
+        """The shipped ``state_dict`` file (package data)."""
+        return WEIGHTS_DIR / f"{self.name}.pt"
+
+    def num_parameters(self) -> int:
+        """Number of trainable and frozen parameters (buffers excluded)."""
+        return sum(p.numel() for p in self.factory().parameters())
+
+
+@dataclass
+class LoadedModel:
+    """A module ready for quantization, with its spec and weights provenance."""
+
+    module: nn.Module
+    spec: str
+    input_shape: tuple[int, ...] | None
+    num_classes: int | None
+    weights: str | None
+    weights_sha256: str | None
+    info: ModelInfo | None
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    name: str, input_shape: tuple[int, int, int], num_classes: int, float_accuracy: float, description: str
+) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+    """Class/factory decorator adding a built-in model to the registry (names are unique)."""
+    if name in _REGISTRY:
+        raise ValueError(f"built-in model {name!r} is registered twice")
+    if not 0.0 <= float_accuracy <= 1.0:
+        raise ValueError(f"float_accuracy of {name!r} must lie in [0, 1], got {float_accuracy}")
+
+    def decorator(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        _REGISTRY[name] = ModelInfo(name, input_shape, num_classes, float_accuracy, description, factory)
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[ModelInfo]:
+    """All built-in models, sorted by name."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+@register_model(
+    "digits-cnn",
+    input_shape=(1, 8, 8),
+    num_classes=10,
+    float_accuracy=0.9833333333333333,
+    description="LeNet-style CNN (2 conv + 2 linear) for the 8x8 sklearn digits",
+)
+class DigitsCNN(nn.Module):
+    """Two 3x3 conv/ReLU/max-pool stages and a two-layer classifier for 1x8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(16 * 2 * 2, 32)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc2(self.relu3(self.fc1(x)))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv+BN, a residual add (1x1 conv+BN shortcut when resizing), ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + identity
+        return self.relu2(out)
+
+
+@register_model(
+    "digits-resnet",
+    input_shape=(1, 8, 8),
+    num_classes=10,
+    float_accuracy=0.9944444444444445,
+    description="small ResNet (stem + 3 basic blocks, BatchNorm, residual adds) for the 8x8 sklearn digits",
+)
+class DigitsResNet(nn.Module):
+    """Conv+BN stem, three basic blocks (16->16->32->32, one stride-2), global average pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.layer1 = nn.Sequential(BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, stride=2))
+        self.layer3 = nn.Sequential(BasicBlock(32, 32))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+def load_model(
+    spec: str, weights: str | Path | None = None, num_classes: int | None = None, cifar_stem: bool = False
+) -> LoadedModel:
+    """Build the model named by ``spec``, load ``weights`` (a state_dict file) if given, set eval mode.
+
+    ``num_classes`` and ``cifar_stem`` shape ``torchvision:`` models; a built-in accepts only its own
+    class count.
+    """
+    if cifar_stem and not spec.startswith("torchvision:"):
+        raise PhotosimError(
+            f"--cifar-stem only applies to torchvision: models, not to {spec!r}; drop the flag or use a "
+            "torchvision ResNet such as torchvision:resnet18."
+        )
+    if num_classes is not None and num_classes < 1:
+        raise PhotosimError(f"--num-classes must be a positive integer, got {num_classes}.")
+    if spec in _REGISTRY:
+        loaded = _load_builtin(_REGISTRY[spec], num_classes, shipped_weights=weights is None)
+    elif spec.startswith("torchvision:"):
+        loaded = _load_torchvision(spec, num_classes, cifar_stem)
+    elif ".py" in spec:
+        loaded = _load_user_file(spec, num_classes)
+    else:
+        raise PhotosimError(
+            f"unknown model {spec!r}; use a built-in ({', '.join(sorted(_REGISTRY))}), "
+            "torchvision:NAME (e.g. torchvision:resnet18) or path/to/file.py:NAME (a class or factory "
+            "returning an nn.Module); `photosim models` lists the built-ins."
+        )
+    if weights is not None:
+        loaded.weights = str(weights)
+        loaded.weights_sha256 = load_weights(loaded.module, weights)
+    loaded.module.eval()
+    return loaded
+
+
+def load_weights(module: nn.Module, path: str | Path) -> str:
+    """Load a state_dict (or a checkpoint holding one) from ``path`` into ``module``; return its sha256.
+
+    Keys and shapes must match exactly: a half-loaded model would silently give meaningless accuracies.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PhotosimError(f"weights file {str(path)!r} does not exist; check the --weights path.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PhotosimError(
+            f"cannot read weights file {str(path)!r} ({type(exc).__name__}: {exc}); it must be written by "
+            "torch.save(model.state_dict(), path) or be a checkpoint dict holding one under 'state_dict' "
+            "or 'model' (plain tensors, loadable with weights_only=True)."
+        ) from exc
+    state_dict = _strip_data_parallel_prefix(_extract_state_dict(checkpoint, path))
+    expected = module.state_dict().keys()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing or unexpected:
+        raise PhotosimError(
+            f"weights file {str(path)!r} does not match the model: missing keys {_short_list(missing)}, "
+            f"unexpected keys {_short_list(unexpected)}; check that it was saved from the same architecture "
+            "(and --num-classes / --cifar-stem)."
+        )
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise PhotosimError(
+            f"weights file {str(path)!r} does not fit the model ({' '.join(str(exc).split())}); check that "
+            "it was saved from the same architecture (and --num-classes / --cifar-stem)."
+        ) from exc
+    return file_sha256(path)
+
+
+def _extract_state_dict(checkpoint: Any, path: Path) -> Mapping[str, torch.Tensor]:
+    """The state_dict itself, or the one under a checkpoint's ``state_dict`` / ``model`` key."""
+    if isinstance(checkpoint, Mapping):
+        if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+            return checkpoint
+        for key in ("state_dict", "model"):
+            if isinstance(checkpoint.get(key), Mapping):
+                return checkpoint[key]
+    raise PhotosimError(
+        f"weights file {str(path)!r} holds a {type(checkpoint).__name__}, not a state_dict; save it with "
+        "torch.save(model.state_dict(), path) or as a dict with the state_dict under 'state_dict' or 'model'."
+    )
+
+
+def _strip_data_parallel_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix that (Distributed)DataParallel adds, when every key carries it."""
+    prefix = "module."
+    if state_dict and all(key.startswith(prefix) for key in state_dict):
+        return {key[len(prefix) :]: value for key, value in state_dict.items()}
+    return dict(state_dict)
+
+
+def _short_list(keys: list[str]) -> str:
+    """Keys as a readable list, truncated after MAX_KEYS_SHOWN with a count of the rest."""
+    if len(keys) <= MAX_KEYS_SHOWN:
+        return "[" + ", ".join(keys) + "]"
+    return "[" + ", ".join(keys[:MAX_KEYS_SHOWN]) + f", ... and {len(keys) - MAX_KEYS_SHOWN} more]"
+
+
+def _load_builtin(info: ModelInfo, num_classes: int | None, shipped_weights: bool) -> LoadedModel:
+    """A built-in model, with its shipped weights unless the caller loads its own."""
+    if num_classes is not None and num_classes != info.num_classes:
+        raise PhotosimError(
+            f"built-in model {info.name!r} has {info.num_classes} classes, not {num_classes}; drop "
+            "--num-classes or use a torchvision: or file model."
+        )
+    module = info.factory()
+    if shipped_weights:
+        module.load_state_dict(torch.load(info.weights_path, map_location="cpu", weights_only=True))
+    return LoadedModel(
+        module=module,
+        spec=info.name,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        weights="builtin" if shipped_weights else None,
+        weights_sha256=file_sha256(info.weights_path) if shipped_weights else None,
+        info=info,
+    )
+
+
+def _load_torchvision(spec: str, num_classes: int | None, cifar_stem: bool) -> LoadedModel:
+    """A randomly initialised torchvision architecture, optionally with a CIFAR (32x32) stem."""
+    import torchvision
+
+    name = spec.removeprefix("torchvision:")
+    available = torchvision.models.list_models()
+    if name not in available:
+        similar = difflib.get_close_matches(name, available, n=5, cutoff=0.5) or available[:5]
+        raise PhotosimError(
+            f"torchvision has no model {name!r}; similar names: {', '.join(similar)}. Use one of "
+            "torchvision.models.list_models(), e.g. torchvision:resnet18."
+        )
+    classes = num_classes or 1000
+    try:
+        module = torchvision.models.get_model(name, weights=None, num_classes=classes)
+    except (TypeError, ValueError) as exc:
+        raise PhotosimError(
+            f"cannot build torchvision model {name!r} with num_classes={classes} ({exc}); pick another "
+            "architecture or --num-classes."
+        ) from exc
+    if cifar_stem:
+        _replace_stem(module, name)
+    return LoadedModel(
+        module=module,
+        spec=spec,
+        input_shape=(3, 32, 32) if cifar_stem else (3, 224, 224),
+        num_classes=classes,
+        weights=None,
+        weights_sha256=None,
+        info=None,
+    )
+
+
+def _replace_stem(module: nn.Module, name: str) -> None:
+    """Swap a ResNet's 7x7/2 conv1 and max-pool for a 3x3/1 conv, the usual stem for 32x32 inputs."""
+    conv1 = getattr(module, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(module, "maxpool"):
+        raise PhotosimError(
+            f"--cifar-stem needs a ResNet-style model with conv1 and maxpool layers, and torchvision:{name} "
+            "has none; drop --cifar-stem or use e.g. torchvision:resnet18."
+        )
+    module.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    module.maxpool = nn.Identity()
+
+
+def _load_user_file(spec: str, num_classes: int | None) -> LoadedModel:
+    """A module built by calling ``NAME`` (a class or factory, no arguments) from a Python file."""
+    file_part, sep, attr = spec.rpartition(":")
+    if not sep or not file_part.endswith(".py") or not attr:
+        raise PhotosimError(
+            f"model spec {spec!r} must be path/to/file.py:NAME, naming the class or factory in the file "
+            "that builds the nn.Module."
+        )
+    path = Path(file_part)
+    if not path.is_file():
+        raise PhotosimError(f"model file {file_part!r} does not exist; check the path in {spec!r}.")
+    factory = getattr(_import_file(path), attr, None)
+    if factory is None:
+        raise PhotosimError(
+            f"model file {file_part!r} defines no {attr!r}; name a class or a factory function defined there."
+        )
+    if not callable(factory):
+        raise PhotosimError(f"{attr!r} in {file_part!r} is not callable; name a class or a factory function.")
+    try:
+        module = factory()
+    except Exception as exc:
+        raise PhotosimError(
+            f"calling {attr}() from {file_part!r} failed ({type(exc).__name__}: {exc}); it must build the "
+            "model with no arguments."
+        ) from exc
+    if not isinstance(module, nn.Module):
+        raise PhotosimError(
+            f"{attr}() from {file_part!r} returned a {type(module).__name__}, not a torch.nn.Module; make "
+            "it return the model."
+        )
+    return LoadedModel(
+        module=module,
+        spec=spec,
+        input_shape=_declared_input_shape(module, spec),
+        num_classes=num_classes,
+        weights=None,
+        weights_sha256=None,
+        info=None,
+    )
+
+
+def _import_file(path: Path) -> Any:
+    """Import a Python file as a fresh module (registered in sys.modules so dataclasses etc. work)."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    module_name = f"photosim_user_model_{path.stem}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise PhotosimError(f"cannot import {str(path)!r} as a Python module; give a .py file.")
+    user_module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = user_module
+    try:
+        module_spec.loader.exec_module(user_module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise PhotosimError(
+            f"importing model file {str(path)!r} failed ({type(exc).__name__}: {exc}); fix the file."
+        ) from exc
+    return user_module
+
+
+def _declared_input_shape(module: nn.Module, spec: str) -> tuple[int, ...] | None:
+    """The module's ``input_shape`` attribute (C, H, W) if it declares one."""
+    shape = getattr(module, "input_shape", None)
+    if shape is None:
+        return None
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise PhotosimError(
+            f"model {spec!r} declares input_shape={shape!r}; it must be a tuple of positive ints such as "
+            "(3, 32, 32)."
+        )
+    return tuple(shape)
