@@ -1,0 +1,1 @@
+"""Models of the dot-product hardware the engine simulates, and their configuration."""

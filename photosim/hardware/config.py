@@ -1,0 +1,191 @@
+"""The hardware model's configuration: requantization, tiles, ADC, accumulator, analog noise, per-layer
+overrides. Every field is documented where it is defined; ``photosim.simulate(..., hw=...)`` and
+``--hw FILE.yaml`` take the same structure.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from photosim._config import StrictModel, describe_validation_error, load_config
+from photosim.errors import PhotosimError
+from photosim.hardware.noise import sigma_from_enob, sigma_from_snr_db
+
+
+class OutputNoise(StrictModel):
+    """Additive Gaussian noise on every tile value, std = sigma * FS; give one of sigma, snr_db, enob."""
+
+    sigma: float | None = Field(None, ge=0, description="Noise std as a fraction of the tile's full scale FS.")
+    snr_db: float | None = Field(None, description="SNR at full scale, 20 log10(FS / std), in dB.")
+    enob: float | None = Field(None, gt=0, description="Effective bits at full scale (SNR = 6.02 ENOB + 1.76 dB).")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> OutputNoise:
+        given = [k for k in ("sigma", "snr_db", "enob") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of sigma, snr_db or enob, not {' and '.join(given)}")
+        return self
+
+    @property
+    def resolved_sigma(self) -> float:
+        """The sigma used, whichever way it was given."""
+        if self.snr_db is not None:
+            return sigma_from_snr_db(self.snr_db)
+        if self.enob is not None:
+            return sigma_from_enob(self.enob)
+        return self.sigma or 0.0
+
+
+class ShotNoise(StrictModel):
+    """Signal-dependent Gaussian noise on every tile value, std = sigma * sqrt(|p| * FS)."""
+
+    sigma: float = Field(0.0, ge=0, description="Shot-noise coefficient (0: off).")
+
+
+class WeightNoise(StrictModel):
+    """Weight error: multiplicative w (1 + sigma e) or additive w + sigma Wmax e, e ~ N(0, 1)."""
+
+    sigma: float = Field(0.0, ge=0, description="Relative (multiplicative) or full-scale (additive) std; 0: off.")
+    kind: Literal["multiplicative", "additive"] = Field("multiplicative", description="Form of the error.")
+
+
+class CustomNoise(StrictModel):
+    """A user noise model: ``module:function`` or ``path/file.py:function``, called on tile values."""
+
+    function: str | None = Field(None, description="f(p, context) -> perturbed p; None: off.")
+
+
+class NoiseConfig(StrictModel):
+    """Analog noise effects, each with its own seeded stream; all off by default."""
+
+    output: OutputNoise = Field(default_factory=OutputNoise, description="Thermal / detector noise.")
+    shot: ShotNoise = Field(default_factory=ShotNoise, description="Shot noise.")
+    weight_static: WeightNoise = Field(default_factory=WeightNoise,
+                                       description="Programming / fabrication error, fixed per simulated chip.")
+    weight_read: WeightNoise = Field(default_factory=WeightNoise, description="Weight error drawn per inference.")
+    custom: CustomNoise = Field(default_factory=CustomNoise, description="User noise model.")
+
+
+class ADCConfig(StrictModel):
+    """Per-tile ADC: round to nearest, clip at the range, count clips."""
+
+    bits: int | None = Field(None, ge=2, le=32, description="ADC bits; None: ideal readout (integer grid).")
+    range: Literal["full", "calibrated"] | float = Field(
+        "full", description="+-FS (`full`), a fraction of FS (e.g. 0.25), or `calibrated` (per layer percentile)."
+    )
+    percentile: float = Field(99.99, gt=50, le=100, description="Percentile of |tile value| for `calibrated`.")
+
+    @field_validator("range")
+    @classmethod
+    def _positive_fraction(cls, value: Any) -> Any:
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError("a range fraction must lie in (0, 1]")
+        return value
+
+
+class AccumulatorConfig(StrictModel):
+    """The digital accumulator that adds the digitized tile values (and the bias)."""
+
+    bits: int = Field(32, ge=2, le=64, description="Accumulator width (two's complement).")
+    overflow: Literal["wrap", "saturate", "none"] = Field(
+        "none", description="wrap (two's complement), saturate (clamp after every addition) or none (exact)."
+    )
+    bias_at: Literal["start", "end"] = Field("start", description="Bias added first or last.")
+
+
+class LayerHardware(StrictModel):
+    """The settings that apply to one layer (the global ones, or after per-layer overrides)."""
+
+    requant: str = Field("float", description="Requantization mode: float, fixedpoint or pytorch.")
+    tile: int | None = Field(None, ge=1, description="Dot-product length L of one optical core; None: one tile.")
+    adc: ADCConfig = Field(default_factory=ADCConfig, description="Per-tile ADC.")
+    accumulator: AccumulatorConfig = Field(default_factory=AccumulatorConfig, description="Digital accumulator.")
+    noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Analog noise.")
+
+    @field_validator("requant")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        from photosim.requant import REQUANT_MODES
+
+        if value not in REQUANT_MODES:
+            raise ValueError(f"unknown requant mode; allowed: {', '.join(REQUANT_MODES)}")
+        return value
+
+    @property
+    def is_ideal(self) -> bool:
+        """True when the layer computes exactly what the ideal integer engine computes."""
+        n = self.noise
+        return (self.adc.bits is None and self.accumulator.overflow == "none" and n.output.resolved_sigma == 0
+                and n.shot.sigma == 0 and n.weight_static.sigma == 0 and n.weight_read.sigma == 0
+                and n.custom.function is None)
+
+
+class LayerOverride(StrictModel):
+    """Settings for the layers whose name matches ``match`` (fnmatch glob); unset keys keep the global value."""
+
+    match: str = Field(description="Glob on the layer name, e.g. conv1, layer4.*, fc.")
+    requant: str | None = None
+    tile: int | None = Field(None, ge=1)
+    adc: ADCConfig | None = None
+    accumulator: AccumulatorConfig | None = None
+    noise: NoiseConfig | None = None
+
+
+class HardwareConfig(LayerHardware):
+    """The whole engine model: global settings plus per-layer overrides (later entries win).
+
+    Example:
+        >>> hw = HardwareConfig.model_validate({"tile": 64, "adc": {"bits": 8}, "noise": {"output": {"sigma": 0.01}},
+        ...                                     "layers": [{"match": "conv1", "noise": {"output": {"sigma": 0}}}]})
+    """
+
+    layers: list[LayerOverride] = Field(default_factory=list, description="Per-layer overrides by glob.")
+
+    def for_layer(self, name: str) -> LayerHardware:
+        """Effective settings of one layer."""
+        merged = self.model_dump(exclude={"layers"}, exclude_unset=True)
+        for override in self.layers:
+            if fnmatchcase(name, override.match):
+                _deep_merge(merged, override.model_dump(exclude={"match"}, exclude_unset=True))
+        return LayerHardware.model_validate(merged)
+
+    def unmatched_overrides(self, names: list[str]) -> list[str]:
+        """Globs in ``layers`` that match no layer name."""
+        return [o.match for o in self.layers if not any(fnmatchcase(n, o.match) for n in names)]
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> None:
+    """Merge ``override`` into ``base`` in place; the output-noise spec is replaced whole (sigma/snr/enob)."""
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "output":
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def load_hardware(hw: HardwareConfig | dict | str | Path | None) -> HardwareConfig:
+    """A validated HardwareConfig from an instance, a plain dict, a YAML path, or None (ideal engine)."""
+    return load_config(HardwareConfig, hw)
+
+
+def hardware_with_flags(hw: HardwareConfig, **flags: Any) -> HardwareConfig:
+    """Apply the CLI's common knobs (noise, tile, adc_bits, acc_bits, overflow, requant) over a config."""
+    data = hw.model_dump(exclude_unset=True)
+    paths = {"noise": ("noise", "output"), "tile": ("tile",), "adc_bits": ("adc", "bits"),
+             "acc_bits": ("accumulator", "bits"), "overflow": ("accumulator", "overflow"), "requant": ("requant",)}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        *parents, leaf = paths[flag]
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = {"sigma": value} if flag == "noise" else value
+    try:
+        return HardwareConfig.model_validate(data)
+    except ValidationError as exc:
+        raise PhotosimError(describe_validation_error(exc, "command-line hardware options")) from None
