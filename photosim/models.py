@@ -7,9 +7,6 @@ every loaded module comes back in eval mode with what is known about its input s
 from __future__ import annotations
 
 import difflib
-import hashlib
-import importlib.util
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from photosim._imports import load_object
 from photosim.errors import PhotosimError
 from photosim.format import file_sha256
 
@@ -333,20 +331,13 @@ def _replace_stem(module: nn.Module, name: str) -> None:
 
 def _load_user_file(spec: str, num_classes: int | None) -> LoadedModel:
     """A module built by calling ``NAME`` (a class or factory, no arguments) from a Python file."""
-    file_part, sep, attr = spec.rpartition(":")
-    if not sep or not file_part.endswith(".py") or not attr:
+    file_part, _, attr = spec.rpartition(":")
+    if not file_part.endswith(".py"):
         raise PhotosimError(
             f"model spec {spec!r} must be path/to/file.py:NAME, naming the class or factory in the file "
             "that builds the nn.Module."
         )
-    path = Path(file_part)
-    if not path.is_file():
-        raise PhotosimError(f"model file {file_part!r} does not exist; check the path in {spec!r}.")
-    factory = getattr(_import_file(path), attr, None)
-    if factory is None:
-        raise PhotosimError(
-            f"model file {file_part!r} defines no {attr!r}; name a class or a factory function defined there."
-        )
+    factory = load_object(spec, "model")
     if not callable(factory):
         raise PhotosimError(f"{attr!r} in {file_part!r} is not callable; name a class or a factory function.")
     try:
@@ -370,25 +361,6 @@ def _load_user_file(spec: str, num_classes: int | None) -> LoadedModel:
         weights_sha256=None,
         info=None,
     )
-
-
-def _import_file(path: Path) -> Any:
-    """Import a Python file as a fresh module (registered in sys.modules so dataclasses etc. work)."""
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    module_name = f"photosim_user_model_{path.stem}_{digest}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise PhotosimError(f"cannot import {str(path)!r} as a Python module; give a .py file.")
-    user_module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = user_module
-    try:
-        module_spec.loader.exec_module(user_module)
-    except Exception as exc:
-        del sys.modules[module_name]
-        raise PhotosimError(
-            f"importing model file {str(path)!r} failed ({type(exc).__name__}: {exc}); fix the file."
-        ) from exc
-    return user_module
 
 
 def _declared_input_shape(module: nn.Module, spec: str) -> tuple[int, ...] | None:

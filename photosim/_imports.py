@@ -1,0 +1,52 @@
+"""Load user code named as ``path/to/file.py:NAME`` or ``package.module:NAME`` (models, noise, importers)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from photosim.errors import PhotosimError
+
+
+def import_file(path: Path) -> Any:
+    """Import a Python file as a fresh module (registered in sys.modules so dataclasses etc. work)."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    module_name = f"photosim_user_{path.stem}_{digest}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise PhotosimError(f"cannot import {str(path)!r} as a Python module; give a .py file.")
+    user_module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = user_module
+    try:
+        module_spec.loader.exec_module(user_module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise PhotosimError(f"importing {str(path)!r} failed ({type(exc).__name__}: {exc}); fix the file.") from exc
+    return user_module
+
+
+def load_object(spec: str, what: str) -> Any:
+    """The object ``NAME`` of ``path/to/file.py:NAME`` or ``package.module:NAME``; ``what`` names it in errors."""
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise PhotosimError(f"{what} {spec!r} must be written path/to/file.py:NAME or package.module:NAME.")
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise PhotosimError(f"{what} file {source!r} does not exist; check the path in {spec!r}.")
+        module = import_file(path)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as exc:
+            raise PhotosimError(f"{what} {spec!r}: cannot import module {source!r} ({exc}).") from None
+    obj = getattr(module, name, None)
+    if obj is None:
+        raise PhotosimError(f"{what} {spec!r}: {source!r} defines no {name!r}.")
+    return obj
