@@ -1,0 +1,242 @@
+"""The `photosim` command line: a thin typer layer over the Python API.
+
+Exit codes: 0 success, 2 bad input (a one-paragraph message, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from photosim._config import load_config, with_overrides
+from photosim.errors import PhotosimError
+
+app = typer.Typer(
+    help="Quantize PyTorch models to integers and measure their accuracy on simulated photonic hardware.",
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, torchvision:NAME or path/file.py:NAME.")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option(help="state_dict file (or checkpoint with 'state_dict'/'model') to load.")
+]
+NumClassesOpt = Annotated[int | None, typer.Option(help="Number of classes of a torchvision model.")]
+CifarStemOpt = Annotated[bool, typer.Option(help="Give a torchvision ResNet the 3x3 stride-1 stem for 32x32 inputs.")]
+DataOpt = Annotated[
+    str, typer.Option(help="digits, mnist, fashion-mnist, cifar10, imagefolder:PATH or synthetic.")
+]
+DataRootOpt = Annotated[str | None, typer.Option(help="Folder holding torchvision datasets.")]
+DownloadOpt = Annotated[bool, typer.Option(help="Download a torchvision dataset when missing.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Evaluate on the first N test images only.")]
+ConfigOpt = Annotated[Path | None, typer.Option(help="Quantization YAML (keys of QuantSpec); flags override it.")]
+WBitsOpt = Annotated[int | None, typer.Option(help="Weight bits, 2..16 (default 8).")]
+ABitsOpt = Annotated[int | None, typer.Option(help="Activation bits, 2..16 (default 8).")]
+BiasBitsOpt = Annotated[int | None, typer.Option(help="Integer bias bits, 8..64 (default 32).")]
+ObserverOpt = Annotated[str | None, typer.Option(help="Activation observer: minmax, percentile or mse.")]
+PercentileOpt = Annotated[float | None, typer.Option(help="Percentile for --observer percentile (e.g. 99.99).")]
+PerTensorOpt = Annotated[bool, typer.Option(help="One weight scale per tensor instead of per output channel.")]
+CalibOpt = Annotated[int | None, typer.Option(help="Calibration images (default 512).")]
+BatchOpt = Annotated[int, typer.Option(help="Images per batch (bounds memory).")]
+
+
+def handles_errors(command: F) -> F:
+    """Turn PhotosimError into a one-paragraph message on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PhotosimError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _quant_spec(config: Path | None, w_bits: int | None, a_bits: int | None, bias_bits: int | None,
+                observer: str | None, percentile: float | None, per_tensor: bool, calib: int | None) -> Any:
+    from photosim.qconfig import QuantSpec
+
+    return with_overrides(
+        load_config(QuantSpec, config), w_bits=w_bits, a_bits=a_bits, bias_bits=bias_bits, observer=observer,
+        percentile=percentile, weight_granularity="per_tensor" if per_tensor else None, calibration_samples=calib,
+    )
+
+
+def print_table(title: str, frame: pd.DataFrame) -> None:
+    """Render a DataFrame as a rich table (floats to 4 significant digits)."""
+    table = Table(title=title, title_justify="left")
+    for col in frame.columns:
+        table.add_column(str(col), justify="right" if pd.api.types.is_numeric_dtype(frame[col]) else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("" if v is None or (isinstance(v, float) and pd.isna(v)) else
+                        f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
+def _percent(result: Any) -> str:
+    return f"{100 * result.top1:.2f}%"
+
+
+@app.command()
+@handles_errors
+def models() -> None:
+    """List the built-in models with input shape, parameters and float accuracy."""
+    from photosim.models import list_models
+
+    frame = pd.DataFrame([
+        {"name": m.name, "input": "x".join(map(str, m.input_shape)), "classes": m.num_classes,
+         "parameters": m.num_parameters(), "float accuracy": f"{100 * m.float_accuracy:.2f}%",
+         "description": m.description}
+        for m in list_models()
+    ])
+    print_table("built-in models (digits test split)", frame)
+
+
+@app.command("eval")
+@handles_errors
+def eval_float(
+    model: ModelOpt = "digits-resnet", weights: WeightsOpt = None, num_classes: NumClassesOpt = None,
+    cifar_stem: CifarStemOpt = False, data: DataOpt = "digits", data_root: DataRootOpt = None,
+    download: DownloadOpt = False, limit: LimitOpt = None, batch_size: BatchOpt = 256,
+) -> None:
+    """Float accuracy of a model on the test split."""
+    from photosim.models import load_model
+    from photosim.workflow import DataSpec, float_accuracy
+
+    loaded = load_model(model, weights, num_classes, cifar_stem)
+    test = DataSpec(data, data_root, download, limit).split("test", loaded.input_shape)
+    result = float_accuracy(loaded.module, test, batch_size, progress=True)
+    console.print(f"{model} on {data} test ({result.n} images): float top-1 {_percent(result)}")
+
+
+@app.command("quantize")
+@handles_errors
+def quantize_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Integer model file to write (.safetensors).")],
+    model: ModelOpt = "digits-resnet", weights: WeightsOpt = None, num_classes: NumClassesOpt = None,
+    cifar_stem: CifarStemOpt = False, data: DataOpt = "digits", data_root: DataRootOpt = None,
+    download: DownloadOpt = False, limit: LimitOpt = None, config: ConfigOpt = None, w_bits: WBitsOpt = None,
+    a_bits: ABitsOpt = None, bias_bits: BiasBitsOpt = None, observer: ObserverOpt = None,
+    percentile: PercentileOpt = None, per_tensor: PerTensorOpt = False, calib_samples: CalibOpt = None,
+    batch_size: BatchOpt = 256,
+) -> None:
+    """Post-training quantization to an integer model file; prints float and fake-quant test accuracy."""
+    from photosim.models import load_model
+    from photosim.workflow import DataSpec, fake_quant_accuracy, float_accuracy, quantize_loaded
+
+    spec = _quant_spec(config, w_bits, a_bits, bias_bits, observer, percentile, per_tensor, calib_samples)
+    loaded = load_model(model, weights, num_classes, cifar_stem)
+    data_spec = DataSpec(data, data_root, download, limit)
+    qmodel = quantize_loaded(loaded, data_spec, spec, num_classes=num_classes, cifar_stem=cifar_stem, progress=True)
+    qmodel.save(output)
+    test = data_spec.split("test", loaded.input_shape)
+    flt = float_accuracy(loaded.module, test, batch_size, progress=True)
+    fq = fake_quant_accuracy(qmodel, test, batch_size, progress=True)
+    console.print(f"wrote {output} (W{spec.w_bits}A{spec.a_bits}, {len(qmodel.nodes)} nodes)")
+    console.print(f"test top-1 on {data} ({flt.n} images): float {_percent(flt)}, fake-quant {_percent(fq)} "
+                  f"(drop {100 * (flt.top1 - fq.top1):.2f} points)")
+
+
+@app.command()
+@handles_errors
+def inspect(path: Annotated[Path, typer.Argument(help="Integer model file.")]) -> None:
+    """Per-layer table of an integer model: op, shapes, bits, scales, MACs, worst-case accumulator bits."""
+    from photosim.format import load
+    from photosim.summary import layer_table
+
+    qmodel = load(path)
+    q = qmodel.input_q
+    console.print(f"{path}: input {'x'.join(map(str, qmodel.input_shape))}, {q.bits}-bit "
+                  f"{'signed' if q.signed else 'unsigned'} (scale {q.scale:.4g}, zero point {q.zero_point}); "
+                  f"source {qmodel.provenance.get('model', qmodel.provenance.get('source', 'unknown'))}")
+    table = layer_table(qmodel)
+    compact = pd.DataFrame({
+        "layer": table["layer"], "op": table["op"],
+        "shape in -> out": table["input_shape"] + " -> " + table["output_shape"],
+        "bits in/w/out": [f"{i}/{'-' if pd.isna(w) else int(w)}/{o}"
+                          for i, w, o in zip(table["in_bits"], table["w_bits"], table["a_bits"])],
+        "out scale": table["output_scale"], "out zp": table["output_zero_point"],
+        "w scale": table["weight_scale"].fillna(""), "MACs": table["macs"],
+        "acc bits (+bias)": ["" if pd.isna(a) else f"{int(a)} ({int(b)})"
+                             for a, b in zip(table["acc_bits"], table["acc_bits_with_bias"])],
+    })
+    print_table("layers (acc bits: worst case from bit widths, see docs/format.md)", compact)
+    console.print(f"total MACs per sample: {int(table['macs'].sum()):,}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+@app.command()
+@handles_errors
+def sweep(
+    file: Annotated[Path, typer.Argument(help="Sweep YAML: base settings plus grid / zip / variants (experiments/).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Results directory (default runs/<file name>).")
+    ] = None,
+    executor: Annotated[str, typer.Option(help="Where points run: local (processes) or ray.")] = "local",
+    workers: Annotated[
+        int | None, typer.Option(help="Parallel workers (default: 1 locally, every cluster CPU with Ray).")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Address of a running Ray cluster (default: start a local one).")
+    ] = None,
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="Run only this variant (repeatable).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace the results of a different sweep in the directory.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Validate and list the points without running anything.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
+) -> None:
+    """Run a sweep file into results.csv, summary.csv and plots; run it again to resume after a crash."""
+    from photosim.sweep import load_sweep, run_sweep, summary_view
+
+    plan = load_sweep(file)
+    selected = plan.select(variant)
+    if dry_run:
+        print_table(f"{len(selected)} point(s) of {file}", pd.DataFrame([
+            {"point": p.index, **({"variant": p.variant} if p.variant else {}), **p.settings, "hash": p.hash}
+            for p in selected
+        ]))
+        return
+    out_dir = output or Path("runs") / file.stem
+    try:
+        result = run_sweep(plan, out_dir, executor=executor, workers=workers, address=address, force=force,
+                           progress=progress, variants=variant)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: the finished points are saved in {out_dir}; run the same command again "
+                          "to finish the rest.")
+        raise typer.Exit(130) from None
+    print_table(f"{plan.config.name or file.stem}: mean over repeats", summary_view(result.summary, plan))
+    console.print(f"ran {result.ran} point(s), {result.skipped} already finished; wrote {out_dir}/results.csv, "
+                  f"summary.csv and {len(result.plots)} plot(s)")
+
+
+@app.command()
+@handles_errors
+def plot(
+    results: Annotated[Path, typer.Argument(help="results.csv written by photosim sweep.")],
+    x: Annotated[str, typer.Option(help="Column on the x axis, e.g. quant.w_bits.")],
+    y: Annotated[str, typer.Option(help="Numeric column, averaged over repeats with 95% CI bars.")] = "top1",
+    hue: Annotated[list[str] | None, typer.Option(help="Column splitting the data into lines (repeatable).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="PNG to write (default <y>_vs_<x>.png beside the CSV).")
+    ] = None,
+) -> None:
+    """Plot any view of a sweep's results.csv: mean y vs x, one line per hue value, float baseline dashed."""
+    from photosim.plot import plot_results
+
+    console.print(f"wrote {plot_results(results, x, y, hue, output)}")

@@ -1,0 +1,179 @@
+"""Where sweep points run: in this process, in local worker processes, or on a Ray cluster.
+
+Every executor receives groups of points that share a quantized model, runs each group consecutively in
+one worker (whose cache keeps that model) and yields each point's rows as soon as the point finishes, so
+the driver can save them at once. Which worker ran a point never changes its numbers: the runner derives
+every random draw from the point's own seed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from queue import Empty
+from typing import Any
+
+from photosim.errors import PhotosimError
+
+EXECUTORS = ("local", "ray")
+Runner = Callable[[dict[str, Any], dict[Any, Any]], list[dict[str, Any]]]
+Group = list[tuple[int, dict[str, Any]]]  # (point index, runner input) pairs sharing a quantized model
+Finished = tuple[int, list[dict[str, Any]], float]  # (point index, rows, wall seconds)
+_worker: dict[str, Any] = {"cache": {}, "queue": None}  # per-process state of a local worker
+
+
+def check_executor(executor: str, workers: int | None, address: str | None) -> None:
+    """Refuse an unknown executor, a non-positive worker count, or options the executor ignores."""
+    if executor not in EXECUTORS:
+        raise PhotosimError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}.")
+    if workers is not None and workers < 1:
+        raise PhotosimError(f"--workers must be a positive integer, got {workers}.")
+    if address is not None and executor != "ray":
+        raise PhotosimError("--address names a Ray cluster and only applies with --executor ray.")
+    if executor == "ray":
+        _import_ray()
+
+
+def execute(groups: list[Group], runner: Runner, *, executor: str = "local", workers: int | None = None,
+            address: str | None = None) -> Iterator[Finished]:
+    """Run every point of ``groups`` with ``runner``; yield each as it finishes, in completion order.
+
+    ``workers`` defaults to 1 locally (this process) and to every CPU of the cluster with Ray.
+    """
+    check_executor(executor, workers, address)
+    if not groups:
+        return
+    if executor == "ray":
+        yield from _on_ray(groups, runner, workers, address)
+    elif (workers or 1) == 1:
+        yield from _in_this_process(groups, runner)
+    else:
+        yield from _in_processes(groups, runner, workers or 1)
+
+
+def run_timed(runner: Runner, index: int, point: dict[str, Any], cache: dict[Any, Any]) -> Finished:
+    """One point through the runner, with its wall time."""
+    start = time.perf_counter()
+    rows = runner(point, cache)
+    return index, rows, time.perf_counter() - start
+
+
+def _in_this_process(groups: list[Group], runner: Runner) -> Iterator[Finished]:
+    cache: dict[Any, Any] = {}
+    for group in groups:
+        for index, point in group:
+            yield run_timed(runner, index, point, cache)
+
+
+def _init_process(queue: Any, threads: int) -> None:
+    """Worker start-up: where to send finished points, and a fair share of the CPU threads."""
+    _worker["queue"] = queue
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def _run_group(runner: Runner, group: Group) -> None:
+    for index, point in group:
+        _worker["queue"].put(run_timed(runner, index, point, _worker["cache"]))
+
+
+def _in_processes(groups: list[Group], runner: Runner, workers: int) -> Iterator[Finished]:
+    """A pool of spawned processes, one group per task; finished points stream back through a queue."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(min(workers, len(groups)), mp_context=context, initializer=_init_process,
+                               initargs=(queue, threads))
+    try:
+        futures = [pool.submit(_run_group, runner, group) for group in groups]
+        for _ in range(sum(map(len, groups))):
+            yield _next_result(queue, futures)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _next_result(queue: Any, futures: list[Future]) -> Finished:
+    """The next finished point; re-raises a worker's exception once everything it sent was consumed."""
+    while True:
+        try:
+            return queue.get(timeout=0.2)
+        except Empty:
+            failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception() from None
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise PhotosimError(
+            "--executor ray needs Ray, an optional extra: pip install 'photosim[ray]' (or use --executor local)."
+        ) from None
+    return ray
+
+
+class _PointWorker:
+    """A Ray actor running points one after another, keeping the runner's cache between them."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner, self.cache = runner, {}
+
+    def run(self, index: int, point: dict[str, Any]) -> Finished:
+        return run_timed(self.runner, index, point, self.cache)
+
+
+def _on_ray(groups: list[Group], runner: Runner, workers: int | None, address: str | None) -> Iterator[Finished]:
+    """One actor per worker; an idle actor takes the next whole group (the Ray instance in use is reused)."""
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        options = {"address": address} if address else {"num_cpus": max(workers or 1, os.cpu_count() or 1),
+                                                         "include_dashboard": False}
+        ray.init(**options)
+    actors: list[Any] = []
+    try:
+        count = workers or int(ray.cluster_resources().get("CPU", 1))
+        actor_class = ray.remote(num_cpus=1)(_PointWorker)
+        actors = [actor_class.remote(runner) for _ in range(max(1, min(count, len(groups))))]
+        yield from _schedule_on_actors(ray, groups, actors)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+def _schedule_on_actors(ray: Any, groups: list[Group], actors: list[Any]) -> Iterator[Finished]:
+    pending = deque(groups)
+    owner: dict[Any, int] = {}  # object ref -> actor number
+    left = [0] * len(actors)  # unfinished points of each actor's current group
+
+    def feed(actor: int) -> None:
+        if pending:
+            group = pending.popleft()
+            left[actor] = len(group)
+            owner.update({actors[actor].run.remote(index, point): actor for index, point in group})
+
+    for actor in range(len(actors)):
+        feed(actor)
+    while owner:
+        (ref,), _ = ray.wait(list(owner), num_returns=1)
+        actor = owner.pop(ref)
+        left[actor] -= 1
+        if not left[actor]:
+            feed(actor)
+        yield _ray_get(ray, ref)
+
+
+def _ray_get(ray: Any, ref: Any) -> Finished:
+    """The result of a Ray task; a PhotosimError raised in the runner comes back as itself."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, PhotosimError):
+            raise exc.cause from None
+        raise

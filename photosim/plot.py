@@ -1,0 +1,122 @@
+"""Figures of sweep results: accuracy vs each swept axis, or any x / y / hue view of a results CSV.
+
+Each marker is the mean over repeats with its 95% CI as error bar; the float baseline (``float_<y>``
+when the table has it) is drawn dashed. Figures are rendered with the Agg backend straight to PNG, without
+pyplot, so plotting never touches the caller's matplotlib state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from photosim.errors import PhotosimError
+from photosim.report import summarize
+
+
+def _check_columns(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str]) -> None:
+    """Every named column exists and y is numeric, else an error listing the columns."""
+    missing = [c for c in [x, y, *hue] if c not in frame.columns]
+    if missing:
+        raise PhotosimError(f"no column {', '.join(map(repr, missing))} in the results; available: "
+                            f"{', '.join(map(str, frame.columns))}.")
+    if not pd.api.types.is_numeric_dtype(frame[y]):
+        numeric = [str(c) for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+        raise PhotosimError(f"--y {y!r} is not a numeric column; numeric columns: {', '.join(numeric)}.")
+
+
+def _text(value: object) -> str:
+    return "None" if pd.isna(value) else str(value)
+
+
+def draw(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str], out: str | Path, *, xlabel: str | None = None,
+         title: str | None = None) -> Path:
+    """Plot mean ``y`` (95% CI bars) against ``x``, one line per combination of the ``hue`` columns; save PNG."""
+    _check_columns(frame, x, y, hue)
+    baseline = f"float_{y}" if f"float_{y}" in frame and pd.api.types.is_numeric_dtype(frame[f"float_{y}"]) else None
+    table = summarize(frame, [*hue, x], [y] + ([baseline] if baseline else []))
+    numeric_x = pd.api.types.is_numeric_dtype(table[x]) and not table[x].isna().any()
+    categories = {label: i for i, label in enumerate(dict.fromkeys(map(_text, frame[x])))}
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    levels = []
+    groups = table.groupby(list(hue), sort=False, dropna=False) if hue else [((), table)]
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        group = group.sort_values(x) if numeric_x else group.iloc[np.argsort([categories[_text(v)] for v in group[x]])]
+        xs = group[x] if numeric_x else [categories[_text(v)] for v in group[x]]
+        line = ax.errorbar(xs, group[f"{y}_mean"], yerr=group[f"{y}_ci95"].fillna(0), marker="o", capsize=3,
+                           label=", ".join(f"{h}={_text(v)}" for h, v in zip(hue, key)) or None)
+        if baseline:
+            levels.append((line.lines[0].get_color(), float(group[f"{baseline}_mean"].mean())))
+    _draw_baselines(ax, levels, baseline)
+    if not numeric_x:
+        ax.set_xticks(range(len(categories)), list(categories), rotation=30 if len(categories) > 4 else 0)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+    elif table[x].nunique() <= 12:
+        ax.set_xticks(sorted(table[x].unique()))
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(f"{y} (mean, 95% CI)")
+    ax.set_title(title or f"{y} vs {x}" + (f" by {', '.join(hue)}" if hue else ""), fontsize="medium")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="x-small")
+    out = Path(out)
+    fig.savefig(out, dpi=150)
+    return out
+
+
+def _draw_baselines(ax: Axes, levels: list[tuple[str, float]], name: str | None) -> None:
+    """One dashed line when every curve shares its float baseline, else one per curve in its color."""
+    values = [v for _, v in levels if not np.isnan(v)]
+    if not values:
+        return
+    if np.allclose(values, values[0]):
+        ax.axhline(values[0], color="black", linestyle="--", linewidth=1, label=f"float baseline ({name})")
+        return
+    for i, (color, value) in enumerate(levels):
+        label = f"float baselines ({name}, dashed)" if i == 0 else None
+        ax.axhline(value, color=color, linestyle="--", linewidth=1, label=label)
+
+
+def default_plots(results: pd.DataFrame, axes: list[list[str]], out_dir: str | Path, *,
+                  hue: Sequence[str] = (), y: str = "top1") -> list[Path]:
+    """``y`` vs each swept axis (its first key; a zip group counts as one axis), the other axes as hue.
+
+    Hue columns that take a single value in ``results`` are dropped; nothing is drawn without ``y``.
+    """
+    if y not in results:
+        return []
+    paths = []
+    for axis in axes:
+        x = axis[0]
+        others = [*hue, *(other[0] for other in axes if other is not axis)]
+        varying = [h for h in others if results[h].nunique(dropna=False) > 1]
+        xlabel = x if len(axis) == 1 else f"{x} (zipped with {', '.join(axis[1:])})"
+        paths.append(draw(results, x, y, varying, Path(out_dir) / f"{y}_vs_{x}.png", xlabel=xlabel))
+    return paths
+
+
+def plot_results(csv: str | Path, x: str, y: str = "top1", hue: Sequence[str] | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Any view of a results CSV: mean ``y`` vs ``x`` per ``hue`` combination; returns the PNG path.
+
+    ``out`` defaults to ``<y>_vs_<x>[_by_<hue>].png`` next to the CSV.
+    """
+    csv = Path(csv)
+    if not csv.is_file():
+        raise PhotosimError(f"results file {csv} does not exist; give the results.csv a sweep wrote.")
+    try:
+        frame = pd.read_csv(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise PhotosimError(f"{csv} is not a readable CSV ({exc}); give the results.csv a sweep wrote.") from None
+    hue = list(hue or [])
+    name = f"{y}_vs_{x}" + (f"_by_{'_'.join(hue)}" if hue else "") + ".png"
+    return draw(frame, x, y, hue, out if out is not None else csv.parent / name)

@@ -1,0 +1,458 @@
+"""Sweeps: one YAML file of base settings and axes -> validated points -> resumable results on disk.
+
+A sweep file has a ``base`` section (one point's settings) and axes that vary it: ``grid`` (cartesian
+product over dotted keys such as ``quant.w_bits`` or ``hw.noise.output.sigma``), ``zip`` (lists varied
+together) and named ``variants`` (hand-written overrides). Points are ``variants x zip x grid``; an axis
+or variant value replaces the value at its key. Every point is validated before anything runs.
+
+A results directory holds ``sweep.json`` (the sweep's hash and config), ``points.jsonl`` (the durable log:
+one line per finished point, appended and fsynced), ``results.csv`` and ``summary.csv`` (regenerated
+atomically from the log) and the default plots. Points are keyed by a hash of their complete
+configuration, so running the same sweep again skips the finished ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import itertools
+import json
+import os
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, Field, ValidationError, create_model
+from rich import progress as bars
+from rich.console import Console
+
+from photosim import __version__
+from photosim._config import StrictModel, describe_validation_error, load_config
+from photosim.errors import PhotosimError
+from photosim.executors import Group, Runner, check_executor, execute
+from photosim.qconfig import QuantSpec
+from photosim.report import summarize, write_csv_atomic, write_text_atomic
+
+MANIFEST, LOG, RESULTS, SUMMARY = "sweep.json", "points.jsonl", "results.csv", "summary.csv"
+MODEL_KEYS = ("model", "weights", "num_classes", "cifar_stem", "data", "data_root", "download", "quant")
+
+
+class BaseSection(StrictModel):
+    """The settings of one point; the axes change them by dotted key."""
+
+    model: str = Field("digits-resnet", description="Built-in name, torchvision:NAME or path/file.py:NAME.")
+    weights: str | None = Field(None, description="state_dict file (relative to the working directory).")
+    num_classes: int | None = Field(None, ge=1, description="Number of classes of a torchvision model.")
+    cifar_stem: bool = Field(False, description="3x3 stride-1 stem for a torchvision ResNet on 32x32 inputs.")
+    data: str = Field("digits", description="digits, mnist, fashion-mnist, cifar10, imagefolder:PATH or synthetic.")
+    data_root: str | None = Field(None, description="Folder holding torchvision datasets.")
+    download: bool = Field(False, description="Download a torchvision dataset when missing.")
+    limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only.")
+    quant: dict[str, Any] = Field(default_factory=dict, description="Quantization settings (keys of QuantSpec).")
+    hw: dict[str, Any] = Field(default_factory=dict, description="Hardware settings (keys of HardwareConfig).")
+    repeats: int = Field(1, ge=1, description="Repeated evaluations (noise draws) per point.")
+    seed: int = Field(0, description="Base seed of the point's random draws.")
+    batch_size: int = Field(256, ge=1, description="Images per batch.")
+    device: str = Field("cpu", description="Torch device of the simulation (cpu, cuda, cuda:1, ...).")
+
+
+class SweepConfig(StrictModel):
+    """A sweep file: base settings, axes and variants (see the module docstring and experiments/)."""
+
+    name: str | None = Field(None, description="Title of the sweep (figures, summary table).")
+    description: str = Field("", description="What the sweep answers.")
+    base: BaseSection = Field(default_factory=BaseSection, description="Settings shared by every point.")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Cartesian product over dotted keys.")
+    zip: dict[str, list[Any]] = Field(default_factory=dict, description="Equal-length lists varied together.")
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Named overrides by dotted key.")
+
+    @property
+    def axes(self) -> list[list[str]]:
+        """The swept axes: the zip group (its keys move together), then each grid key."""
+        return ([list(self.zip)] if self.zip else []) + [[key] for key in self.grid]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One expanded point: what its axes set, and the complete validated runner input."""
+
+    index: int
+    variant: str | None
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    hash: str
+
+    @property
+    def label(self) -> str:
+        """Short human description: variant and axis values."""
+        return point_label(self.variant, self.settings)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file and its expanded points."""
+
+    config: SweepConfig
+    points: list[Point]
+    source: str
+
+    @property
+    def hash(self) -> str:
+        """Identity of the sweep's points (base, axes, variants; not its name or description)."""
+        return config_hash(self.config.model_dump(mode="json", exclude={"name", "description"}))
+
+    def select(self, variants: Sequence[str] | None) -> list[Point]:
+        """The points of the named variants (all points when None)."""
+        if not variants:
+            return self.points
+        unknown = sorted(set(variants) - set(self.config.variants))
+        if unknown:
+            raise PhotosimError(f"{self.source}: no variant {', '.join(map(repr, unknown))}; the file defines "
+                                f"{', '.join(self.config.variants) or 'no variants'}.")
+        return [p for p in self.points if p.variant in variants]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What ``run_sweep`` did: the tables it wrote, the plots, how many points ran and were skipped."""
+
+    out_dir: Path
+    results: pd.DataFrame
+    summary: pd.DataFrame
+    plots: list[Path]
+    ran: int
+    skipped: int
+
+
+def point_label(variant: str | None, settings: dict[str, Any]) -> str:
+    """``variant key=value ...``, or ``base`` for the only point of a sweep without axes."""
+    parts = [variant] if variant else []
+    return " ".join(parts + [f"{k}={v}" for k, v in settings.items()]) or "base"
+
+
+def config_hash(value: Any) -> str:
+    """16 hex digits of the SHA-256 of canonical JSON: equal configurations, equal hashes."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> dotted keys; lists (and empty dicts) become JSON text so every value fits a CSV cell."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (dict, list, tuple)):
+            flat[f"{prefix}{key}"] = json.dumps(value)
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@functools.cache
+def _point_model() -> type[BaseModel]:
+    """BaseSection with ``quant`` and ``hw`` typed, so one validation covers every key of a point."""
+    from photosim.hardware.config import HardwareConfig
+
+    return create_model("SweepPoint", __base__=BaseSection, quant=(QuantSpec, Field(default_factory=QuantSpec)),
+                        hw=(HardwareConfig, Field(default_factory=HardwareConfig)))
+
+
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The config classes a field holds (``X``, ``X | None`` or a union of several)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [c for arg in typing.get_args(annotation) for c in _model_classes(arg)]
+
+
+def check_key(key: str, where: str) -> None:
+    """Refuse a dotted key that names no setting, listing what is allowed at the level where it goes wrong."""
+    models: list[type[BaseModel]] = [_point_model()]
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not models:
+            raise PhotosimError(f"{where}: key {key!r} goes inside {prefix!r}, which is a single value, not a "
+                                f"section; set {prefix!r} itself.")
+        fields = {name: field for model in models for name, field in model.model_fields.items()}
+        if part not in fields:
+            level = f"inside {prefix!r}" if prefix else "at the top level"
+            raise PhotosimError(f"{where}: unknown key {key!r}; allowed {level}: {', '.join(fields)}.")
+        models = [c for model in models if part in model.model_fields
+                  for c in _model_classes(model.model_fields[part].annotation)]
+
+
+def _set_key(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Replace the value at a dotted key, creating the sections on the way."""
+    *sections, leaf = key.split(".")
+    for section in sections:
+        if not isinstance(tree.get(section), dict):
+            tree[section] = {}
+        tree = tree[section]
+    tree[leaf] = copy.deepcopy(value)
+
+
+def _check_axes(config: SweepConfig, source: str) -> None:
+    """Non-empty axes, equal zip lengths, every key known and set by exactly one axis or variant."""
+    for section, axis in (("grid", config.grid), ("zip", config.zip)):
+        for key, values in axis.items():
+            check_key(key, f"{source}: {section}")
+            if not values:
+                raise PhotosimError(f"{source}: {section} key {key!r} has no values; give at least one.")
+    lengths = {key: len(values) for key, values in config.zip.items()}
+    if len(set(lengths.values())) > 1:
+        raise PhotosimError(f"{source}: the zip lists must have equal lengths, got "
+                            f"{', '.join(f'{k}: {n}' for k, n in lengths.items())}.")
+    axis_keys = [*config.zip, *config.grid]
+    for a, b in itertools.combinations(axis_keys, 2):
+        if a == b or a.startswith(f"{b}.") or b.startswith(f"{a}."):
+            raise PhotosimError(f"{source}: axes {a!r} and {b!r} set the same setting; keep one of them.")
+    for name, overrides in config.variants.items():
+        for key in overrides:
+            check_key(key, f"{source}: variant {name!r}")
+            clash = next((a for a in axis_keys if a == key or a.startswith(f"{key}.") or key.startswith(f"{a}.")),
+                         None)
+            if clash:
+                raise PhotosimError(f"{source}: variant {name!r} sets {key!r}, which the axis {clash!r} also "
+                                    "sets; remove it from one of them.")
+
+
+def _combinations(config: SweepConfig) -> Iterator[tuple[str | None, dict[str, Any], dict[str, Any]]]:
+    """(variant name, variant overrides, axis values) in order: variants, then zip, then grid (fastest)."""
+    zipped = [dict(zip(config.zip, values)) for values in zip(*config.zip.values())] or [{}]
+    gridded = [dict(zip(config.grid, values)) for values in itertools.product(*config.grid.values())]
+    for name, overrides in config.variants.items() or [(None, {})]:
+        for z in zipped:
+            for g in gridded:
+                yield name, overrides, {**z, **g}
+
+
+def load_sweep(source: SweepConfig | dict[str, Any] | str | Path) -> Sweep:
+    """Validate a sweep (file, dict or config) and expand it into points; nothing runs."""
+    config = load_config(SweepConfig, source)
+    where = str(source) if isinstance(source, (str, Path)) else "sweep"
+    _check_axes(config, where)
+    points, seen = [], {}
+    for index, (variant, overrides, settings) in enumerate(_combinations(config)):
+        tree = config.base.model_dump()
+        for key, value in {**overrides, **settings}.items():
+            _set_key(tree, key, value)
+        try:
+            full = _point_model().model_validate(tree).model_dump(mode="json")
+        except ValidationError as exc:
+            label = point_label(variant, settings)
+            raise PhotosimError(describe_validation_error(exc, f"{where}, point {index} ({label})")) from None
+        point = Point(index, variant, settings, full, config_hash(full))
+        if point.hash in seen:
+            raise PhotosimError(f"{where}: points {seen[point.hash].index} ({seen[point.hash].label}) and {index} "
+                                f"({point.label}) are the same configuration; remove the duplicate value.")
+        seen[point.hash] = point
+        points.append(point)
+    return Sweep(config, points, where)
+
+
+def group_points(points: list[Point]) -> list[Group]:
+    """Points sharing a quantized model (same MODEL_KEYS), each group in order of first appearance."""
+    groups: dict[str, Group] = {}
+    for p in points:
+        key = config_hash({k: p.config[k] for k in MODEL_KEYS})
+        groups.setdefault(key, []).append((p.index, p.config))
+    return list(groups.values())
+
+
+class ResultStore:
+    """The results directory of one sweep: manifest, append-only point log, CSVs regenerated from the log."""
+
+    def __init__(self, out_dir: str | Path, sweep: Sweep, force: bool = False) -> None:
+        self.dir, self.sweep = Path(out_dir), sweep
+        self.index = {p.hash: p.index for p in sweep.points}
+        self._claim(force)
+        self.records = self._read_log()
+
+    def _claim(self, force: bool) -> None:
+        """Make the directory this sweep's, refusing another sweep's (or a foreign folder) unless ``force``."""
+        manifest = self.dir / MANIFEST
+        if manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text())
+            except json.JSONDecodeError:
+                raise PhotosimError(f"{manifest} is corrupt; delete it and its directory's results, or choose "
+                                    "another -o directory.") from None
+            if old.get("sweep_hash") != self.sweep.hash:
+                if not force:
+                    raise PhotosimError(
+                        f"{self.dir} holds the results of a different sweep ({old.get('source')}, hash "
+                        f"{old.get('sweep_hash')}); choose another -o directory or pass --force to replace them."
+                    )
+                for name in [LOG, RESULTS, SUMMARY, *old.get("plots", [])]:
+                    (self.dir / name).unlink(missing_ok=True)
+        elif self.dir.is_dir() and any(self.dir.iterdir()) and not force:
+            raise PhotosimError(f"{self.dir} is not empty and holds no {MANIFEST}, so it is not a sweep's results "
+                                "directory; choose another -o directory or pass --force to write into it anyway.")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.write_manifest([])
+
+    def write_manifest(self, plots: list[Path]) -> None:
+        """sweep.json: what this directory belongs to, and the plot files written into it."""
+        manifest = {"sweep_hash": self.sweep.hash, "source": self.sweep.source, "points": len(self.sweep.points),
+                    "photosim_version": __version__, "plots": [p.name for p in plots],
+                    "config": self.sweep.config.model_dump(mode="json")}
+        write_text_atomic(self.dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+    def _read_log(self) -> dict[str, dict[str, Any]]:
+        """Finished points by hash; a torn last line (crash while appending) is cut off."""
+        path = self.dir / LOG
+        if not path.is_file():
+            return {}
+        data = path.read_bytes()
+        *lines, torn = data.split(b"\n")
+        records = {}
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise PhotosimError(f"{path} line {number} is corrupt; delete that line (its point will run "
+                                    "again) and run the sweep again.") from None
+            records[record["hash"]] = record
+        if torn:
+            with path.open("r+b") as handle:
+                handle.truncate(len(data) - len(torn))
+        return records
+
+    def add(self, point: Point, rows: list[dict[str, Any]], wall_s: float) -> None:
+        """Append one finished point to the log (flushed and fsynced), then regenerate results.csv."""
+        record = {"hash": point.hash, "variant": point.variant, "params": flatten(point.config),
+                  "rows": [flatten(row) for row in rows], "point_wall_s": wall_s}
+        line = json.dumps(record, default=_jsonable) + "\n"
+        with (self.dir / LOG).open("ab") as handle:
+            handle.write(line.encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records[point.hash] = json.loads(line)
+        write_csv_atomic(self.results(), self.dir / RESULTS)
+
+    def results(self) -> pd.DataFrame:
+        """One row per (point, repeat), in point order: ids, parameters, runner metrics, point wall time."""
+        rows = []
+        for record in sorted((r for r in self.records.values() if r["hash"] in self.index),
+                             key=lambda r: self.index[r["hash"]]):
+            ids = {"point": self.index[record["hash"]], "point_hash": record["hash"]}
+            if self.sweep.config.variants:
+                ids["variant"] = record["variant"]
+            rows += [{**ids, **record["params"], **row, "point_wall_s": record["point_wall_s"]}
+                     for row in record["rows"]]
+        return pd.DataFrame(rows)
+
+    def summary(self, results: pd.DataFrame) -> pd.DataFrame:
+        """One row per point: its parameters, ``n`` and mean / std / 95% CI of every numeric runner metric."""
+        if results.empty:
+            return results
+        runner_keys = {k for r in self.records.values() for row in r["rows"] for k in row} - {"repeat"}
+        metrics = [c for c in results if c in runner_keys and pd.api.types.is_numeric_dtype(results[c])]
+        fixed = [c for c in results if c not in runner_keys and c != "repeat"]
+        per_point = results[fixed].drop_duplicates("point")
+        return per_point.merge(summarize(results, ["point"], metrics), on="point")
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy / torch scalars as Python numbers; anything else as text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def default_runner() -> Runner:
+    """The real point runner (imported lazily: it pulls in torch and the engine)."""
+    from photosim.workflow import run_point
+
+    return run_point
+
+
+def _preflight(points: list[Point]) -> None:
+    """Cheap checks of what the runner would only find later: model and dataset names, weight files."""
+    from photosim.data import dataset_names
+    from photosim.models import list_models
+
+    builtins = {m.name for m in list_models()}
+    for p in points:
+        c, where = p.config, f"point {p.index} ({p.label})"
+        if c["model"] not in builtins and not c["model"].startswith("torchvision:") and ".py:" not in c["model"]:
+            raise PhotosimError(f"{where}: unknown model {c['model']!r}; use a built-in ({', '.join(sorted(builtins))}"
+                                "), torchvision:NAME or path/to/file.py:NAME.")
+        if c["data"].partition(":")[0] not in dataset_names():
+            raise PhotosimError(f"{where}: unknown dataset {c['data']!r}; use one of {', '.join(dataset_names())}.")
+        if c["weights"] is not None and not Path(c["weights"]).is_file():
+            hint = " or run only the variants you have files for (--variant NAME)" if p.variant else ""
+            raise PhotosimError(f"{where}: weights file {c['weights']!r} does not exist; fix the path{hint}.")
+
+
+@contextmanager
+def _progress(enabled: bool, total: int, skipped: int, out_dir: Path) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar with ETA over the points to run; yields ``advance(label)``."""
+    if not enabled:
+        yield lambda label: None
+        return
+    console = Console(stderr=True)
+    if skipped:
+        console.print(f"resuming {out_dir}: {skipped} point(s) already finished, {total} to run")
+    columns = (bars.TextColumn("{task.description}"), bars.BarColumn(), bars.MofNCompleteColumn(),
+               bars.TimeElapsedColumn(), bars.TextColumn("ETA"), bars.TimeRemainingColumn())
+    with bars.Progress(*columns, console=console) as bar:
+        task = bar.add_task("points", total=total)
+        yield lambda label: bar.update(task, advance=1, description=label[:60])
+
+
+def summary_view(summary: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
+    """A compact table for the terminal: variant, axis values, n, top-1 with 95% CI, drop vs float, time."""
+    keys = (["variant"] if sweep.config.variants else []) + [k for axis in sweep.config.axes for k in axis]
+    view = summary[[c for c in [*keys, "n"] if c in summary]].copy()
+    if "top1_mean" in summary:
+        view["top1 (95% CI)"] = [f"{m:.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}")
+                                 for m, c in zip(summary["top1_mean"], summary["top1_ci95"])]
+    if "drop_vs_float_mean" in summary:
+        view["drop vs float"] = summary["drop_vs_float_mean"]
+    if "point_wall_s" in summary:
+        view["seconds"] = summary["point_wall_s"]
+    return view
+
+
+def run_sweep(config: Sweep | SweepConfig | dict[str, Any] | str | Path, out_dir: str | Path, *,
+              runner: Runner | None = None, executor: str = "local", workers: int | None = None,
+              address: str | None = None, force: bool = False, progress: bool = True,
+              variants: Sequence[str] | None = None) -> SweepResult:
+    """Run the unfinished points of a sweep into ``out_dir``; write results, summary and default plots.
+
+    ``runner(point, cache) -> rows`` defaults to ``photosim.workflow.run_point``; ``variants`` restricts the
+    run to the named variants. Interrupting loses at most the running points; running again resumes.
+    """
+    from photosim.plot import default_plots
+
+    sweep = config if isinstance(config, Sweep) else load_sweep(config)
+    selected = sweep.select(variants)
+    check_executor(executor, workers, address)
+    _preflight(selected)
+    store = ResultStore(out_dir, sweep, force)
+    todo = [p for p in selected if p.hash not in store.records]
+    if todo:
+        runner = runner or default_runner()
+    by_index = {p.index: p for p in todo}
+    try:
+        with _progress(progress, len(todo), len(selected) - len(todo), store.dir) as advance:
+            for index, rows, wall_s in execute(group_points(todo), runner, executor=executor, workers=workers,
+                                               address=address):
+                store.add(by_index[index], rows, wall_s)
+                advance(by_index[index].label)
+    finally:
+        results = store.results()
+        summary = store.summary(results)
+        if not results.empty:
+            write_csv_atomic(results, store.dir / RESULTS)
+            write_csv_atomic(summary, store.dir / SUMMARY)
+    axes = sweep.config.axes or ([["variant"]] if sweep.config.variants else [])
+    hue = ["variant"] if sweep.config.variants and sweep.config.axes else []
+    plots = default_plots(results, axes, store.dir, hue=hue) if not results.empty else []
+    store.write_manifest(plots)
+    return SweepResult(store.dir, results, summary, plots, len(todo), len(selected) - len(todo))
