@@ -70,7 +70,7 @@ def test_plain_safetensors_reader_sees_tensors_and_graph(every_op: QuantizedMode
 def _rewrite(path, tmp_path, edit) -> str:
     """Copy a saved model with its JSON document edited by ``edit(doc)``."""
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         doc = json.loads(f.metadata()[METADATA_KEY])
     edit(doc, tensors)
     out = tmp_path / "edited.safetensors"

@@ -1,0 +1,201 @@
+"""The ``pytorch`` requant mode: PyTorch's x86 CPU quantized kernels (FBGEMM, oneDNN), bit for bit.
+
+Each kernel's float32 evaluation order is written out in its docstring, found from the kernel sources
+and confirmed against torch's quantized ops (tests/test_torch_import.py). float32 steps are float32
+tensor ops; the one fused multiply-add is emulated exactly. Results match a PyTorch run with the same
+batch, ``torch.get_num_threads()`` and CPU capability (AVX2 or AVX512).
+
+Not modeled: FBGEMM's int16 saturation of uint8*int8 pairs (depthwise kernels; every GEMM on CPUs
+without VNNI), which needs activation codes above 127 (reduce_range observers keep calibrated data
+below); adds and average pools whose input is still NCHW (the graph input), which PyTorch computes
+with other formulas; oneDNN grouped convs with several channels per group on AVX2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from photosim.format import Node, QParams
+from photosim.requant import RequantParams, register_requant
+
+GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: TensorIterator splits larger loops over threads
+ONEDNN_MAX_GROUPS = 100  # under the x86 engine, convs with more groups run in FBGEMM
+KERNELS = ("fbgemm", "fbgemm-depthwise", "onednn")
+
+
+def _f32(x: float | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """A value rounded to float32, as a tensor (float32 arithmetic stays float32 from there on)."""
+    return torch.as_tensor(x, device=device).to(torch.float32)
+
+
+def _has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _has_vnni() -> bool:
+    return bool(torch.cpu._is_vnni_supported())
+
+
+def pytorch_kernel(node: Node, qengine: str = "x86") -> str:
+    """Which kernel PyTorch runs a conv/linear node in on this CPU under ``qengine``.
+
+    Mirrors ``should_use_onednn_quant`` (x86: oneDNN for convs with groups <= 100 on AVX512-VNNI
+    CPUs) and FBGEMM's ``takeDepthWiseFastPath`` (its depthwise kernel requantizes differently).
+    """
+    if qengine == "onednn":
+        return "onednn"
+    if node.op != "conv2d":
+        return "fbgemm"
+    a = node.attrs
+    if qengine == "x86" and _has_vnni() and a["groups"] <= ONEDNN_MAX_GROUPS:
+        return "onednn"
+    kernel = tuple(a["kernel"])
+    depthwise = (
+        a["groups"] == a["in_channels"]
+        and a["out_channels"] in (a["groups"], 2 * a["groups"])
+        and a["groups"] % 8 == 0
+        and kernel in ((3, 3), (5, 5))
+        and all(s in (1, 2) for s in a["stride"])
+        and all(d == 1 for d in a["dilation"])
+        and all(p == (kernel[0] - 1) // 2 for p in a["padding"])
+    )
+    return "fbgemm-depthwise" if depthwise else "fbgemm"
+
+
+def quantize_val(value: float, q: QParams) -> int:
+    """PyTorch's scalar ``quantize_val`` (used for clamp bounds): ``rne(value * f32(1 / f32(s))) + z``."""
+    inv_scale = _f32(1.0) / _f32(q.scale)
+    code = int(torch.round(_f32(value) * inv_scale)) + q.zero_point
+    return min(max(code, q.qmin), q.qmax)
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 ``a * b + c`` rounded once, like a hardware FMA (the compiler fuses FBGEMM's mul + add).
+
+    The product of two float32 values is exact in float64. The float64 sum is rounded to odd
+    (TwoSum gives its exact error), which makes the final rounding to float32 correct: plain
+    float64 rounding could land on a float32 tie and round twice.
+    """
+    prod = a.double() * b.double()
+    c = c.double()
+    s = prod + c
+    t = s - prod
+    err = (prod - (s - t)) + (c - t)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, math.inf, -math.inf)
+    return torch.where((err != 0) & even, torch.nextafter(s, toward), s).float()
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _clamp(q: torch.Tensor, out: QParams) -> torch.Tensor:
+    """Clamp int64 codes to the output range (a fused ReLU's starts at z_out) as int32."""
+    return q.clamp(out.qmin, out.qmax).to(torch.int32)
+
+
+def _codes(y: torch.Tensor, out: QParams) -> torch.Tensor:
+    """Round half to even, add the zero point, clamp."""
+    return _clamp(torch.round(y).to(torch.int64) + out.zero_point, out)
+
+
+def _fbgemm(acc: torch.Tensor, p: RequantParams, bias: torch.Tensor) -> torch.Tensor:
+    """FBGEMM's ReQuantizeOutput with a float bias (per-channel: divide; per-tensor: multiply by reciprocal)."""
+    ats = _f32(p.input_scale, acc.device) * p.weight_scale.float()  # act_times_w_scale
+    multiplier = ats / _f32(p.output.scale, acc.device)
+    x = acc.float()
+    if p.per_channel:
+        x = x + _channel_view(bias / ats, acc.dim())
+    else:
+        reciprocal = _channel_view(_f32(1.0, acc.device) / ats, acc.dim())
+        bias = _channel_view(bias, acc.dim())
+        # the depthwise kernel's multiply and add stay separate; the GEMM epilogue's are fused
+        x = x + bias * reciprocal if p.kernel == "fbgemm-depthwise" else fma_f32(bias, reciprocal, x)
+    return _codes(x * _channel_view(multiplier, acc.dim()), p.output)
+
+
+def _onednn_scale(scale: float, device: torch.device) -> torch.Tensor:
+    """PyTorch hands oneDNN reciprocal scales: ``f32(1 / f32(1 / s))``."""
+    return _f32(1.0, device) / _f32(1.0 / scale, device)
+
+
+def _onednn(acc: torch.Tensor, p: RequantParams, bias: torch.Tensor) -> torch.Tensor:
+    """oneDNN's int8 conv: source and weight scales, float bias, output scale, zero point added in float.
+
+    The AVX512 kernels apply the two scales one after the other; the AVX2 kernels (seen on this
+    code's test machine) multiply by their float32 product.
+    """
+    src = _onednn_scale(p.input_scale, acc.device)
+    wei = _channel_view(p.weight_scale.float(), acc.dim())
+    x = acc.float()
+    x = x * src * wei if _has_avx512() else x * (src * wei)
+    x = x + _channel_view(bias, acc.dim())
+    x = x * (_f32(1.0, acc.device) / _onednn_scale(p.output.scale, acc.device)) + float(p.output.zero_point)
+    return _clamp(torch.round(x).to(torch.int64), p.output)
+
+
+def vectorised_mask(shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which elements of an elementwise quantized op PyTorch computes in its vectorised body.
+
+    The op walks memory order (NHWC for 4-D: quantized convs write channels_last), split over
+    ``min(threads, ceil(numel / GRAIN_SIZE))`` equal chunks (one chunk when single-threaded);
+    each chunk runs vectorised in steps of 2 * Vectorized<quint8>::size() (64 on AVX2, 128 on
+    AVX512) and leaves its remainder to the scalar tail. Returns a bool tensor of ``shape``.
+    """
+    numel = math.prod(shape)
+    threads = torch.get_num_threads()
+    parts = max(1, min(threads, -(-numel // GRAIN_SIZE)))
+    chunk = max(1, -(-numel // parts))
+    step = 128 if _has_avx512() else 64
+    index = torch.arange(numel, device=device)
+    start = index // chunk * chunk
+    length = (start + chunk).clamp(max=numel) - start
+    body = index - start < length // step * step
+    if len(shape) == 4:
+        n, c, h, w = shape
+        return body.view(n, h, w, c).permute(0, 3, 1, 2)
+    return body.view(shape)
+
+
+class PytorchRequant:
+    """PyTorch's x86 quantized CPU kernels: float32 bias and scales, round half to even."""
+
+    name = "pytorch"
+    integer_bias = False
+
+    def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
+        if p.kernel not in KERNELS:
+            raise ValueError(f"unknown PyTorch kernel {p.kernel!r} for {p.node!r}; expected one of {KERNELS}")
+        if p.bias_float is not None:
+            bias = p.bias_float.float()
+        else:
+            bias = (p.bias.double() * p.input_scale * p.weight_scale.double()).float()
+        kernel = _onednn if p.kernel == "onednn" else _fbgemm
+        return kernel(acc, p, bias.to(acc.device))
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
+        """``quantized::add``: dequantize both (fma in the vectorised body, multiply in the scalar tail),
+        add in float32, multiply by ``f32(1 / s_out)``. A fused ReLU is the output clamp at z_out."""
+        body = vectorised_mask(tuple(a.shape), a.device)
+        c = self._dequantize(a, qa, body) + self._dequantize(b, qb, body)
+        return _codes(c * (_f32(1.0, a.device) / _f32(out.scale, a.device)), out)
+
+    @staticmethod
+    def _dequantize(x: torch.Tensor, q: QParams, body: torch.Tensor) -> torch.Tensor:
+        scale = _f32(q.scale, x.device)
+        tail = scale * (x.to(torch.int64) - q.zero_point).float()
+        vectorised = fma_f32(scale.expand(x.shape), x.float(), (scale * -float(q.zero_point)).expand(x.shape))
+        return torch.where(body, vectorised, tail)
+
+    def average(self, sums: torch.Tensor, counts: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
+        """Quantized avg_pool2d / adaptive_avg_pool2d on channels_last input:
+        ``rne(f32(sum * m)) + z_out`` with ``m = f32(f32(s_in / s_out) / divisor)``."""
+        ratio = _f32(qin.scale, sums.device) / _f32(out.scale, sums.device)
+        multiplier = ratio / counts.float()
+        return _codes(sums.float() * multiplier, out)
+
+
+register_requant(PytorchRequant())
