@@ -2,7 +2,8 @@
 
 Each mode is a registered object with three integer kernels (pure functions of tensors):
 ``requantize`` for conv/linear accumulators, ``add`` for residual adds and ``average`` for the
-window sums of average pooling. ``float`` is the default; see docs/format.md for the formulas.
+window sums of average pooling. ``float`` is the default; ``fixedpoint`` is gemmlowp / TFLite's
+int32 pipeline. See docs/format.md for the formulas.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from typing import Protocol
 
 import torch
 
+from photosim.errors import PhotosimError
 from photosim.format import QParams
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class RequantParams:
     bias_float: torch.Tensor | None  # (O,) float32 real-valued bias, only for models imported from PyTorch
     per_channel: bool  # weight scales are per output channel in the file
     kernel: str  # PyTorch library this layer runs in under `pytorch` requant: "fbgemm" or "onednn"
+    node: str = ""  # the layer's name, for error messages
 
 
 class RequantMode(Protocol):
@@ -43,7 +48,8 @@ class RequantMode(Protocol):
         ...
 
     def average(self, sums: torch.Tensor, counts: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
-        """Average pooling: window sums of (code - z_in) and window sizes -> int32 output codes."""
+        """Average pooling: window sums of (code - z_in) (N, C, OH, OW) and divisors broadcastable to them
+        (int64, (1, 1, OH, OW)) -> int32 output codes."""
         ...
 
 
@@ -62,7 +68,7 @@ def _clamp_codes(q: torch.Tensor, out: QParams) -> torch.Tensor:
     return q.clamp(out.qmin, out.qmax).to(torch.int32)
 
 
-def _channel_view(t: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+def channel_view(t: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     """Reshape a per-output-channel vector (O,) to broadcast against (N, O, *spatial)."""
     return t.view(1, -1, *([1] * (acc.dim() - 2)))
 
@@ -75,7 +81,7 @@ class FloatRequant:
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         multiplier = p.input_scale * p.weight_scale / p.output.scale  # (O,) float64
-        y = torch.round(acc.double() * _channel_view(multiplier, acc))
+        y = torch.round(acc.double() * channel_view(multiplier, acc))
         return _clamp_codes(y.to(torch.int64) + p.output.zero_point, p.output)
 
     def add(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
@@ -90,3 +96,108 @@ class FloatRequant:
 
 
 register_requant(FloatRequant())
+
+
+def quantize_multiplier(multiplier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TFLite's ``QuantizeMultiplier``, elementwise: real multipliers -> int64 (q, exponent) with
+    ``multiplier ~= q * 2^(exponent - 31)``, q in [2^30, 2^31) (0 for multipliers below 2^-32)."""
+    mantissa, exponent = torch.frexp(multiplier.double())  # mantissa in [0.5, 1)
+    scaled = mantissa * 2.0**31  # exact: a power-of-two scaling
+    q = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).to(torch.int64)  # round half away from zero
+    exponent = exponent.to(torch.int64)
+    rounded_up = q == 1 << 31
+    q = torch.where(rounded_up, q // 2, q)
+    exponent = exponent + rounded_up
+    flushed = exponent < -31  # every bit would be shifted out
+    return torch.where(flushed, 0, q), torch.where(flushed, 0, exponent)
+
+
+def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """gemmlowp's SRDHM on int64 tensors holding int32 values: ``(a*b + nudge) / 2^31`` truncated,
+    nudge ``2^30`` or ``1 - 2^30`` (ties toward +inf); ``INT32_MIN * INT32_MIN`` saturates."""
+    ab = a * b
+    nudge = torch.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    high = torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")
+    return torch.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, high)
+
+
+def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """gemmlowp's RoundingDivideByPOT: ``x / 2^exponent`` rounded half away from zero (int64)."""
+    mask = torch.bitwise_left_shift(torch.ones_like(exponent), exponent) - 1
+    threshold = (mask >> 1) + (x < 0)
+    return (x >> exponent) + ((x & mask) > threshold)
+
+
+def multiply_by_quantized_multiplier(x: torch.Tensor, q: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """TFLite's MultiplyByQuantizedMultiplier: ``x * q * 2^(exponent - 31)`` with gemmlowp rounding.
+
+    A positive exponent is a left shift before SRDHM; it saturates to int32 (C would overflow).
+    """
+    left = exponent.clamp(0, 31)
+    shifted = (x << left).clamp(INT32_MIN, INT32_MAX)
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, q), (-exponent).clamp(min=0))
+
+
+def _scalar_multiplier(real: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    q, exponent = quantize_multiplier(torch.tensor(real, dtype=torch.float64))
+    return q.to(device), exponent.to(device)
+
+
+def _round_half_away_div(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """TFLite average pool's ``(x +- d/2) / d`` with C truncation: round half away from zero."""
+    half = d // 2
+    return torch.div(torch.where(x > 0, x + half, x - half), d, rounding_mode="trunc")
+
+
+def _check_int32(acc: torch.Tensor, node: str) -> None:
+    if acc.numel() and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
+        raise PhotosimError(
+            f"node {node!r}: accumulator values span [{int(acc.min())}, {int(acc.max())}], outside int32; the "
+            "fixedpoint requant mode models gemmlowp's int32 pipeline. Simulate with `--requant float` "
+            "(hardware config `requant: float`), or quantize this layer with fewer bits."
+        )
+
+
+class FixedPointRequant:
+    """gemmlowp / TFLite integer requantization: int32 multipliers with shifts, integer bias.
+
+    Conv/linear: ``MultiplyByQuantizedMultiplier(acc + bias, QuantizeMultiplier(s_in*s_w/s_out))``.
+    add: TFLite's int8 add (inputs scaled to twice the larger input scale after a left shift).
+    average: the window sum rescaled by ``s_in/s_out`` (when they differ), then divided by the window
+    size rounding half away from zero, as TFLite's average pool (bit-exact when s_in == s_out, z_in == z_out).
+    """
+
+    name = "fixedpoint"
+    integer_bias = True
+
+    def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
+        _check_int32(acc, p.node)
+        q, exponent = quantize_multiplier(p.input_scale * p.weight_scale / p.output.scale)  # (O,) each
+        y = multiply_by_quantized_multiplier(acc, channel_view(q, acc), channel_view(exponent, acc))
+        return _clamp_codes(y + p.output.zero_point, p.output)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
+        # TFLite uses left_shift 20 for int8 and 15 for int16: as much headroom as int32 leaves.
+        widest = max(abs(v - q.zero_point) for q in (qa, qb) for v in (q.qmin, q.qmax))
+        left_shift = min(20, 31 - widest.bit_length())
+        twice_max_scale = 2 * max(qa.scale, qb.scale)
+        scaled_a, scaled_b = (
+            multiply_by_quantized_multiplier((codes.to(torch.int64) - q.zero_point) << left_shift,
+                                             *_scalar_multiplier(q.scale / twice_max_scale, a.device))
+            for codes, q in ((a, qa), (b, qb))
+        )
+        total = scaled_a + scaled_b
+        multiplier, exponent = _scalar_multiplier(twice_max_scale / ((1 << left_shift) * out.scale), a.device)
+        return _clamp_codes(multiply_by_quantized_multiplier(total, multiplier, exponent) + out.zero_point, out)
+
+    def average(self, sums: torch.Tensor, counts: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
+        sums = sums.to(torch.int64)
+        if qin.scale != out.scale:
+            multiplier, exponent = _scalar_multiplier(qin.scale / out.scale, sums.device)
+            sums = multiply_by_quantized_multiplier(sums, multiplier, exponent)
+        counts = counts.to(device=sums.device, dtype=torch.int64)
+        # Round the mean in the output code domain, as TFLite (which averages raw codes) does.
+        return _clamp_codes(_round_half_away_div(sums + counts * out.zero_point, counts), out)
+
+
+register_requant(FixedPointRequant())

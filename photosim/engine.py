@@ -1,0 +1,219 @@
+"""The integer executor: runs a QuantizedModel node by node on integer codes, bit-true.
+
+Conv and linear form exact int64 accumulators (photosim.kernels), which the configured requant mode
+(photosim.requant) turns into output codes; pools, clamps and reshapes work on codes directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from photosim import kernels
+from photosim.errors import PhotosimError
+from photosim.evaluate import EvalResult, accuracy
+from photosim.format import WEIGHTED_OPS, Node, QuantizedModel, validate, weights_scale
+from photosim.hardware.config import HardwareConfig, load_hardware
+from photosim.requant import REQUANT_MODES, RequantMode, RequantParams, channel_view
+
+HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
+ONEDNN_MAX_GROUPS = 100  # PyTorch's x86 engine runs convs with more groups in FBGEMM
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A conv/linear node prepared for one device: matmul weights, integer bias, requant parameters."""
+
+    weights: kernels.IntegerWeights
+    bias: torch.Tensor  # (O,) int64
+    params: RequantParams
+
+
+class Engine:
+    """A quantized model prepared for simulation under one hardware config on one device.
+
+    Example:
+        >>> engine = Engine(qmodel, {"requant": "fixedpoint"})
+        >>> logits = engine(x)  # one batch, float32 on the CPU
+    """
+
+    def __init__(self, qmodel: QuantizedModel, hw: HardwareSpec = None, *, device: str | torch.device = "cpu"):
+        validate(qmodel)
+        self.model = qmodel
+        self.hw = load_hardware(hw)
+        self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.hw.for_layer(n.name).requant]
+                                              for n in qmodel.nodes}
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise PhotosimError(f"device {str(device)!r} was requested but no CUDA GPU is available; use --device cpu.")
+        effects = [n.name for n in qmodel.nodes if n.op in WEIGHTED_OPS and not self.hw.for_layer(n.name).is_ideal]
+        if effects:
+            raise PhotosimError(
+                f"the hardware config asks for ADC, accumulator or noise effects on {', '.join(effects)}, which this "
+                "engine does not simulate yet; remove those keys to simulate the ideal integer engine."
+            )
+        self.layers = {n.name: self._prepare(n) for n in qmodel.nodes if n.op in WEIGHTED_OPS}
+        self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
+
+    def _prepare(self, node: Node) -> _Layer:
+        tensors = self.model.tensors
+        q_in = node.input_q[0]
+        weight = tensors[f"{node.name}.weight"]
+        groups = node.attrs.get("groups", 1)
+        x_range = (q_in.qmin - q_in.zero_point, q_in.qmax - q_in.zero_point)
+        plan = kernels.plan_matmul(weight[0].numel(), x_range, node.w_bits, groups=groups, device=self.device)
+        bias_float = tensors.get(f"{node.name}.bias_float")
+        bias = tensors[f"{node.name}.bias"].to(self.device, torch.int64)
+        params = RequantParams(
+            input_scale=q_in.scale,
+            weight_scale=weights_scale(self.model, node).to(self.device),
+            output=node.output_q,
+            bias=bias,
+            bias_float=None if bias_float is None else bias_float.to(self.device),
+            per_channel=tensors[f"{node.name}.weight_scale"].dim() == 1,
+            kernel="onednn" if node.op == "conv2d" and groups <= ONEDNN_MAX_GROUPS else "fbgemm",
+            node=node.name,
+        )
+        return _Layer(kernels.prepare_weights(weight, groups, plan, self.device), bias, params)
+
+    def check_inputs(self, x: torch.Tensor) -> None:
+        """Raise PhotosimError unless ``x`` is a batch of the model's input shape."""
+        expected = tuple(self.model.input_shape)
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != expected:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise PhotosimError(
+                f"inputs have shape {got}, but the model expects batches of shape (N, *{expected}); "
+                "add the batch dimension or resize the inputs to the model's input shape."
+            )
+
+    def run(self, codes: torch.Tensor, *, keep_all: bool = False) -> dict[str, torch.Tensor]:
+        """Input codes (N, *input_shape) on the engine's device -> node name -> output codes.
+
+        Without ``keep_all`` a tensor is dropped after its last consumer (only the graph output remains).
+        """
+        values = {self.model.input_name: codes}
+        for i, node in enumerate(self.model.nodes):
+            values[node.name] = _OPS[node.op](self, node, [values[name] for name in node.inputs])
+            if not keep_all:
+                for name in node.inputs:
+                    if self._last_use[name] == i and name != self.model.output:
+                        del values[name]
+        return values
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """One batch of float inputs -> int32 output codes (on the CPU)."""
+        self.check_inputs(x)
+        codes = self.model.input_q.quantize(x.to(self.device))
+        return self.run(codes)[self.model.output].cpu()
+
+    def node_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One batch of float inputs -> every graph tensor's int32 codes (the input's included), on the CPU."""
+        self.check_inputs(x)
+        codes = self.model.input_q.quantize(x.to(self.device))
+        return {name: t.cpu() for name, t in self.run(codes, keep_all=True).items()}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """One batch of float inputs -> dequantized float32 outputs (on the CPU)."""
+        return self.model.qparams(self.model.output).dequantize(self.codes(x))
+
+    # -- ops: (node, input codes) -> output codes ------------------------------------------------
+
+    def _requantize(self, acc: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        mode = self.modes[layer.params.node]
+        if mode.integer_bias:
+            acc.add_(channel_view(layer.bias, acc))  # acc is a fresh tensor
+        return mode.requantize(acc, layer.params)
+
+    def _conv2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        a = node.attrs
+        acc = kernels.conv2d_acc(xs[0], node.input_q[0].zero_point, self.layers[node.name].weights,
+                                 kernels.pair(a["kernel"]), kernels.pair(a["stride"]), kernels.pair(a["padding"]),
+                                 kernels.pair(a["dilation"]), a["groups"])
+        return self._requantize(acc, self.layers[node.name])
+
+    def _linear(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        if xs[0].dim() != 2:
+            raise PhotosimError(f"node {node.name!r} (linear) got input of shape {tuple(xs[0].shape)}; photosim's "
+                                "linear layers take (N, features): flatten the input first.")
+        acc = kernels.linear_acc(xs[0], node.input_q[0].zero_point, self.layers[node.name].weights)
+        return self._requantize(acc, self.layers[node.name])
+
+    def _add(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        return self.modes[node.name].add(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
+
+    def _maxpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        a = node.attrs
+        return kernels.max_pool2d(xs[0], kernels.pair(a["kernel"]), kernels.pair(a["stride"] or a["kernel"]),
+                                  kernels.pair(a["padding"]), kernels.pair(a["dilation"]), a["ceil_mode"])
+
+    def _avgpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        a = node.attrs
+        sums, counts = kernels.avg_pool2d_sums(
+            xs[0], node.input_q[0].zero_point, kernels.pair(a["kernel"]), kernels.pair(a["stride"] or a["kernel"]),
+            kernels.pair(a["padding"]), a["ceil_mode"], a["count_include_pad"], a["divisor_override"])
+        return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
+
+    def _adaptive_avgpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        size = node.attrs["output_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        sums, counts = kernels.adaptive_avg_pool2d_sums(xs[0], node.input_q[0].zero_point, size)
+        return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
+
+
+_OPS: dict[str, Callable[[Engine, Node, list[torch.Tensor]], torch.Tensor]] = {
+    "conv2d": Engine._conv2d,
+    "linear": Engine._linear,
+    "add": Engine._add,
+    "clamp": lambda _, node, xs: xs[0].clamp(node.output_q.qmin, node.output_q.qmax),
+    "maxpool2d": Engine._maxpool2d,
+    "avgpool2d": Engine._avgpool2d,
+    "adaptive_avgpool2d": Engine._adaptive_avgpool2d,
+    "flatten": lambda _, node, xs: xs[0].flatten(node.attrs["start_dim"]),
+    "reshape": lambda _, node, xs: xs[0].reshape(xs[0].shape[0], *node.attrs["shape"]),
+}
+
+
+def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    if batch_size < 1:
+        raise PhotosimError(f"batch_size must be at least 1, got {batch_size}.")
+    return torch.cat([fn(chunk) for chunk in inputs.split(batch_size)])
+
+
+def simulate(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec = None, *, batch_size: int = 256,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """Bit-true integer inference: float inputs (N, *input_shape) -> float32 dequantized outputs (CPU).
+
+    Works in chunks of ``batch_size`` samples so memory stays bounded; the result does not depend on it.
+
+    Example:
+        >>> logits = simulate(photosim.load("m.safetensors"), x, {"requant": "fixedpoint"})
+    """
+    engine = Engine(qmodel, hw, device=device)
+    engine.check_inputs(inputs)
+    return _in_chunks(engine, inputs, batch_size)
+
+
+def simulate_codes(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec = None, *,
+                   batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
+    """As :func:`simulate`, returning the graph output's int32 codes."""
+    engine = Engine(qmodel, hw, device=device)
+    engine.check_inputs(inputs)
+    return _in_chunks(engine.codes, inputs, batch_size)
+
+
+def node_outputs(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec = None, *,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every graph tensor's int32 codes for one batch (keyed by node name, plus the graph input)."""
+    return Engine(qmodel, hw, device=device).node_outputs(inputs)
+
+
+def evaluate(qmodel: QuantizedModel, data: Any, hw: HardwareSpec = None, *, batch_size: int = 256,
+             device: str | torch.device = "cpu", progress: bool = False) -> EvalResult:
+    """Top-1 / top-5 accuracy of the simulated integer model over a Dataset, DataLoader or (x, y) pair."""
+    engine = Engine(qmodel, hw, device=device)
+    return accuracy(engine, data, batch_size=batch_size, progress=progress,
+                    description=f"integer engine ({engine.hw.requant})")
