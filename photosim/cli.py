@@ -177,6 +177,118 @@ def inspect(path: Annotated[Path, typer.Argument(help="Integer model file.")]) -
     console.print(f"total MACs per sample: {int(table['macs'].sum()):,}")
 
 
+HwOpt = Annotated[Path | None, typer.Option("--hw", help="Hardware YAML (configs/hw/); the flags below override it.")]
+
+
+@app.command()
+@handles_errors
+def run(
+    model_file: Annotated[Path | None, typer.Argument(help="Integer model file; omit to quantize --model.")] = None,
+    model: ModelOpt = "digits-resnet", weights: WeightsOpt = None, num_classes: NumClassesOpt = None,
+    cifar_stem: CifarStemOpt = False, data: DataOpt = "digits", data_root: DataRootOpt = None,
+    download: DownloadOpt = False, limit: LimitOpt = None, config: ConfigOpt = None, w_bits: WBitsOpt = None,
+    a_bits: ABitsOpt = None, bias_bits: BiasBitsOpt = None, observer: ObserverOpt = None,
+    percentile: PercentileOpt = None, per_tensor: PerTensorOpt = False, calib_samples: CalibOpt = None,
+    hw: HwOpt = None,
+    requant: Annotated[str | None, typer.Option(help="Requantization: float, fixedpoint or pytorch.")] = None,
+    noise: Annotated[float | None, typer.Option(help="Output (detector) noise sigma, fraction of full scale.")] = None,
+    tile: Annotated[int | None, typer.Option(help="Dot-product length L of one optical core.")] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="Per-tile ADC bits.")] = None,
+    acc_bits: Annotated[int | None, typer.Option(help="Accumulator bits.")] = None,
+    overflow: Annotated[str | None, typer.Option(help="Accumulator overflow: wrap, saturate or none.")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Monte Carlo repeats (simulated chips).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of every noise stream.")] = 0,
+    batch_size: BatchOpt = 256,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    report: Annotated[Path | None, typer.Option(help="Write the accuracy table as CSV.")] = None,
+    layer_report: Annotated[Path | None, typer.Option(help="Write the per-layer diagnostics as CSV.")] = None,
+) -> None:
+    """Accuracy of an integer model on the ideal integer engine and on simulated hardware.
+
+    With no arguments: the demo (digits-resnet, 8 bits, digits test split).
+    """
+    from photosim.format import load
+    from photosim.hardware.config import hardware_with_flags, load_hardware
+    from photosim.models import load_model
+    from photosim.report import write_csv_atomic
+    from photosim.workflow import DataSpec, baselines, comparison_rows, quantize_loaded, run_hardware, source_model
+
+    hw_config = hardware_with_flags(load_hardware(hw), requant=requant, noise=noise, tile=tile, adc_bits=adc_bits,
+                                    acc_bits=acc_bits, overflow=overflow)
+    data_spec = DataSpec(data, data_root, download, limit)
+    if model_file is not None:
+        qmodel = load(model_file)
+        float_model = source_model(qmodel)
+        source = str(model_file)
+    else:
+        spec = _quant_spec(config, w_bits, a_bits, bias_bits, observer, percentile, per_tensor, calib_samples)
+        loaded = load_model(model, weights, num_classes, cifar_stem)
+        qmodel = quantize_loaded(loaded, data_spec, spec, num_classes=num_classes, cifar_stem=cifar_stem,
+                                 progress=True)
+        float_model, source = loaded.module, f"{model} W{spec.w_bits}A{spec.a_bits}"
+    test = data_spec.split("test", qmodel.input_shape)
+    calibration = data_spec.split("calibration", qmodel.input_shape)
+    base = baselines(qmodel, test, hw_config.requant, float_model, batch_size=batch_size, device=device,
+                     progress=True)
+    hw_run = run_hardware(qmodel, test, hw_config, calibration=calibration, repeats=repeats, seed=seed,
+                          batch_size=batch_size, device=device, progress=True)
+    table = accuracy_table(base, hw_run, comparison_rows(base, hw_run), hw_config.requant)
+    console.print(f"{source} on {data} test ({base.fake_quant.n} images), {repeats} repeat(s), seed {seed}")
+    _print_sigmas(hw_run.layers)
+    print_table("accuracy (top-1; drops in points)", table)
+    if not hw_run.layers.empty:
+        mean = hw_run.layers.drop(columns="repeat").groupby("layer", sort=False).mean().reset_index()
+        print_table("per layer, mean over repeats", mean[["layer", "overflow_rate", "adc_clip_rate", "snr_db",
+                                                           "enob", "acc_bits_worst_case", "acc_bits_observed"]])
+    if report:
+        write_csv_atomic(table, report)
+    if layer_report:
+        write_csv_atomic(hw_run.layers, layer_report)
+
+
+def accuracy_table(base: Any, hw_run: Any, rows: list[dict[str, Any]], requant: str) -> pd.DataFrame:
+    """The run table: one row per stage with top-1 (mean, std, 95% CI over repeats) and the drops."""
+    from photosim.report import summarize
+
+    flt = base.float.top1 if base.float else float("nan")
+    stages = [("float", base.float), ("fake-quant", base.fake_quant), (f"integer ({requant})", base.ideal)]
+    table = [{"stage": name, "top1": r.top1, "std": None, "ci95": None, "drop_vs_float": flt - r.top1,
+              "drop_vs_ideal": base.ideal.top1 - r.top1} for name, r in stages if r is not None]
+    if not hw_run.layers.empty:
+        frame = pd.DataFrame(rows).assign(stage="hardware")
+        s = summarize(frame, ["stage"], ["top1", "drop_vs_float", "drop_vs_ideal"]).iloc[0]
+        table.append({"stage": f"hardware ({int(s['n'])} repeats)", "top1": s["top1_mean"], "std": s["top1_std"],
+                      "ci95": s["top1_ci95"], "drop_vs_float": s["drop_vs_float_mean"],
+                      "drop_vs_ideal": s["drop_vs_ideal_mean"]})
+    frame = pd.DataFrame(table)
+    percent = ["top1", "std", "ci95", "drop_vs_float", "drop_vs_ideal"]
+    frame[percent] = frame[percent].astype(float) * 100
+    return frame
+
+
+def _print_sigmas(layers: pd.DataFrame) -> None:
+    """Show the output-noise sigma each layer uses (it may have been given as snr_db or enob)."""
+    if layers.empty or not (layers["output_sigma"] > 0).any():
+        return
+    sigmas = layers.groupby("layer", sort=False)["output_sigma"].first()
+    console.print("output noise sigma used: " + ", ".join(f"{k} {v:.3g}" for k, v in sigmas.items()))
+
+
+@app.command("import-torch")
+@handles_errors
+def import_torch_cmd(
+    spec: Annotated[str, typer.Argument(help="path/to/script.py:function returning (converted GraphModule, "
+                                             "input shape).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Integer model file to write.")],
+) -> None:
+    """Convert a PyTorch quantize_fx model (convert_fx output) into a photosim integer model file."""
+    from photosim.torch_import import import_torch
+
+    qmodel = import_torch(spec, output)
+    console.print(f"wrote {output} ({len(qmodel.nodes)} nodes); simulate it with `photosim run {output} "
+                  "--requant pytorch`")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -7,7 +7,7 @@ Conv and linear form exact int64 accumulators (photosim.kernels), which the conf
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,14 @@ from photosim import kernels
 from photosim.errors import PhotosimError
 from photosim.evaluate import EvalResult, accuracy
 from photosim.format import WEIGHTED_OPS, Node, QuantizedModel, validate, weights_scale
-from photosim.hardware.config import HardwareConfig, load_hardware
+from photosim.hardware.analog import AnalogLayer
+from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
+from photosim.observers import ActivationObserver
+from photosim.quantize import calibration_batches
 from photosim.requant import REQUANT_MODES, RequantMode, RequantParams, channel_view
+from photosim.torch_requant import pytorch_kernel
 
 HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
-ONEDNN_MAX_GROUPS = 100  # PyTorch's x86 engine runs convs with more groups in FBGEMM
 
 
 @dataclass(frozen=True)
@@ -41,23 +44,38 @@ class Engine:
         >>> logits = engine(x)  # one batch, float32 on the CPU
     """
 
-    def __init__(self, qmodel: QuantizedModel, hw: HardwareSpec = None, *, device: str | torch.device = "cpu"):
+    def __init__(self, qmodel: QuantizedModel, hw: HardwareSpec = None, *, device: str | torch.device = "cpu",
+                 seed: int = 0, repeat: int = 0, adc_ranges: dict[str, float] | None = None,
+                 calibrate_adc: bool = False, diagnostics: bool = True):
+        """Prepare ``qmodel`` for ``hw`` on ``device``.
+
+        ``seed`` and ``repeat`` key the noise streams (a repeat is one simulated chip); ``adc_ranges`` gives
+        the layers with a calibrated ADC their +-range (product units), see :func:`calibrate_adc_ranges`;
+        ``calibrate_adc`` records their tile values instead; ``diagnostics`` adds the SNR to layer stats.
+        """
         validate(qmodel)
         self.model = qmodel
         self.hw = load_hardware(hw)
-        self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.hw.for_layer(n.name).requant]
+        unmatched = self.hw.unmatched_overrides([n.name for n in qmodel.nodes])
+        if unmatched:
+            raise PhotosimError(f"hardware layer override(s) {unmatched} match no layer of the model; layers: "
+                                f"{', '.join(n.name for n in qmodel.nodes)}.")
+        self.settings: dict[str, LayerHardware] = {n.name: self.hw.for_layer(n.name) for n in qmodel.nodes}
+        self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.settings[n.name].requant]
                                               for n in qmodel.nodes}
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise PhotosimError(f"device {str(device)!r} was requested but no CUDA GPU is available; use --device cpu.")
-        effects = [n.name for n in qmodel.nodes if n.op in WEIGHTED_OPS and not self.hw.for_layer(n.name).is_ideal]
-        if effects:
-            raise PhotosimError(
-                f"the hardware config asks for ADC, accumulator or noise effects on {', '.join(effects)}, which this "
-                "engine does not simulate yet; remove those keys to simulate the ideal integer engine."
-            )
         self.layers = {n.name: self._prepare(n) for n in qmodel.nodes if n.op in WEIGHTED_OPS}
+        self.analog = {
+            n.name: self._analog(i, n, seed, repeat, adc_ranges or {}, calibrate_adc, diagnostics)
+            for i, n in enumerate(qmodel.nodes)
+            if n.op in WEIGHTED_OPS and (not self.settings[n.name].is_ideal or calibrate_adc and _calibrated(
+                self.settings[n.name]))
+        }
         self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
+        self._next_sample = 0
+        self._sample_ids = torch.zeros(0, dtype=torch.int64)
 
     def _prepare(self, node: Node) -> _Layer:
         tensors = self.model.tensors
@@ -75,10 +93,40 @@ class Engine:
             bias=bias,
             bias_float=None if bias_float is None else bias_float.to(self.device),
             per_channel=tensors[f"{node.name}.weight_scale"].dim() == 1,
-            kernel="onednn" if node.op == "conv2d" and groups <= ONEDNN_MAX_GROUPS else "fbgemm",
+            kernel=pytorch_kernel(node, self.model.provenance.get("qengine", "x86")),
             node=node.name,
         )
         return _Layer(kernels.prepare_weights(weight, groups, plan, self.device), bias, params)
+
+    def _analog(self, index: int, node: Node, seed: int, repeat: int, adc_ranges: dict[str, float],
+                calibrate_adc: bool, diagnostics: bool) -> AnalogLayer:
+        """The photonic-engine version of a conv/linear whose hardware settings are not ideal."""
+        hw = self.settings[node.name]
+        q_in = node.input_q[0]
+        weight = self.model.tensors[f"{node.name}.weight"]
+        groups = node.attrs.get("groups", 1)
+        k = weight[0].numel()
+        plan = kernels.MatmulPlan("float64", chunk=k)  # tile sums of up to 16-bit codes are exact in float64
+        bias = self.layers[node.name].bias.view(groups, -1) if self.modes[node.name].integer_bias else None
+        layer = AnalogLayer(
+            node.name, index, hw, kernels.prepare_weights(weight, groups, plan, self.device), bias,
+            x_max=max(abs(q_in.qmin - q_in.zero_point), abs(q_in.qmax - q_in.zero_point)),
+            w_max=1 << (node.w_bits - 1), seed=seed, repeat=repeat, diagnostics=diagnostics,
+        )
+        rng_range = hw.adc.range
+        if calibrate_adc and _calibrated(hw):
+            layer.calibration = ActivationObserver(seed=index)
+        elif isinstance(rng_range, float):
+            layer.adc_range = rng_range * layer.full_scale
+        elif _calibrated(hw):
+            if node.name not in adc_ranges:
+                raise PhotosimError(
+                    f"layer {node.name!r} uses a calibrated ADC range but none was measured; calibrate on the "
+                    "calibration split (photosim run does; in Python use calibrate_adc_ranges) or set adc.range "
+                    "to `full` or a fraction of full scale."
+                )
+            layer.adc_range = adc_ranges[node.name]
+        return layer
 
     def check_inputs(self, x: torch.Tensor) -> None:
         """Raise PhotosimError unless ``x`` is a batch of the model's input shape."""
@@ -99,22 +147,29 @@ class Engine:
         for i, node in enumerate(self.model.nodes):
             values[node.name] = _OPS[node.op](self, node, [values[name] for name in node.inputs])
             if not keep_all:
-                for name in node.inputs:
+                for name in set(node.inputs):  # an add may read one tensor twice
                     if self._last_use[name] == i and name != self.model.output:
                         del values[name]
         return values
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """One batch of float inputs -> int32 output codes (on the CPU)."""
+    def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize one batch and number its samples: noise is drawn by sample index, not batch position."""
         self.check_inputs(x)
-        codes = self.model.input_q.quantize(x.to(self.device))
-        return self.run(codes)[self.model.output].cpu()
+        self._sample_ids = torch.arange(self._next_sample, self._next_sample + len(x))
+        self._next_sample += len(x)
+        return self.model.input_q.quantize(x.to(self.device))
+
+    def restart(self) -> None:
+        """Number the next batch's samples from 0 again (a new pass over the same data)."""
+        self._next_sample = 0
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """One batch of float inputs (the next samples of the pass) -> int32 output codes (on the CPU)."""
+        return self.run(self._input_codes(x))[self.model.output].cpu()
 
     def node_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One batch of float inputs -> every graph tensor's int32 codes (the input's included), on the CPU."""
-        self.check_inputs(x)
-        codes = self.model.input_q.quantize(x.to(self.device))
-        return {name: t.cpu() for name, t in self.run(codes, keep_all=True).items()}
+        return {name: t.cpu() for name, t in self.run(self._input_codes(x), keep_all=True).items()}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """One batch of float inputs -> dequantized float32 outputs (on the CPU)."""
@@ -128,8 +183,17 @@ class Engine:
             acc.add_(channel_view(layer.bias, acc))  # acc is a fresh tensor
         return mode.requantize(acc, layer.params)
 
+    def _requantize_analog(self, acc: torch.Tensor, node: Node) -> torch.Tensor:
+        """Accumulators in ADC steps (bias included) -> codes: the multiplier absorbs the step."""
+        params = self.layers[node.name].params
+        step = self.analog[node.name].step
+        return self.modes[node.name].requantize(acc, replace(params, input_scale=params.input_scale * step))
+
     def _conv2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         a = node.attrs
+        if node.name in self.analog:
+            acc = self.analog[node.name].conv_acc(xs[0], node.input_q[0].zero_point, a, self._sample_ids)
+            return self._requantize_analog(acc, node)
         acc = kernels.conv2d_acc(xs[0], node.input_q[0].zero_point, self.layers[node.name].weights,
                                  kernels.pair(a["kernel"]), kernels.pair(a["stride"]), kernels.pair(a["padding"]),
                                  kernels.pair(a["dilation"]), a["groups"])
@@ -139,6 +203,9 @@ class Engine:
         if xs[0].dim() != 2:
             raise PhotosimError(f"node {node.name!r} (linear) got input of shape {tuple(xs[0].shape)}; photosim's "
                                 "linear layers take (N, features): flatten the input first.")
+        if node.name in self.analog:
+            acc = self.analog[node.name].linear_acc(xs[0], node.input_q[0].zero_point, self._sample_ids)
+            return self._requantize_analog(acc, node)
         acc = kernels.linear_acc(xs[0], node.input_q[0].zero_point, self.layers[node.name].weights)
         return self._requantize(acc, self.layers[node.name])
 
@@ -162,6 +229,10 @@ class Engine:
         size = (size, size) if isinstance(size, int) else tuple(size)
         sums, counts = kernels.adaptive_avg_pool2d_sums(xs[0], node.input_q[0].zero_point, size)
         return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
+
+
+def _calibrated(hw: LayerHardware) -> bool:
+    return hw.adc.bits is not None and hw.adc.range == "calibrated"
 
 
 _OPS: dict[str, Callable[[Engine, Node, list[torch.Tensor]], torch.Tensor]] = {
@@ -217,3 +288,19 @@ def evaluate(qmodel: QuantizedModel, data: Any, hw: HardwareSpec = None, *, batc
     engine = Engine(qmodel, hw, device=device)
     return accuracy(engine, data, batch_size=batch_size, progress=progress,
                     description=f"integer engine ({engine.hw.requant})")
+
+
+def calibrate_adc_ranges(qmodel: QuantizedModel, hw: HardwareSpec, data: Any, *, samples: int = 512,
+                         batch_size: int = 256, device: str | torch.device = "cpu", seed: int = 0,
+                         repeat: int = 0) -> dict[str, float]:
+    """+-range (product units) of every layer with ``adc.range: calibrated``: the ``adc.percentile`` of
+    |tile value| over up to ``samples`` calibration inputs (tensor, Dataset, DataLoader or batches)."""
+    engine = Engine(qmodel, hw, device=device, seed=seed, repeat=repeat, calibrate_adc=True, diagnostics=False)
+    if not engine.analog:
+        return {}
+    for x in calibration_batches(data, samples):
+        for chunk in x.split(batch_size):
+            engine.codes(chunk)
+    return {name: layer.calibration.clip_range("percentile", layer.hw.adc.percentile, layer.hw.adc.bits,
+                                               signed=False)[1]
+            for name, layer in engine.analog.items() if layer.calibration is not None}

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from torch import nn
 from torch.utils.data import Dataset
 
+from photosim._config import load_config
 from photosim.data import load_dataset
+from photosim.engine import Engine, calibrate_adc_ranges, evaluate
 from photosim.errors import PhotosimError
 from photosim.evaluate import EvalResult, accuracy
 from photosim.fakequant import fake_quant_forward
 from photosim.format import QuantizedModel, file_sha256
+from photosim.hardware.config import HardwareConfig, load_hardware
+from photosim.hardware.noise import enob, snr_db
 from photosim.models import LoadedModel, load_model
 from photosim.qconfig import QuantSpec
 from photosim.quantize import quantize
+from photosim.summary import dot_length, worst_case_acc_bits
+from photosim.sweep import MODEL_KEYS
 
 
 @dataclass(frozen=True)
@@ -82,3 +91,122 @@ def fake_quant_accuracy(qmodel: QuantizedModel, test: Any, batch_size: int = 256
     """Accuracy of the fake-quantized float reference of ``qmodel``."""
     return accuracy(lambda x: fake_quant_forward(qmodel, x), test, batch_size=batch_size, progress=progress,
                     description="fake-quant reference")
+
+
+@dataclass
+class HardwareRun:
+    """Accuracy and diagnostics of the simulated hardware, one entry per Monte Carlo repeat."""
+
+    repeats: list[dict[str, Any]]  # repeat, top1, top5, overflow_rate, adc_clip_rate, snr_db (worst layer)
+    layers: pd.DataFrame  # one row per (repeat, analog layer)
+
+
+def _has_randomness(hw: HardwareConfig, names: list[str]) -> bool:
+    for name in names:
+        n = hw.for_layer(name).noise
+        if (n.output.resolved_sigma or n.shot.sigma or n.weight_static.sigma or n.weight_read.sigma
+                or n.custom.function):
+            return True
+    return False
+
+
+def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, layer in engine.analog.items():
+        node, st = engine.model.node(name), layer.stats
+        snr = snr_db(st.signal_power, st.error_power) if layer.diagnostics else math.nan
+        rows.append({
+            "repeat": repeat, "layer": name, "tile": layer.tile, "tiles": layer.tiles,
+            "full_scale": layer.full_scale, "output_sigma": layer.hw.noise.output.resolved_sigma,
+            "adc_bits": layer.adc_bits, "adc_step": layer.step,
+            "overflow_rate": st.overflowed / max(st.outputs, 1), "adc_clip_rate": st.clipped / max(st.tile_values, 1),
+            "snr_db": snr, "enob": enob(snr),
+            "acc_bits_worst_case": worst_case_acc_bits(node.input_q[0].bits, node.w_bits, dot_length(node)),
+            "acc_bits_observed": math.ceil(math.log2(st.max_abs_acc + 1)) + 1,
+            "acc_bits": layer.hw.accumulator.bits,
+        })
+    return rows
+
+
+def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibration: Any = None, repeats: int = 1,
+                 seed: int = 0, batch_size: int = 256, device: str = "cpu", progress: bool = False) -> HardwareRun:
+    """Monte Carlo over ``repeats`` simulated chips: each draws new static weight error and inference noise.
+
+    Layers with a calibrated ADC get their ranges from ``calibration`` (per chip, noise-free tile values).
+    Without any randomness the hardware is deterministic, so it is simulated once and the result repeated.
+    """
+    hw = load_hardware(hw)
+    names = [n.name for n in qmodel.nodes]
+    runs = repeats if _has_randomness(hw, names) else 1
+    results, layers = [], []
+    for repeat in range(runs):
+        ranges = {}
+        if any(hw.for_layer(n).adc.bits is not None and hw.for_layer(n).adc.range == "calibrated" for n in names):
+            if calibration is None:
+                raise PhotosimError("the hardware config uses a calibrated ADC range; give calibration data.")
+            ranges = calibrate_adc_ranges(qmodel, hw, calibration, batch_size=batch_size, device=device, seed=seed,
+                                          repeat=repeat)
+        engine = Engine(qmodel, hw, device=device, seed=seed, repeat=repeat, adc_ranges=ranges)
+        result = accuracy(engine, test, batch_size=batch_size, progress=progress,
+                          description=f"hardware, repeat {repeat + 1}/{runs}")
+        rows = _layer_rows(engine, repeat)
+        layers.extend(rows)
+        stats = [layer.stats for layer in engine.analog.values()]
+        results.append({
+            "repeat": repeat, "top1": result.top1, "top5": result.top5,
+            "overflow_rate": sum(s.overflowed for s in stats) / max(sum(s.outputs for s in stats), 1),
+            "adc_clip_rate": sum(s.clipped for s in stats) / max(sum(s.tile_values for s in stats), 1),
+            "snr_db": min((r["snr_db"] for r in rows), default=math.inf),
+        })
+    results += [dict(results[0], repeat=r) for r in range(runs, repeats)]
+    layers += [dict(row, repeat=r) for r in range(runs, repeats) for row in layers if row["repeat"] == 0]
+    return HardwareRun(results, pd.DataFrame(layers))
+
+
+@dataclass
+class Baselines:
+    """Accuracies the hardware is compared against."""
+
+    float: EvalResult | None
+    fake_quant: EvalResult
+    ideal: EvalResult  # the ideal integer engine with the same requantization mode
+
+
+def baselines(qmodel: QuantizedModel, test: Any, requant: str, float_model: nn.Module | None, *,
+              batch_size: int = 256, device: str = "cpu", progress: bool = False) -> Baselines:
+    """Float (when the source model is known), fake-quant and ideal-integer accuracy."""
+    return Baselines(
+        float=None if float_model is None else float_accuracy(float_model, test, batch_size, progress),
+        fake_quant=fake_quant_accuracy(qmodel, test, batch_size, progress),
+        ideal=evaluate(qmodel, test, {"requant": requant}, batch_size=batch_size, device=device, progress=progress),
+    )
+
+
+def comparison_rows(base: Baselines, run: HardwareRun) -> list[dict[str, Any]]:
+    """One row per repeat: hardware accuracy, the baselines and the drops against them."""
+    flt = base.float.top1 if base.float else math.nan
+    return [{**r, "float_top1": flt, "fake_quant_top1": base.fake_quant.top1, "ideal_top1": base.ideal.top1,
+             "drop_vs_float": flt - r["top1"], "drop_vs_ideal": base.ideal.top1 - r["top1"]} for r in run.repeats]
+
+
+def run_point(point: dict[str, Any], cache: dict[str, Any]) -> list[dict[str, Any]]:
+    """One sweep point (see photosim.sweep) -> one row per repeat. ``cache`` keeps the quantized model,
+    data and baselines of each (model, data, quantization) across the points of a worker."""
+    key = json.dumps({k: point[k] for k in (*MODEL_KEYS, "limit")}, sort_keys=True, default=str)
+    if key not in cache:
+        loaded = load_model(point["model"], point["weights"], point["num_classes"], point["cifar_stem"])
+        data = DataSpec(point["data"], point["data_root"], point["download"], point["limit"])
+        qmodel = quantize_loaded(loaded, data, load_config(QuantSpec, point["quant"]),
+                                 num_classes=point["num_classes"], cifar_stem=point["cifar_stem"])
+        cache[key] = {"loaded": loaded, "qmodel": qmodel, "test": data.split("test", loaded.input_shape),
+                      "calibration": data.split("calibration", loaded.input_shape), "baselines": {}}
+    entry = cache[key]
+    hw = load_hardware(point["hw"])
+    if hw.requant not in entry["baselines"]:
+        entry["baselines"][hw.requant] = baselines(entry["qmodel"], entry["test"], hw.requant,
+                                                   entry["loaded"].module, batch_size=point["batch_size"],
+                                                   device=point["device"])
+    run = run_hardware(entry["qmodel"], entry["test"], hw, calibration=entry["calibration"],
+                       repeats=point["repeats"], seed=point["seed"], batch_size=point["batch_size"],
+                       device=point["device"])
+    return comparison_rows(entry["baselines"][hw.requant], run)
