@@ -175,8 +175,3 @@ def test_per_layer_requant_override() -> None:
     hw = {"requant": "fixedpoint", "layers": [{"match": "conv", "requant": "float"}]}
     outs = node_outputs(hand_model(), HAND_X, hw)
     assert outs["conv"][0].tolist() == HAND_EXPECTED["float"]["conv"]
-
-
-def test_unsimulated_hardware_effects_are_refused() -> None:
-    with pytest.raises(PhotosimError, match="does not simulate yet"):
-        simulate(hand_model(), HAND_X, {"adc": {"bits": 6}})
