@@ -255,23 +255,25 @@ def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
 
 
 def simulate(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec = None, *, batch_size: int = 256,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+             device: str | torch.device = "cpu", **engine_options: Any) -> torch.Tensor:
     """Bit-true integer inference: float inputs (N, *input_shape) -> float32 dequantized outputs (CPU).
 
     Works in chunks of ``batch_size`` samples so memory stays bounded; the result does not depend on it.
+    ``engine_options`` (seed, repeat, adc_ranges, ...) go to :class:`Engine`.
 
     Example:
         >>> logits = simulate(photosim.load("m.safetensors"), x, {"requant": "fixedpoint"})
+        >>> noisy = simulate(qm, x, {"tile": 64, "noise": {"output": {"sigma": 0.01}}}, seed=1)
     """
-    engine = Engine(qmodel, hw, device=device)
+    engine = Engine(qmodel, hw, device=device, **engine_options)
     engine.check_inputs(inputs)
     return _in_chunks(engine, inputs, batch_size)
 
 
 def simulate_codes(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec = None, *,
-                   batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
+                   batch_size: int = 256, device: str | torch.device = "cpu", **engine_options: Any) -> torch.Tensor:
     """As :func:`simulate`, returning the graph output's int32 codes."""
-    engine = Engine(qmodel, hw, device=device)
+    engine = Engine(qmodel, hw, device=device, **engine_options)
     engine.check_inputs(inputs)
     return _in_chunks(engine.codes, inputs, batch_size)
 
@@ -283,9 +285,9 @@ def node_outputs(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec 
 
 
 def evaluate(qmodel: QuantizedModel, data: Any, hw: HardwareSpec = None, *, batch_size: int = 256,
-             device: str | torch.device = "cpu", progress: bool = False) -> EvalResult:
+             device: str | torch.device = "cpu", progress: bool = False, **engine_options: Any) -> EvalResult:
     """Top-1 / top-5 accuracy of the simulated integer model over a Dataset, DataLoader or (x, y) pair."""
-    engine = Engine(qmodel, hw, device=device)
+    engine = Engine(qmodel, hw, device=device, **engine_options)
     return accuracy(engine, data, batch_size=batch_size, progress=progress,
                     description=f"integer engine ({engine.hw.requant})")
 
