@@ -50,3 +50,20 @@ def load_object(spec: str, what: str) -> Any:
     if obj is None:
         raise PhotosimError(f"{what} {spec!r}: {source!r} defines no {name!r}.")
     return obj
+
+
+def call_object(spec: str, what: str, needs: str) -> Any:
+    """Load ``spec`` with :func:`load_object` and call it with no arguments; ``needs`` says what it must return.
+
+    A failure inside the user's code becomes a PhotosimError naming the spec (the traceback is chained).
+    """
+    function = load_object(spec, what)
+    if not callable(function):
+        raise PhotosimError(f"{what} {spec!r} is not callable; name a class or function that returns {needs}.")
+    try:
+        return function()
+    except Exception as exc:
+        raise PhotosimError(
+            f"calling {spec} failed ({type(exc).__name__}: {exc}); it must return {needs} when called with no "
+            "arguments."
+        ) from exc

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from photosim._imports import load_object
+from photosim._imports import call_object
 from photosim.errors import PhotosimError
 from photosim.format import file_sha256
 
@@ -337,16 +337,7 @@ def _load_user_file(spec: str, num_classes: int | None) -> LoadedModel:
             f"model spec {spec!r} must be path/to/file.py:NAME, naming the class or factory in the file "
             "that builds the nn.Module."
         )
-    factory = load_object(spec, "model")
-    if not callable(factory):
-        raise PhotosimError(f"{attr!r} in {file_part!r} is not callable; name a class or a factory function.")
-    try:
-        module = factory()
-    except Exception as exc:
-        raise PhotosimError(
-            f"calling {attr}() from {file_part!r} failed ({type(exc).__name__}: {exc}); it must build the "
-            "model with no arguments."
-        ) from exc
+    module = call_object(spec, "model", "an nn.Module")
     if not isinstance(module, nn.Module):
         raise PhotosimError(
             f"{attr}() from {file_part!r} returned a {type(module).__name__}, not a torch.nn.Module; make "

@@ -18,7 +18,7 @@ import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 from torch import fx, nn
 
-from photosim._imports import load_object
+from photosim._imports import call_object
 from photosim.errors import PhotosimError
 from photosim.format import Node, QParams, QuantizedModel, validate
 from photosim.graph import (
@@ -369,13 +369,7 @@ def import_torch(spec: str, output: str | Path) -> QuantizedModel:
     ``(graph_module, input_shape)``: the ``convert_fx`` result and one sample's shape, e.g. ``(3, 32, 32)``.
     (A converted GraphModule cannot be saved and loaded back, so the script builds it.)
     """
-    function = load_object(spec, "torch import function")
-    if not callable(function):
-        raise PhotosimError(f"{spec!r} is not a function; name one that returns (graph_module, input_shape).")
-    try:
-        result = function()
-    except Exception as exc:
-        raise PhotosimError(f"calling {spec} failed ({type(exc).__name__}: {exc}); fix the script.") from exc
+    result = call_object(spec, "torch import function", "(graph_module, input_shape)")
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], (tuple, list))
             and all(isinstance(d, int) and d > 0 for d in result[1])):
         raise PhotosimError(
