@@ -24,8 +24,8 @@ SUPPORTED = (
     "clamp with constant bounds, residual add (+ / torch.add), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
     "flatten, view/reshape, Dropout and Identity (removed in eval)"
 )
-_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
-_PASS_THROUGH_CALLS = {F.dropout, "contiguous", "clone", "detach"}
+PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+PASS_THROUGH_CALLS = {F.dropout, "contiguous", "clone", "detach"}
 _SHAPE_CALLS = {"size", getattr, operator.getitem, operator.mul, operator.floordiv}
 
 
@@ -90,7 +90,7 @@ _FLOAT_OPS = {
 }
 
 
-def _conv_attrs(m: nn.Conv2d, name: str) -> dict[str, Any]:
+def conv_attrs(m: nn.Conv2d, name: str) -> dict[str, Any]:
     if m.padding_mode != "zeros":
         raise PhotosimError(f"layer {name!r}: padding_mode {m.padding_mode!r} is not supported (only 'zeros').")
     padding = m.padding
@@ -110,7 +110,7 @@ def _pool_attrs(kernel: Any, stride: Any, padding: Any, **extra: Any) -> dict[st
     return {"kernel": kernel, "stride": stride, "padding": _pair(padding), **extra}
 
 
-def _activation_bounds(target: Any, module: nn.Module | None, args: tuple, kwargs: dict) -> tuple[float, float] | None:
+def activation_bounds(target: Any, module: nn.Module | None, args: tuple, kwargs: dict) -> tuple[float, float] | None:
     """(lo, hi) of a ReLU-like op, or None when the node is not one."""
     inf = float("inf")
     if isinstance(module, nn.ReLU) or target in (F.relu, torch.relu, "relu"):
@@ -162,7 +162,7 @@ def _source_line(node: fx.Node) -> str:
     return user_frames[-1] if user_frames else "source line unknown"
 
 
-def _is_tensor(node: Any) -> bool:
+def is_tensor(node: Any) -> bool:
     return isinstance(node, fx.Node) and "tensor_meta" in node.meta
 
 
@@ -198,18 +198,18 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             bind(node, "input")
             continue
         if node.op == "output":
-            if not _is_tensor(args[0]):
+            if not is_tensor(args[0]):
                 unsupported.append(f"output (returns {type(args[0]).__name__}; photosim needs a single tensor)")
             else:
                 output = src(args[0])
             continue
-        if not _is_tensor(node):
+        if not is_tensor(node):
             continue  # shape arithmetic (x.size(0) ...) feeding a view/reshape
         name = str(target) if node.op == "call_module" else node.name
-        tensor_args = [a for a in args if isinstance(a, fx.Node) and _is_tensor(a)]
-        bounds = _activation_bounds(target, module, args, node.kwargs)
+        tensor_args = [a for a in args if isinstance(a, fx.Node) and is_tensor(a)]
+        bounds = activation_bounds(target, module, args, node.kwargs)
         new: FloatNode | None = None
-        if isinstance(module, _PASS_THROUGH_MODULES) or (node.op != "call_module" and target in _PASS_THROUGH_CALLS):
+        if isinstance(module, PASS_THROUGH_MODULES) or (node.op != "call_module" and target in PASS_THROUGH_CALLS):
             bind(node, src(args[0]))
             continue
         if bounds is not None:
@@ -221,7 +221,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                 continue
             new = FloatNode(name, "clamp", [src(args[0])], act=bounds)
         elif isinstance(module, nn.Conv2d):
-            new = FloatNode(name, "conv2d", [src(args[0])], _conv_attrs(module, name),
+            new = FloatNode(name, "conv2d", [src(args[0])], conv_attrs(module, name),
                             module.weight.detach().clone(), _bias(module))
         elif isinstance(module, nn.Linear):
             new = FloatNode(name, "linear", [src(args[0])], {"in_features": module.in_features,
@@ -238,15 +238,15 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                 and not node.kwargs:
             new = FloatNode(name, "add", [src(a) for a in tensor_args])
         elif isinstance(module, nn.MaxPool2d) or target is F.max_pool2d:
-            new = FloatNode(name, "maxpool2d", [src(args[0])], _maxpool_attrs(module, args, node.kwargs))
+            new = FloatNode(name, "maxpool2d", [src(args[0])], maxpool_attrs(module, args, node.kwargs))
         elif isinstance(module, nn.AvgPool2d) or target is F.avg_pool2d:
-            new = FloatNode(name, "avgpool2d", [src(args[0])], _avgpool_attrs(module, args, node.kwargs))
+            new = FloatNode(name, "avgpool2d", [src(args[0])], avgpool_attrs(module, args, node.kwargs))
         elif isinstance(module, nn.AdaptiveAvgPool2d) or target is F.adaptive_avg_pool2d:
             out_shape = node.meta["tensor_meta"].shape  # resolves None entries of output_size
             new = FloatNode(name, "adaptive_avgpool2d", [src(args[0])],
                             {"output_size": [int(out_shape[2]), int(out_shape[3])]})
         elif isinstance(module, nn.Flatten) or target in (torch.flatten, "flatten", "view", "reshape"):
-            new = _reshape_node(name, src(args[0]), node)
+            new = reshape_node(name, src(args[0]), node)
         if new is None:
             what = type(module).__name__ if module is not None else getattr(target, "__name__", str(target))
             unsupported.append(f"{name} ({node.op} {what}) at {_source_line(node)}")
@@ -281,7 +281,7 @@ def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any) -> Any:
     return kwargs.get(key, args[index] if len(args) > index else default)
 
 
-def _maxpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, Any]:
+def maxpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, Any]:
     if m is not None:
         if m.return_indices:
             raise PhotosimError("MaxPool2d(return_indices=True) is not supported.")
@@ -292,7 +292,7 @@ def _maxpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, 
                        ceil_mode=bool(_arg(args, kwargs, 5, "ceil_mode", False)))
 
 
-def _avgpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, Any]:
+def avgpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, Any]:
     if m is not None:
         return _pool_attrs(m.kernel_size, m.stride, m.padding, ceil_mode=bool(m.ceil_mode),
                            count_include_pad=bool(m.count_include_pad), divisor_override=m.divisor_override)
@@ -302,7 +302,7 @@ def _avgpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, 
                        divisor_override=_arg(args, kwargs, 6, "divisor_override", None))
 
 
-def _reshape_node(name: str, source: str, node: fx.Node) -> FloatNode:
+def reshape_node(name: str, source: str, node: fx.Node) -> FloatNode:
     """flatten / view / reshape: a flatten from dim 1 when the result is (N, -1), else a reshape."""
     in_shape = node.all_input_nodes[0].meta["tensor_meta"].shape
     out_shape = tuple(node.meta["tensor_meta"].shape)

@@ -22,14 +22,14 @@ from photosim._imports import call_object
 from photosim.errors import PhotosimError
 from photosim.format import Node, QParams, QuantizedModel, validate
 from photosim.graph import (
-    _PASS_THROUGH_CALLS,
-    _PASS_THROUGH_MODULES,
-    _activation_bounds,
-    _avgpool_attrs,
-    _conv_attrs,
-    _is_tensor,
-    _maxpool_attrs,
-    _reshape_node,
+    PASS_THROUGH_CALLS,
+    PASS_THROUGH_MODULES,
+    activation_bounds,
+    avgpool_attrs,
+    conv_attrs,
+    is_tensor,
+    maxpool_attrs,
+    reshape_node,
 )
 from photosim.torch_requant import quantize_val
 
@@ -91,7 +91,7 @@ class _Importer:
                 self._placeholder(node)
             elif node.op == "output":
                 self._output(node)
-            elif node.op != "get_attr" and _is_tensor(node):  # get_attr: scales read where used
+            elif node.op != "get_attr" and is_tensor(node):  # get_attr: scales read where used
                 self._op(node)
 
     def _value(self, arg: Any) -> _Value | None:
@@ -162,7 +162,7 @@ class _Importer:
 
     def _handler(self, node: fx.Node, module: nn.Module | None) -> Callable[..., None] | None:
         target = node.target if module is None else None
-        if isinstance(module, _PASS_THROUGH_MODULES) or target in _PASS_THROUGH_CALLS:
+        if isinstance(module, PASS_THROUGH_MODULES) or target in PASS_THROUGH_CALLS:
             return self._pass_through
         if isinstance(module, nn.Flatten) or target in _RESHAPES:
             return self._reshape
@@ -184,7 +184,7 @@ class _Importer:
         self.values[node.name] = source
 
     def _reshape(self, node: fx.Node, module: nn.Module | None, source: _Value) -> None:
-        reshaped = _reshape_node(node.name, source.name, node)
+        reshaped = reshape_node(node.name, source.name, node)
         self._emit(node, reshaped.op, [source], source.q, reshaped.attrs)
 
     def _dequantize(self, node: fx.Node, module: None, source: _Value) -> None:
@@ -212,7 +212,7 @@ class _Importer:
         relu = (_CONV_TYPES if is_conv else _LINEAR_TYPES)[type(module)]
         layer = str(node.target)
         if is_conv:
-            attrs = _conv_attrs(module, layer)
+            attrs = conv_attrs(module, layer)
         else:
             attrs = {"in_features": module.in_features, "out_features": module.out_features}
         weight, weight_scale = _weights(module.weight(), layer)
@@ -249,9 +249,9 @@ class _Importer:
         """Quantized pools keep their input's scale and zero point."""
         target = node.target if module is None else None
         if isinstance(module, nn.MaxPool2d) or target is _POOLS[0]:
-            op, attrs = "maxpool2d", _maxpool_attrs(module, node.args, node.kwargs)
+            op, attrs = "maxpool2d", maxpool_attrs(module, node.args, node.kwargs)
         elif isinstance(module, nn.AvgPool2d) or target is _POOLS[1]:
-            op, attrs = "avgpool2d", _avgpool_attrs(module, node.args, node.kwargs)
+            op, attrs = "avgpool2d", avgpool_attrs(module, node.args, node.kwargs)
         else:
             shape = node.meta["tensor_meta"].shape
             op, attrs = "adaptive_avgpool2d", {"output_size": [int(shape[2]), int(shape[3])]}
@@ -262,7 +262,7 @@ def _bounds(node: fx.Node, module: nn.Module | None) -> tuple[float, float] | No
     """(lo, hi) of a ReLU-like node; torch.ao's quantized ReLU6 module subclasses nn.ReLU, so it goes first."""
     if isinstance(module, nnq.ReLU6):
         return 0.0, 6.0
-    return _activation_bounds(node.target if module is None else None, module, node.args, node.kwargs)
+    return activation_bounds(node.target if module is None else None, module, node.args, node.kwargs)
 
 
 def _weights(w: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import math
 import torch
 
 from photosim.format import Node, QParams
-from photosim.requant import RequantParams, register_requant
+from photosim.requant import RequantParams, channel_view, register_requant
 
 GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: TensorIterator splits larger loops over threads
 ONEDNN_MAX_GROUPS = 100  # under the x86 engine, convs with more groups run in FBGEMM
@@ -88,10 +88,6 @@ def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where((err != 0) & even, torch.nextafter(s, toward), s).float()
 
 
-def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return t.view(1, -1, *([1] * (ndim - 2)))
-
-
 def _clamp(q: torch.Tensor, out: QParams) -> torch.Tensor:
     """Clamp int64 codes to the output range (a fused ReLU's starts at z_out) as int32."""
     return q.clamp(out.qmin, out.qmax).to(torch.int32)
@@ -108,13 +104,13 @@ def _fbgemm(acc: torch.Tensor, p: RequantParams, bias: torch.Tensor) -> torch.Te
     multiplier = ats / _f32(p.output.scale, acc.device)
     x = acc.float()
     if p.per_channel:
-        x = x + _channel_view(bias / ats, acc.dim())
+        x = x + channel_view(bias / ats, acc)
     else:
-        reciprocal = _channel_view(_f32(1.0, acc.device) / ats, acc.dim())
-        bias = _channel_view(bias, acc.dim())
+        reciprocal = channel_view(_f32(1.0, acc.device) / ats, acc)
+        bias = channel_view(bias, acc)
         # the depthwise kernel's multiply and add stay separate; the GEMM epilogue's are fused
         x = x + bias * reciprocal if p.kernel == "fbgemm-depthwise" else fma_f32(bias, reciprocal, x)
-    return _codes(x * _channel_view(multiplier, acc.dim()), p.output)
+    return _codes(x * channel_view(multiplier, acc), p.output)
 
 
 def _onednn_scale(scale: float, device: torch.device) -> torch.Tensor:
@@ -129,10 +125,10 @@ def _onednn(acc: torch.Tensor, p: RequantParams, bias: torch.Tensor) -> torch.Te
     code's test machine) multiply by their float32 product.
     """
     src = _onednn_scale(p.input_scale, acc.device)
-    wei = _channel_view(p.weight_scale.float(), acc.dim())
+    wei = channel_view(p.weight_scale.float(), acc)
     x = acc.float()
     x = x * src * wei if _has_avx512() else x * (src * wei)
-    x = x + _channel_view(bias, acc.dim())
+    x = x + channel_view(bias, acc)
     x = x * (_f32(1.0, acc.device) / _onednn_scale(p.output.scale, acc.device)) + float(p.output.zero_point)
     return _clamp(torch.round(x).to(torch.int64), p.output)
 
