@@ -265,23 +265,34 @@ def _check_range(where: str, t: torch.Tensor, lo: int, hi: int) -> None:
 def validate(model: QuantizedModel, source: str = "model") -> None:
     """Check the graph, dtypes, shapes and integer ranges; raise PhotosimError naming the culprit."""
     _check_q(f"{source}: graph input", model.input_q)
-    known = {model.input_name}
+    produced = {model.input_name: model.input_q}  # tensor name -> its quantization
     for n in model.nodes:
         where = f"{source}: node {n.name!r} ({n.op})"
         missing = [k for k in OP_ATTRIBUTES.get(n.op, ()) if k not in n.attrs]
         if n.op not in OP_ATTRIBUTES or missing:
             raise PhotosimError(f"{where}: unknown op or missing attributes {missing}.")
-        unknown_inputs = [i for i in n.inputs if i not in known]
+        unknown_inputs = [i for i in n.inputs if i not in produced]
         if unknown_inputs or len(n.inputs) != len(n.input_q) or not n.inputs:
             raise PhotosimError(f"{where}: inputs {n.inputs} are not all produced by earlier nodes.")
-        for i, q in enumerate(n.input_q):
-            _check_q(f"{where} input {i}", q)
+        for i, (name, q) in enumerate(zip(n.inputs, n.input_q)):
+            if q != produced[name]:
+                raise PhotosimError(f"{where}: input {i} quantization differs from that of {name!r}, its producer.")
         _check_q(f"{where} output", n.output_q)
+        if n.op == "conv2d":
+            _validate_conv_attrs(n.attrs, where)
         if n.op in WEIGHTED_OPS:
             _validate_weights(model, n, where)
-        known.add(n.name)
-    if model.output not in known:
+        produced[n.name] = n.output_q
+    if model.output not in produced:
         raise PhotosimError(f"{source}: graph output {model.output!r} is not produced by any node.")
+
+
+def _validate_conv_attrs(a: dict[str, Any], where: str) -> None:
+    pairs_ok = all(isinstance(a[k], list) and len(a[k]) == 2 for k in ("kernel", "stride", "padding", "dilation"))
+    if not pairs_ok or min(a["kernel"] + a["stride"] + a["dilation"]) < 1 or min(a["padding"]) < 0:
+        raise PhotosimError(f"{where}: kernel, stride, dilation must be pairs >= 1 and padding a pair >= 0.")
+    if a["groups"] < 1 or a["in_channels"] % a["groups"] or a["out_channels"] % a["groups"]:
+        raise PhotosimError(f"{where}: groups {a['groups']} must divide in_channels and out_channels.")
 
 
 def _validate_weights(model: QuantizedModel, n: Node, where: str) -> None:

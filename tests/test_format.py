@@ -90,6 +90,8 @@ def _rewrite(path, tmp_path, edit) -> str:
         (lambda d, t: d["nodes"][0].pop("kernel"), "kernel"),
         (lambda d, t: d["nodes"][1].update(inputs=["ghost"]), "not all produced"),
         (lambda d, t: d["nodes"][0].update(output_qmax=1000), "outside the 7-bit"),
+        (lambda d, t: d["nodes"][1].update(input_scale=[123.0]), "differs from that of 'conv'"),
+        (lambda d, t: d["nodes"][0].update(groups=3), "must divide"),
     ],
 )
 def test_bad_contents_are_refused_with_the_culprit(every_op, tmp_path, edit, message) -> None:
