@@ -184,3 +184,16 @@ def test_unmatched_layer_override_is_an_error(shipped) -> None:
 def test_calibrated_adc_without_ranges_is_an_error(shipped) -> None:
     with pytest.raises(PhotosimError, match="calibrated ADC range"):
         Engine(shipped["digits-cnn"], {"adc": {"bits": 8, "range": "calibrated"}})
+
+
+def test_custom_noise_function_gets_tile_values_and_context(tmp_path) -> None:
+    module = tmp_path / "my_noise.py"
+    module.write_text(
+        "def half(p, context):\n"
+        "    assert context['layer'] == 'fc' and context['tile'] == 8 and context['normal']().shape == p.shape\n"
+        "    return p * 0.5\n"
+    )
+    qm, x = _linear_probe(k=16, o=4, x_code=100, w_code=3)
+    err = _analog_error(qm, x, {"tile": 8, "noise": {"custom": {"function": f"{module}:half"}}}, samples=2)
+    exact = 16 * 100 * 3
+    assert torch.equal(err, torch.full_like(err, -exact / 2))  # two tiles of 2400 halved, each an integer
