@@ -13,6 +13,7 @@ from photosim.format import QParams
 MSE_GRID = torch.linspace(0.05, 1.0, 96, dtype=torch.float64)  # clip fractions tried by `mse`
 SAMPLES_PER_BATCH = 1 << 16  # activation values kept per calibration batch for percentile / mse
 MAX_SAMPLES = 1 << 20
+MSE_SAMPLES = 1 << 14  # the MSE search runs on a random subset: 96 fake-quant passes over it
 
 
 def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -94,6 +95,8 @@ class ActivationObserver:
                 amax = torch.quantile(sample.abs(), q)
                 return -float(amax), float(amax)
             return float(torch.quantile(sample, 1.0 - q).clamp(max=0.0)), float(torch.quantile(sample, q))
+        if sample.numel() > MSE_SAMPLES:
+            sample = sample[torch.randperm(sample.numel(), generator=self.generator)[:MSE_SAMPLES]]
         frac = float(mse_clip(sample[None, :], lo, hi, bits, signed)[0])
         return self.lo * frac, self.hi * frac
 
