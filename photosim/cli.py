@@ -352,3 +352,29 @@ def plot(
     from photosim.plot import plot_results
 
     console.print(f"wrote {plot_results(results, x, y, hue, output)}")
+
+
+@app.command()
+@handles_errors
+def bench(
+    model: ModelOpt = "torchvision:resnet18",
+    batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
+    runs: Annotated[int, typer.Option(min=1, help="Timed rounds after one warm-up round; the median counts.")] = 3,
+    quick: Annotated[bool, typer.Option(help="Smoke test: batch 8, one round (overrides --batch and --runs).")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(min=1, help="torch intra-op threads.")] = 2,
+    memory: Annotated[bool, typer.Option(help="Measure peak memory, one subprocess per configuration.")] = True,
+) -> None:
+    """Images/s and peak memory of the engine configurations against float32 PyTorch eval of the same model."""
+    from photosim.bench import BenchSettings, results_table, run_benchmark
+
+    options = {"model": model, "device": device, "threads": threads, "memory": memory}
+    settings = BenchSettings.quick(**options) if quick else BenchSettings(batch=batch, runs=runs, **options)
+    result = run_benchmark(settings, json_path=json_path, progress=lambda line: err_console.print(line))
+    m = result["machine"]
+    print_table(f"{settings.model}, batch {settings.batch}, median of {settings.runs} round(s); {m['cpu']}, "
+                f"{m['cores']} cores, {m['threads']} threads, torch {m['torch']} ({m['cpu_capability']}); "
+                "engine diagnostics off", results_table(result))
+    if json_path:
+        console.print(f"wrote {json_path}")

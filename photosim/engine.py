@@ -1,11 +1,14 @@
 """The integer executor: runs a QuantizedModel node by node on integer codes, bit-true.
 
-Conv and linear form exact int64 accumulators (photosim.kernels), which the configured requant mode
-(photosim.requant) turns into output codes; pools, clamps and reshapes work on codes directly.
+Conv and linear form exact integer accumulators (photosim.onednn's int8 convolutions where they apply,
+else photosim.kernels' matmul paths), which the configured requant mode (photosim.requant) turns into
+output codes; pools, clamps and reshapes work on codes directly. On the CPU a batch goes through the
+graph in cache-sized sub-batches; noise is drawn per sample, so results never depend on batching.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,18 +16,25 @@ from typing import Any
 
 import torch
 
-from photosim import kernels
+from photosim import kernels, onednn
 from photosim.errors import PhotosimError
 from photosim.evaluate import EvalResult, accuracy
-from photosim.format import WEIGHTED_OPS, Node, QuantizedModel, validate, weights_scale
-from photosim.hardware.analog import AnalogLayer
+from photosim.format import WEIGHTED_OPS, Node, QParams, QuantizedModel, validate, weights_scale
+from photosim.hardware.analog import AnalogLayer, tile_plan
 from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
 from photosim.observers import ActivationObserver
 from photosim.quantize import calibration_batches
 from photosim.requant import REQUANT_MODES, RequantMode, RequantParams, channel_view
+from photosim.summary import output_shapes
 from photosim.torch_requant import pytorch_kernel
 
 HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
+# Requant modes whose arithmetic starts by converting the accumulator to floating point: they take the
+# float64 accumulators of the oneDNN path (integers below 2^53) as they are, without an int64 round trip.
+_FLOAT_ACC_MODES = ("pytorch",)
+# On the CPU a batch runs through the graph in sub-batches whose largest tensor has about this many
+# elements: a layer's temporaries then stay in the caches instead of being paged in afresh (3-10x faster).
+SUB_BATCH_ELEMENTS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,7 @@ class _Layer:
     weights: kernels.IntegerWeights
     bias: torch.Tensor  # (O,) int64
     params: RequantParams
+    conv: onednn.OneDNNConv | None = None  # the fast conv, where oneDNN can run this layer exactly
 
 
 class Engine:
@@ -74,8 +85,17 @@ class Engine:
                 self.settings[n.name]))
         }
         self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
+        self.sub_batch = self._sub_batch()
         self._next_sample = 0
         self._sample_ids = torch.zeros(0, dtype=torch.int64)
+
+    def _sub_batch(self) -> int | None:
+        """Samples per pass through the graph (None: the whole batch). Not on GPUs, which want large
+        batches, nor under ``pytorch`` requant, whose adds depend on the tensor size as PyTorch's do."""
+        if self.device.type != "cpu" or any(mode.name == "pytorch" for mode in self.modes.values()):
+            return None
+        largest = max(math.prod(shape) for shape in output_shapes(self.model).values())
+        return max(1, SUB_BATCH_ELEMENTS // largest)
 
     def _prepare(self, node: Node) -> _Layer:
         tensors = self.model.tensors
@@ -96,7 +116,12 @@ class Engine:
             kernel=pytorch_kernel(node, self.model.provenance.get("qengine", "x86")),
             node=node.name,
         )
-        return _Layer(kernels.prepare_weights(weight, groups, plan, self.device), bias, params)
+        conv = None
+        if node.op == "conv2d" and self.device.type == "cpu":
+            a = node.attrs
+            conv = onednn.prepare_conv(weight, x_range, kernels.pair(a["stride"]), kernels.pair(a["padding"]),
+                                       kernels.pair(a["dilation"]), groups)
+        return _Layer(kernels.prepare_weights(weight, groups, plan, self.device), bias, params, conv)
 
     def _analog(self, index: int, node: Node, seed: int, repeat: int, adc_ranges: dict[str, float],
                 calibrate_adc: bool, diagnostics: bool) -> AnalogLayer:
@@ -105,13 +130,13 @@ class Engine:
         q_in = node.input_q[0]
         weight = self.model.tensors[f"{node.name}.weight"]
         groups = node.attrs.get("groups", 1)
-        k = weight[0].numel()
-        plan = kernels.MatmulPlan("float64", chunk=k)  # tile sums of up to 16-bit codes are exact in float64
+        x_max = max(abs(q_in.qmin - q_in.zero_point), abs(q_in.qmax - q_in.zero_point))
+        w_max = 1 << (node.w_bits - 1)
+        plan = tile_plan(weight[0].numel(), hw, x_max, w_max)
         bias = self.layers[node.name].bias.view(groups, -1) if self.modes[node.name].integer_bias else None
         layer = AnalogLayer(
-            node.name, index, hw, kernels.prepare_weights(weight, groups, plan, self.device), bias,
-            x_max=max(abs(q_in.qmin - q_in.zero_point), abs(q_in.qmax - q_in.zero_point)),
-            w_max=1 << (node.w_bits - 1), seed=seed, repeat=repeat, diagnostics=diagnostics,
+            node.name, index, hw, kernels.prepare_weights(weight, groups, plan, self.device), bias, x_max=x_max,
+            w_max=w_max, seed=seed, repeat=repeat, diagnostics=diagnostics, conv=self.layers[node.name].conv,
         )
         rng_range = hw.adc.range
         if calibrate_adc and _calibrated(hw):
@@ -163,13 +188,23 @@ class Engine:
         """Number the next batch's samples from 0 again (a new pass over the same data)."""
         self._next_sample = 0
 
+    def _run_batch(self, x: torch.Tensor, keep_all: bool) -> dict[str, torch.Tensor]:
+        """One batch of float inputs, run in sub-batches (results do not depend on them) -> :meth:`run`'s dict."""
+        codes = self._input_codes(x)
+        ids, step = self._sample_ids, self.sub_batch or len(codes)
+        parts = []
+        for start in range(0, max(len(codes), 1), max(step, 1)):  # an empty batch still runs once
+            self._sample_ids = ids[start : start + step]
+            parts.append(self.run(codes[start : start + step], keep_all=keep_all))
+        return parts[0] if len(parts) == 1 else {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """One batch of float inputs (the next samples of the pass) -> int32 output codes (on the CPU)."""
-        return self.run(self._input_codes(x))[self.model.output].cpu()
+        return self._run_batch(x, keep_all=False)[self.model.output].cpu()
 
     def node_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One batch of float inputs -> every graph tensor's int32 codes (the input's included), on the CPU."""
-        return {name: t.cpu() for name, t in self.run(self._input_codes(x), keep_all=True).items()}
+        return {name: t.cpu() for name, t in self._run_batch(x, keep_all=True).items()}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """One batch of float inputs -> dequantized float32 outputs (on the CPU)."""
@@ -178,26 +213,38 @@ class Engine:
     # -- ops: (node, input codes) -> output codes ------------------------------------------------
 
     def _requantize(self, acc: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """Accumulators of a conv/linear (int64, or float64 holding integers) -> output codes."""
         mode = self.modes[layer.params.node]
         if mode.integer_bias:
             acc.add_(channel_view(layer.bias, acc))  # acc is a fresh tensor
-        return mode.requantize(acc, layer.params)
+        return self._requantize_acc(acc, mode, layer.params)
+
+    @staticmethod
+    def _requantize_acc(acc: torch.Tensor, mode: RequantMode, params: RequantParams) -> torch.Tensor:
+        if mode.name == "float":
+            return requantize_float_(acc.double(), params)
+        if acc.is_floating_point() and mode.name not in _FLOAT_ACC_MODES:
+            acc = acc.to(torch.int64)
+        return mode.requantize(acc, params)
 
     def _requantize_analog(self, acc: torch.Tensor, node: Node) -> torch.Tensor:
         """Accumulators in ADC steps (bias included) -> codes: the multiplier absorbs the step."""
         params = self.layers[node.name].params
         step = self.analog[node.name].step
-        return self.modes[node.name].requantize(acc, replace(params, input_scale=params.input_scale * step))
+        return self._requantize_acc(acc, self.modes[node.name], replace(params, input_scale=params.input_scale * step))
 
     def _conv2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         a = node.attrs
         if node.name in self.analog:
             acc = self.analog[node.name].conv_acc(xs[0], node.input_q[0].zero_point, a, self._sample_ids)
             return self._requantize_analog(acc, node)
-        acc = kernels.conv2d_acc(xs[0], node.input_q[0].zero_point, self.layers[node.name].weights,
-                                 kernels.pair(a["kernel"]), kernels.pair(a["stride"]), kernels.pair(a["padding"]),
-                                 kernels.pair(a["dilation"]), a["groups"])
-        return self._requantize(acc, self.layers[node.name])
+        layer = self.layers[node.name]
+        z_in = node.input_q[0].zero_point
+        acc = None if layer.conv is None else onednn.conv_acc(xs[0], z_in, layer.conv)
+        if acc is None:
+            acc = kernels.conv2d_acc(xs[0], z_in, layer.weights, kernels.pair(a["kernel"]), kernels.pair(a["stride"]),
+                                     kernels.pair(a["padding"]), kernels.pair(a["dilation"]), a["groups"])
+        return self._requantize(acc, layer)
 
     def _linear(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         if xs[0].dim() != 2:
@@ -210,7 +257,10 @@ class Engine:
         return self._requantize(acc, self.layers[node.name])
 
     def _add(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
-        return self.modes[node.name].add(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
+        mode = self.modes[node.name]
+        if mode.name == "float":
+            return add_float(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
+        return mode.add(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
 
     def _maxpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         a = node.attrs
@@ -229,6 +279,21 @@ class Engine:
         size = (size, size) if isinstance(size, int) else tuple(size)
         sums, counts = kernels.adaptive_avg_pool2d_sums(xs[0], node.input_q[0].zero_point, size)
         return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
+
+
+def requantize_float_(acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
+    """The ``float`` mode's requantize done in place on a float64 accumulator that holds integers: the same
+    operations in the same order as FloatRequant.requantize, so the same codes, with less memory traffic."""
+    multiplier = p.input_scale * p.weight_scale / p.output.scale  # (O,) float64
+    acc.mul_(channel_view(multiplier, acc)).round_().add_(p.output.zero_point)
+    return acc.clamp_(p.output.qmin, p.output.qmax).to(torch.int32)
+
+
+def add_float(a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
+    """FloatRequant.add with in-place float64 steps (the same operations in the same order: the same codes)."""
+    y = a.double().sub_(qa.zero_point).mul_(qa.scale / out.scale)
+    y.add_(b.double().sub_(qb.zero_point).mul_(qb.scale / out.scale))
+    return y.round_().add_(out.zero_point).clamp_(out.qmin, out.qmax).to(torch.int32)
 
 
 def _calibrated(hw: LayerHardware) -> bool:

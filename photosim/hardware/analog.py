@@ -11,17 +11,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-from photosim import kernels
+from photosim import kernels, onednn
 from photosim._imports import load_object
 from photosim.hardware import rng
-from photosim.hardware.accumulator import accumulate
+from photosim.hardware.accumulator import accumulate, signed_range
 from photosim.hardware.adc import adc_step, digitize
 from photosim.hardware.config import LayerHardware
 from photosim.hardware.noise import TILE_NOISE, WEIGHT_NOISE
 from photosim.observers import ActivationObserver
 
 # Upper bound on the bytes of the per-tile tensors of one sub-batch (tile values, noise, codes).
-TILE_BYTES = 1 << 27
+TILE_BYTES = 1 << 24
+FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this
+
+
+def tile_plan(k: int, hw: LayerHardware, x_max: int, w_max: int) -> kernels.MatmulPlan:
+    """How a layer forms its tile sums: float32 where they are exact there (integer weights, full scale below
+    2^24; twice as fast), else float64 (exact for tile sums of up to 16-bit codes, or weights with error)."""
+    tile = min(hw.tile or k, k)
+    exact32 = tile * x_max * w_max < FLOAT32_EXACT and not (hw.noise.weight_static.sigma or hw.noise.weight_read.sigma)
+    return kernels.MatmulPlan("float32" if exact32 else "float64", chunk=k)
 
 
 @dataclass
@@ -50,7 +59,7 @@ class AnalogLayer:
     name: str
     index: int  # position in the graph: keys this layer's random streams
     hw: LayerHardware
-    weights: kernels.IntegerWeights  # float64 plan, (G, K, O/G)
+    weights: kernels.IntegerWeights  # tile_plan's float32 / float64 plan, (G, K, O/G)
     bias: torch.Tensor | None  # (G, O/G) int64 in product units; None when the requant mode adds a float bias
     x_max: int  # largest |x - z_in| the input clamp range allows
     w_max: int  # largest |weight code|: 2^(w_bits-1)
@@ -59,6 +68,7 @@ class AnalogLayer:
     adc_range: float | None = None  # +-range in product units (None: full scale)
     calibration: ActivationObserver | None = None  # set: record |tile values| for a calibrated ADC range
     diagnostics: bool = True  # also compute the SNR against the exact accumulator (one more matmul)
+    conv: onednn.OneDNNConv | None = None  # the layer's exact fast conv (a single exact tile uses it)
     stats: LayerStats = field(default_factory=LayerStats)
 
     @property
@@ -88,22 +98,44 @@ class AnalogLayer:
             return 1.0
         return adc_step(self.full_scale if self.adc_range is None else self.adc_range, self.adc_bits)
 
+    @property
+    def exact_weights(self) -> bool:
+        """No weight error: the tile sums are the exact integer ones."""
+        return not (self.hw.noise.weight_static.sigma or self.hw.noise.weight_read.sigma)
+
+    @property
+    def _sigmas(self) -> dict[str, float]:
+        return {"output": self.hw.noise.output.resolved_sigma, "shot": self.hw.noise.shot.sigma}
+
+    @property
+    def tile_dtype(self) -> torch.dtype:
+        """float32 for exact float32 tile sums (tile_plan) under output / shot noise, whose std swamps the float32
+        rounding of the noisy values; else float64 (custom noise functions get float64, as documented)."""
+        noisy = any(self._sigmas.values()) and not self.hw.noise.custom.function
+        return torch.float32 if noisy and self.weights.plan.path == "float32" else torch.float64
+
     def conv_acc(self, x: torch.Tensor, z_in: int, attrs: dict, sample_ids: torch.Tensor) -> torch.Tensor:
         """Codes (N, C, H, W) -> accumulators (N, O, OH, OW) int64 in ADC steps, bias included."""
+        groups = attrs["groups"]
+        if self.conv is not None and self.tiles == 1 and groups == 1 and self.exact_weights:
+            exact = onednn.conv_acc(x, z_in, self.conv)  # (N, O, OH, OW) float64, channels_last
+            if exact is not None:  # one tile: the tile values are the exact accumulators, (N*OH*OW, O) in memory
+                n, o, oh, ow = exact.shape
+                acc = self._readout(exact.permute(0, 2, 3, 1).reshape(1, 1, n * oh * ow, o), sample_ids)
+                return acc.view(n, oh, ow, o).permute(0, 3, 1, 2)  # (N, O, OH, OW), channels_last
         kernel, stride, padding, dilation = (kernels.pair(attrs[k]) for k in ("kernel", "stride", "padding",
                                                                                "dilation"))
-        groups = attrs["groups"]
         n, _, h, w = x.shape
         oh, ow = (kernels.conv_output_size(*args) for args in zip((h, w), kernel, stride, padding, dilation))
         per_sample = oh * ow * self.tiles * self.weights.out_per_group * groups * 8 * 3
         step = max(1, TILE_BYTES // max(per_sample, 1))
         outs = []
-        for start in range(0, n, step):
+        for start in range(0, max(n, 1), step):  # an empty batch still gives an (0, O, OH, OW) result
             patches = kernels.conv2d_patches(x[start:start + step], z_in, self.weights.plan, kernel, stride, padding,
-                                             dilation, groups)  # (G, n*OH*OW, K) float64
+                                             dilation, groups)  # (G, n*OH*OW, K) in the plan's dtype
             acc = self.dot(patches, sample_ids[start:start + step])  # (G, n*OH*OW, O/G)
             acc = acc.view(groups, -1, oh, ow, acc.shape[-1]).permute(1, 0, 4, 2, 3)  # (n, G, O/G, OH, OW)
-            outs.append(acc.reshape(acc.shape[0], -1, oh, ow))
+            outs.append(acc.reshape(acc.shape[0], groups * acc.shape[2], oh, ow))
         return torch.cat(outs)
 
     def linear_acc(self, x: torch.Tensor, z_in: int, sample_ids: torch.Tensor) -> torch.Tensor:
@@ -112,26 +144,52 @@ class AnalogLayer:
 
     def dot(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """Operands a (G, M, K) = x - z_in, rows sample-major -> accumulators (G, M, O/G) in ADC steps."""
-        noise = self.hw.noise
         weights = self._perturbed_weights(sample_ids)
         p = _tile_sums(a, weights, self.tile, len(sample_ids))  # (G, T, M, O) analog tile values
+        exact = None
+        if self.diagnostics and not self.exact_weights:
+            exact = torch.matmul(a.double(), self.weights.matrix.double())  # (G, M, O): exact below 2^53
+        return self._readout(p, sample_ids, exact)
+
+    def _readout(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
+        """Tile values p (G, T, M, O) -> analog noise, ADC, accumulator -> (G, M, O) int64 in ADC steps.
+
+        ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it.
+        """
+        noise = self.hw.noise
         if self.calibration is not None:
             self.calibration.update(p.abs())
+        if self.diagnostics and exact is None:
+            exact = p.sum(dim=1, dtype=torch.float64)
         fs = self.full_scale
-        for name, sigma in (("output", noise.output.resolved_sigma), ("shot", noise.shot.sigma)):
+        p = p.to(self.tile_dtype)
+        for name, sigma in self._sigmas.items():
             if sigma:
                 p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name))
         if noise.custom.function:
             context = {"layer": self.name, "full_scale": fs, "tile": self.tile, "sample_ids": sample_ids,
-                       "normal": lambda: self._normal_like(p, sample_ids, "custom")}
+                       "normal": lambda: self._normal_like(p, sample_ids, "custom").double()}
             p = load_object(noise.custom.function, "custom noise")(p, context)
         step = self.step
-        codes, clipped = digitize(p, step, self.adc_bits)
+        codes, clipped = digitize(p, step, self.adc_bits)  # (G, T, M, O) int64
         bias = None if self.bias is None else torch.round(self.bias.double() / step).to(torch.int64).unsqueeze(1)
-        acc, overflowed = accumulate(codes.permute(0, 2, 3, 1), bias, self.hw.accumulator.bits,
-                                     self.hw.accumulator.overflow, self.hw.accumulator.bias_at)  # (G, M, O)
-        self._record(a, acc, step, overflowed, clipped)
+        acc, overflowed = self._accumulate(codes, bias)  # (G, M, O)
+        clips = 0 if self.adc_bits is None else int(clipped.sum())  # the ideal readout never clips
+        self._record(acc, step, overflowed, clips, clipped.numel(), exact)
         return acc
+
+    def _accumulate(self, codes: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """ADC codes (G, T, M, O) and bias (G, 1, O) in tile order into the accumulator -> (G, M, O), overflows.
+
+        A plain sum where no running sum can leave the range (|bias| + T * max |code| fits), else accumulate().
+        """
+        cfg = self.hw.accumulator
+        largest = _largest_abs(codes) * codes.shape[1] + (0 if bias is None else _largest_abs(bias))
+        if largest <= signed_range(cfg.bits)[1]:
+            acc = codes[:, 0] if codes.shape[1] == 1 else codes.sum(dim=1)  # codes is ours to add the bias into
+            return (acc if bias is None else acc.add_(bias)), 0
+        acc, overflowed = accumulate(codes.permute(0, 2, 3, 1), bias, cfg.bits, cfg.overflow, cfg.bias_at)
+        return acc, int(overflowed.sum())
 
     def _perturbed_weights(self, sample_ids: torch.Tensor) -> torch.Tensor:
         """Weights (G, K, O) float64 with chip error; with read noise one copy per sample (N, G, K, O)."""
@@ -146,25 +204,33 @@ class AnalogLayer:
         return w
 
     def _normal_like(self, p: torch.Tensor, sample_ids: torch.Tensor, stream: str) -> torch.Tensor:
-        """Standard normals shaped like p (G, T, N*P, O), drawn per sample so batching does not matter."""
+        """Standard normals (float32) shaped like p (G, T, N*P, O), one seeded stream per sample, each drawn as
+        one contiguous block: the numbers do not depend on the batch."""
         g, t, m, o = p.shape
-        n = len(sample_ids)
-        e = rng.normal_per_sample((g, t, m // n, o), sample_ids, self.seed, self.repeat, stream, self.index,
-                                  p.device)  # (N, G, T, P, O)
-        return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o)
+        e = torch.empty(len(sample_ids), g, t, m // max(len(sample_ids), 1), o)  # (N, G, T, P, O)
+        for row, sample in zip(e, sample_ids.tolist()):
+            row.normal_(generator=rng.generator(self.seed, self.repeat, stream, self.index, sample))
+        return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o).to(p.device)
 
-    def _record(self, a: torch.Tensor, acc: torch.Tensor, step: float, overflowed: torch.Tensor,
-                clipped: torch.Tensor) -> None:
+    def _record(self, acc: torch.Tensor, step: float, overflowed: int, clipped: int, tile_values: int,
+                exact: torch.Tensor | None) -> None:
         """Add this batch's overflow, clip and (with diagnostics) SNR counts to the stats."""
-        batch = LayerStats(outputs=acc.numel(), overflowed=int(overflowed.sum()), tile_values=clipped.numel(),
-                           clipped=int(clipped.sum()), max_abs_acc=int(acc.abs().max()) if acc.numel() else 0)
-        if self.diagnostics:
-            exact = torch.matmul(a, self.weights.matrix)  # (G, M, O) exact: float64 below 2^53
+        batch = LayerStats(outputs=acc.numel(), overflowed=overflowed, tile_values=tile_values, clipped=clipped,
+                           max_abs_acc=_largest_abs(acc))
+        if exact is not None:
             if self.bias is not None:
-                exact += self.bias.unsqueeze(1)
+                exact = exact + self.bias.unsqueeze(1)
             batch.signal_power = float(exact.pow(2).sum())
             batch.error_power = float((acc.double() * step - exact).pow(2).sum())
         self.stats.add(batch)
+
+
+def _largest_abs(t: torch.Tensor) -> int:
+    """max |t| of an integer tensor (0 if empty), in one pass without temporaries."""
+    if not t.numel():
+        return 0
+    lo, hi = torch.aminmax(t)
+    return max(-int(lo), int(hi))
 
 
 def _tile_sums(a: torch.Tensor, w: torch.Tensor, tile: int, samples: int) -> torch.Tensor:
