@@ -25,11 +25,15 @@ TILE_BYTES = 1 << 24
 FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this
 
 
+def exact_weights(hw: LayerHardware) -> bool:
+    """No weight error: the tile sums are the exact integer ones."""
+    return not (hw.noise.weight_static.sigma or hw.noise.weight_read.sigma)
+
+
 def tile_plan(k: int, hw: LayerHardware, x_max: int, w_max: int) -> kernels.MatmulPlan:
     """How a layer forms its tile sums: float32 where they are exact there (integer weights, full scale below
     2^24; twice as fast), else float64 (exact for tile sums of up to 16-bit codes, or weights with error)."""
-    tile = min(hw.tile or k, k)
-    exact32 = tile * x_max * w_max < FLOAT32_EXACT and not (hw.noise.weight_static.sigma or hw.noise.weight_read.sigma)
+    exact32 = min(hw.tile or k, k) * x_max * w_max < FLOAT32_EXACT and exact_weights(hw)
     return kernels.MatmulPlan("float32" if exact32 else "float64", chunk=k)
 
 
@@ -99,11 +103,6 @@ class AnalogLayer:
         return adc_step(self.full_scale if self.adc_range is None else self.adc_range, self.adc_bits)
 
     @property
-    def exact_weights(self) -> bool:
-        """No weight error: the tile sums are the exact integer ones."""
-        return not (self.hw.noise.weight_static.sigma or self.hw.noise.weight_read.sigma)
-
-    @property
     def _sigmas(self) -> dict[str, float]:
         return {"output": self.hw.noise.output.resolved_sigma, "shot": self.hw.noise.shot.sigma}
 
@@ -117,7 +116,7 @@ class AnalogLayer:
     def conv_acc(self, x: torch.Tensor, z_in: int, attrs: dict, sample_ids: torch.Tensor) -> torch.Tensor:
         """Codes (N, C, H, W) -> accumulators (N, O, OH, OW) int64 in ADC steps, bias included."""
         groups = attrs["groups"]
-        if self.conv is not None and self.tiles == 1 and groups == 1 and self.exact_weights:
+        if self.conv is not None and self.tiles == 1 and groups == 1 and exact_weights(self.hw):
             exact = onednn.conv_acc(x, z_in, self.conv)  # (N, O, OH, OW) float64, channels_last
             if exact is not None:  # one tile: the tile values are the exact accumulators, (N*OH*OW, O) in memory
                 n, o, oh, ow = exact.shape
@@ -147,7 +146,7 @@ class AnalogLayer:
         weights = self._perturbed_weights(sample_ids)
         p = _tile_sums(a, weights, self.tile, len(sample_ids))  # (G, T, M, O) analog tile values
         exact = None
-        if self.diagnostics and not self.exact_weights:
+        if self.diagnostics and not exact_weights(self.hw):
             exact = torch.matmul(a.double(), self.weights.matrix.double())  # (G, M, O): exact below 2^53
         return self._readout(p, sample_ids, exact)
 
@@ -192,7 +191,8 @@ class AnalogLayer:
         return acc, int(overflowed.sum())
 
     def _perturbed_weights(self, sample_ids: torch.Tensor) -> torch.Tensor:
-        """Weights (G, K, O) float64 with chip error; with read noise one copy per sample (N, G, K, O)."""
+        """Weights (G, K, O) in the plan's dtype, with chip error (float64); with read noise one copy per sample
+        (N, G, K, O)."""
         noise, w = self.hw.noise, self.weights.matrix
         if noise.weight_static.sigma:
             e = rng.normal(tuple(w.shape), self.seed, self.repeat, "weight_static", self.index, w.device)
