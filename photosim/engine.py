@@ -19,7 +19,7 @@ import torch
 from photosim import kernels, onednn
 from photosim.errors import PhotosimError
 from photosim.evaluate import EvalResult, accuracy
-from photosim.format import WEIGHTED_OPS, Node, QParams, QuantizedModel, validate, weights_scale
+from photosim.format import WEIGHTED_OPS, Node, QuantizedModel, validate, weights_scale
 from photosim.hardware.analog import AnalogLayer, tile_plan
 from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
 from photosim.observers import ActivationObserver
@@ -31,7 +31,6 @@ from photosim.torch_requant import pytorch_kernel
 HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
 # Requant modes whose arithmetic starts by converting the accumulator to floating point: they take the
 # float64 accumulators of the oneDNN path (integers below 2^53) as they are, without an int64 round trip.
-_FLOAT_ACC_MODES = ("pytorch",)
 # On the CPU a batch runs through the graph in sub-batches whose largest tensor has about this many
 # elements: a layer's temporaries then stay in the caches instead of being paged in afresh (3-10x faster).
 SUB_BATCH_ELEMENTS = 1 << 19
@@ -221,9 +220,7 @@ class Engine:
 
     @staticmethod
     def _requantize_acc(acc: torch.Tensor, mode: RequantMode, params: RequantParams) -> torch.Tensor:
-        if mode.name == "float":
-            return requantize_float_(acc.double(), params)
-        if acc.is_floating_point() and mode.name not in _FLOAT_ACC_MODES:
+        if acc.is_floating_point() and not mode.float_accumulators:
             acc = acc.to(torch.int64)
         return mode.requantize(acc, params)
 
@@ -257,10 +254,7 @@ class Engine:
         return self._requantize(acc, self.layers[node.name])
 
     def _add(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
-        mode = self.modes[node.name]
-        if mode.name == "float":
-            return add_float(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
-        return mode.add(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
+        return self.modes[node.name].add(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
 
     def _maxpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         a = node.attrs
@@ -279,21 +273,6 @@ class Engine:
         size = (size, size) if isinstance(size, int) else tuple(size)
         sums, counts = kernels.adaptive_avg_pool2d_sums(xs[0], node.input_q[0].zero_point, size)
         return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
-
-
-def requantize_float_(acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
-    """The ``float`` mode's requantize done in place on a float64 accumulator that holds integers: the same
-    operations in the same order as FloatRequant.requantize, so the same codes, with less memory traffic."""
-    multiplier = p.input_scale * p.weight_scale / p.output.scale  # (O,) float64
-    acc.mul_(channel_view(multiplier, acc)).round_().add_(p.output.zero_point)
-    return acc.clamp_(p.output.qmin, p.output.qmax).to(torch.int32)
-
-
-def add_float(a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
-    """FloatRequant.add with in-place float64 steps (the same operations in the same order: the same codes)."""
-    y = a.double().sub_(qa.zero_point).mul_(qa.scale / out.scale)
-    y.add_(b.double().sub_(qb.zero_point).mul_(qb.scale / out.scale))
-    return y.round_().add_(out.zero_point).clamp_(out.qmin, out.qmax).to(torch.int32)
 
 
 def _calibrated(hw: LayerHardware) -> bool:

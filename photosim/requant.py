@@ -38,6 +38,7 @@ class RequantMode(Protocol):
 
     name: str
     integer_bias: bool  # True: the engine adds the integer bias into the accumulator before requantize
+    float_accumulators: bool  # True: requantize also takes float64 tensors holding the integer accumulators
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         """int64 accumulators (N, O, *spatial) -> int32 output codes clamped to p.output.qmin..qmax."""
@@ -78,17 +79,18 @@ class FloatRequant:
 
     name = "float"
     integer_bias = True
+    float_accumulators = True
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
+        """In place when ``acc`` is already a float64 tensor holding integers (less memory traffic)."""
         multiplier = p.input_scale * p.weight_scale / p.output.scale  # (O,) float64
-        y = torch.round(acc.double() * channel_view(multiplier, acc))
-        return _clamp_codes(y.to(torch.int64) + p.output.zero_point, p.output)
+        y = acc.double().mul_(channel_view(multiplier, acc)).round_().add_(p.output.zero_point)
+        return y.clamp_(p.output.qmin, p.output.qmax).to(torch.int32)
 
     def add(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
-        y = (a.double() - qa.zero_point) * (qa.scale / out.scale) + (b.double() - qb.zero_point) * (
-            qb.scale / out.scale
-        )
-        return _clamp_codes(torch.round(y).to(torch.int64) + out.zero_point, out)
+        y = a.double().sub_(qa.zero_point).mul_(qa.scale / out.scale)
+        y.add_(b.double().sub_(qb.zero_point).mul_(qb.scale / out.scale))
+        return y.round_().add_(out.zero_point).clamp_(out.qmin, out.qmax).to(torch.int32)
 
     def average(self, sums: torch.Tensor, counts: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
         y = torch.round(sums.double() * (qin.scale / out.scale) / counts.double())
@@ -169,6 +171,7 @@ class FixedPointRequant:
 
     name = "fixedpoint"
     integer_bias = True
+    float_accumulators = False  # int32 bit arithmetic
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         _check_int32(acc, p.node)

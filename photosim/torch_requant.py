@@ -161,6 +161,7 @@ class PytorchRequant:
 
     name = "pytorch"
     integer_bias = False
+    float_accumulators = True
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         if p.kernel not in KERNELS:

@@ -15,7 +15,7 @@ from photosim import engine as engine_module
 from photosim import onednn
 from photosim.bench import CONFIGS, BenchSettings, run_benchmark
 from photosim.cli import app
-from photosim.engine import Engine, add_float, requantize_float_
+from photosim.engine import Engine
 from photosim.format import QParams
 from photosim.hardware import analog
 from photosim.hardware.accumulator import accumulate
@@ -175,7 +175,7 @@ def test_empty_batch_on_the_photonic_path(hw: dict) -> None:
 # -- in-place float requant, accumulator sum ---------------------------------------------------------
 
 
-def test_in_place_float_requant_and_add_match_the_float_mode() -> None:
+def test_float_requant_on_float64_accumulators_matches_the_integer_formula() -> None:
     g = torch.Generator().manual_seed(0)
     mode = REQUANT_MODES["float"]
     out = QParams(0.5, 3, 8, False, 3, 255)
@@ -183,11 +183,14 @@ def test_in_place_float_requant_and_add_match_the_float_mode() -> None:
     params = RequantParams(1.0, scales, out, torch.zeros(4, dtype=torch.int64), None, True, "fbgemm")
     acc = torch.randint(-2000, 2000, (5, 4, 6, 6), generator=g)
     acc[0, :, 0, 0] = torch.tensor([2, 4, 10, 6])  # ties after the multiplier
-    assert torch.equal(requantize_float_(acc.double(), params), mode.requantize(acc, params))
+    expected = (torch.round(acc.double() * (scales / 0.5).view(1, -1, 1, 1)) + 3).clamp(3, 255).to(torch.int32)
+    assert torch.equal(mode.requantize(acc.double(), params), expected)
+    assert torch.equal(mode.requantize(acc, params), expected)
     qa, qb = QParams(0.3, 10, 8, False, 0, 255), QParams(0.7, 0, 8, True, -128, 127)
     a = torch.randint(0, 256, (5, 4, 6, 6), generator=g, dtype=torch.int32)
     b = torch.randint(-128, 128, (5, 4, 6, 6), generator=g, dtype=torch.int32)
-    assert torch.equal(add_float(a, b, qa, qb, out), mode.add(a, b, qa, qb, out))
+    real = (a.double() - 10) * 0.3 + b.double() * 0.7
+    assert torch.equal(mode.add(a, b, qa, qb, out), (torch.round(real / 0.5) + 3).clamp(3, 255).to(torch.int32))
 
 
 @pytest.mark.parametrize("seed", range(5))
