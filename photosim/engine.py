@@ -80,8 +80,8 @@ class Engine:
         self.analog = {
             n.name: self._analog(i, n, seed, repeat, adc_ranges or {}, calibrate_adc, diagnostics)
             for i, n in enumerate(qmodel.nodes)
-            if n.op in WEIGHTED_OPS and (not self.settings[n.name].is_ideal or calibrate_adc and _calibrated(
-                self.settings[n.name]))
+            if n.op in WEIGHTED_OPS and (not self.settings[n.name].is_ideal
+                                         or calibrate_adc and self.settings[n.name].calibrated_adc)
         }
         self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
         self.sub_batch = self._sub_batch()
@@ -138,11 +138,11 @@ class Engine:
             w_max=w_max, seed=seed, repeat=repeat, diagnostics=diagnostics, conv=self.layers[node.name].conv,
         )
         rng_range = hw.adc.range
-        if calibrate_adc and _calibrated(hw):
+        if calibrate_adc and hw.calibrated_adc:
             layer.calibration = ActivationObserver(seed=index)
         elif isinstance(rng_range, float):
             layer.adc_range = rng_range * layer.full_scale
-        elif _calibrated(hw):
+        elif hw.calibrated_adc:
             if node.name not in adc_ranges:
                 raise PhotosimError(
                     f"layer {node.name!r} uses a calibrated ADC range but none was measured; calibrate on the "
@@ -273,10 +273,6 @@ class Engine:
         size = (size, size) if isinstance(size, int) else tuple(size)
         sums, counts = kernels.adaptive_avg_pool2d_sums(xs[0], node.input_q[0].zero_point, size)
         return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
-
-
-def _calibrated(hw: LayerHardware) -> bool:
-    return hw.adc.bits is not None and hw.adc.range == "calibrated"
 
 
 _OPS: dict[str, Callable[[Engine, Node, list[torch.Tensor]], torch.Tensor]] = {

@@ -19,7 +19,7 @@ from photosim.errors import PhotosimError
 from photosim.evaluate import EvalResult, accuracy
 from photosim.fakequant import fake_quant_forward
 from photosim.format import QuantizedModel, file_sha256
-from photosim.hardware.config import HardwareConfig, load_hardware
+from photosim.hardware.config import load_hardware
 from photosim.hardware.noise import enob, snr_db
 from photosim.models import LoadedModel, load_model
 from photosim.qconfig import QuantSpec
@@ -101,15 +101,6 @@ class HardwareRun:
     layers: pd.DataFrame  # one row per (repeat, analog layer)
 
 
-def _has_randomness(hw: HardwareConfig, names: list[str]) -> bool:
-    for name in names:
-        n = hw.for_layer(name).noise
-        if (n.output.resolved_sigma or n.shot.sigma or n.weight_static.sigma or n.weight_read.sigma
-                or n.custom.function):
-            return True
-    return False
-
-
 def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
     rows = []
     for name, layer in engine.analog.items():
@@ -137,11 +128,12 @@ def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibrati
     """
     hw = load_hardware(hw)
     names = [n.name for n in qmodel.nodes]
-    runs = repeats if _has_randomness(hw, names) else 1
+    settings = [hw.for_layer(name) for name in names]
+    runs = repeats if any(s.is_random for s in settings) else 1
     results, layers = [], []
     for repeat in range(runs):
         ranges = {}
-        if any(hw.for_layer(n).adc.bits is not None and hw.for_layer(n).adc.range == "calibrated" for n in names):
+        if any(s.calibrated_adc for s in settings):
             if calibration is None:
                 raise PhotosimError("the hardware config uses a calibrated ADC range; give calibration data.")
             ranges = calibrate_adc_ranges(qmodel, hw, calibration, batch_size=batch_size, device=device, seed=seed,

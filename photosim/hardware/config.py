@@ -116,12 +116,21 @@ class LayerHardware(StrictModel):
         return value
 
     @property
+    def is_random(self) -> bool:
+        """True when any noise effect is on (results then depend on the seed and repeat)."""
+        n = self.noise
+        return bool(n.output.resolved_sigma or n.shot.sigma or n.weight_static.sigma or n.weight_read.sigma
+                    or n.custom.function)
+
+    @property
+    def calibrated_adc(self) -> bool:
+        """True when the layer's ADC range is measured on calibration data."""
+        return self.adc.bits is not None and self.adc.range == "calibrated"
+
+    @property
     def is_ideal(self) -> bool:
         """True when the layer computes exactly what the ideal integer engine computes."""
-        n = self.noise
-        return (self.adc.bits is None and self.accumulator.overflow == "none" and n.output.resolved_sigma == 0
-                and n.shot.sigma == 0 and n.weight_static.sigma == 0 and n.weight_read.sigma == 0
-                and n.custom.function is None)
+        return self.adc.bits is None and self.accumulator.overflow == "none" and not self.is_random
 
 
 class LayerOverride(StrictModel):
