@@ -207,9 +207,8 @@ class AnalogLayer:
         """Standard normals (float32) shaped like p (G, T, N*P, O), one seeded stream per sample, each drawn as
         one contiguous block: the numbers do not depend on the batch."""
         g, t, m, o = p.shape
-        e = torch.empty(len(sample_ids), g, t, m // max(len(sample_ids), 1), o)  # (N, G, T, P, O)
-        for row, sample in zip(e, sample_ids.tolist()):
-            row.normal_(generator=rng.generator(self.seed, self.repeat, stream, self.index, sample))
+        e = rng.normal_per_sample((g, t, m // max(len(sample_ids), 1), o), sample_ids, self.seed, self.repeat,
+                                  stream, self.index, dtype=torch.float32)  # (N, G, T, P, O)
         return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o).to(p.device)
 
     def _record(self, acc: torch.Tensor, step: float, overflowed: int, clipped: int, tile_values: int,

@@ -20,11 +20,13 @@ def generator(seed: int, repeat: int, stream: str, layer: int, sample: int | Non
 
 
 def normal_per_sample(shape: tuple[int, ...], sample_ids: torch.Tensor, seed: int, repeat: int, stream: str,
-                      layer: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normals of ``(len(sample_ids), *shape)`` (float64), row n drawn from sample_ids[n]'s stream."""
-    rows = [torch.randn(shape, generator=generator(seed, repeat, stream, layer, int(s)), dtype=torch.float64)
-            for s in sample_ids.tolist()]
-    return torch.stack(rows).to(device)
+                      layer: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
+                      ) -> torch.Tensor:
+    """Standard normals of ``(len(sample_ids), *shape)``, row n drawn from sample_ids[n]'s stream."""
+    rows = torch.empty(len(sample_ids), *shape, dtype=dtype)
+    for row, sample in zip(rows, sample_ids.tolist()):
+        row.normal_(generator=generator(seed, repeat, stream, layer, sample))
+    return rows.to(device)
 
 
 def normal(shape: tuple[int, ...], seed: int, repeat: int, stream: str, layer: int,
