@@ -48,7 +48,7 @@ ObserverOpt = Annotated[str | None, typer.Option(help="Activation observer: minm
 PercentileOpt = Annotated[float | None, typer.Option(help="Percentile for --observer percentile (e.g. 99.99).")]
 PerTensorOpt = Annotated[bool, typer.Option(help="One weight scale per tensor instead of per output channel.")]
 CalibOpt = Annotated[int | None, typer.Option(help="Calibration images (default 512).")]
-BatchOpt = Annotated[int, typer.Option(help="Images per batch (bounds memory).")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch (bounds memory).")]
 
 
 def handles_errors(command: F) -> F:

@@ -73,7 +73,10 @@ class Engine:
         self.settings: dict[str, LayerHardware] = {n.name: self.hw.for_layer(n.name) for n in qmodel.nodes}
         self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.settings[n.name].requant]
                                               for n in qmodel.nodes}
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise PhotosimError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N.") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise PhotosimError(f"device {str(device)!r} was requested but no CUDA GPU is available; use --device cpu.")
         self.layers = {n.name: self._prepare(n) for n in qmodel.nodes if n.op in WEIGHTED_OPS}

@@ -77,6 +77,8 @@ def test_run_with_a_hardware_preset_and_snr() -> None:
     [
         (["run", "--overflow", "clip"], "accumulator.overflow"),
         (["run", "--noise", "-1"], "noise.output.sigma"),
+        (["run", "--device", "gpu"], "unknown device 'gpu'"),
+        (["run", "--batch-size", "0"], "--batch-size"),
         (["quantize", "--w-bits", "17", "-o", "x.safetensors"], "w_bits"),
         (["run", "--model", "nope"], "unknown model 'nope'"),
         (["run", "--data", "mnist", "--model", "digits-cnn"], "--download"),
