@@ -23,6 +23,7 @@ from photosim.requant import RequantParams, channel_view, register_requant
 GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: TensorIterator splits larger loops over threads
 ONEDNN_MAX_GROUPS = 100  # under the x86 engine, convs with more groups run in FBGEMM
 KERNELS = ("fbgemm", "fbgemm-depthwise", "onednn")
+QADD_VECTOR_STEP = 64  # 2 * Vectorized<quint8>::size() of the AVX2 kernel, which AVX512 CPUs run too
 
 
 def _f32(x: float | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -138,14 +139,16 @@ def vectorised_mask(shape: tuple[int, ...], device: torch.device | str = "cpu") 
 
     The op walks memory order (NHWC for 4-D: quantized convs write channels_last), split over
     ``min(threads, ceil(numel / GRAIN_SIZE))`` equal chunks (one chunk when single-threaded);
-    each chunk runs vectorised in steps of 2 * Vectorized<quint8>::size() (64 on AVX2, 128 on
-    AVX512) and leaves its remainder to the scalar tail. Returns a bool tensor of ``shape``.
+    each chunk runs vectorised in steps of 2 * Vectorized<quint8>::size() and leaves its remainder to the
+    scalar tail. The step is 64 on every x86 CPU: ``qadd_stub`` is registered with ``REGISTER_DISPATCH``,
+    which gives AVX512 CPUs no kernel of their own, so they run the AVX2 one (aten/src/ATen/native/
+    DispatchStub.h, quantized/cpu/kernels/QuantizedOpKernels.cpp). Returns a bool tensor of ``shape``.
     """
     numel = math.prod(shape)
     threads = torch.get_num_threads()
     parts = max(1, min(threads, -(-numel // GRAIN_SIZE)))
     chunk = max(1, -(-numel // parts))
-    step = 128 if _has_avx512() else 64
+    step = QADD_VECTOR_STEP
     index = torch.arange(numel, device=device)
     start = index // chunk * chunk
     length = (start + chunk).clamp(max=numel) - start
