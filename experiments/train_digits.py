@@ -1,4 +1,4 @@
-"""Train the built-in digits models and write the weights shipped in ``photosim/weights``.
+"""Train the built-in digits models and write the weights shipped in ``photosim/frontend/weights``.
 
 Reproduce the shipped files (byte-identical, CPU, single thread) from the repository root with::
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from photosim.data import load_dataset, make_loader
-from photosim.models import list_models, load_model
+from photosim.frontend.data import load_dataset, make_loader
+from photosim.frontend.models import list_models, load_model
 
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and shuffling")
     parser.add_argument("--epochs", type=int, default=60, help="training epochs per model")
-    parser.add_argument("--out", type=Path, default=Path("photosim/weights"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("photosim/frontend/weights"), help="output folder")
     args = parser.parse_args()
 
     torch.set_num_threads(1)

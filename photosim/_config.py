@@ -1,9 +1,9 @@
-"""Shared machinery of the validated configs: load from object, dict or YAML; readable errors."""
+"""Shared machinery of the validated configs: load from object, dict, YAML file or preset name; readable errors."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -11,12 +11,31 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from photosim.errors import PhotosimError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+PRESETS_DIR = Path(__file__).with_name("configs")  # shipped presets: configs/<kind>/<name>.yaml
 
 
 class StrictModel(BaseModel):
     """Base of every config: unknown keys are errors, instances are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    preset_kind: ClassVar[str | None] = None  # folder of PRESETS_DIR whose files name configs of this class
+
+
+def preset_names(kind: str) -> list[str]:
+    """The shipped presets of one kind (``hw``, ``quant``), by name."""
+    return sorted(p.stem for p in (PRESETS_DIR / kind).glob("*.yaml"))
+
+
+def resolve_preset(source: str | Path, kind: str | None) -> Path:
+    """A YAML path as given, or the shipped preset it names (a bare name such as ``photonic-8bit``)."""
+    path = Path(source)
+    if path.exists() or kind is None or path.suffix or len(path.parts) != 1:
+        return path
+    preset = PRESETS_DIR / kind / f"{path.name}.yaml"
+    if not preset.is_file():
+        raise PhotosimError(f"{str(source)!r} is neither a file nor a shipped {kind} preset; presets: "
+                            f"{', '.join(preset_names(kind))}.")
+    return preset
 
 
 def describe_validation_error(exc: ValidationError, source: str) -> str:
@@ -50,7 +69,7 @@ def load_config(cls: type[ConfigT], source: ConfigT | dict[str, Any] | str | Pat
     if source is None:
         data: Any = {}
     elif isinstance(source, (str, Path)):
-        data, name = read_yaml(source), str(source)
+        data, name = read_yaml(resolve_preset(source, getattr(cls, "preset_kind", None))), str(source)
     else:
         data = source
     if not isinstance(data, dict):

@@ -67,7 +67,7 @@ def handles_errors(command: F) -> F:
 
 def _quant_spec(config: Path | None, w_bits: int | None, a_bits: int | None, bias_bits: int | None,
                 observer: str | None, percentile: float | None, per_tensor: bool, calib: int | None) -> Any:
-    from photosim.qconfig import QuantSpec
+    from photosim.frontend.qconfig import QuantSpec
 
     return with_overrides(
         load_config(QuantSpec, config), w_bits=w_bits, a_bits=a_bits, bias_bits=bias_bits, observer=observer,
@@ -94,7 +94,7 @@ def _percent(result: Any) -> str:
 @handles_errors
 def models() -> None:
     """List the built-in models with input shape, parameters and float accuracy."""
-    from photosim.models import list_models
+    from photosim.frontend.models import list_models
 
     frame = pd.DataFrame([
         {"name": m.name, "input": "x".join(map(str, m.input_shape)), "classes": m.num_classes,
@@ -113,8 +113,8 @@ def eval_float(
     download: DownloadOpt = False, limit: LimitOpt = None, batch_size: BatchOpt = 256,
 ) -> None:
     """Float accuracy of a model on the test split."""
-    from photosim.models import load_model
-    from photosim.workflow import DataSpec, float_accuracy
+    from photosim.experiments.workflow import DataSpec, float_accuracy
+    from photosim.frontend.models import load_model
 
     loaded = load_model(model, weights, num_classes, cifar_stem)
     test = DataSpec(data, data_root, download, limit).split("test", loaded.input_shape)
@@ -134,8 +134,8 @@ def quantize_cmd(
     batch_size: BatchOpt = 256,
 ) -> None:
     """Post-training quantization to an integer model file; prints float and fake-quant test accuracy."""
-    from photosim.models import load_model
-    from photosim.workflow import DataSpec, fake_quant_accuracy, float_accuracy, quantize_loaded
+    from photosim.experiments.workflow import DataSpec, fake_quant_accuracy, float_accuracy, quantize_loaded
+    from photosim.frontend.models import load_model
 
     spec = _quant_spec(config, w_bits, a_bits, bias_bits, observer, percentile, per_tensor, calib_samples)
     loaded = load_model(model, weights, num_classes, cifar_stem)
@@ -154,8 +154,8 @@ def quantize_cmd(
 @handles_errors
 def inspect(path: Annotated[Path, typer.Argument(help="Integer model file.")]) -> None:
     """Per-layer table of an integer model: op, shapes, bits, scales, MACs, worst-case accumulator bits."""
-    from photosim.format import load
-    from photosim.summary import layer_table
+    from photosim.ir.format import load
+    from photosim.ir.summary import layer_table
 
     qmodel = load(path)
     q = qmodel.input_q
@@ -177,7 +177,8 @@ def inspect(path: Annotated[Path, typer.Argument(help="Integer model file.")]) -
     console.print(f"total MACs per sample: {int(table['macs'].sum()):,}")
 
 
-HwOpt = Annotated[Path | None, typer.Option("--hw", help="Hardware YAML (configs/hw/); the flags below override it.")]
+HwOpt = Annotated[Path | None, typer.Option(
+    "--hw", help="Hardware YAML file, or a shipped preset by name (photonic-8bit, ...); the flags below override it.")]
 
 
 @app.command()
@@ -207,11 +208,18 @@ def run(
 
     With no arguments: the demo (digits-resnet, 8 bits, digits test split).
     """
-    from photosim.format import load
+    from photosim.experiments.report import write_csv_atomic
+    from photosim.experiments.workflow import (
+        DataSpec,
+        baselines,
+        comparison_rows,
+        quantize_loaded,
+        run_hardware,
+        source_model,
+    )
+    from photosim.frontend.models import load_model
     from photosim.hardware.config import hardware_with_flags, load_hardware
-    from photosim.models import load_model
-    from photosim.report import write_csv_atomic
-    from photosim.workflow import DataSpec, baselines, comparison_rows, quantize_loaded, run_hardware, source_model
+    from photosim.ir.format import load
 
     hw_config = hardware_with_flags(load_hardware(hw), requant=requant, noise=noise, tile=tile, adc_bits=adc_bits,
                                     acc_bits=acc_bits, overflow=overflow)
@@ -248,7 +256,7 @@ def run(
 
 def accuracy_table(base: Any, hw_run: Any, rows: list[dict[str, Any]], requant: str) -> pd.DataFrame:
     """The run table: one row per stage with top-1 (mean, std, 95% CI over repeats) and the drops."""
-    from photosim.report import summarize
+    from photosim.experiments.report import summarize
 
     flt = base.float.top1 if base.float else float("nan")
     stages = [("float", base.float), ("fake-quant", base.fake_quant), (f"integer ({requant})", base.ideal)]
@@ -282,7 +290,7 @@ def import_torch_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Integer model file to write.")],
 ) -> None:
     """Convert a PyTorch quantize_fx model (convert_fx output) into a photosim integer model file."""
-    from photosim.torch_import import import_torch
+    from photosim.frontend.torch_import import import_torch
 
     qmodel = import_torch(spec, output)
     console.print(f"wrote {output} ({len(qmodel.nodes)} nodes); simulate it with `photosim run {output} "
@@ -314,7 +322,7 @@ def sweep(
     progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
 ) -> None:
     """Run a sweep file into results.csv, summary.csv and plots; run it again to resume after a crash."""
-    from photosim.sweep import load_sweep, run_sweep, summary_view
+    from photosim.experiments.sweep import load_sweep, run_sweep, summary_view
 
     plan = load_sweep(file)
     selected = plan.select(variant)
@@ -349,7 +357,7 @@ def plot(
     ] = None,
 ) -> None:
     """Plot any view of a sweep's results.csv: mean y vs x, one line per hue value, float baseline dashed."""
-    from photosim.plot import plot_results
+    from photosim.experiments.plot import plot_results
 
     console.print(f"wrote {plot_results(results, x, y, hue, output)}")
 
@@ -367,7 +375,7 @@ def bench(
     memory: Annotated[bool, typer.Option(help="Measure peak memory, one subprocess per configuration.")] = True,
 ) -> None:
     """Images/s and peak memory of the engine configurations against float32 PyTorch eval of the same model."""
-    from photosim.bench import BenchSettings, results_table, run_benchmark
+    from photosim.experiments.bench import BenchSettings, results_table, run_benchmark
 
     options = {"model": model, "device": device, "threads": threads, "memory": memory}
     settings = BenchSettings.quick(**options) if quick else BenchSettings(batch=batch, runs=runs, **options)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from photosim.format import Node, QParams, QuantizedModel
+from photosim.ir.format import Node, QParams, QuantizedModel
 
 
 def qp(scale: float = 1.0, zero_point: int = 0, bits: int = 8, signed: bool = False,

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from photosim.cli import app
-from photosim.format import load
-from photosim.sweep import run_sweep
+from photosim.experiments.sweep import run_sweep
+from photosim.ir.format import load
 
 runner = CliRunner()
 
@@ -67,7 +67,7 @@ def test_run_with_no_arguments_is_the_demo() -> None:
 
 
 def test_run_with_a_hardware_preset_and_snr() -> None:
-    result = invoke("run", "--model", "digits-cnn", "--hw", "configs/hw/photonic-8bit.yaml", "--limit", "60")
+    result = invoke("run", "--model", "digits-cnn", "--hw", "photonic-8bit", "--limit", "60")
     assert result.exit_code == 0, result.output
     assert "hardware (1 repeats)" in result.output and "0.00319" in result.output  # enob 8 -> sigma
 
@@ -82,7 +82,7 @@ def test_run_with_a_hardware_preset_and_snr() -> None:
         (["quantize", "--w-bits", "17", "-o", "x.safetensors"], "w_bits"),
         (["run", "--model", "nope"], "unknown model 'nope'"),
         (["run", "--data", "mnist", "--model", "digits-cnn"], "--download"),
-        (["run", "--hw", "configs/hw/missing.yaml"], "does not exist"),
+        (["run", "--hw", "missing-preset"], "neither a file nor a shipped hw preset"),
         (["inspect", "pyproject.toml"], "not a readable safetensors"),
         (["import-torch", "nowhere.py:build", "-o", "x.safetensors"], "does not exist"),
     ],

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from photosim.data import SPLITS, dataset_names, load_dataset, make_loader
 from photosim.errors import PhotosimError
+from photosim.frontend.data import SPLITS, dataset_names, load_dataset, make_loader
 
 DIGITS_SIZES = {"train": 1257, "calibration": 180, "test": 360}
 

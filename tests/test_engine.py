@@ -8,10 +8,11 @@ import torch.nn.functional as F
 import yaml
 from conftest import ModelBuilder, make_conv_net, qp
 
-from photosim.engine import Engine, evaluate, node_outputs, simulate, simulate_codes
+from photosim.engine.executor import Engine, node_outputs, simulate, simulate_codes
 from photosim.errors import PhotosimError
-from photosim.format import QuantizedModel
+from photosim.experiments.accuracy import evaluate
 from photosim.hardware.config import HardwareConfig
+from photosim.ir.format import QuantizedModel
 
 
 def hand_model() -> QuantizedModel:

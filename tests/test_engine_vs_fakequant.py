@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from photosim.data import load_dataset
-from photosim.engine import Engine
-from photosim.fakequant import run_node
-from photosim.models import list_models, load_model
-from photosim.quantize import quantize
+from photosim.engine.executor import Engine
+from photosim.frontend.data import load_dataset
+from photosim.frontend.models import list_models, load_model
+from photosim.frontend.ptq import quantize
+from photosim.ir.fakequant import run_node
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from photosim.errors import PhotosimError
-from photosim.format import FORMAT_VERSION, METADATA_KEY, OP_ATTRIBUTES, QuantizedModel, load
-from photosim.quantize import quantize
+from photosim.frontend.ptq import quantize
+from photosim.ir.format import FORMAT_VERSION, METADATA_KEY, OP_ATTRIBUTES, QuantizedModel, load
 
 
 class EveryOp(nn.Module):

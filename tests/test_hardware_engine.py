@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import ModelBuilder, qp
 
-from photosim import kernels
-from photosim.data import load_dataset
-from photosim.engine import Engine, calibrate_adc_ranges, simulate_codes
+from photosim.engine import kernels
+from photosim.engine.executor import Engine, simulate_codes
 from photosim.errors import PhotosimError
+from photosim.experiments.workflow import calibrate_adc_ranges
+from photosim.frontend.data import load_dataset
+from photosim.frontend.models import list_models, load_model
+from photosim.frontend.ptq import quantize
 from photosim.hardware.config import load_hardware
-from photosim.models import list_models, load_model
-from photosim.quantize import quantize
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from photosim import kernels
-from photosim.format import QParams
+from photosim.engine import kernels
+from photosim.ir.format import QParams
 
 
 def reference_conv_acc(x: torch.Tensor, z: int, w: torch.Tensor, stride: int, padding: int, dilation: int,

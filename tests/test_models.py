@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from photosim.data import load_dataset, make_loader
 from photosim.errors import PhotosimError
-from photosim.format import file_sha256
-from photosim.models import ModelInfo, list_models, load_model, register_model
+from photosim.frontend.data import load_dataset, make_loader
+from photosim.frontend.models import ModelInfo, list_models, load_model, register_model
+from photosim.ir.format import file_sha256
 
 BUILTINS = list_models()
 USER_MODEL = """

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from photosim.cli import app
 from photosim.errors import PhotosimError
-from photosim.plot import default_plots, plot_results
+from photosim.experiments.plot import default_plots, plot_results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from photosim.data import load_dataset
 from photosim.errors import PhotosimError
-from photosim.fakequant import fake_quant_forward
-from photosim.format import WEIGHTED_OPS, QParams, load, weights_scale
-from photosim.graph import capture
-from photosim.models import list_models, load_model
-from photosim.observers import ActivationObserver, affine_params
-from photosim.qconfig import QuantSpec
-from photosim.quantize import quantize
+from photosim.frontend.capture import capture
+from photosim.frontend.data import load_dataset
+from photosim.frontend.models import list_models, load_model
+from photosim.frontend.observers import ActivationObserver, affine_params
+from photosim.frontend.ptq import quantize
+from photosim.frontend.qconfig import QuantSpec
+from photosim.ir.fakequant import fake_quant_forward
+from photosim.ir.format import WEIGHTED_OPS, QParams, load, weights_scale
 
 BUILTINS = [m.name for m in list_models()]
 

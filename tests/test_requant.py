@@ -11,8 +11,7 @@ from conftest import qp
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from photosim.errors import PhotosimError
-from photosim.requant import (
+from photosim.engine.requant import (
     REQUANT_MODES,
     RequantParams,
     multiply_by_quantized_multiplier,
@@ -20,6 +19,7 @@ from photosim.requant import (
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
 )
+from photosim.errors import PhotosimError
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 FLOAT, FIXED = REQUANT_MODES["float"], REQUANT_MODES["fixedpoint"]

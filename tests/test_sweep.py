@@ -14,10 +14,10 @@ import yaml
 from sweep_fake_runner import fake_run_point
 from typer.testing import CliRunner
 
-from photosim import sweep as sweep_module
 from photosim.cli import app
 from photosim.errors import PhotosimError
-from photosim.sweep import LOG, MANIFEST, RESULTS, SUMMARY, load_sweep, run_sweep
+from photosim.experiments import sweep as sweep_module
+from photosim.experiments.sweep import LOG, MANIFEST, RESULTS, SUMMARY, load_sweep, run_sweep
 
 TESTS = Path(__file__).parent
 EXPERIMENTS = sorted((TESTS.parent / "experiments").glob("*.yaml"))

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from photosim import kernels, onednn
 from photosim._imports import load_object
+from photosim.engine import kernels, onednn
+from photosim.frontend.observers import ActivationObserver
 from photosim.hardware import rng
 from photosim.hardware.accumulator import accumulate, signed_range
 from photosim.hardware.adc import adc_step, digitize
 from photosim.hardware.config import LayerHardware
 from photosim.hardware.noise import TILE_NOISE, WEIGHT_NOISE
-from photosim.observers import ActivationObserver
 
 # Upper bound on the bytes of the per-tile tensors of one sub-batch (tile values, noise, codes).
 TILE_BYTES = 1 << 24

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -109,7 +109,7 @@ class LayerHardware(StrictModel):
     @field_validator("requant")
     @classmethod
     def _known_mode(cls, value: str) -> str:
-        from photosim.requant import REQUANT_MODES
+        from photosim.engine.requant import REQUANT_MODES
 
         if value not in REQUANT_MODES:
             raise ValueError(f"unknown requant mode; allowed: {', '.join(REQUANT_MODES)}")
@@ -152,6 +152,7 @@ class HardwareConfig(LayerHardware):
         ...                                     "layers": [{"match": "conv1", "noise": {"output": {"sigma": 0}}}]})
     """
 
+    preset_kind: ClassVar[str | None] = "hw"
     layers: list[LayerOverride] = Field(default_factory=list, description="Per-layer overrides by glob.")
 
     def for_layer(self, name: str) -> LayerHardware:

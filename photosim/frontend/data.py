@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -271,3 +272,24 @@ def _synthetic(request: DatasetRequest) -> Dataset:
     x = torch.randn((SYNTHETIC_SIZE, *request.input_shape), generator=generator)
     y = torch.randint(0, SYNTHETIC_CLASSES, (SYNTHETIC_SIZE,), generator=generator)
     return _IntLabelTensorDataset(x, y)
+
+
+CALIBRATION_BATCH = 128
+
+
+def calibration_batches(data: Any, samples: int) -> list[torch.Tensor]:
+    """Up to ``samples`` inputs as a list of batches, from a tensor, Dataset, DataLoader or iterable."""
+    if isinstance(data, torch.Tensor):
+        return list(data[:samples].split(CALIBRATION_BATCH))
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        data = torch.utils.data.DataLoader(data, batch_size=CALIBRATION_BATCH)
+    batches, seen = [], 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        batches.append(x[: samples - seen])
+        seen += len(batches[-1])
+        if seen >= samples:
+            break
+    if not batches:
+        raise PhotosimError("the calibration data is empty; give at least one input batch.")
+    return batches

@@ -31,34 +31,15 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 from rich import progress as bars
 from rich.console import Console
 
-from photosim import __version__
 from photosim._config import StrictModel, describe_validation_error, load_config
+from photosim._version import __version__
 from photosim.errors import PhotosimError
-from photosim.executors import Group, Runner, check_executor, execute
-from photosim.qconfig import QuantSpec
-from photosim.report import summarize, write_csv_atomic, write_text_atomic
+from photosim.experiments.executors import Group, Runner, check_executor, execute
+from photosim.experiments.point import MODEL_KEYS, BaseSection
+from photosim.experiments.report import summarize, write_csv_atomic, write_text_atomic
+from photosim.frontend.qconfig import QuantSpec
 
 MANIFEST, LOG, RESULTS, SUMMARY = "sweep.json", "points.jsonl", "results.csv", "summary.csv"
-MODEL_KEYS = ("model", "weights", "num_classes", "cifar_stem", "data", "data_root", "download", "quant")
-
-
-class BaseSection(StrictModel):
-    """The settings of one point; the axes change them by dotted key."""
-
-    model: str = Field("digits-resnet", description="Built-in name, torchvision:NAME or path/file.py:NAME.")
-    weights: str | None = Field(None, description="state_dict file (relative to the working directory).")
-    num_classes: int | None = Field(None, ge=1, description="Number of classes of a torchvision model.")
-    cifar_stem: bool = Field(False, description="3x3 stride-1 stem for a torchvision ResNet on 32x32 inputs.")
-    data: str = Field("digits", description="digits, mnist, fashion-mnist, cifar10, imagefolder:PATH or synthetic.")
-    data_root: str | None = Field(None, description="Folder holding torchvision datasets.")
-    download: bool = Field(False, description="Download a torchvision dataset when missing.")
-    limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only.")
-    quant: dict[str, Any] = Field(default_factory=dict, description="Quantization settings (keys of QuantSpec).")
-    hw: dict[str, Any] = Field(default_factory=dict, description="Hardware settings (keys of HardwareConfig).")
-    repeats: int = Field(1, ge=1, description="Repeated evaluations (noise draws) per point.")
-    seed: int = Field(0, description="Base seed of the point's random draws.")
-    batch_size: int = Field(256, ge=1, description="Images per batch.")
-    device: str = Field("cpu", description="Torch device of the simulation (cpu, cuda, cuda:1, ...).")
 
 
 class SweepConfig(StrictModel):
@@ -366,15 +347,15 @@ def _jsonable(value: Any) -> Any:
 
 def default_runner() -> Runner:
     """The real point runner (imported lazily: it pulls in torch and the engine)."""
-    from photosim.workflow import run_point
+    from photosim.experiments.workflow import run_point
 
     return run_point
 
 
 def _preflight(points: list[Point]) -> None:
     """Cheap checks of what the runner would only find later: model and dataset names, weight files."""
-    from photosim.data import dataset_names
-    from photosim.models import list_models
+    from photosim.frontend.data import dataset_names
+    from photosim.frontend.models import list_models
 
     builtins = {m.name for m in list_models()}
     for p in points:
@@ -428,7 +409,7 @@ def run_sweep(config: Sweep | SweepConfig | dict[str, Any] | str | Path, out_dir
     ``runner(point, cache) -> rows`` defaults to ``photosim.workflow.run_point``; ``variants`` restricts the
     run to the named variants. Interrupting loses at most the running points; running again resumes.
     """
-    from photosim.plot import default_plots
+    from photosim.experiments.plot import default_plots
 
     sweep = config if isinstance(config, Sweep) else load_sweep(config)
     selected = sweep.select(variants)

@@ -16,34 +16,16 @@ import torch
 from rich.progress import track
 from torch import nn
 
-from photosim import __version__
 from photosim._config import load_config
+from photosim._version import __version__
 from photosim.errors import PhotosimError
-from photosim.format import WEIGHTED_OPS, Node, QParams, QuantizedModel, bias_dtype, weight_dtype
-from photosim.graph import FloatGraph, FloatNode, capture
-from photosim.observers import ActivationObserver, affine_params, quantize_weight, weight_scale
-from photosim.qconfig import LayerSettings, QuantSpec
+from photosim.frontend.capture import FloatGraph, FloatNode, capture
+from photosim.frontend.data import calibration_batches
+from photosim.frontend.observers import ActivationObserver, affine_params, quantize_weight, weight_scale
+from photosim.frontend.qconfig import LayerSettings, QuantSpec
+from photosim.ir.format import WEIGHTED_OPS, Node, QParams, QuantizedModel, bias_dtype, weight_dtype
 
-CALIBRATION_BATCH = 128
 _OBSERVED_OPS = ("conv2d", "linear", "add")  # ops whose output gets its own scale and zero point
-
-
-def calibration_batches(data: Any, samples: int) -> list[torch.Tensor]:
-    """Up to ``samples`` inputs as a list of batches, from a tensor, Dataset, DataLoader or iterable."""
-    if isinstance(data, torch.Tensor):
-        return list(data[:samples].split(CALIBRATION_BATCH))
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        data = torch.utils.data.DataLoader(data, batch_size=CALIBRATION_BATCH)
-    batches, seen = [], 0
-    for item in data:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        batches.append(x[: samples - seen])
-        seen += len(batches[-1])
-        if seen >= samples:
-            break
-    if not batches:
-        raise PhotosimError("the calibration data is empty; give at least one input batch.")
-    return batches
 
 
 def _activation_qparams(obs: ActivationObserver, s: LayerSettings, act: tuple[float, float] | None,
@@ -110,7 +92,7 @@ def quantize(model: nn.Module, calibration_data: Any, spec: QuantSpec | dict | s
         provenance: extra facts recorded in the file (model spec, weights hash, data).
 
     Example:
-        >>> qm = photosim.quantize(model, calib_images, {"w_bits": 4, "a_bits": 4})
+        >>> qm = photosim.frontend.ptq(model, calib_images, {"w_bits": 4, "a_bits": 4})
         >>> qm.save("m.safetensors")
     """
     spec = load_config(QuantSpec, spec)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -41,6 +41,7 @@ class QuantSpec(StrictModel):
         >>> QuantSpec(w_bits=4, a_bits=4, layers=[{"match": "conv1", "w_bits": 8, "a_bits": 8}])
     """
 
+    preset_kind: ClassVar[str | None] = "quant"
     w_bits: int = Field(8, ge=2, le=16, description="Weight bits (signed, symmetric, zero point 0).")
     a_bits: int = Field(8, ge=2, le=16, description="Activation bits (unsigned after ReLU-like ops).")
     bias_bits: int = Field(32, ge=8, le=64, description="Integer bias bits; the bias saturates at this range.")

@@ -10,7 +10,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from photosim.engine.executor import Engine, HardwareSpec
 from photosim.errors import PhotosimError
+from photosim.ir.format import QuantizedModel
 
 TOP5_MIN_CLASSES = 6  # top-5 of five or fewer classes is always 100%
 
@@ -73,3 +75,11 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], data: Any, *, batc
     if n == 0:
         raise PhotosimError("the evaluation data holds no samples; check the dataset path and --limit.")
     return EvalResult(correct1 / n, correct5 / n if classes >= TOP5_MIN_CLASSES else None, n)
+
+
+def evaluate(qmodel: QuantizedModel, data: Any, hw: HardwareSpec = None, *, batch_size: int = 256,
+             device: str | torch.device = "cpu", progress: bool = False, **engine_options: Any) -> EvalResult:
+    """Top-1 / top-5 accuracy of the simulated integer model over a Dataset, DataLoader or (x, y) pair."""
+    engine = Engine(qmodel, hw, device=device, **engine_options)
+    return accuracy(engine, data, batch_size=batch_size, progress=progress,
+                    description=f"integer engine ({engine.hw.requant})")

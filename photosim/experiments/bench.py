@@ -84,7 +84,7 @@ def build_model(spec: str, seed: int = 0, calibrate_bn: bool = True) -> tuple[nn
     ``calibrate_bn`` measures the BatchNorm statistics on random data, so that activations are distributed
     as in a trained net rather than growing layer after layer.
     """
-    from photosim.models import load_model
+    from photosim.frontend.models import load_model
 
     torchvision = spec.startswith("torchvision:")
     torch.manual_seed(seed)
@@ -124,7 +124,7 @@ def _float_predictor(model: nn.Module, device: torch.device) -> Callable[[torch.
 
 def _engine_predictor(qmodel: Any, config: BenchConfig, device: torch.device) -> Callable[[torch.Tensor], Any]:
     """The engine as timed: SNR diagnostics off (they cost one more matmul per analog layer)."""
-    from photosim.engine import Engine
+    from photosim.engine.executor import Engine
 
     return Engine(qmodel, config.hw, device=device, diagnostics=False)
 
@@ -177,7 +177,7 @@ def memory_child(request: str) -> None:
         model, shape = build_model(job["model"], job["seed"], calibrate_bn=False)  # same memory either way
         predict = _float_predictor(model, device)
     else:
-        from photosim.format import load
+        from photosim.ir.format import load
 
         qmodel = load(job["qmodel"])
         shape = tuple(qmodel.input_shape)
@@ -193,7 +193,7 @@ def memory_child(request: str) -> None:
 
 def _child_peaks(settings: BenchSettings, qmodel_file: str | None, config: BenchConfig | None) -> dict[str, Any]:
     job = {**asdict(settings), "qmodel": qmodel_file, "config": None if config is None else asdict(config)}
-    code = "import sys; from photosim.bench import memory_child; memory_child(sys.argv[1])"
+    code = "import sys; from photosim.experiments.bench import memory_child; memory_child(sys.argv[1])"
     out = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -221,7 +221,7 @@ def run_benchmark(settings: BenchSettings = BenchSettings(), configs: tuple[Benc
         >>> result = run_benchmark(BenchSettings.quick())
         >>> [(row["name"], row["ratio"]) for row in result["configs"]]
     """
-    from photosim.quantize import quantize
+    from photosim.frontend.ptq import quantize
 
     torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from photosim.format import QParams
+from photosim.ir.format import QParams
 
 MSE_GRID = torch.linspace(0.05, 1.0, 96, dtype=torch.float64)  # clip fractions tried by `mse`
 SAMPLES_PER_BATCH = 1 << 16  # activation values kept per calibration batch for percentile / mse

@@ -19,9 +19,9 @@ import torch.ao.nn.quantized as nnq
 from torch import fx, nn
 
 from photosim._imports import call_object
+from photosim.engine.torch_requant import quantize_val
 from photosim.errors import PhotosimError
-from photosim.format import Node, QParams, QuantizedModel, validate
-from photosim.graph import (
+from photosim.frontend.capture import (
     PASS_THROUGH_CALLS,
     PASS_THROUGH_MODULES,
     activation_bounds,
@@ -31,7 +31,7 @@ from photosim.graph import (
     maxpool_attrs,
     reshape_node,
 )
-from photosim.torch_requant import quantize_val
+from photosim.ir.format import Node, QParams, QuantizedModel, validate
 
 SUPPORTED = (
     "torch.quantize_per_tensor to quint8 (the graph input), quantized Conv2d / ConvReLU2d / Linear / LinearReLU "

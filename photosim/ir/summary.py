@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import torch
 
-from photosim.fakequant import run_node
-from photosim.format import WEIGHTED_OPS, Node, QuantizedModel
+from photosim.ir.fakequant import run_node
+from photosim.ir.format import WEIGHTED_OPS, Node, QuantizedModel
 
 
 def dot_length(node: Node) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 
 from photosim._imports import call_object
 from photosim.errors import PhotosimError
-from photosim.format import file_sha256
+from photosim.ir.format import file_sha256
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 MAX_KEYS_SHOWN = 10

@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from photosim.errors import PhotosimError
-from photosim.report import summarize
+from photosim.experiments.report import summarize
 
 
 def _check_columns(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str]) -> None:

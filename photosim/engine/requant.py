@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from photosim.errors import PhotosimError
-from photosim.format import QParams
+from photosim.ir.format import QParams
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -204,3 +204,7 @@ class FixedPointRequant:
 
 
 register_requant(FixedPointRequant())
+
+# The third built-in mode lives in its own module (it reproduces PyTorch's kernels); importing it here fills
+# the registry wherever it is read.
+from photosim.engine import torch_requant  # noqa: E402,F401  registers "pytorch"

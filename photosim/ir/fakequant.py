@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from photosim.format import Node, QParams, QuantizedModel, weights_scale
+from photosim.ir.format import Node, QParams, QuantizedModel, weights_scale
 
 
 def fake_quantize(x: torch.Tensor, q: QParams) -> torch.Tensor:

@@ -11,7 +11,7 @@ So the operands ``x - z_in`` are shifted to be nonnegative and cut into limbs it
 activation limbs of :func:`limb_bits` bits (8, or 7 where pairs saturate: probed once per process) and
 signed 8-bit weight limbs. Each limb pair is one convolution; the weighted limb results add up in
 float64 (exact below 2^53). A float32 result that reaches 2^24 may have been rounded: :func:`conv_acc`
-then returns None and the caller uses the exact matmul path of ``photosim.kernels``. Strided 1x1 convs
+then returns None and the caller uses the exact matmul path of ``photosim.engine.kernels``. Strided 1x1 convs
 subsample their input here: oneDNN's strided 1x1 int8 kernel was seen to race (tests/test_bench.py).
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from photosim.kernels import IntPair
+from photosim.engine.kernels import IntPair
 
 FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this
 MAX_CONVS = 4  # more limb pairs than this and the exact float matmul is faster

@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from photosim._config import load_config
-from photosim.data import load_dataset
-from photosim.engine import Engine, calibrate_adc_ranges, evaluate
+from photosim.engine.executor import Engine, HardwareSpec
 from photosim.errors import PhotosimError
-from photosim.evaluate import EvalResult, accuracy
-from photosim.fakequant import fake_quant_forward
-from photosim.format import QuantizedModel, file_sha256
+from photosim.experiments.accuracy import EvalResult, accuracy, evaluate
+from photosim.experiments.point import MODEL_KEYS
+from photosim.frontend.data import calibration_batches, load_dataset
+from photosim.frontend.models import LoadedModel, load_model
+from photosim.frontend.ptq import quantize
+from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import load_hardware
 from photosim.hardware.noise import enob, snr_db
-from photosim.models import LoadedModel, load_model
-from photosim.qconfig import QuantSpec
-from photosim.quantize import quantize
-from photosim.summary import dot_length, worst_case_acc_bits
-from photosim.sweep import MODEL_KEYS
+from photosim.ir.fakequant import fake_quant_forward
+from photosim.ir.format import QuantizedModel, file_sha256
+from photosim.ir.summary import dot_length, worst_case_acc_bits
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,22 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
     return rows
 
 
+def calibrate_adc_ranges(qmodel: QuantizedModel, hw: HardwareSpec, data: Any, *, samples: int = 512,
+                         batch_size: int = 256, device: str | torch.device = "cpu", seed: int = 0,
+                         repeat: int = 0) -> dict[str, float]:
+    """+-range (product units) of every layer with ``adc.range: calibrated``: the ``adc.percentile`` of
+    |tile value| over up to ``samples`` calibration inputs (tensor, Dataset, DataLoader or batches)."""
+    engine = Engine(qmodel, hw, device=device, seed=seed, repeat=repeat, calibrate_adc=True, diagnostics=False)
+    if not engine.analog:
+        return {}
+    for x in calibration_batches(data, samples):
+        for chunk in x.split(batch_size):
+            engine.codes(chunk)
+    return {name: layer.calibration.clip_range("percentile", layer.hw.adc.percentile, layer.hw.adc.bits,
+                                               signed=False)[1]
+            for name, layer in engine.analog.items() if layer.calibration is not None}
+
+
 def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibration: Any = None, repeats: int = 1,
                  seed: int = 0, batch_size: int = 256, device: str = "cpu", progress: bool = False) -> HardwareRun:
     """Monte Carlo over ``repeats`` simulated chips: each draws new static weight error and inference noise.
@@ -182,23 +199,25 @@ def comparison_rows(base: Baselines, run: HardwareRun) -> list[dict[str, Any]]:
 
 
 def run_point(point: dict[str, Any], cache: dict[str, Any]) -> list[dict[str, Any]]:
-    """One sweep point (see photosim.sweep) -> one row per repeat. ``cache`` keeps the quantized model,
-    data and baselines of each (model, data, quantization) across the points of a worker."""
-    key = json.dumps({k: point[k] for k in (*MODEL_KEYS, "limit")}, sort_keys=True, default=str)
+    """One sweep point (see photosim.experiments.sweep) -> one row per repeat. ``cache`` keeps, across the
+    points of a worker, the quantized model of each MODEL_KEYS combination (the sweep groups points by the
+    same keys) and the test split and baselines of each ``limit`` and requant mode."""
+    key = json.dumps({k: point[k] for k in MODEL_KEYS}, sort_keys=True, default=str)
     if key not in cache:
         loaded = load_model(point["model"], point["weights"], point["num_classes"], point["cifar_stem"])
-        data = DataSpec(point["data"], point["data_root"], point["download"], point["limit"])
+        data = DataSpec(point["data"], point["data_root"], point["download"])
         qmodel = quantize_loaded(loaded, data, load_config(QuantSpec, point["quant"]),
                                  num_classes=point["num_classes"], cifar_stem=point["cifar_stem"])
-        cache[key] = {"loaded": loaded, "qmodel": qmodel, "test": data.split("test", loaded.input_shape),
-                      "calibration": data.split("calibration", loaded.input_shape), "baselines": {}}
+        cache[key] = {"loaded": loaded, "qmodel": qmodel, "data": data, "tests": {}, "baselines": {},
+                      "calibration": data.split("calibration", loaded.input_shape)}
     entry = cache[key]
-    hw = load_hardware(point["hw"])
-    if hw.requant not in entry["baselines"]:
-        entry["baselines"][hw.requant] = baselines(entry["qmodel"], entry["test"], hw.requant,
-                                                   entry["loaded"].module, batch_size=point["batch_size"],
-                                                   device=point["device"])
-    run = run_hardware(entry["qmodel"], entry["test"], hw, calibration=entry["calibration"],
-                       repeats=point["repeats"], seed=point["seed"], batch_size=point["batch_size"],
-                       device=point["device"])
-    return comparison_rows(entry["baselines"][hw.requant], run)
+    limit, hw = point["limit"], load_hardware(point["hw"])
+    if limit not in entry["tests"]:
+        entry["tests"][limit] = replace(entry["data"], limit=limit).split("test", entry["loaded"].input_shape)
+    test = entry["tests"][limit]
+    if (limit, hw.requant) not in entry["baselines"]:
+        entry["baselines"][limit, hw.requant] = baselines(entry["qmodel"], test, hw.requant, entry["loaded"].module,
+                                                          batch_size=point["batch_size"], device=point["device"])
+    run = run_hardware(entry["qmodel"], test, hw, calibration=entry["calibration"], repeats=point["repeats"],
+                       seed=point["seed"], batch_size=point["batch_size"], device=point["device"])
+    return comparison_rows(entry["baselines"][limit, hw.requant], run)

@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from photosim.format import Node, QParams
-from photosim.requant import RequantParams, channel_view, register_requant
+from photosim.engine.requant import RequantParams, channel_view, register_requant
+from photosim.ir.format import Node, QParams
 
 GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: TensorIterator splits larger loops over threads
 ONEDNN_MAX_GROUPS = 100  # under the x86 engine, convs with more groups run in FBGEMM

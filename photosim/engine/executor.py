@@ -1,7 +1,7 @@
 """The integer executor: runs a QuantizedModel node by node on integer codes, bit-true.
 
-Conv and linear form exact integer accumulators (photosim.onednn's int8 convolutions where they apply,
-else photosim.kernels' matmul paths), which the configured requant mode (photosim.requant) turns into
+Conv and linear form exact integer accumulators (photosim.engine.onednn's int8 convolutions where they apply,
+else photosim.engine.kernels' matmul paths), which the configured requant mode (photosim.engine.requant) turns into
 output codes; pools, clamps and reshapes work on codes directly. On the CPU a batch goes through the
 graph in cache-sized sub-batches; noise is drawn per sample, so results never depend on batching.
 """
@@ -16,17 +16,15 @@ from typing import Any
 
 import torch
 
-from photosim import kernels, onednn
+from photosim.engine import kernels, onednn
+from photosim.engine.requant import REQUANT_MODES, RequantMode, RequantParams, channel_view
+from photosim.engine.torch_requant import pytorch_kernel
 from photosim.errors import PhotosimError
-from photosim.evaluate import EvalResult, accuracy
-from photosim.format import WEIGHTED_OPS, Node, QuantizedModel, validate, weights_scale
+from photosim.frontend.observers import ActivationObserver
 from photosim.hardware.analog import AnalogLayer, tile_plan
 from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
-from photosim.observers import ActivationObserver
-from photosim.quantize import calibration_batches
-from photosim.requant import REQUANT_MODES, RequantMode, RequantParams, channel_view
-from photosim.summary import output_shapes
-from photosim.torch_requant import pytorch_kernel
+from photosim.ir.format import WEIGHTED_OPS, Node, QuantizedModel, validate, weights_scale
+from photosim.ir.summary import output_shapes
 
 HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
 # Requant modes whose arithmetic starts by converting the accumulator to floating point: they take the
@@ -325,27 +323,3 @@ def node_outputs(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec 
                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every graph tensor's int32 codes for one batch (keyed by node name, plus the graph input)."""
     return Engine(qmodel, hw, device=device).node_outputs(inputs)
-
-
-def evaluate(qmodel: QuantizedModel, data: Any, hw: HardwareSpec = None, *, batch_size: int = 256,
-             device: str | torch.device = "cpu", progress: bool = False, **engine_options: Any) -> EvalResult:
-    """Top-1 / top-5 accuracy of the simulated integer model over a Dataset, DataLoader or (x, y) pair."""
-    engine = Engine(qmodel, hw, device=device, **engine_options)
-    return accuracy(engine, data, batch_size=batch_size, progress=progress,
-                    description=f"integer engine ({engine.hw.requant})")
-
-
-def calibrate_adc_ranges(qmodel: QuantizedModel, hw: HardwareSpec, data: Any, *, samples: int = 512,
-                         batch_size: int = 256, device: str | torch.device = "cpu", seed: int = 0,
-                         repeat: int = 0) -> dict[str, float]:
-    """+-range (product units) of every layer with ``adc.range: calibrated``: the ``adc.percentile`` of
-    |tile value| over up to ``samples`` calibration inputs (tensor, Dataset, DataLoader or batches)."""
-    engine = Engine(qmodel, hw, device=device, seed=seed, repeat=repeat, calibrate_adc=True, diagnostics=False)
-    if not engine.analog:
-        return {}
-    for x in calibration_batches(data, samples):
-        for chunk in x.split(batch_size):
-            engine.codes(chunk)
-    return {name: layer.calibration.clip_range("percentile", layer.hw.adc.percentile, layer.hw.adc.bits,
-                                               signed=False)[1]
-            for name, layer in engine.analog.items() if layer.calibration is not None}

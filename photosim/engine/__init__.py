@@ -1,0 +1,1 @@
+"""Executing the integer model: exact integer kernels, requantization modes, PyTorch kernel emulation."""
