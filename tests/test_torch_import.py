@@ -7,6 +7,7 @@ tests convert float models with prepare_fx / convert_fx and compare every node's
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -108,18 +109,53 @@ def _conv_node(c: int, o: int, k: int, groups: int, stride: int = 1, padding: in
         "dilation": [1, 1], "groups": groups})
 
 
-def test_pytorch_kernel_follows_fbgemm_depthwise_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch_requant, "_has_vnni", lambda: False)
-    assert pytorch_kernel(_conv_node(16, 16, 3, 16)) == "fbgemm-depthwise"
-    assert pytorch_kernel(_conv_node(16, 32, 5, 16, stride=2)) == "fbgemm-depthwise"
-    assert pytorch_kernel(_conv_node(12, 12, 3, 12)) == "fbgemm"  # groups not a multiple of 8
-    assert pytorch_kernel(_conv_node(16, 16, 3, 16, padding=0)) == "fbgemm"  # not 'same' padding
-    assert pytorch_kernel(_conv_node(16, 16, 7, 16)) == "fbgemm"
-    assert pytorch_kernel(_conv_node(8, 8, 3, 1)) == "fbgemm"
-    monkeypatch.setattr(torch_requant, "_has_vnni", lambda: True)
-    assert pytorch_kernel(_conv_node(16, 16, 3, 16)) == "onednn"
-    assert pytorch_kernel(_conv_node(104, 104, 3, 104)) == "fbgemm-depthwise"  # groups > 100
-    assert pytorch_kernel(_conv_node(16, 16, 3, 16), "fbgemm") == "fbgemm-depthwise"
+def test_pytorch_kernel_follows_fbgemm_depthwise_fast_path() -> None:
+    avx2 = functools.partial(pytorch_kernel, cpu="avx2")
+    assert avx2(_conv_node(16, 16, 3, 16)) == "fbgemm-depthwise"
+    assert avx2(_conv_node(16, 32, 5, 16, stride=2)) == "fbgemm-depthwise"
+    assert avx2(_conv_node(12, 12, 3, 12)) == "fbgemm"  # groups not a multiple of 8
+    assert avx2(_conv_node(16, 16, 3, 16, padding=0)) == "fbgemm"  # not 'same' padding
+    assert avx2(_conv_node(16, 16, 7, 16)) == "fbgemm"
+    assert avx2(_conv_node(8, 8, 3, 1)) == "fbgemm"
+    assert pytorch_kernel(_conv_node(104, 104, 3, 104), cpu="avx512-vnni") == "fbgemm-depthwise"  # groups > 100
+    assert pytorch_kernel(_conv_node(16, 16, 3, 16), "fbgemm", cpu="amx") == "fbgemm-depthwise"
+
+
+@pytest.mark.parametrize(("cpu", "node", "kernel"), [
+    ("avx512-vnni", _conv_node(8, 12, 3, 1), "onednn-sequential-scales"),
+    ("avx512-vnni", _conv_node(16, 16, 3, 16), "onednn-sequential-scales"),
+    ("amx", _conv_node(8, 12, 3, 1), "onednn-product-scale"),  # brgemm convolution
+    ("amx", _conv_node(16, 16, 3, 4), "onednn-product-scale"),  # grouped
+    ("amx", _conv_node(16, 32, 5, 16, stride=2), "onednn-product-scale"),  # two outputs per group
+    ("amx", _conv_node(16, 16, 3, 16), "onednn-sequential-scales"),  # depthwise kernel
+    ("amx", _conv_node(12, 12, 3, 12), "onednn-sequential-scales"),
+])
+def test_pytorch_kernel_on_vnni_cpus_picks_onednn_and_its_scale_order(cpu: str, node: Node, kernel: str) -> None:
+    assert pytorch_kernel(node, cpu=cpu) == kernel
+    assert pytorch_kernel(node, "onednn", cpu="avx2") == "onednn-product-scale"
+
+
+def test_onednn_scale_orders_follow_their_float32_formulas() -> None:
+    """Sequential: ``((acc * src) * wei + bias) * (1/dst) + z``; product: ``(acc * (src * wei) + bias) ...``,
+    in numpy float32, with src, wei and 1/dst as PyTorch hands them to oneDNN (reciprocals of reciprocals)."""
+    f32 = np.float32
+    acc = np.arange(-36000, 36000, dtype=np.int64)  # every accumulator whose code lands inside [0, 255]
+    # scales found by a seeded search for a case where the two orders round one accumulator differently
+    s_in, s_w, s_out = 0.022307701408863068, 0.0063020652160048485, 0.05994419753551483
+    z_out, bias = 111, f32(0.9616706967353821)
+    src, dst = f32(1) / f32(1.0 / s_in), f32(1) / f32(1.0 / s_out)
+    p = RequantParams(s_in, torch.tensor([f32(s_w)]).double(), q8(s_out, z_out), torch.zeros(1, dtype=torch.int64),
+                      torch.tensor([bias]), True, "onednn-sequential-scales", "n")
+    x = acc.astype(f32)
+    expected = {
+        "onednn-sequential-scales": ((x * src) * f32(s_w) + bias) * (f32(1) / dst) + f32(z_out),
+        "onednn-product-scale": (x * (src * f32(s_w)) + bias) * (f32(1) / dst) + f32(z_out),
+    }
+    results = {}
+    for kernel, y in expected.items():
+        results[kernel] = MODE.requantize(torch.from_numpy(acc)[:, None], replace(p, kernel=kernel))[:, 0]
+        assert np.array_equal(results[kernel].numpy(), np.clip(np.rint(y), 0, 255).astype(np.int32)), kernel
+    assert not torch.equal(*results.values()), "the two orders agree on every input: the test cannot tell them apart"
 
 
 # -- requantize vs quantized conv / linear ------------------------------------------------------------------------
@@ -137,11 +173,14 @@ def _accumulators(module: nn.Module, xq: torch.Tensor) -> torch.Tensor:
 
 def _alternative(p: RequantParams) -> RequantParams:
     """The formula a careless emulation would use instead: the test shows it differs on these inputs."""
-    if p.kernel == "onednn":
-        return replace(p, kernel="fbgemm")
+    if p.kernel.startswith("onednn"):
+        other = "onednn-product-scale" if p.kernel == "onednn-sequential-scales" else "onednn-sequential-scales"
+        return replace(p, kernel=other)
     if p.per_channel:
         return replace(p, per_channel=False)
-    return replace(p, kernel="fbgemm" if p.kernel == "fbgemm-depthwise" else "fbgemm-depthwise")
+    if torch_requant.DEPTHWISE_BIAS_UNFUSED:  # the depthwise and GEMM epilogues differ only then
+        return replace(p, kernel="fbgemm" if p.kernel == "fbgemm-depthwise" else "fbgemm-depthwise")
+    return replace(p, per_channel=True)
 
 
 def _adversarial_bias(acc: torch.Tensor, p: RequantParams, g: torch.Generator, candidates: int = 256) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Each kernel's float32 evaluation order is written out in its docstring, found from the kernel sources
 and confirmed against torch's quantized ops (tests/test_torch_import.py). float32 steps are float32
-tensor ops; the one fused multiply-add is emulated exactly. Results match a PyTorch run with the same
-batch, ``torch.get_num_threads()`` and CPU capability (AVX2 or AVX512).
+tensor ops; fused multiply-adds are emulated exactly. Results match a PyTorch run with the same batch,
+``torch.get_num_threads()`` and CPU family (``CPU_FAMILIES``: which kernels PyTorch picks, and oneDNN's
+order of scale multiplications, depend on it); the family defaults to this machine's and can be set to
+reproduce another (the ``pytorch_cpu`` hardware setting).
 
 Not modeled: FBGEMM's int16 saturation of uint8*int8 pairs (depthwise kernels; every GEMM on CPUs
 without VNNI), which needs activation codes above 127 (reduce_range observers keep calibrated data
@@ -22,7 +24,12 @@ from photosim.ir.format import Node, QParams
 
 GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: TensorIterator splits larger loops over threads
 ONEDNN_MAX_GROUPS = 100  # under the x86 engine, convs with more groups run in FBGEMM
-KERNELS = ("fbgemm", "fbgemm-depthwise", "onednn")
+# oneDNN kernels differ in how they apply the source and weight scales: one after the other, or their product.
+KERNELS = ("fbgemm", "fbgemm-depthwise", "onednn-sequential-scales", "onednn-product-scale")
+# x86 CPU families whose PyTorch kernels differ: AVX2 without VNNI (every conv in FBGEMM under the x86
+# engine), AVX512 with VNNI (e.g. AMD Zen 4), and Intel CPUs with AMX tiles (oneDNN's brgemm kernels).
+CPU_FAMILIES = ("avx2", "avx512-vnni", "amx")
+DEPTHWISE_BIAS_UNFUSED = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14)
 QADD_VECTOR_STEP = 64  # 2 * Vectorized<quint8>::size() of the AVX2 kernel, which AVX512 CPUs run too
 
 
@@ -31,27 +38,47 @@ def _f32(x: float | torch.Tensor, device: torch.device | None = None) -> torch.T
     return torch.as_tensor(x, device=device).to(torch.float32)
 
 
-def _has_avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+def detect_cpu_family() -> str:
+    """This machine's entry of CPU_FAMILIES, as PyTorch sees it."""
+    if torch.cpu._is_amx_tile_supported():
+        return "amx"
+    return "avx512-vnni" if torch.cpu._is_vnni_supported() else "avx2"
 
 
-def _has_vnni() -> bool:
-    return bool(torch.cpu._is_vnni_supported())
+def resolve_cpu_family(cpu: str) -> str:
+    """``auto`` -> this machine's family; a named family as it is."""
+    if cpu == "auto":
+        return detect_cpu_family()
+    if cpu not in CPU_FAMILIES:
+        raise ValueError(f"unknown CPU family {cpu!r}; expected auto or one of {CPU_FAMILIES}")
+    return cpu
 
 
-def pytorch_kernel(node: Node, qengine: str = "x86") -> str:
-    """Which kernel PyTorch runs a conv/linear node in on this CPU under ``qengine``.
+def _onednn_kernel(node: Node, cpu: str) -> str:
+    """oneDNN's scale order on ``cpu`` (seen against torch's quantized convs): the AVX512-VNNI kernels and AMX's
+    depthwise kernel (one input and one output channel per group) apply the scales one after the other; AVX2
+    kernels and AMX's brgemm convolutions multiply by their float32 product."""
+    a = node.attrs
+    depthwise = node.op == "conv2d" and a["in_channels"] == a["groups"] == a["out_channels"]
+    if cpu == "avx512-vnni" or (cpu == "amx" and depthwise):
+        return "onednn-sequential-scales"
+    return "onednn-product-scale"
 
-    Mirrors ``should_use_onednn_quant`` (x86: oneDNN for convs with groups <= 100 on AVX512-VNNI
-    CPUs) and FBGEMM's ``takeDepthWiseFastPath`` (its depthwise kernel requantizes differently).
+
+def pytorch_kernel(node: Node, qengine: str = "x86", cpu: str = "auto") -> str:
+    """Which kernel PyTorch runs a conv/linear node in under ``qengine`` on a CPU of family ``cpu``.
+
+    Mirrors ``should_use_onednn_quant`` (x86: oneDNN for convs with groups <= 100 on VNNI CPUs) and
+    FBGEMM's ``takeDepthWiseFastPath`` (its depthwise kernel requantizes differently).
     """
+    cpu = resolve_cpu_family(cpu)
     if qengine == "onednn":
-        return "onednn"
+        return _onednn_kernel(node, cpu)
     if node.op != "conv2d":
         return "fbgemm"
     a = node.attrs
-    if qengine == "x86" and _has_vnni() and a["groups"] <= ONEDNN_MAX_GROUPS:
-        return "onednn"
+    if qengine == "x86" and cpu != "avx2" and a["groups"] <= ONEDNN_MAX_GROUPS:
+        return _onednn_kernel(node, cpu)
     kernel = tuple(a["kernel"])
     depthwise = (
         a["groups"] == a["in_channels"]
@@ -109,8 +136,10 @@ def _fbgemm(acc: torch.Tensor, p: RequantParams, bias: torch.Tensor) -> torch.Te
     else:
         reciprocal = channel_view(_f32(1.0, acc.device) / ats, acc)
         bias = channel_view(bias, acc)
-        # the depthwise kernel's multiply and add stay separate; the GEMM epilogue's are fused
-        x = x + bias * reciprocal if p.kernel == "fbgemm-depthwise" else fma_f32(bias, reciprocal, x)
+        # the GEMM epilogue fuses the multiply and add; the depthwise kernel does too up to torch 2.13 (seen on
+        # torch 2.11), while torch 2.14's keeps them separate
+        separate = p.kernel == "fbgemm-depthwise" and DEPTHWISE_BIAS_UNFUSED
+        x = x + bias * reciprocal if separate else fma_f32(bias, reciprocal, x)
     return _codes(x * channel_view(multiplier, acc), p.output)
 
 
@@ -120,15 +149,12 @@ def _onednn_scale(scale: float, device: torch.device) -> torch.Tensor:
 
 
 def _onednn(acc: torch.Tensor, p: RequantParams, bias: torch.Tensor) -> torch.Tensor:
-    """oneDNN's int8 conv: source and weight scales, float bias, output scale, zero point added in float.
-
-    The AVX512 kernels apply the two scales one after the other; the AVX2 kernels (seen on this
-    code's test machine) multiply by their float32 product.
-    """
+    """oneDNN's int8 conv: source and weight scales (in the kernel's order, see ``_onednn_kernel``), float bias,
+    output scale, zero point added in float."""
     src = _onednn_scale(p.input_scale, acc.device)
     wei = channel_view(p.weight_scale.float(), acc)
     x = acc.float()
-    x = x * src * wei if _has_avx512() else x * (src * wei)
+    x = x * src * wei if p.kernel == "onednn-sequential-scales" else x * (src * wei)
     x = x + channel_view(bias, acc)
     x = x * (_f32(1.0, acc.device) / _onednn_scale(p.output.scale, acc.device)) + float(p.output.zero_point)
     return _clamp(torch.round(x).to(torch.int64), p.output)
@@ -173,7 +199,7 @@ class PytorchRequant:
             bias = p.bias_float.float()
         else:
             bias = (p.bias.double() * p.input_scale * p.weight_scale.double()).float()
-        kernel = _onednn if p.kernel == "onednn" else _fbgemm
+        kernel = _onednn if p.kernel.startswith("onednn") else _fbgemm
         return kernel(acc, p, bias.to(acc.device))
 
     def add(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
