@@ -12,7 +12,8 @@ from torch import nn
 
 from photosim.errors import PhotosimError
 from photosim.frontend.ptq import quantize
-from photosim.ir.format import FORMAT_VERSION, METADATA_KEY, OP_ATTRIBUTES, QuantizedModel, load
+from photosim.ir.format import FORMAT_VERSION, METADATA_KEY, QuantizedModel, load
+from photosim.ir.ops import OPS
 
 
 class EveryOp(nn.Module):
@@ -41,7 +42,7 @@ def every_op() -> QuantizedModel:
 
 
 def test_every_op_type_saves_and_loads_identically(every_op: QuantizedModel, tmp_path) -> None:
-    assert {n.op for n in every_op.nodes} == set(OP_ATTRIBUTES)
+    assert {n.op for n in every_op.nodes} == set(OPS)
     path = tmp_path / "m.safetensors"
     every_op.save(path)
     back = load(path)

@@ -38,6 +38,7 @@ from photosim.engine.torch_requant import fma_f32, pytorch_kernel, quantize_val
 from photosim.errors import PhotosimError
 from photosim.frontend.torch_import import from_torch, import_torch
 from photosim.ir.format import Node, QParams, load
+from photosim.ir.ops import OPS
 
 MODE = REQUANT_MODES["pytorch"]
 HW = {"requant": "pytorch"}
@@ -360,6 +361,19 @@ class Linear(nn.Module):
         return F.relu(y) if self.relu else y
 
 
+class Reshape(nn.Module):
+    """A per-sample reshape that is not a flatten (photosim's reshape op), then a flatten into a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).reshape(x.size(0), 16, 16)
+        return self.fc(torch.flatten(y, 1))
+
+
 class Add(nn.Module):
     def __init__(self, relu: bool):
         super().__init__()
@@ -455,6 +469,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "depthwise_16": (lambda: Depthwise(16), (3, 8, 8)),
     "depthwise_104": (lambda: Depthwise(104), (3, 6, 6)),
     "mlp": (MLP, (3, 4, 4)),
+    "reshape": (Reshape, (3, 8, 8)),
 }
 
 
@@ -503,6 +518,15 @@ def test_converted_models_are_bit_exact(model: str, qconfig: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(16, *shape)
     assert_bit_exact(convert(factory(), qconfig, x), shape, x)
+
+
+def test_the_importer_handles_every_op_of_the_table() -> None:
+    """The bit-exact model tests above reach every op: an op added to photosim.ir.ops needs an import pattern."""
+    imported = set()
+    for factory, shape in MODELS.values():
+        x = torch.randn(4, *shape)
+        imported |= {n.op for n in from_torch(convert(factory(), "x86", x), shape).nodes}
+    assert imported == set(OPS)
 
 
 def test_add_over_32768_elements_split_across_threads_is_bit_exact() -> None:

@@ -23,8 +23,9 @@ from photosim.errors import PhotosimError
 from photosim.frontend.observers import ActivationObserver
 from photosim.hardware.analog import AnalogLayer, tile_plan
 from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
-from photosim.ir.format import WEIGHTED_OPS, Node, QuantizedModel, validate, weights_scale
-from photosim.ir.summary import output_shapes
+from photosim.ir.format import Node, QuantizedModel, validate, weights_scale
+from photosim.ir.ops import OPS, infer_shapes
+from photosim.ir.ranges import max_magnitude
 
 HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
 # Requant modes whose arithmetic starts by converting the accumulator to floating point: they take the
@@ -42,6 +43,22 @@ class _Layer:
     bias: torch.Tensor  # (O,) int64
     params: RequantParams
     conv: onednn.OneDNNConv | None = None  # the fast conv, where oneDNN can run this layer exactly
+
+
+Kernel = Callable[["Engine", Node, list[torch.Tensor]], torch.Tensor]
+KERNELS: dict[str, Kernel] = {}  # op name (photosim.ir.ops.OPS) -> integer kernel: (engine, node, input codes) -> codes
+
+
+def kernel(op: str) -> Callable[[Kernel], Kernel]:
+    """Register an Engine method as the integer kernel of ``op``, which must be in the op table, once."""
+
+    def register(fn: Kernel) -> Kernel:
+        if op not in OPS or op in KERNELS:
+            raise ValueError(f"kernel for {op!r}: not an op of photosim.ir.ops, or registered twice")
+        KERNELS[op] = fn
+        return fn
+
+    return register
 
 
 class Engine:
@@ -77,11 +94,11 @@ class Engine:
             raise PhotosimError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N.") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise PhotosimError(f"device {str(device)!r} was requested but no CUDA GPU is available; use --device cpu.")
-        self.layers = {n.name: self._prepare(n) for n in qmodel.nodes if n.op in WEIGHTED_OPS}
+        self.layers = {n.name: self._prepare(n) for n in qmodel.nodes if OPS[n.op].weighted}
         self.analog = {
             n.name: self._analog(i, n, seed, repeat, adc_ranges or {}, calibrate_adc, diagnostics)
             for i, n in enumerate(qmodel.nodes)
-            if n.op in WEIGHTED_OPS and (not self.settings[n.name].is_ideal
+            if OPS[n.op].weighted and (not self.settings[n.name].is_ideal
                                          or calibrate_adc and self.settings[n.name].calibrated_adc)
         }
         self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
@@ -94,7 +111,8 @@ class Engine:
         batches, nor under ``pytorch`` requant, whose adds depend on the tensor size as PyTorch's do."""
         if self.device.type != "cpu" or any(mode.name == "pytorch" for mode in self.modes.values()):
             return None
-        largest = max(math.prod(shape) for shape in output_shapes(self.model).values())
+        shapes = infer_shapes(self.model.input_name, self.model.input_shape, self.model.nodes)
+        largest = max(math.prod(shape) for shape in shapes.values())
         return max(1, SUB_BATCH_ELEMENTS // largest)
 
     def _prepare(self, node: Node) -> _Layer:
@@ -131,7 +149,7 @@ class Engine:
         weight = self.model.tensors[f"{node.name}.weight"]
         groups = node.attrs.get("groups", 1)
         x_max = max(abs(q_in.qmin - q_in.zero_point), abs(q_in.qmax - q_in.zero_point))
-        w_max = 1 << (node.w_bits - 1)
+        w_max = max_magnitude(node.w_bits)
         plan = tile_plan(weight[0].numel(), hw, x_max, w_max)
         bias = self.layers[node.name].bias.view(groups, -1) if self.modes[node.name].integer_bias else None
         layer = AnalogLayer(
@@ -170,7 +188,7 @@ class Engine:
         """
         values = {self.model.input_name: codes}
         for i, node in enumerate(self.model.nodes):
-            values[node.name] = _OPS[node.op](self, node, [values[name] for name in node.inputs])
+            values[node.name] = KERNELS[node.op](self, node, [values[name] for name in node.inputs])
             if not keep_all:
                 for name in set(node.inputs):  # an add may read one tensor twice
                     if self._last_use[name] == i and name != self.model.output:
@@ -231,6 +249,7 @@ class Engine:
         step = self.analog[node.name].step
         return self._requantize_acc(acc, self.modes[node.name], replace(params, input_scale=params.input_scale * step))
 
+    @kernel("conv2d")
     def _conv2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         a = node.attrs
         if node.name in self.analog:
@@ -244,49 +263,49 @@ class Engine:
                                      kernels.pair(a["padding"]), kernels.pair(a["dilation"]), a["groups"])
         return self._requantize(acc, layer)
 
+    @kernel("linear")
     def _linear(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
-        if xs[0].dim() != 2:
-            raise PhotosimError(f"node {node.name!r} (linear) got input of shape {tuple(xs[0].shape)}; photosim's "
-                                "linear layers take (N, features): flatten the input first.")
         if node.name in self.analog:
             acc = self.analog[node.name].linear_acc(xs[0], node.input_q[0].zero_point, self._sample_ids)
             return self._requantize_analog(acc, node)
         acc = kernels.linear_acc(xs[0], node.input_q[0].zero_point, self.layers[node.name].weights)
         return self._requantize(acc, self.layers[node.name])
 
+    @kernel("add")
     def _add(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         return self.modes[node.name].add(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
 
+    @kernel("clamp")
+    def _clamp(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        return xs[0].clamp(node.output_q.qmin, node.output_q.qmax)
+
+    @kernel("maxpool2d")
     def _maxpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         a = node.attrs
-        return kernels.max_pool2d(xs[0], kernels.pair(a["kernel"]), kernels.pair(a["stride"] or a["kernel"]),
+        return kernels.max_pool2d(xs[0], kernels.pair(a["kernel"]), kernels.pair(a["stride"]),
                                   kernels.pair(a["padding"]), kernels.pair(a["dilation"]), a["ceil_mode"])
 
+    @kernel("avgpool2d")
     def _avgpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         a = node.attrs
         sums, counts = kernels.avg_pool2d_sums(
-            xs[0], node.input_q[0].zero_point, kernels.pair(a["kernel"]), kernels.pair(a["stride"] or a["kernel"]),
+            xs[0], node.input_q[0].zero_point, kernels.pair(a["kernel"]), kernels.pair(a["stride"]),
             kernels.pair(a["padding"]), a["ceil_mode"], a["count_include_pad"], a["divisor_override"])
         return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
 
+    @kernel("adaptive_avgpool2d")
     def _adaptive_avgpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
-        size = node.attrs["output_size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        sums, counts = kernels.adaptive_avg_pool2d_sums(xs[0], node.input_q[0].zero_point, size)
+        sums, counts = kernels.adaptive_avg_pool2d_sums(xs[0], node.input_q[0].zero_point,
+                                                        kernels.pair(node.attrs["output_size"]))
         return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
 
+    @kernel("flatten")
+    def _flatten(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        return xs[0].flatten(node.attrs["start_dim"])
 
-_OPS: dict[str, Callable[[Engine, Node, list[torch.Tensor]], torch.Tensor]] = {
-    "conv2d": Engine._conv2d,
-    "linear": Engine._linear,
-    "add": Engine._add,
-    "clamp": lambda _, node, xs: xs[0].clamp(node.output_q.qmin, node.output_q.qmax),
-    "maxpool2d": Engine._maxpool2d,
-    "avgpool2d": Engine._avgpool2d,
-    "adaptive_avgpool2d": Engine._adaptive_avgpool2d,
-    "flatten": lambda _, node, xs: xs[0].flatten(node.attrs["start_dim"]),
-    "reshape": lambda _, node, xs: xs[0].reshape(xs[0].shape[0], *node.attrs["shape"]),
-}
+    @kernel("reshape")
+    def _reshape(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        return xs[0].reshape(xs[0].shape[0], *node.attrs["shape"])
 
 
 def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -17,13 +17,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from photosim.ir.ops import conv_output_size
+from photosim.ir.ranges import int_range, max_magnitude
+
 MatmulPath = Literal["int_mm", "float32", "float64", "int64"]
 MATMUL_PATHS: tuple[MatmulPath, ...] = ("int_mm", "float32", "float64", "int64")
 _MANTISSA_BITS = {"float32": 24, "float64": 53}
 _OPERAND_DTYPES = {"int_mm": torch.int8, "float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
 # A float32 plan whose K chunks would be shorter than this is slower than one float64 matmul.
 MIN_FLOAT32_CHUNK = 64
-INT8_MIN, INT8_MAX = -128, 127
+INT8_MIN, INT8_MAX = int_range(8)
 # torch._int_mm on CUDA: rows > 16, inner and output sizes multiples of 8.
 _CUDA_INT_MM_MIN_ROWS, _CUDA_INT_MM_MULTIPLE = 17, 8
 
@@ -60,7 +63,7 @@ class MatmulPlan:
 
 def worst_case_bound(k: int, x_range: IntPair, w_bits: int) -> int:
     """``K * Xmax * Wmax``: the largest |partial sum| a K-term dot product can reach."""
-    return k * max(-x_range[0], x_range[1], 0) * (1 << (w_bits - 1))
+    return k * max(-x_range[0], x_range[1], 0) * max_magnitude(w_bits)
 
 
 def _float_chunk(path: str, x_range: IntPair, w_bits: int, k: int) -> int:
@@ -209,16 +212,6 @@ def matmul_exact(a: torch.Tensor, w: IntegerWeights) -> torch.Tensor:
 def centred(x: torch.Tensor, z_in: int, plan: MatmulPlan) -> torch.Tensor:
     """Codes -> matmul operands ``x - z_in - plan.offset`` in the plan's dtype (exact)."""
     return (x.to(torch.int32) - (z_in + plan.offset)).to(plan.dtype)
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
-                     ceil_mode: bool = False) -> int:
-    """PyTorch's conv / pool output length (``pooling_output_shape``)."""
-    span = size + 2 * padding - dilation * (kernel - 1) - 1
-    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1  # the last window must start inside the input or its left padding
-    return out
 
 
 def _windows(x: torch.Tensor, kernel: IntPair, stride: IntPair, dilation: IntPair,

@@ -15,8 +15,9 @@ import torch
 
 from photosim.errors import PhotosimError
 from photosim.ir.format import QParams
+from photosim.ir.ranges import int_range
 
-INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+INT32_MIN, INT32_MAX = int_range(32)
 
 
 @dataclass(frozen=True)

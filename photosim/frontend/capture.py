@@ -18,12 +18,14 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from photosim.errors import PhotosimError
+from photosim.ir.ops import OPS, weighted_ops
 
-SUPPORTED = (
-    "Conv2d (zeros padding), Linear, BatchNorm1d/2d after a conv/linear (folded), ReLU, ReLU6, Hardtanh, "
-    "clamp with constant bounds, residual add (+ / torch.add), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
-    "flatten, view/reshape, Dropout and Identity (removed in eval)"
+SUPPORTED = ", ".join(layer for op in OPS.values() for layer in op.layers) + (
+    "; BatchNorm1d/2d after a conv/linear (folded); Dropout and Identity (removed in eval). Conv2d needs zeros "
+    "padding, clamp constant bounds"
 )
+_ACTIVATION_FUSABLE = tuple(name for name, op in OPS.items() if op.observed)  # a ReLU narrows their clamp range
+_BATCHNORM_FUSABLE = weighted_ops()
 PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 PASS_THROUGH_CALLS = {F.dropout, "contiguous", "clone", "detach"}
 _SHAPE_CALLS = {"size", getattr, operator.getitem, operator.mul, operator.floordiv}
@@ -56,7 +58,8 @@ class FloatGraph:
         if observe:
             observe("input", x)
         for node in self.nodes:
-            values[node.name] = y = _FLOAT_OPS[node.op](node, *(values[i] for i in node.inputs))
+            y = OPS[node.op].reference(node.attrs, [values[i] for i in node.inputs], node.weight, node.bias)
+            values[node.name] = y = y if node.act is None else y.clamp(node.act[0], node.act[1])
             if observe:
                 observe(node.name, y)
         return values[self.output]
@@ -64,30 +67,6 @@ class FloatGraph:
 
 def _pair(v: Any) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [int(v), int(v)]
-
-
-def _clamp_act(node: FloatNode, y: torch.Tensor) -> torch.Tensor:
-    return y if node.act is None else y.clamp(node.act[0], node.act[1])
-
-
-_FLOAT_OPS = {
-    "conv2d": lambda n, x: _clamp_act(
-        n, F.conv2d(x, n.weight, n.bias, n.attrs["stride"], n.attrs["padding"], n.attrs["dilation"], n.attrs["groups"])
-    ),
-    "linear": lambda n, x: _clamp_act(n, F.linear(x, n.weight, n.bias)),
-    "add": lambda n, a, b: _clamp_act(n, a + b),
-    "clamp": lambda n, x: _clamp_act(n, x),
-    "maxpool2d": lambda n, x: F.max_pool2d(
-        x, n.attrs["kernel"], n.attrs["stride"], n.attrs["padding"], n.attrs["dilation"], n.attrs["ceil_mode"]
-    ),
-    "avgpool2d": lambda n, x: F.avg_pool2d(
-        x, n.attrs["kernel"], n.attrs["stride"], n.attrs["padding"], n.attrs["ceil_mode"],
-        n.attrs["count_include_pad"], n.attrs["divisor_override"],
-    ),
-    "adaptive_avgpool2d": lambda n, x: F.adaptive_avg_pool2d(x, n.attrs["output_size"]),
-    "flatten": lambda n, x: torch.flatten(x, n.attrs["start_dim"]),
-    "reshape": lambda n, x: x.reshape(x.shape[0], *n.attrs["shape"]),
-}
 
 
 def conv_attrs(m: nn.Conv2d, name: str) -> dict[str, Any]:
@@ -213,7 +192,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             bind(node, src(args[0]))
             continue
         if bounds is not None:
-            producer = fusable(args[0], ("conv2d", "linear", "add"))
+            producer = fusable(args[0], _ACTIVATION_FUSABLE)
             if producer is not None:
                 lo, hi = producer.act or (float("-inf"), float("inf"))
                 producer.act = (max(lo, bounds[0]), min(hi, bounds[1]))
@@ -227,7 +206,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             new = FloatNode(name, "linear", [src(args[0])], {"in_features": module.in_features,
                             "out_features": module.out_features}, module.weight.detach().clone(), _bias(module))
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            producer = fusable(args[0], ("conv2d", "linear"))
+            producer = fusable(args[0], _BATCHNORM_FUSABLE)
             if producer is None or producer.act is not None:
                 unsupported.append(f"{name} (BatchNorm not directly after a conv/linear) at {_source_line(node)}")
                 continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from photosim.ir.format import QParams
+from photosim.ir.ranges import int_range, max_int, narrow_range
 
 MSE_GRID = torch.linspace(0.05, 1.0, 96, dtype=torch.float64)  # clip fractions tried by `mse`
 SAMPLES_PER_BATCH = 1 << 16  # activation values kept per calibration batch for percentile / mse
@@ -22,10 +22,10 @@ def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
 
 def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point covering [lo, hi] (float64): symmetric (zero point 0) when signed."""
-    qmin, qmax = QParams.storage_range(bits, signed)
+    qmin, qmax = int_range(bits, signed)
     if signed:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = amax / ((1 << (bits - 1)) - 1)
+        scale = amax / max_int(bits, signed=True)
         zero_point = torch.zeros_like(scale)
     else:
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # the range always holds 0 exactly
@@ -37,9 +37,7 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, signed: bool) -
 
 def mse_clip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """Fraction of [lo, hi] (per row of x) whose quantization has the least MSE. x: (rows, n)."""
-    qmin, qmax = QParams.storage_range(bits, signed)
-    if signed:
-        qmin = -qmax  # symmetric weights use the narrow range
+    qmin, qmax = narrow_range(bits) if signed else int_range(bits, signed)  # symmetric weights: narrow range
     errors = []
     for frac in MSE_GRID:
         scale, zp = affine_params(lo * frac, hi * frac, bits, signed)
@@ -61,9 +59,9 @@ def weight_scale(w: torch.Tensor, bits: int, per_channel: bool, method: str) -> 
 
 def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed symmetric codes in the narrow range [-(2^(b-1)-1), 2^(b-1)-1], rounded half to even."""
-    qmax = (1 << (bits - 1)) - 1
+    qmin, qmax = narrow_range(bits)
     s = scale.double().reshape(-1, *([1] * (w.dim() - 1))) if scale.dim() else scale.double()
-    return torch.round(w.detach().double() / s).clamp(-qmax, qmax).to(torch.int64)
+    return torch.round(w.detach().double() / s).clamp(qmin, qmax).to(torch.int64)
 
 
 class ActivationObserver:

@@ -23,9 +23,9 @@ from photosim.frontend.capture import FloatGraph, FloatNode, capture
 from photosim.frontend.data import calibration_batches
 from photosim.frontend.observers import ActivationObserver, affine_params, quantize_weight, weight_scale
 from photosim.frontend.qconfig import LayerSettings, QuantSpec
-from photosim.ir.format import WEIGHTED_OPS, Node, QParams, QuantizedModel, bias_dtype, weight_dtype
-
-_OBSERVED_OPS = ("conv2d", "linear", "add")  # ops whose output gets its own scale and zero point
+from photosim.ir.format import Node, QParams, QuantizedModel, bias_dtype, weight_dtype
+from photosim.ir.ops import OPS
+from photosim.ir.ranges import int_range
 
 
 def _activation_qparams(obs: ActivationObserver, s: LayerSettings, act: tuple[float, float] | None,
@@ -35,7 +35,7 @@ def _activation_qparams(obs: ActivationObserver, s: LayerSettings, act: tuple[fl
         lo, hi = max(lo, act[0]), min(hi, act[1])
     scale_t, zp_t = affine_params(torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64),
                                   s.a_bits, signed=not unsigned)
-    qmin, qmax = QParams.storage_range(s.a_bits, signed=not unsigned)
+    qmin, qmax = int_range(s.a_bits, signed=not unsigned)
     q = QParams(float(scale_t), int(zp_t), s.a_bits, not unsigned, qmin, qmax)
     return _with_clamp(q, act)
 
@@ -54,7 +54,7 @@ def _with_clamp(q: QParams, act: tuple[float, float] | None) -> QParams:
 
 
 def _observe(graph: FloatGraph, batches: list[torch.Tensor], progress: bool) -> dict[str, ActivationObserver]:
-    names = ["input"] + [n.name for n in graph.nodes if n.op in _OBSERVED_OPS]
+    names = ["input"] + [n.name for n in graph.nodes if OPS[n.op].observed]
     observers = {name: ActivationObserver(seed=i) for i, name in enumerate(names)}
 
     def observe(name: str, y: torch.Tensor) -> None:
@@ -74,7 +74,7 @@ def _weighted_node(node: FloatNode, s: LayerSettings, input_q: QParams, tensors:
     tensors[f"{node.name}.weight_scale"] = scale
     bias_scale = input_q.scale * scale.double().expand(node.weight.shape[0])
     bias = torch.round(node.bias.double() / bias_scale)
-    lo, hi = QParams.storage_range(s.bias_bits, True)
+    lo, hi = int_range(s.bias_bits, True)
     saturated = int(((bias < lo) | (bias > hi)).sum())
     tensors[f"{node.name}.bias"] = bias.clamp(lo, hi).to(torch.int64).to(bias_dtype(s.bias_bits))
     return saturated
@@ -85,7 +85,7 @@ def quantize(model: nn.Module, calibration_data: Any, spec: QuantSpec | dict | s
     """Post-training quantization of ``model`` to an integer model.
 
     Args:
-        model: float model, fx-traceable, built from the supported ops (see ``photosim.graph.SUPPORTED``).
+        model: float model, fx-traceable, built from the supported ops (see ``photosim.frontend.capture.SUPPORTED``).
         calibration_data: input batches (tensor, Dataset, DataLoader or iterable of tensors / (x, y)).
         spec: QuantSpec, the equivalent dict, or a YAML path; None = 8-bit defaults.
         progress: show a progress bar over calibration batches.
@@ -113,13 +113,13 @@ def quantize(model: nn.Module, calibration_data: Any, spec: QuantSpec | dict | s
     for fnode in graph.nodes:
         s = spec.for_layer(fnode.name)
         input_q = [qparams[i] for i in fnode.inputs]
-        if fnode.op in _OBSERVED_OPS:
+        if OPS[fnode.op].observed:
             output_q = _activation_qparams(observers[fnode.name], s, fnode.act, unsigned=fnode.act is not None)
         else:  # clamp, pools, flatten, reshape keep their input's quantization
             output_q = _with_clamp(input_q[0], fnode.act)
         qparams[fnode.name] = output_q
         node = Node(fnode.name, fnode.op, fnode.inputs, input_q, output_q, dict(fnode.attrs))
-        if fnode.op in WEIGHTED_OPS:
+        if OPS[fnode.op].weighted:
             node.w_bits, node.bias_bits = s.w_bits, s.bias_bits
             count = _weighted_node(fnode, s, input_q[0], tensors)
             if count:

@@ -8,13 +8,14 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from photosim._config import StrictModel
+from photosim.ir.ranges import MAX_BITS, MIN_BITS
 
 
 class LayerSettings(StrictModel):
     """Settings that a per-layer override may change; None keeps the global value."""
 
-    w_bits: int | None = Field(None, ge=2, le=16, description="Weight bits (signed, symmetric).")
-    a_bits: int | None = Field(None, ge=2, le=16, description="Bits of this layer's output activations.")
+    w_bits: int | None = Field(None, ge=MIN_BITS, le=MAX_BITS, description="Weight bits (signed, symmetric).")
+    a_bits: int | None = Field(None, ge=MIN_BITS, le=MAX_BITS, description="Bits of this layer's output activations.")
     bias_bits: int | None = Field(None, ge=8, le=64, description="Integer bias bits.")
     weight_granularity: Literal["per_channel", "per_tensor"] | None = Field(
         None, description="One weight scale per output channel, or one per tensor."
@@ -42,8 +43,8 @@ class QuantSpec(StrictModel):
     """
 
     preset_kind: ClassVar[str | None] = "quant"
-    w_bits: int = Field(8, ge=2, le=16, description="Weight bits (signed, symmetric, zero point 0).")
-    a_bits: int = Field(8, ge=2, le=16, description="Activation bits (unsigned after ReLU-like ops).")
+    w_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS, description="Weight bits (signed, symmetric, zero point 0).")
+    a_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS, description="Activation bits (unsigned after ReLU-like ops).")
     bias_bits: int = Field(32, ge=8, le=64, description="Integer bias bits; the bias saturates at this range.")
     weight_granularity: Literal["per_channel", "per_tensor"] = Field(
         "per_channel", description="One weight scale per output channel, or one per tensor."

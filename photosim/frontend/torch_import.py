@@ -19,6 +19,7 @@ import torch.ao.nn.quantized as nnq
 from torch import fx, nn
 
 from photosim._imports import call_object
+from photosim.engine.requant import INT32_MAX, INT32_MIN
 from photosim.engine.torch_requant import quantize_val
 from photosim.errors import PhotosimError
 from photosim.frontend.capture import (
@@ -48,7 +49,6 @@ _POOLS = (torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
           torch.nn.functional.adaptive_avg_pool2d)
 _PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 _PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
-INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 W_BITS, BIAS_BITS, A_BITS = 8, 32, 8
 
 

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import torch
 
+from photosim.ir.ranges import int_range, max_magnitude
+
 OVERFLOW_MODES = ("wrap", "saturate", "none")
-
-
-def signed_range(bits: int) -> tuple[int, int]:
-    """Range of a two's-complement accumulator of ``bits`` bits."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 def wrap(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Two's-complement wrap-around: ``x mod 2^bits`` mapped to the signed range."""
-    half = 1 << (bits - 1)
-    return torch.remainder(x + half, 1 << bits) - half
+    half = max_magnitude(bits)
+    return torch.remainder(x + half, 2 * half) - half
 
 
 def accumulate(tiles: torch.Tensor, bias: torch.Tensor | None, bits: int, overflow: str,
@@ -33,7 +30,7 @@ def accumulate(tiles: torch.Tensor, bias: torch.Tensor | None, bits: int, overfl
     if bias is not None:
         bias_term = bias.expand(tiles.shape[:-1]).unsqueeze(-1)
         terms = torch.cat([bias_term, tiles] if bias_at == "start" else [tiles, bias_term], dim=-1)
-    lo, hi = signed_range(bits)
+    lo, hi = int_range(bits, signed=True)
     prefix = torch.cumsum(terms, dim=-1)  # exact running sums, (..., T + 1)
     overflowed = ((prefix < lo) | (prefix > hi)).any(dim=-1)
     total = prefix[..., -1]

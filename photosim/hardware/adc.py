@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from photosim.ir.ranges import max_int, narrow_range
+
 
 def adc_step(full_range: float, bits: int) -> float:
     """Step (LSB) in units of one integer product for a symmetric ``bits``-bit ADC spanning +-range.
@@ -12,7 +14,7 @@ def adc_step(full_range: float, bits: int) -> float:
     product resolves nothing more on integer tile sums, so it is capped at 1: an ADC with enough bits is
     exactly the ideal readout.
     """
-    return max(1.0, full_range / ((1 << (bits - 1)) - 1))
+    return max(1.0, full_range / max_int(bits, signed=True))
 
 
 def digitize(p: torch.Tensor, step: float, bits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,6 +25,6 @@ def digitize(p: torch.Tensor, step: float, bits: int | None) -> tuple[torch.Tens
     codes = torch.round(p / step) if step != 1.0 else torch.round(p)
     if bits is None:
         return codes.to(torch.int64), torch.zeros_like(codes, dtype=torch.bool)
-    top = (1 << (bits - 1)) - 1
-    clipped = codes.abs() > top
-    return codes.clamp(-top, top).to(torch.int64), clipped
+    lo, hi = narrow_range(bits)
+    clipped = codes.abs() > hi
+    return codes.clamp(lo, hi).to(torch.int64), clipped

@@ -15,10 +15,11 @@ from photosim._imports import load_object
 from photosim.engine import kernels, onednn
 from photosim.frontend.observers import ActivationObserver
 from photosim.hardware import rng
-from photosim.hardware.accumulator import accumulate, signed_range
+from photosim.hardware.accumulator import accumulate
 from photosim.hardware.adc import adc_step, digitize
 from photosim.hardware.config import LayerHardware
 from photosim.hardware.noise import TILE_NOISE, WEIGHT_NOISE
+from photosim.ir.ranges import max_int
 
 # Upper bound on the bytes of the per-tile tensors of one sub-batch (tile values, noise, codes).
 TILE_BYTES = 1 << 24
@@ -184,7 +185,7 @@ class AnalogLayer:
         """
         cfg = self.hw.accumulator
         largest = _largest_abs(codes) * codes.shape[1] + (0 if bias is None else _largest_abs(bias))
-        if largest <= signed_range(cfg.bits)[1]:
+        if largest <= max_int(cfg.bits, signed=True):
             acc = codes[:, 0] if codes.shape[1] == 1 else codes.sum(dim=1)  # codes is ours to add the bias into
             return (acc if bias is None else acc.add_(bias)), 0
         acc, overflowed = accumulate(codes.permute(0, 2, 3, 1), bias, cfg.bits, cfg.overflow, cfg.bias_at)

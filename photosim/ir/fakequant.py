@@ -9,9 +9,9 @@ can be compared.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from photosim.ir.format import Node, QParams, QuantizedModel, weights_scale
+from photosim.ir.ops import OPS
 
 
 def fake_quantize(x: torch.Tensor, q: QParams) -> torch.Tensor:
@@ -30,30 +30,10 @@ def _dequantized_params(model: QuantizedModel, node: Node) -> tuple[torch.Tensor
 
 def run_node(model: QuantizedModel, node: Node, *inputs: torch.Tensor) -> torch.Tensor:
     """One node on dequantized float64 inputs -> its fake-quantized float64 output."""
-    a = node.attrs
-    x = inputs[0]
-    if node.op == "conv2d":
-        weight, bias = _dequantized_params(model, node)
-        y = F.conv2d(x, weight, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
-    elif node.op == "linear":
-        weight, bias = _dequantized_params(model, node)
-        y = F.linear(x, weight, bias)
-    elif node.op == "add":
-        y = x + inputs[1]
-    elif node.op == "maxpool2d":
-        return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
-    elif node.op == "avgpool2d":
-        y = F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
-                         a["divisor_override"])
-    elif node.op == "adaptive_avgpool2d":
-        y = F.adaptive_avg_pool2d(x, a["output_size"])
-    elif node.op == "flatten":
-        return torch.flatten(x, a["start_dim"])
-    elif node.op == "reshape":
-        return x.reshape(x.shape[0], *a["shape"])
-    else:  # clamp
-        y = x
-    return fake_quantize(y, node.output_q)
+    op = OPS[node.op]
+    weight, bias = _dequantized_params(model, node) if op.weighted else (None, None)
+    y = op.reference(node.attrs, inputs, weight, bias)
+    return y if op.moves_codes else fake_quantize(y, node.output_q)
 
 
 def fake_quant_forward(model: QuantizedModel, x: torch.Tensor) -> torch.Tensor:

@@ -19,25 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from photosim.errors import PhotosimError
+from photosim.ir.ops import OPS, AttrError, infer_shapes, weighted_ops
+from photosim.ir.ranges import MAX_BIAS_BITS, MAX_BITS, MIN_BITS, int_range, smallest_int_dtype
 
 FORMAT_VERSION = 1
 METADATA_KEY = "photosim"
-
-# op -> the attribute keys it must carry in the JSON node (besides the common keys).
-OP_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "conv2d": ("in_channels", "out_channels", "kernel", "stride", "padding", "dilation", "groups"),
-    "linear": ("in_features", "out_features"),
-    "add": (),
-    "clamp": (),
-    "maxpool2d": ("kernel", "stride", "padding", "dilation", "ceil_mode"),
-    "avgpool2d": ("kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-    "adaptive_avgpool2d": ("output_size",),
-    "flatten": ("start_dim",),
-    "reshape": ("shape",),
-}
-WEIGHTED_OPS = ("conv2d", "linear")
-MIN_BITS, MAX_BITS = 2, 16
-MAX_BIAS_BITS = 64
+WEIGHTED_OPS = weighted_ops()
+_FIX = "Re-export the model (photosim quantize / import-torch) or correct the file."
 
 
 @dataclass(frozen=True)
@@ -58,7 +46,7 @@ class QParams:
     @staticmethod
     def storage_range(bits: int, signed: bool) -> tuple[int, int]:
         """The code range of ``bits``-bit signed or unsigned integers."""
-        return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        return int_range(bits, signed)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Float -> codes as PyTorch's ``quantize_per_tensor``: multiply by the float32 reciprocal, round
@@ -152,10 +140,10 @@ def _from_json(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Quantiz
     nodes = []
     for entry in doc["nodes"]:
         op = entry["op"]
-        if op not in OP_ATTRIBUTES:
+        if op not in OPS:
             raise PhotosimError(
                 f"node {entry.get('name')!r} has op {op!r}, which this photosim does not know "
-                f"(known ops: {', '.join(OP_ATTRIBUTES)}). The file was written by a newer photosim "
+                f"(known ops: {', '.join(OPS)}). The file was written by a newer photosim "
                 "or by another tool; upgrade photosim or re-export the model."
             )
         n_inputs = len(entry["inputs"])
@@ -163,7 +151,7 @@ def _from_json(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Quantiz
             QParams(**{k: entry[f"input_{k}"][i] for k in _Q_KEYS}) for i in range(n_inputs)
         ]
         output_q = QParams(**{k: entry[f"output_{k}"] for k in _Q_KEYS})
-        attrs = {k: entry[k] for k in OP_ATTRIBUTES[op]}
+        attrs = {k: entry[k] for k in OPS[op].attr_names if k in entry}  # validate() names missing ones
         nodes.append(
             Node(entry["name"], op, list(entry["inputs"]), input_q, output_q, attrs,
                  entry.get("w_bits"), entry.get("bias_bits"))
@@ -222,17 +210,9 @@ def load(path: str | Path) -> QuantizedModel:
     return model
 
 
-def _smallest_int_dtype(lo: int, hi: int) -> torch.dtype:
-    for dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
-        info = torch.iinfo(dtype)
-        if info.min <= lo and hi <= info.max:
-            return dtype
-    raise ValueError(f"range [{lo}, {hi}] does not fit int64")
-
-
 def weight_dtype(w_bits: int) -> torch.dtype:
     """Smallest integer dtype holding signed ``w_bits``-bit codes."""
-    return _smallest_int_dtype(*QParams.storage_range(w_bits, True))
+    return smallest_int_dtype(*int_range(w_bits, True))
 
 
 def bias_dtype(bias_bits: int) -> torch.dtype:
@@ -240,14 +220,28 @@ def bias_dtype(bias_bits: int) -> torch.dtype:
     return torch.int32 if bias_bits <= 32 else torch.int64
 
 
+def _refuse(where: str, problem: str) -> PhotosimError:
+    """The error for an inconsistent file: the culprit, what is wrong with it, and the fix."""
+    return PhotosimError(f"{where}: {problem}. {_FIX}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_bits(where: str, bits: Any, lo: int = MIN_BITS, hi: int = MAX_BITS) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi:
+    if not _is_int(bits) or not lo <= bits <= hi:
         raise PhotosimError(f"{where}: {bits!r} bits cannot be represented; photosim supports {lo} to {hi} bits.")
 
 
 def _check_q(where: str, q: QParams) -> None:
+    """The quantization of one tensor, checked where it is produced (the graph input or a node's output)."""
+    if not (all(_is_int(v) for v in (q.zero_point, q.qmin, q.qmax)) and isinstance(q.signed, bool)
+            and isinstance(q.scale, (int, float)) and not isinstance(q.scale, bool)):
+        raise _refuse(where, f"zero point {q.zero_point!r}, clamp range [{q.qmin!r}, {q.qmax!r}], signed "
+                             f"{q.signed!r} and scale {q.scale!r} must be integers, a boolean and a number")
     _check_bits(where, q.bits)
-    lo, hi = QParams.storage_range(q.bits, q.signed)
+    lo, hi = int_range(q.bits, q.signed)
     if not (lo <= q.qmin <= q.qmax <= hi and lo <= q.zero_point <= hi):
         raise PhotosimError(
             f"{where}: clamp range [{q.qmin}, {q.qmax}] or zero point {q.zero_point} lies outside the "
@@ -263,69 +257,79 @@ def _check_range(where: str, t: torch.Tensor, lo: int, hi: int) -> None:
 
 
 def validate(model: QuantizedModel, source: str = "model") -> None:
-    """Check the graph, dtypes, shapes and integer ranges; raise PhotosimError naming the culprit."""
+    """Check the graph, attributes, shapes, dtypes and integer ranges; raise PhotosimError naming the culprit."""
+    shape = model.input_shape
+    if not (isinstance(shape, (tuple, list)) and shape and all(_is_int(d) and d >= 1 for d in shape)):
+        raise _refuse(f"{source}: graph input", f"shape {list(shape)} must be a non-empty list of positive integers")
     _check_q(f"{source}: graph input", model.input_q)
     produced = {model.input_name: model.input_q}  # tensor name -> its quantization
     for n in model.nodes:
         where = f"{source}: node {n.name!r} ({n.op})"
-        missing = [k for k in OP_ATTRIBUTES.get(n.op, ()) if k not in n.attrs]
-        if n.op not in OP_ATTRIBUTES or missing:
-            raise PhotosimError(f"{where}: unknown op or missing attributes {missing}.")
-        unknown_inputs = [i for i in n.inputs if i not in produced]
-        if unknown_inputs or len(n.inputs) != len(n.input_q) or not n.inputs:
-            raise PhotosimError(f"{where}: inputs {n.inputs} are not all produced by earlier nodes.")
+        if n.op not in OPS:
+            raise _refuse(where, f"unknown op (known ops: {', '.join(OPS)})")
+        op = OPS[n.op]
+        if not isinstance(n.name, str) or n.name in produced:
+            raise _refuse(where, "the name is not a string or is taken by an earlier tensor; names must be unique")
+        try:
+            op.check_attrs(n.attrs)
+        except AttrError as exc:
+            raise _refuse(where, str(exc)) from None
+        unknown_inputs = [i for i in n.inputs if not isinstance(i, str) or i not in produced]
+        if unknown_inputs or len(n.inputs) != len(n.input_q) or len(n.inputs) != op.inputs:
+            raise _refuse(where, f"inputs {n.inputs} are not all produced by earlier nodes, or are not "
+                                 f"{op.inputs} with one quantization each")
         for i, (name, q) in enumerate(zip(n.inputs, n.input_q)):
             if q != produced[name]:
-                raise PhotosimError(f"{where}: input {i} quantization differs from that of {name!r}, its producer.")
+                raise _refuse(where, f"input {i} quantization (scale {q.scale}, zero point {q.zero_point}) differs "
+                                     f"from that of {name!r}, its producer (scale {produced[name].scale}, zero "
+                                     f"point {produced[name].zero_point})")
         _check_q(f"{where} output", n.output_q)
-        if n.op == "conv2d":
-            _validate_conv_attrs(n.attrs, where)
-        if n.op in WEIGHTED_OPS:
+        if op.keeps_quantization and _storage(n.output_q) != _storage(n.input_q[0]):
+            raise _refuse(where, f"output scale, zero point and bits {_storage(n.output_q)} differ from the "
+                                 f"input's {_storage(n.input_q[0])}; this op keeps its input's quantization")
+        if op.weighted:
             _validate_weights(model, n, where)
         produced[n.name] = n.output_q
     if model.output not in produced:
         raise PhotosimError(f"{source}: graph output {model.output!r} is not produced by any node.")
+    try:
+        infer_shapes(model.input_name, model.input_shape, model.nodes)
+    except AttrError as exc:
+        raise _refuse(source, str(exc)) from None
 
 
-def _validate_conv_attrs(a: dict[str, Any], where: str) -> None:
-    pairs_ok = all(isinstance(a[k], list) and len(a[k]) == 2 for k in ("kernel", "stride", "padding", "dilation"))
-    if not pairs_ok or min(a["kernel"] + a["stride"] + a["dilation"]) < 1 or min(a["padding"]) < 0:
-        raise PhotosimError(f"{where}: kernel, stride, dilation must be pairs >= 1 and padding a pair >= 0.")
-    if a["groups"] < 1 or a["in_channels"] % a["groups"] or a["out_channels"] % a["groups"]:
-        raise PhotosimError(f"{where}: groups {a['groups']} must divide in_channels and out_channels.")
+def _storage(q: QParams) -> tuple[float, int, int, bool]:
+    return q.scale, q.zero_point, q.bits, q.signed
 
 
 def _validate_weights(model: QuantizedModel, n: Node, where: str) -> None:
     _check_bits(f"{where} weights", n.w_bits)
     _check_bits(f"{where} bias", n.bias_bits, 2, MAX_BIAS_BITS)
-    a = n.attrs
-    if n.op == "conv2d":
-        kh, kw = a["kernel"]
-        w_shape = (a["out_channels"], a["in_channels"] // a["groups"], kh, kw)
-    else:
-        w_shape = (a["out_features"], a["in_features"])
+    w_shape = OPS[n.op].weight_shape(n.attrs)
     out_channels = w_shape[0]
     expected = {
-        "weight": (w_shape, None),
-        "bias": ((out_channels,), None),
+        "weight": (w_shape, weight_dtype(n.w_bits)),
+        "bias": ((out_channels,), bias_dtype(n.bias_bits)),
         "weight_scale": (None, torch.float32),
+        "bias_float": ((out_channels,), torch.float32),
     }
     for suffix, (shape, dtype) in expected.items():
         key = f"{n.name}.{suffix}"
         t = model.tensors.get(key)
+        if t is None and suffix == "bias_float":
+            continue  # optional: only models imported from PyTorch have it
         if t is None:
             raise PhotosimError(f"{where}: tensor {key!r} is missing.")
         if shape is not None and tuple(t.shape) != shape:
             raise PhotosimError(f"{where}: tensor {key!r} has shape {tuple(t.shape)}, expected {shape}.")
-        if dtype is not None and t.dtype != dtype:
-            raise PhotosimError(f"{where}: tensor {key!r} has dtype {t.dtype}, expected {dtype}.")
+        if t.dtype != dtype:
+            kind = "float" if dtype.is_floating_point else "integer"
+            raise _refuse(where, f"tensor {key!r} has dtype {t.dtype}; the spec's {kind} dtype for it is {dtype}")
     w, b, s = (model.tensors[f"{n.name}.{k}"] for k in ("weight", "bias", "weight_scale"))
-    if w.dtype.is_floating_point or b.dtype.is_floating_point:
-        raise PhotosimError(f"{where}: weight and bias must be integer tensors, got {w.dtype} and {b.dtype}.")
     if s.shape not in ((), (out_channels,)) or not bool(torch.all(s > 0) & torch.all(torch.isfinite(s))):
         raise PhotosimError(f"{where}: weight_scale must be positive, a scalar or one per output channel.")
-    _check_range(f"{where} weight", w, *QParams.storage_range(n.w_bits, True))
-    _check_range(f"{where} bias", b, *QParams.storage_range(n.bias_bits, True))
+    _check_range(f"{where} weight", w, *int_range(n.w_bits, True))
+    _check_range(f"{where} bias", b, *int_range(n.bias_bits, True))
 
 
 def weights_scale(model: QuantizedModel, node: Node) -> torch.Tensor:

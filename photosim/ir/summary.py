@@ -5,32 +5,26 @@ from __future__ import annotations
 import math
 
 import pandas as pd
-import torch
 
-from photosim.ir.fakequant import run_node
-from photosim.ir.format import WEIGHTED_OPS, Node, QuantizedModel
+from photosim.ir.format import Node, QuantizedModel
+from photosim.ir.ops import OPS, infer_shapes
+from photosim.ir.ranges import max_int
 
 
 def dot_length(node: Node) -> int:
     """K: the number of products summed into one output of a conv/linear."""
-    a = node.attrs
-    if node.op == "conv2d":
-        return a["in_channels"] // a["groups"] * a["kernel"][0] * a["kernel"][1]
-    return a["in_features"]
+    return OPS[node.op].dot_length(node.attrs)
 
 
 def worst_case_acc_bits(input_bits: int, w_bits: int, k: int, bias_bits: int | None = None) -> int:
     """Brevitas' bound ``ceil(log2((2^b_in - 1)(2^b_w - 1) K))``; with a bias, ``max(that, b_bias) + 1``."""
-    bits = math.ceil(math.log2((2**input_bits - 1) * (2**w_bits - 1) * k))
+    bits = math.ceil(math.log2(max_int(input_bits, signed=False) * max_int(w_bits, signed=False) * k))
     return bits if bias_bits is None else max(bits, bias_bits) + 1
 
 
 def output_shapes(model: QuantizedModel) -> dict[str, tuple[int, ...]]:
-    """Per-sample output shape of every tensor, by running the reference on one zero input."""
-    values = {model.input_name: torch.zeros(1, *model.input_shape, dtype=torch.float64)}
-    for node in model.nodes:
-        values[node.name] = run_node(model, node, *(values[i] for i in node.inputs))
-    return {name: tuple(v.shape[1:]) for name, v in values.items()}
+    """Per-sample shape of the graph input and every node's output, inferred from the node attributes."""
+    return infer_shapes(model.input_name, model.input_shape, model.nodes)
 
 
 def layer_table(model: QuantizedModel) -> pd.DataFrame:
@@ -56,7 +50,7 @@ def layer_table(model: QuantizedModel) -> pd.DataFrame:
             "acc_bits": None,
             "acc_bits_with_bias": None,
         }
-        if node.op in WEIGHTED_OPS:
+        if OPS[node.op].weighted:
             k = dot_length(node)
             scale = model.tensors[f"{node.name}.weight_scale"]
             row["weight_scale"] = (

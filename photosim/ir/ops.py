@@ -1,0 +1,381 @@
+"""The op table: every operation of the integer graph, declared once.
+
+An op states its attributes (types and bounds), its number of inputs, whether it has weights, whether
+its output is observed (gets its own scale and zero point), its float reference, its output shape as a
+function of attributes and input shapes, and, with weights, their shape and the dot-product length K.
+Graph capture, the file format, the quantizer, the fake-quant reference, summaries and the engine all
+look ops up in :data:`OPS`; adding an op is one declaration here, one engine kernel, one capture pattern.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+Shape = tuple[int, ...]
+Attrs = dict[str, Any]
+MAX_ELEMENTS = 1 << 31  # per sample and tensor: more is a corrupt or absurd file, not a model to simulate
+
+
+class AttrError(ValueError):
+    """An attribute value or input shape an op cannot take; the caller names the node."""
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One attribute of an op's JSON node: ``kind`` fixes its type, ``minimum`` bounds its integers."""
+
+    name: str
+    kind: Literal["int", "pair", "bool", "optional_int", "shape"]
+    minimum: int = 1
+
+    def check(self, value: Any) -> None:
+        """Raise AttrError unless ``value`` has this attribute's type and bounds."""
+        expected = {
+            "int": f"an integer >= {self.minimum}",
+            "pair": f"a list of two integers >= {self.minimum}",
+            "bool": "true or false",
+            "optional_int": f"null or an integer >= {self.minimum}",
+            "shape": "a non-empty list of integers >= 1 (at most one -1)",
+        }[self.kind]
+        if not self._valid(value):
+            raise AttrError(f"attribute {self.name!r} is {value!r}; it must be {expected}")
+
+    def _valid(self, v: Any) -> bool:
+        if self.kind == "bool":
+            return isinstance(v, bool)
+        if self.kind == "int" or (self.kind == "optional_int" and v is not None):
+            return _is_int(v) and v >= self.minimum
+        if self.kind == "optional_int":
+            return True
+        if not isinstance(v, (list, tuple)) or not all(_is_int(d) for d in v):
+            return False
+        if self.kind == "pair":
+            return len(v) == 2 and min(v) >= self.minimum
+        return len(v) >= 1 and all(d >= 1 or d == -1 for d in v) and list(v).count(-1) <= 1
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class Op:
+    """An op's declaration; subclasses set the class attributes and override what applies to them."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line for docs
+    layers: ClassVar[tuple[str, ...]]  # the PyTorch layers captured as this op, as the README names them
+    attrs: ClassVar[tuple[Attr, ...]] = ()
+    inputs: ClassVar[int] = 1
+    weighted: ClassVar[bool] = False  # has <node>.weight / .bias / .weight_scale tensors
+    observed: ClassVar[bool] = False  # its output gets its own scale and zero point; else the input's
+    keeps_quantization: ClassVar[bool] = False  # output scale, zero point and bits are the input's
+    moves_codes: ClassVar[bool] = False  # output codes are input codes moved, never recomputed
+
+    @property
+    def attr_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.attrs)
+
+    def check_attrs(self, a: Attrs) -> None:
+        """Raise AttrError for a missing, mistyped or out-of-bounds attribute, or inconsistent ones."""
+        missing = [name for name in self.attr_names if name not in a]
+        if missing:
+            raise AttrError(f"attributes {missing} are missing")
+        for attr in self.attrs:
+            attr.check(a[attr.name])
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The op in floating point on a batch (any float dtype): the float model's and fake-quant's semantics."""
+        raise NotImplementedError
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        """Per-sample output shape from per-sample input shapes, without running anything."""
+        return shapes[0]
+
+    def weight_shape(self, a: Attrs) -> Shape:
+        """Shape of ``<node>.weight`` (weighted ops)."""
+        raise NotImplementedError
+
+    def dot_length(self, a: Attrs) -> int:
+        """K: the number of products summed into one output (weighted ops)."""
+        raise NotImplementedError
+
+
+OPS: dict[str, Op] = {}
+
+
+def register_op(cls: type[Op]) -> type[Op]:
+    """Class decorator: add the op to :data:`OPS`; a second op of the same name is a programming error."""
+    if cls.name in OPS:
+        raise ValueError(f"op {cls.name!r} is registered twice")
+    OPS[cls.name] = cls()
+    return cls
+
+
+def weighted_ops() -> tuple[str, ...]:
+    """Names of the ops with integer weights (conv / linear)."""
+    return tuple(name for name, op in OPS.items() if op.weighted)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
+                     ceil_mode: bool = False) -> int:
+    """PyTorch's conv / pool output length (``pooling_output_shape``)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1  # the last window must start inside the input or its left padding
+    return out
+
+
+def _image(shape: Shape, channels: int | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of a per-sample image shape; AttrError when it is not one (or has other channels)."""
+    if len(shape) != 3:
+        raise AttrError(f"input of shape {shape} is not an image (C, H, W)")
+    if channels is not None and shape[0] != channels:
+        raise AttrError(f"input has {shape[0]} channels but in_channels is {channels}")
+    return shape  # type: ignore[return-value]
+
+
+def _windowed(shape: Shape, a: Attrs, dilation: Sequence[int], ceil_mode: bool) -> tuple[int, int]:
+    """Output (H, W) of a sliding window (conv, pool); AttrError when the window does not fit."""
+    _, h, w = shape
+    out = tuple(conv_output_size(*args, ceil_mode)
+                for args in zip((h, w), a["kernel"], a["stride"], a["padding"], dilation))
+    if min(out) < 1:
+        raise AttrError(f"kernel {list(a['kernel'])} (dilation {list(dilation)}) is larger than the padded "
+                        f"input {h}x{w} (padding {list(a['padding'])}): the output would be {out[0]}x{out[1]}")
+    return out  # type: ignore[return-value]
+
+
+def _check_pool_padding(a: Attrs) -> None:
+    """PyTorch's pools pad at most half the kernel."""
+    if any(p > k // 2 for p, k in zip(a["padding"], a["kernel"])):
+        raise AttrError(f"padding {list(a['padding'])} exceeds half the kernel {list(a['kernel'])}")
+
+
+_PAIR_ATTRS = (Attr("kernel", "pair"), Attr("stride", "pair"), Attr("padding", "pair", minimum=0))
+
+
+@register_op
+class Conv2d(Op):
+    name = "conv2d"
+    description = "2-D convolution (stride, zero padding, dilation, groups) of integer codes with integer weights"
+    layers = ("Conv2d",)
+    attrs = (Attr("in_channels", "int"), Attr("out_channels", "int"), *_PAIR_ATTRS, Attr("dilation", "pair"),
+             Attr("groups", "int"))
+    weighted = observed = True
+
+    def check_attrs(self, a: Attrs) -> None:
+        super().check_attrs(a)
+        if a["in_channels"] % a["groups"] or a["out_channels"] % a["groups"]:
+            raise AttrError(f"groups {a['groups']} must divide in_channels {a['in_channels']} and "
+                            f"out_channels {a['out_channels']}")
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.conv2d(xs[0], weight, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        shape = _image(shapes[0], a["in_channels"])
+        return (a["out_channels"], *_windowed(shape, a, a["dilation"], False))
+
+    def weight_shape(self, a: Attrs) -> Shape:
+        return (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel"])
+
+    def dot_length(self, a: Attrs) -> int:
+        return a["in_channels"] // a["groups"] * a["kernel"][0] * a["kernel"][1]
+
+
+@register_op
+class Linear(Op):
+    name = "linear"
+    description = "fully connected layer on (N, features) codes with integer weights"
+    layers = ("Linear",)
+    attrs = (Attr("in_features", "int"), Attr("out_features", "int"))
+    weighted = observed = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(xs[0], weight, bias)
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        if len(shapes[0]) != 1:
+            raise AttrError(f"input of shape {shapes[0]} is not flat; linear layers take (N, features): "
+                            "flatten the input first")
+        if shapes[0][0] != a["in_features"]:
+            raise AttrError(f"input has {shapes[0][0]} features but in_features is {a['in_features']}")
+        return (a["out_features"],)
+
+    def weight_shape(self, a: Attrs) -> Shape:
+        return a["out_features"], a["in_features"]
+
+    def dot_length(self, a: Attrs) -> int:
+        return a["in_features"]
+
+
+@register_op
+class Add(Op):
+    name = "add"
+    description = "element-wise sum of two tensors of the same shape (residual connections), requantized"
+    layers = ("residual + / torch.add",)
+    inputs = 2
+    observed = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return xs[0] + xs[1]
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        if shapes[0] != shapes[1]:
+            raise AttrError(f"inputs have different shapes {shapes[0]} and {shapes[1]}")
+        return shapes[0]
+
+
+@register_op
+class Clamp(Op):
+    name = "clamp"
+    description = "clamp of the codes to the output's [qmin, qmax] (a ReLU-like op not fused into its producer)"
+    layers = ("ReLU", "ReLU6", "Hardtanh", "clamp")
+    keeps_quantization = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return xs[0]  # the bounds are the output quantization's clamp range
+
+
+@register_op
+class MaxPool2d(Op):
+    name = "maxpool2d"
+    description = "max over each window of the codes (PyTorch's windows; padding never wins)"
+    layers = ("MaxPool2d",)
+    attrs = (*_PAIR_ATTRS, Attr("dilation", "pair"), Attr("ceil_mode", "bool"))
+    keeps_quantization = moves_codes = True
+
+    def check_attrs(self, a: Attrs) -> None:
+        super().check_attrs(a)
+        _check_pool_padding(a)
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        shape = _image(shapes[0])
+        return (shape[0], *_windowed(shape, a, a["dilation"], a["ceil_mode"]))
+
+
+@register_op
+class AvgPool2d(Op):
+    name = "avgpool2d"
+    description = "average over each window with PyTorch's divisor, requantized"
+    layers = ("AvgPool2d",)
+    attrs = (*_PAIR_ATTRS, Attr("ceil_mode", "bool"), Attr("count_include_pad", "bool"),
+             Attr("divisor_override", "optional_int"))
+
+    def check_attrs(self, a: Attrs) -> None:
+        super().check_attrs(a)
+        _check_pool_padding(a)
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.avg_pool2d(xs[0], a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
+                            a["divisor_override"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        shape = _image(shapes[0])
+        return (shape[0], *_windowed(shape, a, (1, 1), a["ceil_mode"]))
+
+
+@register_op
+class AdaptiveAvgPool2d(Op):
+    name = "adaptive_avgpool2d"
+    description = "average over PyTorch's adaptive windows to a fixed output size, requantized"
+    layers = ("AdaptiveAvgPool2d",)
+    attrs = (Attr("output_size", "pair"),)
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(xs[0], a["output_size"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        return (_image(shapes[0])[0], *a["output_size"])
+
+
+@register_op
+class Flatten(Op):
+    name = "flatten"
+    description = "flatten from ``start_dim`` (counting the batch dimension) on; codes unchanged"
+    layers = ("flatten",)
+    attrs = (Attr("start_dim", "int"),)
+    keeps_quantization = moves_codes = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.flatten(xs[0], a["start_dim"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        shape, start = shapes[0], a["start_dim"] - 1  # per-sample shapes have no batch dimension
+        if start >= len(shape):
+            raise AttrError(f"start_dim {a['start_dim']} is past the last dimension of the input {shape}")
+        return (*shape[:start], math.prod(shape[start:]))
+
+
+@register_op
+class Reshape(Op):
+    name = "reshape"
+    description = "reshape of each sample (one dimension may be -1); codes unchanged"
+    layers = ("view", "reshape")
+    attrs = (Attr("shape", "shape"),)
+    keeps_quantization = moves_codes = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return xs[0].reshape(xs[0].shape[0], *a["shape"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        target, elements = list(a["shape"]), math.prod(shapes[0])
+        known = math.prod(d for d in target if d != -1)
+        if -1 in target and elements % known == 0:
+            target[target.index(-1)] = elements // known
+        if math.prod(target) != elements:
+            raise AttrError(f"cannot reshape the input {shapes[0]} ({elements} elements) to {list(a['shape'])}")
+        return tuple(target)
+
+
+class GraphNode(Protocol):
+    """What shape inference reads of a node (photosim.ir.format.Node has it)."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: Attrs
+
+
+def infer_shapes(input_name: str, input_shape: Shape, nodes: Sequence[GraphNode]) -> dict[str, Shape]:
+    """Per-sample shape of the graph input and of every node's output, from attributes alone.
+
+    Raises AttrError naming the node whose attributes do not fit its inputs' shapes, or whose output
+    would be absurdly large. Attributes must have been checked (``Op.check_attrs``).
+    """
+    shapes = {input_name: tuple(input_shape)}
+    _check_size(input_name, shapes[input_name])
+    for node in nodes:
+        try:
+            shape = OPS[node.op].output_shape(node.attrs, [shapes[i] for i in node.inputs])
+        except AttrError as exc:
+            raise AttrError(f"node {node.name!r} ({node.op}): {exc}") from None
+        _check_size(node.name, shape)
+        shapes[node.name] = shape
+    return shapes
+
+
+def _check_size(name: str, shape: Shape) -> None:
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise AttrError(f"tensor {name!r} would have shape {shape}: {math.prod(shape):.3g} elements per sample, "
+                        f"more than photosim's limit of {MAX_ELEMENTS} (2^31)")
