@@ -46,6 +46,10 @@ QCONFIGS: dict[str, Callable[[], QConfigMapping]] = {
     "x86": lambda: get_default_qconfig_mapping("x86"),
     "fbgemm": lambda: get_default_qconfig_mapping("fbgemm"),
     "per_tensor": lambda: QConfigMapping().set_global(default_qconfig),
+    # activations over the whole uint8 range: FBGEMM's saturating int16 pair sums then matter
+    "full_range": lambda: QConfigMapping().set_global(QConfig(
+        activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=False),
+        weight=MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric))),
 }
 
 
@@ -116,7 +120,8 @@ def test_pytorch_kernel_follows_fbgemm_depthwise_fast_path() -> None:
     assert avx2(_conv_node(16, 32, 5, 16, stride=2)) == "fbgemm-depthwise"
     assert avx2(_conv_node(12, 12, 3, 12)) == "fbgemm"  # groups not a multiple of 8
     assert avx2(_conv_node(16, 16, 3, 16, padding=0)) == "fbgemm"  # not 'same' padding
-    assert avx2(_conv_node(16, 16, 7, 16)) == "fbgemm"
+    assert avx2(_conv_node(16, 16, 9, 16)) == "fbgemm"
+    assert avx2(_conv_node(16, 16, 7, 16)) == ("fbgemm-depthwise" if torch_requant.TORCH_2_14 else "fbgemm")
     assert avx2(_conv_node(8, 8, 3, 1)) == "fbgemm"
     assert pytorch_kernel(_conv_node(104, 104, 3, 104), cpu="avx512-vnni") == "fbgemm-depthwise"  # groups > 100
     assert pytorch_kernel(_conv_node(16, 16, 3, 16), "fbgemm", cpu="amx") == "fbgemm-depthwise"

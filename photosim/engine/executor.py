@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from photosim.engine import kernels, onednn
+from photosim.engine import fbgemm, kernels, onednn
 from photosim.engine.requant import REQUANT_MODES, RequantMode, RequantParams, channel_view
-from photosim.engine.torch_requant import pytorch_kernel
+from photosim.engine.torch_requant import pytorch_kernel, resolve_cpu_family
 from photosim.errors import PhotosimError
 from photosim.frontend.observers import ActivationObserver
 from photosim.hardware.analog import AnalogLayer, tile_plan
 from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
 from photosim.ir.format import Node, QuantizedModel, validate, weights_scale
-from photosim.ir.ops import OPS, infer_shapes
+from photosim.ir.ops import OPS, conv_output_size, infer_shapes
 from photosim.ir.ranges import max_magnitude
 
 HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
@@ -43,6 +43,7 @@ class _Layer:
     bias: torch.Tensor  # (O,) int64
     params: RequantParams
     conv: onednn.OneDNNConv | None = None  # the fast conv, where oneDNN can run this layer exactly
+    saturating_weight: torch.Tensor | None = None  # int8 codes, where PyTorch's FBGEMM kernel saturates pair sums
 
 
 Kernel = Callable[["Engine", Node, list[torch.Tensor]], torch.Tensor]
@@ -131,7 +132,8 @@ class Engine:
             bias=bias,
             bias_float=None if bias_float is None else bias_float.to(self.device),
             per_channel=tensors[f"{node.name}.weight_scale"].dim() == 1,
-            kernel=pytorch_kernel(node, self.model.provenance.get("qengine", "x86")),
+            kernel=pytorch_kernel(node, self.model.provenance.get("qengine", "x86"),
+                                  self.settings[node.name].pytorch_cpu),
             node=node.name,
         )
         conv = None
@@ -139,7 +141,19 @@ class Engine:
             a = node.attrs
             conv = onednn.prepare_conv(weight, x_range, kernels.pair(a["stride"]), kernels.pair(a["padding"]),
                                        kernels.pair(a["dilation"]), groups)
-        return _Layer(kernels.prepare_weights(weight, groups, plan, self.device), bias, params, conv)
+        saturating = self._fbgemm_saturates(node, params.kernel) and fbgemm.can_saturate(
+            weight, max(q_in.qmax, q_in.zero_point))
+        return _Layer(kernels.prepare_weights(weight, groups, plan, self.device), bias, params, conv,
+                      weight.to(self.device) if saturating else None)
+
+    def _fbgemm_saturates(self, node: Node, pytorch_kernel_name: str) -> bool:
+        """Whether PyTorch's kernel for this layer sums uint8 x int8 pairs in saturating int16 (vpmaddubsw):
+        FBGEMM's depthwise kernel on every x86 CPU, and its GEMM on CPUs without VNNI."""
+        settings = self.settings[node.name]
+        if settings.requant != "pytorch" or node.input_q[0].signed:
+            return False
+        no_vnni = resolve_cpu_family(settings.pytorch_cpu) == "avx2"
+        return pytorch_kernel_name == "fbgemm-depthwise" or (pytorch_kernel_name == "fbgemm" and no_vnni)
 
     def _analog(self, index: int, node: Node, seed: int, repeat: int, adc_ranges: dict[str, float],
                 calibrate_adc: bool, diagnostics: bool) -> AnalogLayer:
@@ -257,6 +271,8 @@ class Engine:
             return self._requantize_analog(acc, node)
         layer = self.layers[node.name]
         z_in = node.input_q[0].zero_point
+        if layer.saturating_weight is not None:
+            return self._requantize(self._fbgemm_conv_acc(xs[0], z_in, a, layer), layer)
         acc = None if layer.conv is None else onednn.conv_acc(xs[0], z_in, layer.conv)
         if acc is None:
             acc = kernels.conv2d_acc(xs[0], z_in, layer.weights, kernels.pair(a["kernel"]), kernels.pair(a["stride"]),
@@ -268,8 +284,25 @@ class Engine:
         if node.name in self.analog:
             acc = self.analog[node.name].linear_acc(xs[0], node.input_q[0].zero_point, self._sample_ids)
             return self._requantize_analog(acc, node)
-        acc = kernels.linear_acc(xs[0], node.input_q[0].zero_point, self.layers[node.name].weights)
-        return self._requantize(acc, self.layers[node.name])
+        layer, z_in = self.layers[node.name], node.input_q[0].zero_point
+        if layer.saturating_weight is not None:
+            acc = fbgemm.gemm_acc_saturating(xs[0], layer.saturating_weight, z_in)
+        else:
+            acc = kernels.linear_acc(xs[0], z_in, layer.weights)
+        return self._requantize(acc, layer)
+
+    @staticmethod
+    def _fbgemm_conv_acc(x: torch.Tensor, z_in: int, a: dict[str, Any], layer: _Layer) -> torch.Tensor:
+        """A conv's accumulators as PyTorch's FBGEMM kernel forms them, saturated pair sums included."""
+        w, stride, padding, dilation = layer.saturating_weight, a["stride"], a["padding"], a["dilation"]
+        if layer.params.kernel == "fbgemm-depthwise":
+            return fbgemm.depthwise_acc_saturating(x, w, z_in, stride, padding, dilation)
+        groups, (kh, kw) = a["groups"], a["kernel"]
+        cols = fbgemm.im2col_codes(x, (kh, kw), z_in, stride, padding, dilation, groups)  # (G, N*OH*OW, K)
+        w = w.view(groups, -1, w.shape[1], kh, kw).permute(0, 1, 3, 4, 2).reshape(groups, w.shape[0] // groups, -1)
+        acc = torch.cat([fbgemm.gemm_acc_saturating(c, wg, z_in) for c, wg in zip(cols, w)], dim=1)  # (N*OH*OW, O)
+        oh, ow = (conv_output_size(*args) for args in zip(x.shape[2:], (kh, kw), stride, padding, dilation))
+        return acc.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
 
     @kernel("add")
     def _add(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:

@@ -29,7 +29,11 @@ KERNELS = ("fbgemm", "fbgemm-depthwise", "onednn-sequential-scales", "onednn-pro
 # x86 CPU families whose PyTorch kernels differ: AVX2 without VNNI (every conv in FBGEMM under the x86
 # engine), AVX512 with VNNI (e.g. AMD Zen 4), and Intel CPUs with AMX tiles (oneDNN's brgemm kernels).
 CPU_FAMILIES = ("avx2", "avx512-vnni", "amx")
-DEPTHWISE_BIAS_UNFUSED = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14)
+# FBGEMM's depthwise kernel changed with the FBGEMM that torch 2.14 ships (seen against torch 2.11 and 2.14):
+# it keeps the per-tensor bias multiply and add separate, and it takes 7x7 kernels too.
+TORCH_2_14 = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14)
+DEPTHWISE_BIAS_UNFUSED = TORCH_2_14
+DEPTHWISE_KERNELS = ((3, 3), (5, 5), (7, 7)) if TORCH_2_14 else ((3, 3), (5, 5))
 QADD_VECTOR_STEP = 64  # 2 * Vectorized<quint8>::size() of the AVX2 kernel, which AVX512 CPUs run too
 
 
@@ -84,7 +88,7 @@ def pytorch_kernel(node: Node, qengine: str = "x86", cpu: str = "auto") -> str:
         a["groups"] == a["in_channels"]
         and a["out_channels"] in (a["groups"], 2 * a["groups"])
         and a["groups"] % 8 == 0
-        and kernel in ((3, 3), (5, 5))
+        and kernel in DEPTHWISE_KERNELS
         and all(s in (1, 2) for s in a["stride"])
         and all(d == 1 for d in a["dilation"])
         and all(p == (kernel[0] - 1) // 2 for p in a["padding"])

@@ -101,6 +101,9 @@ class LayerHardware(StrictModel):
     """The settings that apply to one layer (the global ones, or after per-layer overrides)."""
 
     requant: str = Field("float", description="Requantization mode: float, fixedpoint or pytorch.")
+    pytorch_cpu: Literal["auto", "avx2", "avx512-vnni", "amx"] = Field(
+        "auto", description="CPU family whose PyTorch kernels `requant: pytorch` reproduces (auto: this machine's)."
+    )
     tile: int | None = Field(None, ge=1, description="Dot-product length L of one optical core; None: one tile.")
     adc: ADCConfig = Field(default_factory=ADCConfig, description="Per-tile ADC.")
     accumulator: AccumulatorConfig = Field(default_factory=AccumulatorConfig, description="Digital accumulator.")
