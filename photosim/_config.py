@@ -219,6 +219,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
 def parse_yaml(text: str, where: str) -> Any:
     """Safe YAML without duplicated keys, refusing a document whose aliases expand beyond MAX_YAML_VALUES."""
     loader = _StrictLoader(text)
+    loader.name = where  # error marks name the file, not "<unicode string>"
     try:
         node = loader.get_single_node()
         if node is None:
