@@ -56,6 +56,7 @@ def section_models(models: list[type[BaseModel]], name: str) -> list[type[BaseMo
 
 
 def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The config classes an annotation names, however nested in unions and lists."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [c for arg in typing.get_args(annotation) for c in _model_classes(arg)]

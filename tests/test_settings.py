@@ -221,6 +221,7 @@ BAD_SWEEPS = [  # (sweep YAML text, texts the message must contain)
     ("", ["sweep needs a `base` section", "sets none"]),
     ("# only a comment\n", ["sweep needs a `base` section"]),
     ("name: empty\ndescription: nothing to run\n", ["sweep needs a `base` section"]),
+    ("grid: {}\nvariants: {}\n", ["sweep needs a `base` section"]),
     ("base: {seed: -1}\n", ["base.seed", "greater than or equal to 0"]),
     ("base: {model: digits-cnn}\ngrid: {seed: [0, -3]}\n", ["point 1", "seed", "greater than or equal to 0"]),
     ("grid: {hw.noise.output.snr_db: [40, .nan]}\n", ["point 1", "hw.noise.output.snr_db", "finite"]),

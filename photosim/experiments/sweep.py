@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import pandas as pd
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
@@ -54,6 +54,7 @@ from photosim.experiments.report import summarize, write_csv_atomic, write_text_
 from photosim.frontend.qconfig import QuantSpec
 
 MANIFEST, LOG, RESULTS, SUMMARY, LOCK = "sweep.json", "points.jsonl", "results.csv", "summary.csv", ".lock"
+ModelT = TypeVar("ModelT", bound=BaseModel)
 PLOT_NAME = re.compile(r"[\w.-]+_vs_[\w.-]+\.png")  # the default plots' file names (experiments/plot.py)
 
 
@@ -69,8 +70,8 @@ class SweepConfig(StrictModel):
 
     @model_validator(mode="after")
     def _has_points(self) -> SweepConfig:
-        """Refuse a file that sets nothing (an empty file), which would otherwise run one default point."""
-        if not self.model_fields_set & {"base", "grid", "zip", "variants"}:
+        """Refuse a file without ``base`` and without axes (e.g. an empty one): it would run one default point."""
+        if "base" not in self.model_fields_set and not (self.grid or self.zip or self.variants):
             raise ValueError("a sweep needs a `base` section (one point) or axes (grid, zip, variants); "
                              "this one sets none")
         return self
@@ -321,8 +322,8 @@ class ResultStore:
         path = self.dir / MANIFEST
         if not path.is_file():
             return None
-        return _Manifest.model_validate(_checked_json(path.read_bytes(), _Manifest, str(path), (
-            "delete it and the results beside it, or choose another -o directory")))
+        return _checked_json(path.read_bytes(), _Manifest, str(path),
+                             "delete it and the results beside it, or choose another -o directory")
 
     def _remove_old_results(self, plots: list[str]) -> None:
         """Delete what photosim wrote for the old sweep: its fixed file names and plot-named files, plain files
@@ -349,7 +350,7 @@ class ResultStore:
         records = {}
         for number, line in enumerate(lines, 1):
             record = _checked_json(line, _LogRecord, f"{path} line {number}",
-                                   "delete that line (its point will run again) and run the sweep again")
+                                   "delete that line (its point will run again) and run the sweep again").model_dump()
             records[record["hash"]] = record
         if torn:
             with path.open("r+b") as handle:
@@ -399,16 +400,14 @@ class ResultStore:
         return per_point.merge(summarize(results, ["point"], metrics), on="point")
 
 
-def _checked_json(data: bytes, model: type[BaseModel], where: str, fix: str) -> Any:
-    """Parsed JSON that ``model`` accepts; anything else is a PhotosimError naming ``where`` and the fix."""
+def _checked_json(data: bytes, model: type[ModelT], where: str, fix: str) -> ModelT:
+    """``model`` read from JSON text; anything else is a PhotosimError naming ``where`` and the fix."""
     try:
-        value = json.loads(data)
-        model.model_validate(value)
+        return model.model_validate(json.loads(data))
     except ValidationError as exc:
         raise PhotosimError(f"{where} is corrupt ({validation_problems(exc)}); {fix}.") from None
     except ValueError:  # not JSON, or not UTF-8
         raise PhotosimError(f"{where} is corrupt (not JSON); {fix}.") from None
-    return value
 
 
 def _take_lock(directory: Path) -> IO[str]:
