@@ -1,24 +1,150 @@
-"""Shared machinery of the validated configs: load from object, dict, YAML file or preset name; readable errors."""
+"""Shared machinery of the validated configs: load from object, dict, YAML file or preset name; readable errors;
+one way to merge settings (dotted keys, exclusive groups) used by CLI flags, per-layer overrides and sweep axes."""
 
 from __future__ import annotations
 
+import copy
+import typing
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    create_model,
+    model_serializer,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from photosim.errors import PhotosimError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 PRESETS_DIR = Path(__file__).with_name("configs")  # shipped presets: configs/<kind>/<name>.yaml
+MAX_YAML_BYTES = 1 << 20  # a config or sweep file is hand-written: 1 MiB is far beyond any real one
+MAX_YAML_VALUES = 100_000  # values of a document once its aliases are expanded (stops alias bombs early)
 
 
 class StrictModel(BaseModel):
-    """Base of every config: unknown keys are errors, instances are immutable."""
+    """Base of every config: unknown keys and non-finite numbers are errors, instances are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     preset_kind: ClassVar[str | None] = None  # folder of PRESETS_DIR whose files name configs of this class
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()  # groups of keys of which one may be given
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of_each_group(cls, data: Any) -> Any:
+        """Refuse two keys of one exclusive group given together (merges drop the others instead)."""
+        for group in cls.exclusive if isinstance(data, dict) else ():
+            given = [k for k in group if data.get(k) is not None]
+            if len(given) > 1:
+                raise ValueError(f"give one of {', '.join(group[:-1])} or {group[-1]}, not {' and '.join(given)}")
+        return data
+
+
+def section_models(models: list[type[BaseModel]], name: str) -> list[type[BaseModel]]:
+    """The config classes that field ``name`` of ``models`` holds (``X``, ``X | None``, a union, a list of X)."""
+    return [c for model in models if name in model.model_fields
+            for c in _model_classes(model.model_fields[name].annotation)]
+
+
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The config classes an annotation names, however nested in unions and lists."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [c for arg in typing.get_args(annotation) for c in _model_classes(arg)]
+
+
+def merge_settings(model: type[BaseModel], base: Mapping[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` (settings of ``model``) with each dotted-key update set in order.
+
+    The one merge rule of photosim: an update replaces the value at its key, creating sections on the way,
+    and setting one key of an exclusive group (``sigma`` / ``snr_db`` / ``enob``) drops the group's other
+    keys, so the later setting wins.
+    """
+    merged = copy.deepcopy(dict(base))
+    for key, value in updates.items():
+        *sections, leaf = key.split(".")
+        node, models = merged, [model]
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                node[section] = {}
+            node, models = node[section], section_models(models, section)
+        for group in (g for m in models for g in getattr(m, "exclusive", ()) if leaf in g):
+            for other in set(group) - {leaf}:
+                node.pop(other, None)
+        node[leaf] = copy.deepcopy(value)
+    return merged
+
+
+def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> ``{"adc.bits": 8, ...}``: the leaves a nested settings dict sets."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _given(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """The part of a dump of ``model`` that was given on input (recursively), not filled from defaults."""
+    kept = {}
+    for key, value in data.items():
+        if key in model.model_fields_set:
+            section = getattr(model, key)
+            kept[key] = _given(section, value) if isinstance(section, BaseModel) and isinstance(value, dict) else value
+    return kept
+
+
+class LayerOverride(StrictModel):
+    """Settings for the layers whose name matches ``match``; the keys it sets replace the global ones."""
+
+    match: str = Field(description="fnmatch glob on the layer name (module path, e.g. conv1, layer4.*, fc).")
+
+    @model_serializer(mode="wrap")
+    def _as_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dump only what the entry sets, so a dumped override validates back to the same override."""
+        return _given(self, handler(self))
+
+    def settings(self) -> dict[str, Any]:
+        """What this entry sets, by dotted key (``adc.bits``)."""
+        return dotted(self.model_dump(exclude={"match"}))
+
+
+def override_model(settings: type[StrictModel]) -> type[LayerOverride]:
+    """The per-layer override class of ``settings``: ``match`` plus each setting, all optional."""
+    fields: dict[str, Any] = {name: (info.annotation, FieldInfo.merge_field_infos(info, default=None,
+                                                                                   default_factory=None))
+                              for name, info in settings.model_fields.items()}
+    return create_model(f"{settings.__name__}Override", __base__=LayerOverride, __doc__=LayerOverride.__doc__,
+                        **fields)
+
+
+class PerLayer:
+    """Mixin of a config whose ``layers`` (a list of LayerOverride) override its ``layer_settings`` by glob."""
+
+    layer_settings: ClassVar[type[StrictModel]]
+
+    def for_layer(self, name: str) -> Any:
+        """Effective settings of one layer: the global values, then every matching override in order."""
+        values = typing.cast(BaseModel, self).model_dump(include=set(self.layer_settings.model_fields))
+        for override in self.layers:  # type: ignore[attr-defined]
+            if fnmatchcase(name, override.match):
+                values = merge_settings(self.layer_settings, values, override.settings())
+        return self.layer_settings.model_validate(values)
+
+    def unmatched_overrides(self, names: list[str]) -> list[str]:
+        """Globs in ``layers`` that match no layer name (almost always a typo)."""
+        return [o.match for o in self.layers if not any(fnmatchcase(n, o.match) for n in names)]  # type: ignore[attr-defined]
 
 
 def preset_names(kind: str) -> list[str]:
@@ -40,25 +166,88 @@ def resolve_preset(source: str | Path, kind: str | None) -> Path:
 
 def describe_validation_error(exc: ValidationError, source: str) -> str:
     """One paragraph naming each bad key (dotted path) with what is allowed."""
+    return f"{source}: {validation_problems(exc)}."
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """Each bad key (dotted path) with what is allowed, separated by semicolons."""
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
         else:
-            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-    return f"{source}: " + "; ".join(parts) + "."
+            parts.append(f"{key}: {err['msg']} (got {_short(err.get('input'))})")
+    return "; ".join(parts)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters so a message stays one readable paragraph."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given on line "
+                                                        f"{lines[key]}); keep one of them", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values in ``node`` with every alias expanded; memoised per node, so linear in the document."""
+    if id(node) in sizes:
+        if sizes[id(node)] < 0:
+            raise yaml.YAMLError("an alias refers to a value that contains it (recursive alias)")
+        return sizes[id(node)]
+    sizes[id(node)] = -1
+    children = node.value if isinstance(node, yaml.SequenceNode) else (
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Safe YAML without duplicated keys, refusing a document whose aliases expand beyond MAX_YAML_VALUES."""
+    loader = _StrictLoader(text)
+    loader.name = where  # error marks name the file, not "<unicode string>"
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise PhotosimError(f"{where} expands to more than {MAX_YAML_VALUES} values through its aliases "
+                                "(& and *); write the values out instead.")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; a missing file or bad syntax is a PhotosimError."""
+    """Parse a YAML file (at most MAX_YAML_BYTES); a missing file, bad syntax or a duplicated key is a PhotosimError."""
     path = Path(path)
     if not path.is_file():
         raise PhotosimError(f"config file {path} does not exist.")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise PhotosimError(f"{path} is larger than {MAX_YAML_BYTES >> 20} MiB; a config file is limited to that.")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return parse_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as exc:
         raise PhotosimError(f"{path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise PhotosimError(f"{path} is not UTF-8 text; a config file is YAML.") from None
+    except RecursionError:
+        raise PhotosimError(f"{path} is nested too deeply to be a config file.") from None
 
 
 def load_config(cls: type[ConfigT], source: ConfigT | dict[str, Any] | str | Path | None) -> ConfigT:
@@ -74,19 +263,25 @@ def load_config(cls: type[ConfigT], source: ConfigT | dict[str, Any] | str | Pat
         data = source
     if not isinstance(data, dict):
         raise PhotosimError(f"{name}: expected a mapping of keys to values, got {type(data).__name__}.")
+    return validated(cls, data, name)
+
+
+def validated(cls: type[ConfigT], data: dict[str, Any], source: str) -> ConfigT:
+    """``cls`` validated from ``data``; a bad key is a PhotosimError naming ``source`` and the key."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise PhotosimError(describe_validation_error(exc, name)) from None
+        raise PhotosimError(describe_validation_error(exc, source)) from None
+
+
+def with_settings(config: ConfigT, updates: Mapping[str, Any], source: str) -> ConfigT:
+    """A validated copy of ``config`` with the non-None dotted-key ``updates`` merged (``merge_settings``)."""
+    changes = {k: v for k, v in updates.items() if v is not None}
+    if not changes:
+        return config
+    return validated(type(config), merge_settings(type(config), config.model_dump(), changes), source)
 
 
 def with_overrides(config: ConfigT, **overrides: Any) -> ConfigT:
-    """A validated copy of ``config`` with the non-None keyword values replacing its fields."""
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    if not changes:
-        return config
-    merged = config.model_dump() | changes
-    try:
-        return type(config).model_validate(merged)
-    except ValidationError as exc:
-        raise PhotosimError(describe_validation_error(exc, "command-line options")) from None
+    """A validated copy of ``config`` with the non-None keyword values replacing its fields (CLI flags)."""
+    return with_settings(config, overrides, "command-line options")

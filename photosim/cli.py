@@ -321,11 +321,19 @@ def sweep(
     dry_run: Annotated[bool, typer.Option(help="Validate and list the points without running anything.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
 ) -> None:
-    """Run a sweep file into results.csv, summary.csv and plots; run it again to resume after a crash."""
-    from photosim.experiments.sweep import load_sweep, run_sweep, summary_view
+    """Run a sweep file into results.csv, summary.csv and plots; run it again to resume after a crash.
+
+    A sweep file is a program: a custom noise function it names (hw.noise.custom.function) runs that code
+    with your permissions, as a Python script would. Run only sweep files you would run as scripts.
+
+    An empty file is refused; a file with only `base` is one point. --dry-run makes every check of a real
+    run. While a run writes into a directory, a second run into it is refused; --force deletes only the
+    files photosim wrote there.
+    """
+    from photosim.experiments.sweep import load_sweep, run_sweep, runnable_points, summary_view
 
     plan = load_sweep(file)
-    selected = plan.select(variant)
+    selected = runnable_points(plan, variant, executor, workers, address)
     if dry_run:
         print_table(f"{len(selected)} point(s) of {file}", pd.DataFrame([
             {"point": p.index, **({"variant": p.variant} if p.variant else {}), **p.settings, "hash": p.hash}

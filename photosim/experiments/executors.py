@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing import Any
 from photosim.errors import PhotosimError
 
 EXECUTORS = ("local", "ray")
+RAY_CONNECT_TIMEOUT_S = 10.0  # ray.init waits forever for an address that does not answer
 Runner = Callable[[dict[str, Any], dict[Any, Any]], list[dict[str, Any]]]
 Group = list[tuple[int, dict[str, Any]]]  # (point index, runner input) pairs sharing a quantized model
 Finished = tuple[int, list[dict[str, Any]], float]  # (point index, rows, wall seconds)
@@ -36,6 +38,21 @@ def check_executor(executor: str, workers: int | None, address: str | None) -> N
         raise PhotosimError("--address names a Ray cluster and only applies with --executor ray.")
     if executor == "ray":
         _import_ray()
+    if address is not None:
+        check_ray_address(address)
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) Ray address that does not accept a connection in time."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # "auto" and other forms: Ray resolves them and fails fast itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PhotosimError(f"cannot reach a Ray cluster at --address {address} ({exc.strerror or exc}, waited at "
+                            f"most {timeout:g} s); start it (ray start --head), fix the address, or leave --address "
+                            "out to start a local Ray.") from None
 
 
 def execute(groups: list[Group], runner: Runner, *, executor: str = "local", workers: int | None = None,
@@ -133,7 +150,11 @@ def _on_ray(groups: list[Group], runner: Runner, workers: int | None, address: s
     if started:
         options = {"address": address} if address else {"num_cpus": max(workers or 1, os.cpu_count() or 1),
                                                          "include_dashboard": False}
-        ray.init(**options)
+        try:
+            ray.init(**options)
+        except ConnectionError as exc:
+            raise PhotosimError(f"Ray did not start or connect ({exc}); check --address, or the local Ray "
+                                "installation when there is none.") from None
     actors: list[Any] = []
     try:
         count = workers or int(ray.cluster_resources().get("CPU", 1))

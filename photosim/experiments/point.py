@@ -26,6 +26,6 @@ class BaseSection(StrictModel):
     quant: dict[str, Any] = Field(default_factory=dict, description="Quantization settings (keys of QuantSpec).")
     hw: dict[str, Any] = Field(default_factory=dict, description="Hardware settings (keys of HardwareConfig).")
     repeats: int = Field(1, ge=1, description="Repeated evaluations (noise draws) per point.")
-    seed: int = Field(0, description="Base seed of the point's random draws.")
+    seed: int = Field(0, ge=0, description="Base seed of the point's random draws.")
     batch_size: int = Field(256, ge=1, description="Images per batch.")
     device: str = Field("cpu", description="Torch device of the simulation (cpu, cuda, cuda:1, ...).")

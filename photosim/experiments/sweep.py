@@ -3,35 +3,49 @@
 A sweep file has a ``base`` section (one point's settings) and axes that vary it: ``grid`` (cartesian
 product over dotted keys such as ``quant.w_bits`` or ``hw.noise.output.sigma``), ``zip`` (lists varied
 together) and named ``variants`` (hand-written overrides). Points are ``variants x zip x grid``; an axis
-or variant value replaces the value at its key. Every point is validated before anything runs.
+or variant value is merged at its key by ``photosim._config.merge_settings`` (it replaces the value there;
+setting ``sigma`` drops a ``snr_db`` or ``enob`` of the base). Every point is validated before anything
+runs. An empty file is refused; a file with only ``base`` is one point.
+
+A sweep file is a program: a custom noise function it names runs that code, as a Python script would.
 
 A results directory holds ``sweep.json`` (the sweep's hash and config), ``points.jsonl`` (the durable log:
-one line per finished point, appended and fsynced), ``results.csv`` and ``summary.csv`` (regenerated
-atomically from the log) and the default plots. Points are keyed by a hash of their complete
-configuration, so running the same sweep again skips the finished ones.
+one line per finished point, appended and fsynced), ``results.csv`` and ``summary.csv`` (rebuilt
+atomically from the log when a run ends or is interrupted), the default plots and ``.lock`` (held while a
+run writes, naming its process). Points are keyed by a hash of their complete configuration, so running
+the same sweep again skips the finished ones.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import itertools
 import json
 import os
-import typing
+import re
+import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any, TypeVar
 
 import pandas as pd
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 from rich import progress as bars
 from rich.console import Console
 
-from photosim._config import StrictModel, describe_validation_error, load_config
+from photosim._config import (
+    StrictModel,
+    describe_validation_error,
+    load_config,
+    merge_settings,
+    section_models,
+    validation_problems,
+)
 from photosim._version import __version__
 from photosim.errors import PhotosimError
 from photosim.experiments.executors import Group, Runner, check_executor, execute
@@ -39,7 +53,9 @@ from photosim.experiments.point import MODEL_KEYS, BaseSection
 from photosim.experiments.report import summarize, write_csv_atomic, write_text_atomic
 from photosim.frontend.qconfig import QuantSpec
 
-MANIFEST, LOG, RESULTS, SUMMARY = "sweep.json", "points.jsonl", "results.csv", "summary.csv"
+MANIFEST, LOG, RESULTS, SUMMARY, LOCK = "sweep.json", "points.jsonl", "results.csv", "summary.csv", ".lock"
+ModelT = TypeVar("ModelT", bound=BaseModel)
+PLOT_NAME = re.compile(r"[\w.-]+_vs_[\w.-]+\.png")  # the default plots' file names (experiments/plot.py)
 
 
 class SweepConfig(StrictModel):
@@ -51,6 +67,14 @@ class SweepConfig(StrictModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Cartesian product over dotted keys.")
     zip: dict[str, list[Any]] = Field(default_factory=dict, description="Equal-length lists varied together.")
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Named overrides by dotted key.")
+
+    @model_validator(mode="after")
+    def _has_points(self) -> SweepConfig:
+        """Refuse a file without ``base`` and without axes (e.g. an empty one): it would run one default point."""
+        if "base" not in self.model_fields_set and not (self.grid or self.zip or self.variants):
+            raise ValueError("a sweep needs a `base` section (one point) or axes (grid, zip, variants); "
+                             "this one sets none")
+        return self
 
     @property
     def axes(self) -> list[list[str]]:
@@ -144,13 +168,6 @@ def _point_model() -> type[BaseModel]:
                         hw=(HardwareConfig, Field(default_factory=HardwareConfig)))
 
 
-def _model_classes(annotation: Any) -> list[type[BaseModel]]:
-    """The config classes a field holds (``X``, ``X | None`` or a union of several)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [c for arg in typing.get_args(annotation) for c in _model_classes(arg)]
-
-
 def check_key(key: str, where: str) -> None:
     """Refuse a dotted key that names no setting, listing what is allowed at the level where it goes wrong."""
     models: list[type[BaseModel]] = [_point_model()]
@@ -164,18 +181,7 @@ def check_key(key: str, where: str) -> None:
         if part not in fields:
             level = f"inside {prefix!r}" if prefix else "at the top level"
             raise PhotosimError(f"{where}: unknown key {key!r}; allowed {level}: {', '.join(fields)}.")
-        models = [c for model in models if part in model.model_fields
-                  for c in _model_classes(model.model_fields[part].annotation)]
-
-
-def _set_key(tree: dict[str, Any], key: str, value: Any) -> None:
-    """Replace the value at a dotted key, creating the sections on the way."""
-    *sections, leaf = key.split(".")
-    for section in sections:
-        if not isinstance(tree.get(section), dict):
-            tree[section] = {}
-        tree = tree[section]
-    tree[leaf] = copy.deepcopy(value)
+        models = section_models(models, part)
 
 
 def _check_axes(config: SweepConfig, source: str) -> None:
@@ -220,9 +226,7 @@ def load_sweep(source: SweepConfig | dict[str, Any] | str | Path) -> Sweep:
     _check_axes(config, where)
     points, seen = [], {}
     for index, (variant, overrides, settings) in enumerate(_combinations(config)):
-        tree = config.base.model_dump()
-        for key, value in {**overrides, **settings}.items():
-            _set_key(tree, key, value)
+        tree = merge_settings(_point_model(), config.base.model_dump(), {**overrides, **settings})
         try:
             full = _point_model().model_validate(tree).model_dump(mode="json")
         except ValidationError as exc:
@@ -246,37 +250,88 @@ def group_points(points: list[Point]) -> list[Group]:
     return list(groups.values())
 
 
+class _Manifest(BaseModel):
+    """The keys of ``sweep.json`` that a later run reads back (the others only describe the sweep)."""
+
+    sweep_hash: str
+    source: str
+    plots: list[str]
+
+
+class _LogRecord(BaseModel):
+    """One line of ``points.jsonl``: a finished point's hash, parameters and rows."""
+
+    hash: str
+    variant: str | None
+    params: dict[str, Any]
+    rows: list[dict[str, Any]]
+    point_wall_s: float
+
+
 class ResultStore:
-    """The results directory of one sweep: manifest, append-only point log, CSVs regenerated from the log."""
+    """The results directory of one sweep: lock, manifest, append-only point log, CSVs rebuilt from the log.
+
+    Use it as a context manager: the directory's lock is held from construction until exit.
+    """
 
     def __init__(self, out_dir: str | Path, sweep: Sweep, force: bool = False) -> None:
         self.dir, self.sweep = Path(out_dir), sweep
         self.index = {p.hash: p.index for p in sweep.points}
-        self._claim(force)
-        self.records = self._read_log()
+        if not force:
+            self._refuse_foreign()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_lock(self.dir)
+        try:
+            self._claim(force)
+            self.records = self._read_log()
+        except BaseException:
+            self.close()
+            raise
 
-    def _claim(self, force: bool) -> None:
-        """Make the directory this sweep's, refusing another sweep's (or a foreign folder) unless ``force``."""
-        manifest = self.dir / MANIFEST
-        if manifest.is_file():
-            try:
-                old = json.loads(manifest.read_text())
-            except json.JSONDecodeError:
-                raise PhotosimError(f"{manifest} is corrupt; delete it and its directory's results, or choose "
-                                    "another -o directory.") from None
-            if old.get("sweep_hash") != self.sweep.hash:
-                if not force:
-                    raise PhotosimError(
-                        f"{self.dir} holds the results of a different sweep ({old.get('source')}, hash "
-                        f"{old.get('sweep_hash')}); choose another -o directory or pass --force to replace them."
-                    )
-                for name in [LOG, RESULTS, SUMMARY, *old.get("plots", [])]:
-                    (self.dir / name).unlink(missing_ok=True)
-        elif self.dir.is_dir() and any(self.dir.iterdir()) and not force:
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the directory's lock."""
+        self._lock.close()
+
+    def _refuse_foreign(self) -> None:
+        """Refuse a non-empty directory without a manifest: it is not a sweep's results directory."""
+        if self.dir.is_dir() and not (self.dir / MANIFEST).exists() and any(
+                p.name != LOCK for p in self.dir.iterdir()):
             raise PhotosimError(f"{self.dir} is not empty and holds no {MANIFEST}, so it is not a sweep's results "
                                 "directory; choose another -o directory or pass --force to write into it anyway.")
-        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _claim(self, force: bool) -> None:
+        """Make the directory this sweep's, replacing another sweep's results only with ``force``."""
+        old = self._read_manifest()
+        if old is not None and old.sweep_hash != self.sweep.hash:
+            if not force:
+                raise PhotosimError(
+                    f"{self.dir} holds the results of a different sweep ({old.source}, hash {old.sweep_hash}); "
+                    "choose another -o directory or pass --force to replace them."
+                )
+            self._remove_old_results(old.plots)
         self.write_manifest([])
+
+    def _read_manifest(self) -> _Manifest | None:
+        """The directory's sweep.json, if any; a corrupt one is a PhotosimError saying how to recover."""
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            return None
+        return _checked_json(path.read_bytes(), _Manifest, str(path),
+                             "delete it and the results beside it, or choose another -o directory")
+
+    def _remove_old_results(self, plots: list[str]) -> None:
+        """Delete what photosim wrote for the old sweep: its fixed file names and plot-named files, plain files
+        directly inside the directory only (never a link, a path with folders, or a name photosim does not use)."""
+        for name in [LOG, RESULTS, SUMMARY, *(p for p in plots if PLOT_NAME.fullmatch(p))]:
+            path = self.dir / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
 
     def write_manifest(self, plots: list[Path]) -> None:
         """sweep.json: what this directory belongs to, and the plot files written into it."""
@@ -294,11 +349,8 @@ class ResultStore:
         *lines, torn = data.split(b"\n")
         records = {}
         for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise PhotosimError(f"{path} line {number} is corrupt; delete that line (its point will run "
-                                    "again) and run the sweep again.") from None
+            record = _checked_json(line, _LogRecord, f"{path} line {number}",
+                                   "delete that line (its point will run again) and run the sweep again").model_dump()
             records[record["hash"]] = record
         if torn:
             with path.open("r+b") as handle:
@@ -306,7 +358,7 @@ class ResultStore:
         return records
 
     def add(self, point: Point, rows: list[dict[str, Any]], wall_s: float) -> None:
-        """Append one finished point to the log (flushed and fsynced), then regenerate results.csv."""
+        """Append one finished point to the log (flushed and fsynced); the CSVs are rebuilt when the run ends."""
         record = {"hash": point.hash, "variant": point.variant, "params": flatten(point.config),
                   "rows": [flatten(row) for row in rows], "point_wall_s": wall_s}
         line = json.dumps(record, default=_jsonable) + "\n"
@@ -315,7 +367,15 @@ class ResultStore:
             handle.flush()
             os.fsync(handle.fileno())
         self.records[point.hash] = json.loads(line)
-        write_csv_atomic(self.results(), self.dir / RESULTS)
+
+    def write_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Rebuild results.csv and summary.csv from the log (atomically); return both tables."""
+        results = self.results()
+        summary = self.summary(results)
+        if not results.empty:
+            write_csv_atomic(results, self.dir / RESULTS)
+            write_csv_atomic(summary, self.dir / SUMMARY)
+        return results, summary
 
     def results(self) -> pd.DataFrame:
         """One row per (point, repeat), in point order: ids, parameters, runner metrics, point wall time."""
@@ -340,6 +400,36 @@ class ResultStore:
         return per_point.merge(summarize(results, ["point"], metrics), on="point")
 
 
+def _checked_json(data: bytes, model: type[ModelT], where: str, fix: str) -> ModelT:
+    """``model`` read from JSON text; anything else is a PhotosimError naming ``where`` and the fix."""
+    try:
+        return model.model_validate(json.loads(data))
+    except ValidationError as exc:
+        raise PhotosimError(f"{where} is corrupt ({validation_problems(exc)}); {fix}.") from None
+    except ValueError:  # not JSON, or not UTF-8
+        raise PhotosimError(f"{where} is corrupt (not JSON); {fix}.") from None
+
+
+def _take_lock(directory: Path) -> IO[str]:
+    """Hold ``<directory>/.lock`` for this run (the system drops it when the process ends, even if killed)."""
+    import fcntl
+
+    handle = (directory / LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not written its name yet"
+        handle.close()
+        raise PhotosimError(f"{directory} is in use by another sweep run ({holder}); wait for it to finish or "
+                            "stop it, or choose another -o directory. The lock ends with that process, so "
+                            "there is nothing to delete.") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
 def _jsonable(value: Any) -> Any:
     """numpy / torch scalars as Python numbers; anything else as text."""
     return value.item() if hasattr(value, "item") else str(value)
@@ -350,6 +440,15 @@ def default_runner() -> Runner:
     from photosim.experiments.workflow import run_point
 
     return run_point
+
+
+def runnable_points(sweep: Sweep, variants: Sequence[str] | None = None, executor: str = "local",
+                    workers: int | None = None, address: str | None = None) -> list[Point]:
+    """The points a run executes, after every check a run makes before it writes anything (``--dry-run`` too)."""
+    selected = sweep.select(variants)
+    check_executor(executor, workers, address)
+    _preflight(selected)
+    return selected
 
 
 def _preflight(points: list[Point]) -> None:
@@ -412,28 +511,22 @@ def run_sweep(config: Sweep | SweepConfig | dict[str, Any] | str | Path, out_dir
     from photosim.experiments.plot import default_plots
 
     sweep = config if isinstance(config, Sweep) else load_sweep(config)
-    selected = sweep.select(variants)
-    check_executor(executor, workers, address)
-    _preflight(selected)
-    store = ResultStore(out_dir, sweep, force)
-    todo = [p for p in selected if p.hash not in store.records]
-    if todo:
-        runner = runner or default_runner()
-    by_index = {p.index: p for p in todo}
-    try:
-        with _progress(progress, len(todo), len(selected) - len(todo), store.dir) as advance:
-            for index, rows, wall_s in execute(group_points(todo), runner, executor=executor, workers=workers,
-                                               address=address):
-                store.add(by_index[index], rows, wall_s)
-                advance(by_index[index].label)
-    finally:
-        results = store.results()
-        summary = store.summary(results)
-        if not results.empty:
-            write_csv_atomic(results, store.dir / RESULTS)
-            write_csv_atomic(summary, store.dir / SUMMARY)
-    axes = sweep.config.axes or ([["variant"]] if sweep.config.variants else [])
-    hue = ["variant"] if sweep.config.variants and sweep.config.axes else []
-    plots = default_plots(results, axes, store.dir, hue=hue) if not results.empty else []
-    store.write_manifest(plots)
+    selected = runnable_points(sweep, variants, executor, workers, address)
+    with ResultStore(out_dir, sweep, force) as store:
+        todo = [p for p in selected if p.hash not in store.records]
+        if todo:
+            runner = runner or default_runner()
+        by_index = {p.index: p for p in todo}
+        try:
+            with _progress(progress, len(todo), len(selected) - len(todo), store.dir) as advance:
+                for index, rows, wall_s in execute(group_points(todo), runner, executor=executor, workers=workers,
+                                                   address=address):
+                    store.add(by_index[index], rows, wall_s)
+                    advance(by_index[index].label)
+        finally:
+            results, summary = store.write_tables()
+        axes = sweep.config.axes or ([["variant"]] if sweep.config.variants else [])
+        hue = ["variant"] if sweep.config.variants and sweep.config.axes else []
+        plots = default_plots(results, axes, store.dir, hue=hue) if not results.empty else []
+        store.write_manifest(plots)
     return SweepResult(store.dir, results, summary, plots, len(todo), len(selected) - len(todo))

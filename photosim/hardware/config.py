@@ -5,38 +5,54 @@ overrides. Every field is documented where it is defined; ``photosim.simulate(..
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from photosim._config import StrictModel, describe_validation_error, load_config
-from photosim.errors import PhotosimError
+from photosim._config import LayerOverride, PerLayer, StrictModel, load_config, override_model, with_settings
 from photosim.hardware.noise import sigma_from_enob, sigma_from_snr_db
 
 
 class OutputNoise(StrictModel):
-    """Additive Gaussian noise on every tile value, std = sigma * FS; give one of sigma, snr_db, enob."""
+    """Additive Gaussian noise on every tile value, std = sigma * FS; give one of sigma, snr_db, enob.
 
+    Validation turns snr_db or enob into the ``sigma`` they mean, so every reader uses ``sigma``; a dump
+    keeps the form that was given (``sigma`` is written as None beside snr_db or enob).
+    """
+
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("sigma", "snr_db", "enob"),)
     sigma: float | None = Field(None, ge=0, description="Noise std as a fraction of the tile's full scale FS.")
     snr_db: float | None = Field(None, description="SNR at full scale, 20 log10(FS / std), in dB.")
     enob: float | None = Field(None, gt=0, description="Effective bits at full scale (SNR = 6.02 ENOB + 1.76 dB).")
 
     @model_validator(mode="after")
-    def _one_of(self) -> OutputNoise:
-        given = [k for k in ("sigma", "snr_db", "enob") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of sigma, snr_db or enob, not {' and '.join(given)}")
+    def _to_sigma(self) -> OutputNoise:
+        """Convert snr_db or enob to sigma once, here."""
+        if self.snr_db is not None:
+            object.__setattr__(self, "sigma", sigma_from_snr_db(self.snr_db))
+        elif self.enob is not None:
+            object.__setattr__(self, "sigma", sigma_from_enob(self.enob))
         return self
+
+    @model_serializer(mode="wrap")
+    def _as_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Write sigma as None when it was derived, so a dump validates back (one of the three is given)."""
+        data = handler(self)
+        if "sigma" in data and (self.snr_db is not None or self.enob is not None):
+            data["sigma"] = None
+        return data
 
     @property
     def resolved_sigma(self) -> float:
-        """The sigma used, whichever way it was given."""
-        if self.snr_db is not None:
-            return sigma_from_snr_db(self.snr_db)
-        if self.enob is not None:
-            return sigma_from_enob(self.enob)
+        """The sigma used (0 when the noise is off)."""
         return self.sigma or 0.0
 
 
@@ -97,10 +113,22 @@ class AccumulatorConfig(StrictModel):
     bias_at: Literal["start", "end"] = Field("start", description="Bias added first or last.")
 
 
+def _known_mode(value: str) -> str:
+    """Refuse a requantization mode the engine does not have."""
+    from photosim.engine.requant import REQUANT_MODES
+
+    if value not in REQUANT_MODES:
+        raise ValueError(f"unknown requant mode; allowed: {', '.join(REQUANT_MODES)}")
+    return value
+
+
+RequantMode = Annotated[str, AfterValidator(_known_mode)]
+
+
 class LayerHardware(StrictModel):
     """The settings that apply to one layer (the global ones, or after per-layer overrides)."""
 
-    requant: str = Field("float", description="Requantization mode: float, fixedpoint or pytorch.")
+    requant: RequantMode = Field("float", description="Requantization mode: float, fixedpoint or pytorch.")
     pytorch_cpu: Literal["auto", "avx2", "avx512-vnni", "amx"] = Field(
         "auto", description="CPU family whose PyTorch kernels `requant: pytorch` reproduces (auto: this machine's)."
     )
@@ -108,15 +136,6 @@ class LayerHardware(StrictModel):
     adc: ADCConfig = Field(default_factory=ADCConfig, description="Per-tile ADC.")
     accumulator: AccumulatorConfig = Field(default_factory=AccumulatorConfig, description="Digital accumulator.")
     noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Analog noise.")
-
-    @field_validator("requant")
-    @classmethod
-    def _known_mode(cls, value: str) -> str:
-        from photosim.engine.requant import REQUANT_MODES
-
-        if value not in REQUANT_MODES:
-            raise ValueError(f"unknown requant mode; allowed: {', '.join(REQUANT_MODES)}")
-        return value
 
     @property
     def is_random(self) -> bool:
@@ -136,18 +155,10 @@ class LayerHardware(StrictModel):
         return self.adc.bits is None and self.accumulator.overflow == "none" and not self.is_random
 
 
-class LayerOverride(StrictModel):
-    """Settings for the layers whose name matches ``match`` (fnmatch glob); unset keys keep the global value."""
-
-    match: str = Field(description="Glob on the layer name, e.g. conv1, layer4.*, fc.")
-    requant: str | None = None
-    tile: int | None = Field(None, ge=1)
-    adc: ADCConfig | None = None
-    accumulator: AccumulatorConfig | None = None
-    noise: NoiseConfig | None = None
+HardwareOverride: type[LayerOverride] = override_model(LayerHardware)
 
 
-class HardwareConfig(LayerHardware):
+class HardwareConfig(LayerHardware, PerLayer):
     """The whole engine model: global settings plus per-layer overrides (later entries win).
 
     Example:
@@ -156,28 +167,9 @@ class HardwareConfig(LayerHardware):
     """
 
     preset_kind: ClassVar[str | None] = "hw"
-    layers: list[LayerOverride] = Field(default_factory=list, description="Per-layer overrides by glob.")
-
-    def for_layer(self, name: str) -> LayerHardware:
-        """Effective settings of one layer."""
-        merged = self.model_dump(exclude={"layers"}, exclude_unset=True)
-        for override in self.layers:
-            if fnmatchcase(name, override.match):
-                _deep_merge(merged, override.model_dump(exclude={"match"}, exclude_unset=True))
-        return LayerHardware.model_validate(merged)
-
-    def unmatched_overrides(self, names: list[str]) -> list[str]:
-        """Globs in ``layers`` that match no layer name."""
-        return [o.match for o in self.layers if not any(fnmatchcase(n, o.match) for n in names)]
-
-
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> None:
-    """Merge ``override`` into ``base`` in place; the output-noise spec is replaced whole (sigma/snr/enob)."""
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "output":
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value
+    layer_settings: ClassVar[type[StrictModel]] = LayerHardware
+    layers: list[HardwareOverride] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="Per-layer overrides by glob.")
 
 
 def load_hardware(hw: HardwareConfig | dict | str | Path | None) -> HardwareConfig:
@@ -185,20 +177,11 @@ def load_hardware(hw: HardwareConfig | dict | str | Path | None) -> HardwareConf
     return load_config(HardwareConfig, hw)
 
 
+FLAG_KEYS = {"noise": "noise.output.sigma", "tile": "tile", "adc_bits": "adc.bits", "acc_bits": "accumulator.bits",
+             "overflow": "accumulator.overflow", "requant": "requant"}  # CLI knob -> the setting it sets
+
+
 def hardware_with_flags(hw: HardwareConfig, **flags: Any) -> HardwareConfig:
     """Apply the CLI's common knobs (noise, tile, adc_bits, acc_bits, overflow, requant) over a config."""
-    data = hw.model_dump(exclude_unset=True)
-    paths = {"noise": ("noise", "output"), "tile": ("tile",), "adc_bits": ("adc", "bits"),
-             "acc_bits": ("accumulator", "bits"), "overflow": ("accumulator", "overflow"), "requant": ("requant",)}
-    for flag, value in flags.items():
-        if value is None:
-            continue
-        *parents, leaf = paths[flag]
-        node = data
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = {"sigma": value} if flag == "noise" else value
-    try:
-        return HardwareConfig.model_validate(data)
-    except ValidationError as exc:
-        raise PhotosimError(describe_validation_error(exc, "command-line hardware options")) from None
+    return with_settings(hw, {FLAG_KEYS[flag]: value for flag, value in flags.items()},
+                         "command-line hardware options")
