@@ -49,9 +49,10 @@ def _disk_full(exc: BaseException) -> bool:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temp path beside ``path`` for the caller to write; on success it replaces ``path`` in one step.
 
-    A full disk becomes one PhotosimError naming the folder; the old ``path`` and other outputs are kept.
+    A symlink is written through, as ``open`` would. A full disk becomes one PhotosimError naming the folder;
+    the old ``path`` and other outputs are kept.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
@@ -102,17 +103,17 @@ def check_writable(path: str | Path, what: str) -> None:
     mounts and /proc as root); an existing ``path`` must be a regular file, not a folder or a device.
     """
     path = Path(path)
-    folder = path.parent
+    folder = Path(os.path.realpath(path)).parent
     if path.is_dir():
         raise PhotosimError(f"{what} {str(path)!r} is a directory; give a file path inside it.")
     if path.exists() and not path.is_file():
         raise PhotosimError(f"{what} {str(path)!r} is not a regular file (a device or pipe); give a file path.")
     if not folder.is_dir():
-        raise PhotosimError(f"{what} {str(path)!r}: folder {str(folder)!r} does not exist; create it first.")
+        raise PhotosimError(f"{what} {str(path)!r}: folder {str(path.parent)!r} does not exist; create it first.")
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
     except OSError as exc:
-        raise PhotosimError(f"{what} {str(path)!r} cannot be written: folder {str(folder)!r} refuses new files "
+        raise PhotosimError(f"{what} {str(path)!r} cannot be written: folder {str(path.parent)!r} refuses new files "
                             f"({exc.strerror}); choose another folder.") from None
     os.close(fd)
     os.unlink(probe)
