@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -258,19 +259,32 @@ def test_a_full_disk_is_named_once_and_earlier_outputs_survive(ws, tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs with one 4 KiB page free (root only; skipped where mounting is not allowed)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+@contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on ``folder`` (root only; the test is skipped where mounting is not allowed)."""
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root and mount permission")
     try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs with one 4 KiB page free."""
+    with tmpfs(tmp_path / "small", "size=64k") as mount:
         (mount / "filler").write_bytes(b"x" * (60 * 1024))
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_read_only_folder_is_refused_before_any_work(ws, tmp_path: Path, no_work) -> None:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mount:
+        result = invoke("run", ws["model"], "--report", mount / "r.csv")
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert f"folder '{mount}' refuses new files (Read-only file system)" in flat(result)
 
 
 def test_a_really_full_disk(ws, small_disk: Path) -> None:
@@ -293,3 +307,14 @@ def test_an_output_symlink_is_written_through(tmp_path: Path) -> None:
     link.symlink_to(target)
     write_text_atomic(link, "new\n")
     assert link.is_symlink() and target.read_text() == "new\n"
+
+
+def test_a_gpu_number_beyond_the_machine_is_refused(monkeypatch) -> None:
+    from photosim.errors import PhotosimError
+    from photosim.experiments.workflow import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(PhotosimError, match="'cuda:3': this machine has 1 CUDA GPU"):
+        check_device("cuda:3")

@@ -105,6 +105,9 @@ def check_device(device: str) -> torch.device:
         raise PhotosimError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise PhotosimError(f"device {device!r} was requested but no CUDA GPU is available; use --device cpu.")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise PhotosimError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            "numbered from 0; use cuda or cuda:N with a smaller N.")
     return parsed
 
 
