@@ -76,7 +76,7 @@ def preflight(outputs: Paths, inputs: Paths) -> None:
     check_outputs(outputs, inputs)
 
 
-def model_inputs(model: str | None, weights: Path | None, config: Path | None = None) -> dict[str, Any]:
+def model_inputs(model: str | None, weights: Path | None, config: Path | None = None) -> dict[str, Path | None]:
     """The files a model (and quantization) is read from, keyed by their flag."""
     return {"--model": spec_file(model), "--weights": weights, "--config": config}
 
