@@ -1,4 +1,9 @@
-"""Load user code named as ``path/to/file.py:NAME`` or ``package.module:NAME`` (models, noise, importers)."""
+"""Load user code named as ``path/to/file.py:NAME`` or ``package.module:NAME`` (models, noise, importers).
+
+This runs the user's code, by design. A relative file path must lie inside the current folder and an
+absolute one is taken as the user's own; a module name must be importable (installed or on sys.path).
+Model files never reach this module: `photosim run` rebuilds float models from built-in and torchvision: names.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from photosim._files import require_file
 from photosim.errors import PhotosimError
 
 
@@ -31,6 +37,20 @@ def import_file(path: Path) -> Any:
     return user_module
 
 
+def _check_own_file(path: Path, spec: str, what: str) -> None:
+    """A relative ``.py`` path must stay inside the current folder (after symlinks), so that a name written in
+    a file someone sent cannot reach code elsewhere; an absolute path is the user's own choice."""
+    if path.is_absolute():
+        return
+    cwd = Path.cwd().resolve()
+    if not path.resolve().is_relative_to(cwd):
+        raise PhotosimError(
+            f"{what} {spec!r} names {str(path)!r}, which lies outside the current folder {str(cwd)!r}; photosim "
+            "imports relative .py paths only from inside the current folder. Give the file's absolute path if "
+            "you mean to run it."
+        )
+
+
 def load_object(spec: str, what: str) -> Any:
     """The object ``NAME`` of ``path/to/file.py:NAME`` or ``package.module:NAME``; ``what`` names it in errors."""
     source, sep, name = spec.rpartition(":")
@@ -38,8 +58,8 @@ def load_object(spec: str, what: str) -> Any:
         raise PhotosimError(f"{what} {spec!r} must be written path/to/file.py:NAME or package.module:NAME.")
     if source.endswith(".py"):
         path = Path(source)
-        if not path.is_file():
-            raise PhotosimError(f"{what} file {source!r} does not exist; check the path in {spec!r}.")
+        require_file(path, f"{what} file", f"check the path in {spec!r}")
+        _check_own_file(path, spec, what)
         module = import_file(path)
     else:
         try:

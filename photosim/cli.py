@@ -14,8 +14,10 @@ import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from photosim._config import load_config, with_overrides
+from photosim._files import Paths, check_outputs, reject_directory, spec_file
 from photosim.errors import PhotosimError
 
 app = typer.Typer(
@@ -24,8 +26,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
 )
-console = Console()
-err_console = Console(stderr=True)
+# markup off: file names, model specs and messages are user text, and "[/x]" must print as itself
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, torchvision:NAME or path/file.py:NAME.")]
@@ -59,10 +62,23 @@ def handles_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except PhotosimError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def preflight(outputs: Paths, inputs: Paths) -> None:
+    """Before any work: input files are not folders, outputs are writable and overwrite no input."""
+    for flag, path in inputs.items():
+        if path is not None:
+            reject_directory(path, flag)
+    check_outputs(outputs, inputs)
+
+
+def model_inputs(model: str | None, weights: Path | None, config: Path | None = None) -> dict[str, Path | None]:
+    """The files a model (and quantization) is read from, keyed by their flag."""
+    return {"--model": spec_file(model), "--weights": weights, "--config": config}
 
 
 def _quant_spec(config: Path | None, w_bits: int | None, a_bits: int | None, bias_bits: int | None,
@@ -116,6 +132,7 @@ def eval_float(
     from photosim.experiments.workflow import DataSpec, float_accuracy
     from photosim.frontend.models import load_model
 
+    preflight({}, model_inputs(model, weights))
     loaded = load_model(model, weights, num_classes, cifar_stem)
     test = DataSpec(data, data_root, download, limit).split("test", loaded.input_shape)
     result = float_accuracy(loaded.module, test, batch_size, progress=True)
@@ -134,14 +151,16 @@ def quantize_cmd(
     batch_size: BatchOpt = 256,
 ) -> None:
     """Post-training quantization to an integer model file; prints float and fake-quant test accuracy."""
+    from photosim._files import save_model_atomic
     from photosim.experiments.workflow import DataSpec, fake_quant_accuracy, float_accuracy, quantize_loaded
     from photosim.frontend.models import load_model
 
+    preflight({"--output": output}, model_inputs(model, weights, config))
     spec = _quant_spec(config, w_bits, a_bits, bias_bits, observer, percentile, per_tensor, calib_samples)
     loaded = load_model(model, weights, num_classes, cifar_stem)
     data_spec = DataSpec(data, data_root, download, limit)
     qmodel = quantize_loaded(loaded, data_spec, spec, num_classes=num_classes, cifar_stem=cifar_stem, progress=True)
-    qmodel.save(output)
+    save_model_atomic(qmodel, output)
     test = data_spec.split("test", loaded.input_shape)
     flt = float_accuracy(loaded.module, test, batch_size, progress=True)
     fq = fake_quant_accuracy(qmodel, test, batch_size, progress=True)
@@ -157,6 +176,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="Integer model file.")]) -
     from photosim.ir.format import load
     from photosim.ir.summary import layer_table
 
+    reject_directory(path, "model file")
     qmodel = load(path)
     q = qmodel.input_q
     console.print(f"{path}: input {'x'.join(map(str, qmodel.input_shape))}, {q.bits}-bit "
@@ -198,50 +218,65 @@ def run(
     acc_bits: Annotated[int | None, typer.Option(help="Accumulator bits.")] = None,
     overflow: Annotated[str | None, typer.Option(help="Accumulator overflow: wrap, saturate or none.")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Monte Carlo repeats (simulated chips).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of every noise stream.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of every noise stream.")] = 0,
     batch_size: BatchOpt = 256,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     report: Annotated[Path | None, typer.Option(help="Write the accuracy table as CSV.")] = None,
     layer_report: Annotated[Path | None, typer.Option(help="Write the per-layer diagnostics as CSV.")] = None,
+    float_model: Annotated[str | None, typer.Option(
+        help="Float model of MODEL_FILE for the float baseline (same forms as --model; --weights, --num-classes "
+             "and --cifar-stem apply to it). Without it only built-in and torchvision: sources are rebuilt.")] = None,
 ) -> None:
     """Accuracy of an integer model on the ideal integer engine and on simulated hardware.
 
-    With no arguments: the demo (digits-resnet, 8 bits, digits test split).
+    With no arguments: the demo (digits-resnet, 8 bits, digits test split). A model file never runs code:
+    its float baseline is rebuilt only from built-in and torchvision: names, or from --float-model.
     """
     from photosim.experiments.report import write_csv_atomic
     from photosim.experiments.workflow import (
         DataSpec,
         baselines,
+        check_device,
         comparison_rows,
         quantize_loaded,
         run_hardware,
-        source_model,
     )
     from photosim.frontend.models import load_model
     from photosim.hardware.config import hardware_with_flags, load_hardware
     from photosim.ir.format import load
 
+    if float_model is not None and model_file is None:
+        raise PhotosimError(f"--float-model {float_model!r} needs a model file (photosim run FILE --float-model "
+                            "...); without one, --model is quantized and is itself the float baseline.")
+    preflight({"--report": report, "--layer-report": layer_report},
+              {"MODEL_FILE": model_file, "--hw": hw, "--float-model": spec_file(float_model),
+               **model_inputs(model, weights, config)})
+    check_device(device)
     hw_config = hardware_with_flags(load_hardware(hw), requant=requant, noise=noise, tile=tile, adc_bits=adc_bits,
                                     acc_bits=acc_bits, overflow=overflow)
     data_spec = DataSpec(data, data_root, download, limit)
     if model_file is not None:
         qmodel = load(model_file)
-        float_model = source_model(qmodel)
+        float_module = _file_float_model(qmodel, float_model, weights, num_classes, cifar_stem)
         source = str(model_file)
     else:
         spec = _quant_spec(config, w_bits, a_bits, bias_bits, observer, percentile, per_tensor, calib_samples)
         loaded = load_model(model, weights, num_classes, cifar_stem)
         qmodel = quantize_loaded(loaded, data_spec, spec, num_classes=num_classes, cifar_stem=cifar_stem,
                                  progress=True)
-        float_model, source = loaded.module, f"{model} W{spec.w_bits}A{spec.a_bits}"
+        float_module, source = loaded.module, f"{model} W{spec.w_bits}A{spec.a_bits}"
     test = data_spec.split("test", qmodel.input_shape)
     calibration = data_spec.split("calibration", qmodel.input_shape)
-    base = baselines(qmodel, test, hw_config.requant, float_model, batch_size=batch_size, device=device,
+    base = baselines(qmodel, test, hw_config.requant, float_module, batch_size=batch_size, device=device,
                      progress=True)
     hw_run = run_hardware(qmodel, test, hw_config, calibration=calibration, repeats=repeats, seed=seed,
                           batch_size=batch_size, device=device, progress=True)
     table = accuracy_table(base, hw_run, comparison_rows(base, hw_run), hw_config.requant)
     console.print(f"{source} on {data} test ({base.fake_quant.n} images), {repeats} repeat(s), seed {seed}")
+    if float_module is None:
+        console.print(f"float baseline skipped: {source} was not quantized from a built-in or torchvision: model "
+                      "with its recorded weights, and photosim never runs code named in a model file; give "
+                      "--float-model path.py:Net --weights w.pt to compare with the float model.")
     _print_sigmas(hw_run.layers)
     print_table("accuracy (top-1; drops in points)", table)
     if not hw_run.layers.empty:
@@ -252,6 +287,17 @@ def run(
         write_csv_atomic(table, report)
     if layer_report:
         write_csv_atomic(hw_run.layers, layer_report)
+
+
+def _file_float_model(qmodel: Any, spec: str | None, weights: Path | None, num_classes: int | None,
+                      cifar_stem: bool) -> Any:
+    """The float baseline of a model file: ``--float-model`` when given, else what its provenance safely allows."""
+    from photosim.experiments.workflow import source_model
+    from photosim.frontend.models import load_model
+
+    if spec is None:
+        return source_model(qmodel)
+    return load_model(spec, weights, num_classes, cifar_stem).module
 
 
 def accuracy_table(base: Any, hw_run: Any, rows: list[dict[str, Any]], requant: str) -> pd.DataFrame:
@@ -292,6 +338,7 @@ def import_torch_cmd(
     """Convert a PyTorch quantize_fx model (convert_fx output) into a photosim integer model file."""
     from photosim.frontend.torch_import import import_torch
 
+    preflight({"--output": output}, {"SPEC": spec_file(spec)})
     qmodel = import_torch(spec, output)
     console.print(f"wrote {output} ({len(qmodel.nodes)} nodes); simulate it with `photosim run {output} "
                   "--requant pytorch`")
@@ -361,12 +408,14 @@ def plot(
     y: Annotated[str, typer.Option(help="Numeric column, averaged over repeats with 95% CI bars.")] = "top1",
     hue: Annotated[list[str] | None, typer.Option(help="Column splitting the data into lines (repeatable).")] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="PNG to write (default <y>_vs_<x>.png beside the CSV).")
+        Path | None, typer.Option("--output", "-o", help="PNG to write, or a folder for the default name "
+                                                         "<y>_vs_<x>.png (default: beside the CSV).")
     ] = None,
 ) -> None:
     """Plot any view of a sweep's results.csv: mean y vs x, one line per hue value, float baseline dashed."""
-    from photosim.experiments.plot import plot_results
+    from photosim.experiments.plot import plot_path, plot_results
 
+    preflight({"--output": plot_path(results, x, y, hue, output)}, {"RESULTS": results})
     console.print(f"wrote {plot_results(results, x, y, hue, output)}")
 
 
@@ -384,7 +433,10 @@ def bench(
 ) -> None:
     """Images/s and peak memory of the engine configurations against float32 PyTorch eval of the same model."""
     from photosim.experiments.bench import BenchSettings, results_table, run_benchmark
+    from photosim.experiments.workflow import check_device
 
+    preflight({"--json": json_path}, {"--model": spec_file(model)})
+    check_device(device)
     options = {"model": model, "device": device, "threads": threads, "memory": memory}
     settings = BenchSettings.quick(**options) if quick else BenchSettings(batch=batch, runs=runs, **options)
     result = run_benchmark(settings, json_path=json_path, progress=lambda line: err_console.print(line))

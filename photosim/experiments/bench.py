@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from photosim.errors import PhotosimError
+from photosim._files import write_text_atomic
 
 CIFAR_CLASSES = 10
 BN_BATCHES, BN_BATCH = 2, 32  # train-mode passes that give BatchNorm realistic running statistics
@@ -221,12 +221,11 @@ def run_benchmark(settings: BenchSettings = BenchSettings(), configs: tuple[Benc
         >>> result = run_benchmark(BenchSettings.quick())
         >>> [(row["name"], row["ratio"]) for row in result["configs"]]
     """
+    from photosim.experiments.workflow import check_device
     from photosim.frontend.ptq import quantize
 
     torch.set_num_threads(settings.threads)
-    device = torch.device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PhotosimError(f"device {settings.device!r} was requested but no CUDA GPU is available; use --device cpu.")
+    device = check_device(settings.device)
     model, shape = build_model(settings.model, settings.seed)
     calibration = synthetic(shape, settings.calibration, settings.seed + 2)
     progress(f"quantizing {settings.model} at {sorted({c.bits for c in configs})} bits")
@@ -266,7 +265,7 @@ def run_benchmark(settings: BenchSettings = BenchSettings(), configs: tuple[Benc
         })
     result = {"machine": machine(device), "settings": asdict(settings), "diagnostics": False, "configs": rows}
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        write_text_atomic(json_path, json.dumps(result, indent=2))
     return result
 
 

@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from photosim._files import atomic_path, require_file
 from photosim.errors import PhotosimError
 from photosim.experiments.report import summarize
 
@@ -69,7 +70,8 @@ def draw(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str], out: str | Pat
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="x-small")
     out = Path(out)
-    fig.savefig(out, dpi=150)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
     return out
 
 
@@ -104,19 +106,28 @@ def default_plots(results: pd.DataFrame, axes: list[list[str]], out_dir: str | P
     return paths
 
 
+def plot_path(csv: str | Path, x: str, y: str = "top1", hue: Sequence[str] | None = None,
+              out: str | Path | None = None) -> Path:
+    """Where :func:`plot_results` writes: ``out``, or ``<y>_vs_<x>[_by_<hue>].png`` in the folder ``out``
+    names (beside the CSV without ``out``)."""
+    name = f"{y}_vs_{x}" + (f"_by_{'_'.join(hue)}" if hue else "") + ".png"
+    if out is None:
+        return Path(csv).parent / name
+    return Path(out) / name if Path(out).is_dir() else Path(out)
+
+
 def plot_results(csv: str | Path, x: str, y: str = "top1", hue: Sequence[str] | None = None,
                  out: str | Path | None = None) -> Path:
     """Any view of a results CSV: mean ``y`` vs ``x`` per ``hue`` combination; returns the PNG path.
 
-    ``out`` defaults to ``<y>_vs_<x>[_by_<hue>].png`` next to the CSV.
+    ``out`` is the PNG file, or a folder to write the default name ``<y>_vs_<x>[_by_<hue>].png`` into; it
+    defaults to the CSV's folder.
     """
     csv = Path(csv)
-    if not csv.is_file():
-        raise PhotosimError(f"results file {csv} does not exist; give the results.csv a sweep wrote.")
+    require_file(csv, "results file", "give the results.csv a sweep wrote")
     try:
         frame = pd.read_csv(csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise PhotosimError(f"{csv} is not a readable CSV ({exc}); give the results.csv a sweep wrote.") from None
     hue = list(hue or [])
-    name = f"{y}_vs_{x}" + (f"_by_{'_'.join(hue)}" if hue else "") + ".png"
-    return draw(frame, x, y, hue, out if out is not None else csv.parent / name)
+    return draw(frame, x, y, hue, plot_path(csv, x, y, hue, out))

@@ -1,35 +1,21 @@
 """Result tables on disk and over repeats: atomic file writes and mean / std / 95% CI summaries.
 
-Files are replaced atomically (temp file in the same folder, fsync, ``os.replace``) so a crash leaves
-either the old or the new version, never half a file.
+Files are replaced atomically by :mod:`photosim._files` (temp file in the same folder, fsync,
+``os.replace``) so a crash leaves either the old or the new version, never half a file.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 from scipy import stats
 
+from photosim._files import write_text_atomic
 from photosim.errors import PhotosimError
 
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: readers see the old or the new file, never a mix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["ci95_half_width", "summarize", "write_csv_atomic", "write_text_atomic"]
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:

@@ -19,7 +19,7 @@ from photosim.errors import PhotosimError
 from photosim.experiments.accuracy import EvalResult, accuracy, evaluate
 from photosim.experiments.point import MODEL_KEYS
 from photosim.frontend.data import calibration_batches, load_dataset
-from photosim.frontend.models import LoadedModel, load_model
+from photosim.frontend.models import LoadedModel, list_models, load_model
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import load_hardware
@@ -64,22 +64,51 @@ def quantize_loaded(loaded: LoadedModel, data: DataSpec, spec: QuantSpec, *, num
                     provenance=model_provenance(loaded, data, num_classes, cifar_stem))
 
 
+def rebuildable(spec: str) -> bool:
+    """Whether a model spec read from a file may be rebuilt: a built-in or torchvision: name, never user code."""
+    return spec in {m.name for m in list_models()} or spec.startswith("torchvision:")
+
+
 def source_model(qmodel: QuantizedModel) -> nn.Module | None:
-    """The float model an integer file was quantized from, when its provenance allows rebuilding it."""
+    """The float model an integer file was quantized from, when its provenance allows rebuilding it safely.
+
+    Only built-in and ``torchvision:`` models are rebuilt (with recorded weights whose file still has the
+    recorded sha256): a file never makes photosim import or run code, so ``file.py:NAME`` sources and
+    import-torch scripts give None; pass the model on the command line instead (``--float-model``).
+    """
     prov = qmodel.provenance
-    spec = prov.get("model")
-    if not spec:
+    spec, weights, classes = prov.get("model"), prov.get("weights"), prov.get("num_classes")
+    if "source" in prov or not isinstance(spec, str) or not rebuildable(spec) or not _recorded_weights(prov):
         return None
-    weights = prov.get("weights")
-    if weights not in (None, "builtin") and (
-        not Path(weights).is_file() or file_sha256(weights) != prov.get("weights_sha256")
-    ):
+    if classes is not None and not isinstance(classes, int):
         return None
     try:
-        return load_model(spec, None if weights == "builtin" else weights, prov.get("num_classes"),
+        return load_model(spec, None if weights == "builtin" else weights, classes,
                           bool(prov.get("cifar_stem"))).module
     except PhotosimError:
         return None
+
+
+def _recorded_weights(prov: dict[str, Any]) -> bool:
+    """The provenance's weights are the shipped ones, none, or a file that still has the recorded sha256."""
+    weights = prov.get("weights")
+    if weights in (None, "builtin"):
+        return True
+    return isinstance(weights, str) and Path(weights).is_file() and file_sha256(weights) == prov.get("weights_sha256")
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device named by ``--device``, refused with a message when unknown or without its GPU."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise PhotosimError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise PhotosimError(f"device {device!r} was requested but no CUDA GPU is available; use --device cpu.")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise PhotosimError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            "numbered from 0; use cuda or cuda:N with a smaller N.")
+    return parsed
 
 
 def float_accuracy(module: nn.Module, test: Any, batch_size: int = 256, progress: bool = False) -> EvalResult:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from photosim._files import require_file
 from photosim._imports import call_object
 from photosim.errors import PhotosimError
 from photosim.ir.format import file_sha256
@@ -204,8 +205,7 @@ def load_weights(module: nn.Module, path: str | Path) -> str:
     Keys and shapes must match exactly: a half-loaded model would silently give meaningless accuracies.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PhotosimError(f"weights file {str(path)!r} does not exist; check the --weights path.")
+    require_file(path, "weights file", "check the --weights path")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -219,10 +219,11 @@ def load_weights(module: nn.Module, path: str | Path) -> str:
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     if missing or unexpected:
+        mismatch = ", ".join(f"{kind} keys {_short_list(keys)}" for kind, keys in
+                             (("missing", missing), ("unexpected", unexpected)) if keys)
         raise PhotosimError(
-            f"weights file {str(path)!r} does not match the model: missing keys {_short_list(missing)}, "
-            f"unexpected keys {_short_list(unexpected)}; check that it was saved from the same architecture "
-            "(and --num-classes / --cifar-stem)."
+            f"weights file {str(path)!r} does not match the model: {mismatch}; check that it was saved from the "
+            "same architecture (and --num-classes / --cifar-stem)."
         )
     try:
         module.load_state_dict(state_dict)

@@ -18,6 +18,7 @@ import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 from torch import fx, nn
 
+from photosim._files import save_model_atomic
 from photosim._imports import call_object
 from photosim.engine.requant import INT32_MAX, INT32_MIN
 from photosim.engine.torch_requant import quantize_val
@@ -377,5 +378,5 @@ def import_torch(spec: str, output: str | Path) -> QuantizedModel:
             "(convert_fx(prepared), (3, 32, 32))."
         )
     model = from_torch(result[0], tuple(result[1]), name=spec)
-    model.save(output)
+    save_model_atomic(model, output)
     return model

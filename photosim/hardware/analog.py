@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from photosim._imports import load_object
 from photosim.engine import kernels, onednn
+from photosim.errors import PhotosimError
 from photosim.frontend.observers import ActivationObserver
 from photosim.hardware import rng
 from photosim.hardware.accumulator import accumulate
@@ -169,7 +171,7 @@ class AnalogLayer:
         if noise.custom.function:
             context = {"layer": self.name, "full_scale": fs, "tile": self.tile, "sample_ids": sample_ids,
                        "normal": lambda: self._normal_like(p, sample_ids, "custom").double()}
-            p = load_object(noise.custom.function, "custom noise")(p, context)
+            p = _custom_noise(noise.custom.function, self.name, p, context)
         step = self.step
         codes, clipped = digitize(p, step, self.adc_bits)  # (G, T, M, O) int64
         bias = None if self.bias is None else torch.round(self.bias.double() / step).to(torch.int64).unsqueeze(1)
@@ -223,6 +225,21 @@ class AnalogLayer:
             batch.signal_power = float(exact.pow(2).sum())
             batch.error_power = float((acc.double() * step - exact).pow(2).sum())
         self.stats.add(batch)
+
+
+def _custom_noise(spec: str, layer: str, p: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
+    """Call the user's ``noise.custom.function``; its failures and wrong results become one message naming it."""
+    function = load_object(spec, "custom noise")
+    try:
+        noisy = function(p, context)
+    except Exception as exc:
+        raise PhotosimError(f"custom noise function {spec} raised {type(exc).__name__} on layer {layer!r} ({exc}); "
+                            "fix the function (it gets the float64 tile values and a context dict).") from exc
+    if not isinstance(noisy, torch.Tensor) or noisy.shape != p.shape:
+        got = tuple(noisy.shape) if isinstance(noisy, torch.Tensor) else type(noisy).__name__
+        raise PhotosimError(f"custom noise function {spec} returned {got} on layer {layer!r}; it must return a "
+                            f"tensor of the tile values' shape {tuple(p.shape)}.")
+    return noisy
 
 
 def _largest_abs(t: torch.Tensor) -> int:
