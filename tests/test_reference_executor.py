@@ -279,3 +279,18 @@ def test_pool_mean_ties_round_differently_per_mode(tmp_path):
     assert ref.run(model, x.numpy(), "fixedpoint")["avg"].tolist() == [[[[4]]]]
     for mode in ref.MODES:
         assert compare(qm, x, mode, tmp_path / "b.safetensors") == 2
+
+
+def test_fixedpoint_add_left_shift(tmp_path):
+    """Three input pairs whose fixedpoint sum depends on TFLite's left shift of 20 (19 gives other codes)."""
+    sa, sb, s_out = 0.14486126601696014, 0.3098811209201813, 0.006573496600690947  # sa, sb: float32 values
+    m = ModelBuilder((2, 1, 1), qp(1.0, 0, 8))
+    for name, weight, scale in (("a", [1, 0], sa), ("b", [0, 1], sb)):  # M = 1: copies of one input channel
+        m.conv(name, "x", qp(scale, 0, 8), torch.tensor(weight, dtype=torch.int8).view(1, 2, 1, 1),
+               torch.zeros(1), scale)
+    m.add("sum", "add", ["a", "b"], qp(s_out, 0, 16))
+    qm = m.build()
+    x = torch.tensor([[197.0, 58.0], [75.0, 154.0], [164.0, 166.0]]).view(3, 2, 1, 1)
+    assert compare(qm, x, "fixedpoint", tmp_path / "add.safetensors") == 4
+    codes = ref.run(ref.read(tmp_path / "add.safetensors"), x.numpy(), "fixedpoint")["sum"]
+    assert codes.ravel().tolist() == [7075, 8912, 11439]
