@@ -25,7 +25,7 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 FLOAT, FIXED = REQUANT_MODES["float"], REQUANT_MODES["fixedpoint"]
 
 
-# -- the reference formulas (docs: integer-semantics.md, TFLite quantization_util.cc), in Python ints --------------
+# -- the reference formulas (docs/integer-semantics.md, TFLite quantization_util.cc), in Python ints ---------------
 
 def c_div(a: int, b: int) -> int:
     """C integer division: truncates toward zero."""

@@ -1,7 +1,6 @@
 """The photonic dot product of one layer: tiles of length L, weight error, analog noise, per-tile ADC,
 finite accumulator. The engine sends a conv/linear here instead of the exact integer matmul when the
-layer's hardware settings are not ideal (model: docs/hardware.md; sources:
-../shared/reference/hardware-models.md).
+layer's hardware settings are not ideal (model and its sources: docs/hardware.md).
 """
 
 from __future__ import annotations
