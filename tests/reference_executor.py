@@ -212,12 +212,10 @@ def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool)
     return out
 
 
-def _stride(node: dict[str, Any]) -> tuple[int, int]:
-    return pair(node["stride"] or node["kernel"])
 
 
 def maxpool2d(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (pair(node["kernel"]), _stride(node), pair(node["padding"]),
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (pair(node["kernel"]), pair(node["stride"]), pair(node["padding"]),
                                               pair(node["dilation"]))
     n, c, h, w = x.shape
     oh = pool_output_size(h, kh, sh, ph, dh, node["ceil_mode"])
@@ -243,7 +241,7 @@ def average(s: np.ndarray, d: np.ndarray, qi: Q, out: Q, mode: str) -> np.ndarra
 
 
 def avgpool2d(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
-    (kh, kw), (sh, sw), (ph, pw) = pair(node["kernel"]), _stride(node), pair(node["padding"])
+    (kh, kw), (sh, sw), (ph, pw) = pair(node["kernel"]), pair(node["stride"]), pair(node["padding"])
     n, c, h, w = x.shape
     oh = pool_output_size(h, kh, sh, ph, 1, node["ceil_mode"])
     ow = pool_output_size(w, kw, sw, pw, 1, node["ceil_mode"])

