@@ -232,11 +232,11 @@ def run(
     With no arguments: the demo (digits-resnet, 8 bits, digits test split). A model file never runs code:
     its float baseline is rebuilt only from built-in and torchvision: names, or from --float-model.
     """
+    from photosim.engine.executor import check_device
     from photosim.experiments.report import write_csv_atomic
     from photosim.experiments.workflow import (
         DataSpec,
         baselines,
-        check_device,
         comparison_rows,
         quantize_loaded,
         run_hardware,
@@ -432,8 +432,8 @@ def bench(
     memory: Annotated[bool, typer.Option(help="Measure peak memory, one subprocess per configuration.")] = True,
 ) -> None:
     """Images/s and peak memory of the engine configurations against float32 PyTorch eval of the same model."""
+    from photosim.engine.executor import check_device
     from photosim.experiments.bench import BenchSettings, results_table, run_benchmark
-    from photosim.experiments.workflow import check_device
 
     preflight({"--json": json_path}, {"--model": spec_file(model)})
     check_device(device)

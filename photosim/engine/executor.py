@@ -35,6 +35,20 @@ HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
 SUB_BATCH_ELEMENTS = 1 << 19
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device named by ``--device``, refused with a message when unknown or without its GPU."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise PhotosimError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise PhotosimError(f"device {device!r} was requested but no CUDA GPU is available; use --device cpu.")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise PhotosimError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            "numbered from 0; use cuda or cuda:N with a smaller N.")
+    return parsed
+
+
 @dataclass(frozen=True)
 class _Layer:
     """A conv/linear node prepared for one device: matmul weights, integer bias, requant parameters."""
@@ -89,12 +103,7 @@ class Engine:
         self.settings: dict[str, LayerHardware] = {n.name: self.hw.for_layer(n.name) for n in qmodel.nodes}
         self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.settings[n.name].requant]
                                               for n in qmodel.nodes}
-        try:
-            self.device = torch.device(device)
-        except RuntimeError:
-            raise PhotosimError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N.") from None
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise PhotosimError(f"device {str(device)!r} was requested but no CUDA GPU is available; use --device cpu.")
+        self.device = check_device(str(device))
         self.layers = {n.name: self._prepare(n) for n in qmodel.nodes if OPS[n.op].weighted}
         self.analog = {
             n.name: self._analog(i, n, seed, repeat, adc_ranges or {}, calibrate_adc, diagnostics)

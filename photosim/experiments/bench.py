@@ -221,7 +221,7 @@ def run_benchmark(settings: BenchSettings = BenchSettings(), configs: tuple[Benc
         >>> result = run_benchmark(BenchSettings.quick())
         >>> [(row["name"], row["ratio"]) for row in result["configs"]]
     """
-    from photosim.experiments.workflow import check_device
+    from photosim.engine.executor import check_device
     from photosim.frontend.ptq import quantize
 
     torch.set_num_threads(settings.threads)

@@ -97,20 +97,6 @@ def _recorded_weights(prov: dict[str, Any]) -> bool:
     return isinstance(weights, str) and Path(weights).is_file() and file_sha256(weights) == prov.get("weights_sha256")
 
 
-def check_device(device: str) -> torch.device:
-    """The torch device named by ``--device``, refused with a message when unknown or without its GPU."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise PhotosimError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise PhotosimError(f"device {device!r} was requested but no CUDA GPU is available; use --device cpu.")
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        raise PhotosimError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                            "numbered from 0; use cuda or cuda:N with a smaller N.")
-    return parsed
-
-
 def float_accuracy(module: nn.Module, test: Any, batch_size: int = 256, progress: bool = False) -> EvalResult:
     """Top-1 (and top-5) accuracy of the float model."""
     return accuracy(module, test, batch_size=batch_size, progress=progress, description="float model")

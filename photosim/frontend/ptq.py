@@ -92,7 +92,7 @@ def quantize(model: nn.Module, calibration_data: Any, spec: QuantSpec | dict | s
         provenance: extra facts recorded in the file (model spec, weights hash, data).
 
     Example:
-        >>> qm = photosim.frontend.ptq(model, calib_images, {"w_bits": 4, "a_bits": 4})
+        >>> qm = photosim.quantize(model, calib_images, {"w_bits": 4, "a_bits": 4})
         >>> qm.save("m.safetensors")
     """
     spec = load_config(QuantSpec, spec)
