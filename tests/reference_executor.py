@@ -146,29 +146,28 @@ def f32(v: Any) -> np.ndarray:
     return np.asarray(v).astype(F32)
 
 
-def _round_fraction_f32(v: Fraction) -> np.float32:
-    """The float32 nearest to the exact value ``v``, ties to the even significand."""
+def fma_exact(a: float, b: float, c: float) -> np.float32:
+    """float32 ``a * b + c`` of three float32 values, from the exact rational value (slow; a cross-check)."""
+    v = Fraction(float(F32(a))) * Fraction(float(F32(b))) + Fraction(float(F32(c)))
     f = F32(float(v))  # within one float32 step of the answer
     candidates = [np.nextafter(f, F32(-np.inf)), f, np.nextafter(f, F32(np.inf))]
-    return min(candidates, key=lambda c: (abs(Fraction(float(c)) - v), int(np.asarray(c).view(np.uint32)) & 1))
+    return min(candidates, key=lambda x: (abs(Fraction(float(x)) - v), int(np.asarray(x).view(np.uint32)) & 1))
 
 
 def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """float32 ``a * b + c`` computed exactly and rounded to float32 once.
 
-    The product of two float32 values is exact in float64; so is the float64 sum where TwoSum finds no error,
-    and then one rounding to float32 is correct. The other elements are summed as exact fractions."""
-    a, b, c = np.broadcast_arrays(f32(a), f32(b), f32(c))
-    p = a.astype(np.float64) * b.astype(np.float64)
-    c64 = c.astype(np.float64)
-    s = p + c64
+    The product of two float32 values is exact in float64. TwoSum gives the float64 sum ``s`` and its exact
+    error; where the error is not zero and ``s`` has an even last bit, ``s`` moves one float64 step toward the
+    exact sum (round to odd). A value rounded to odd with 53 bits then rounds correctly to float32's 24."""
+    a, b, c = f32(a).astype(np.float64), f32(b).astype(np.float64), f32(c).astype(np.float64)
+    p = a * b
+    s = p + c
     t = s - p
-    err = (p - (s - t)) + (c64 - t)
-    out = np.array(s.astype(F32))
-    for i in np.argwhere(err != 0):
-        i = tuple(i)
-        out[i] = _round_fraction_f32(Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i])))
-    return out
+    err = (p - (s - t)) + (c - t)
+    even = (s.view(np.int64) & 1) == 0
+    s = np.where((err != 0) & even, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    return s.astype(F32)
 
 
 # -- conv2d / linear ------------------------------------------------------------------------------

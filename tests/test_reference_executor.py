@@ -78,7 +78,11 @@ def test_reference_float32_building_blocks():
     a, b, c = f32(1 + 2.0**-23), f32(2.0**-24 * (1 - 2.0**-23)), f32(1 + 2.0**-23)
     assert ref.fma(a, b, c).tolist() == 1 + 2.0**-23
     assert f32(float(a) * float(b) + float(c)) == f32(1 + 2.0**-22)
-    assert ref.fma(f32(0.1), f32(3), f32(-0.3)).tolist() == float(f32(float(f32(0.1)) * 3 + float(f32(-0.3))))
+    assert ref.fma_exact(a, b, c) == f32(1 + 2.0**-23)
+    rng = np.random.default_rng(0)  # the fast fma against exact rational arithmetic
+    a, b = f32(rng.standard_normal(3000)), f32(rng.standard_normal(3000) * 2.0 ** rng.integers(-30, 30, 3000))
+    c = np.where(rng.random(3000) < 0.5, -f32(a.astype(np.float64) * b), f32(rng.standard_normal(3000)))
+    assert ref.fma(a, b, c).tolist() == [ref.fma_exact(*v) for v in zip(a, b, c)]
     # quantized::add's vectorised body: NHWC order, chunks of ceil(numel / parts), 64-element steps
     body = ref.vectorised((1, 2, 10, 10), threads=4)  # 200 elements, one chunk: the first 192 in NHWC order
     assert body.sum() == 192 and body[0, 1, 9, 5] and not body[0, 0, 9, 6]
@@ -333,8 +337,8 @@ def test_pool_mean_ties_round_differently_per_mode(tmp_path):
     model = ref.read(tmp_path / "a.safetensors")
     assert ref.run(model, x.numpy(), "float")["avg"].tolist() == [[[[3]]]]
     assert ref.run(model, x.numpy(), "fixedpoint")["avg"].tolist() == [[[[4]]]]
-    for mode in ref.MODES:
-        assert compare(qm, x, mode, tmp_path / "b.safetensors") == 2
+    for mode, cpu in RUNS:
+        assert compare(qm, x, mode, tmp_path / "b.safetensors", cpu) == 2
 
 
 def test_fixedpoint_add_left_shift(tmp_path):
@@ -350,3 +354,36 @@ def test_fixedpoint_add_left_shift(tmp_path):
     assert compare(qm, x, "fixedpoint", tmp_path / "add.safetensors") == 4
     codes = ref.run(ref.read(tmp_path / "add.safetensors"), x.numpy(), "fixedpoint")["sum"]
     assert codes.ravel().tolist() == [7075, 8912, 11439]
+
+
+# -- pytorch mode: float32 details that move a code only now and then, on inputs where they do ------------------
+
+def test_pytorch_add_body_and_tail(tmp_path):
+    """quantized::add's scalar tail (the last elements of each thread's chunk, NHWC order) dequantizes with
+    one multiply, its vectorised body with an fma: every element here is one where the two give other codes."""
+    sa = float(np.float32(0.00625))  # (a - za) * sa = 5 * sa is just off 1.5 / 16: body and tail round apart
+    m = ModelBuilder((4, 150, 150), qp(1.0, 0, 8))
+    for name, first, scale, zp in (("a", 0, sa, 14), ("b", 2, 0.25, 0)):  # M = 1: copies of two input channels
+        weight = torch.zeros(2, 4, 1, 1, dtype=torch.int8)
+        weight[0, first], weight[1, first + 1] = 1, 1
+        m.conv(name, "x", qp(scale, zp, 8), weight, torch.zeros(2), scale)
+    m.add("sum", "add", ["a", "b"], qp(1 / 16, 0, 8))
+    qm = m.build()
+    qm.provenance["qengine"] = "fbgemm"
+    x = torch.zeros(1, 4, 150, 150)
+    x[:, :2] = 5.0  # a = 19, a - za = 5; b = 0
+    f32 = np.float32
+    body, tail = (int(np.rint(v * f32(16))) for v in (ref.fma(f32(sa), f32(19), f32(sa) * f32(-14)), f32(sa) * f32(5)))
+    assert body != tail
+    pixels = {1: range(22496, 22500), 2: [*range(11232, 11250), *range(22482, 22500)]}  # 45000 elements
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert compare(qm, x, "pytorch", tmp_path / "add.safetensors", "avx512-vnni") == 4
+            codes = ref.run(ref.read(tmp_path / "add.safetensors"), x.numpy(), "pytorch", threads=t)["sum"]
+            expected = {(0, c, *divmod(p, 150)) for p in pixels[min(t, 2)] for c in (0, 1)}
+            assert {tuple(i) for i in np.argwhere(codes == tail).tolist()} == expected
+            assert (codes[codes != tail] == body).all()
+    finally:
+        torch.set_num_threads(threads)
