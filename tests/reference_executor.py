@@ -1,6 +1,7 @@
 """An independent interpreter of photosim's integer model file, written from docs/format.md and
-docs/integer-semantics.md alone: numpy int64, one function per op, requant modes ``float`` and
-``fixedpoint``.
+docs/integer-semantics.md alone: numpy int64, one function per op, requant modes ``float``,
+``fixedpoint`` and ``pytorch`` (every CPU family; float32 steps as numpy float32 operations, fused
+multiply-adds exact).
 
 It imports nothing from photosim: it parses the safetensors header itself and reads the tensors with
 ``safetensors.numpy``. Being short and literal is the point; it is slow and meant for small tensors.
@@ -12,14 +13,28 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file
 
-MODES = ("float", "fixedpoint")
+MODES = ("float", "fixedpoint", "pytorch")
+CPU_FAMILIES = ("avx2", "avx512-vnni", "amx")
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run depends on besides the file: the mode and, for ``pytorch``, the CPU family, the thread count
+    of the PyTorch run being reproduced and its torch version (major, minor)."""
+
+    mode: str = "float"
+    cpu: str = "avx512-vnni"
+    threads: int = 1
+    torch_version: tuple[int, int] = (2, 14)
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,37 @@ def mbqm(x: np.ndarray, m: int, e: int) -> np.ndarray:
     return rdbpot(srdhm(x1, m), right)
 
 
+# -- float32 building blocks (pytorch mode) -------------------------------------------------------
+
+def f32(v: Any) -> np.ndarray:
+    """Round to float32 (a float64 or integer value, or an array of them)."""
+    return np.asarray(v).astype(F32)
+
+
+def fma_exact(a: float, b: float, c: float) -> np.float32:
+    """float32 ``a * b + c`` of three float32 values, from the exact rational value (slow; a cross-check)."""
+    v = Fraction(float(F32(a))) * Fraction(float(F32(b))) + Fraction(float(F32(c)))
+    f = F32(float(v))  # within one float32 step of the answer
+    candidates = [np.nextafter(f, F32(-np.inf)), f, np.nextafter(f, F32(np.inf))]
+    return min(candidates, key=lambda x: (abs(Fraction(float(x)) - v), int(np.asarray(x).view(np.uint32)) & 1))
+
+
+def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 ``a * b + c`` computed exactly and rounded to float32 once.
+
+    The product of two float32 values is exact in float64. TwoSum gives the float64 sum ``s`` and its exact
+    error; where the error is not zero and ``s`` has an even last bit, ``s`` moves one float64 step toward the
+    exact sum (round to odd). A value rounded to odd with 53 bits then rounds correctly to float32's 24."""
+    a, b, c = f32(a).astype(np.float64), f32(b).astype(np.float64), f32(c).astype(np.float64)
+    p = a * b
+    s = p + c
+    t = s - p
+    err = (p - (s - t)) + (c - t)
+    even = (s.view(np.int64) & 1) == 0
+    s = np.where((err != 0) & even, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    return s.astype(F32)
+
+
 # -- conv2d / linear ------------------------------------------------------------------------------
 
 def _weights(model: Model, node: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,7 +183,7 @@ def _weights(model: Model, node: dict[str, Any]) -> tuple[np.ndarray, np.ndarray
 
 
 def requantize(acc: np.ndarray, s_in: float, s_w: np.ndarray, out: Q, mode: str) -> np.ndarray:
-    """acc (N, O, ...) with the integer bias already added -> output codes."""
+    """acc (N, O, ...) with the integer bias already added -> output codes (float, fixedpoint)."""
     view = (1, -1) + (1,) * (acc.ndim - 2)
     if mode == "float":
         m = np.array([(s_in * float(s)) / out.scale for s in s_w]).reshape(view)
@@ -151,44 +197,167 @@ def requantize(acc: np.ndarray, s_in: float, s_w: np.ndarray, out: Q, mode: str)
     return clamp(y + out.zero_point, out)
 
 
-def conv2d(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
-    w, b, s_w = _weights(model, node)
-    qi = input_q(node, 0)
+def pytorch_kernel(model: Model, node: dict[str, Any], r: Run) -> str:
+    """Which kernel PyTorch runs a conv2d / linear in: fbgemm, fbgemm-depthwise, onednn-sequential-scales or
+    onednn-product-scale."""
+    qengine = model.doc.get("provenance", {}).get("qengine", "x86")
+    conv = node["op"] == "conv2d"
+    if qengine == "onednn" or (qengine == "x86" and conv and r.cpu in ("avx512-vnni", "amx")
+                               and int(node["groups"]) <= 100):
+        one_per_group = conv and int(node["in_channels"]) == int(node["groups"]) == int(node["out_channels"])
+        sequential = r.cpu == "avx512-vnni" or (r.cpu == "amx" and one_per_group)
+        return "onednn-sequential-scales" if sequential else "onednn-product-scale"
+    if not conv:
+        return "fbgemm"
+    groups, kernel = int(node["groups"]), pair(node["kernel"])
+    kernels = [(3, 3), (5, 5), (7, 7)] if r.torch_version >= (2, 14) else [(3, 3), (5, 5)]
+    depthwise = (groups == int(node["in_channels"]) and int(node["out_channels"]) in (groups, 2 * groups)
+                 and groups % 8 == 0 and kernel in kernels and all(s in (1, 2) for s in pair(node["stride"]))
+                 and pair(node["dilation"]) == (1, 1) and pair(node["padding"]) == ((kernel[0] - 1) // 2,) * 2)
+    return "fbgemm-depthwise" if depthwise else "fbgemm"
+
+
+def saturating_pairs(model: Model, node: dict[str, Any], kernel: str, r: Run) -> bool:
+    """Whether the accumulators are FBGEMM's saturating int16 pair sums."""
+    if r.mode != "pytorch" or node["input_signed"][0]:
+        return False
+    return kernel == "fbgemm-depthwise" or (kernel == "fbgemm" and r.cpu == "avx2")
+
+
+def pair_sums(x: np.ndarray, w: np.ndarray, z_in: int) -> np.ndarray:
+    """``sum over pairs sat16(x_a w_a + x_b w_b) - z_in * sum(w)``: raw codes x (M, K), weights (O, K) ->
+    (M, O); indices pair as (0, 1), (2, 3), ..., an odd last index alone (a zero partner)."""
+    k = x.shape[1]
+    if k % 2:
+        x, w = np.pad(x, ((0, 0), (0, 1))), np.pad(w, ((0, 0), (0, 1)))
+    products = x[:, None, :] * w[None, :, :]  # (M, O, K)
+    sums = products[:, :, 0::2] + products[:, :, 1::2]
+    return np.clip(sums, -32768, 32767).sum(axis=2) - z_in * w.sum(axis=1)[None, :]
+
+
+def pytorch_requantize(model: Model, node: dict[str, Any], acc: np.ndarray, kernel: str, r: Run) -> np.ndarray:
+    """Accumulators (N, O, ...) without the integer bias -> codes, PyTorch's float32 formulas."""
+    name, qi, out = node["name"], input_q(node, 0), output_q(node)
+    w, b, s_w64 = _weights(model, node)
+    view = (1, -1) + (1,) * (acc.ndim - 2)
+    s_w = f32(s_w64).reshape(view)
+    if f"{name}.bias_float" in model.tensors:
+        bias = model.tensors[f"{name}.bias_float"]
+        assert bias.dtype == np.float32
+    else:
+        bias = f32((b.astype(np.float64) * qi.scale) * s_w64)
+    bias = bias.reshape(view)
+    x = acc.astype(F32)
+    one = F32(1.0)
+    if kernel.startswith("onednn"):
+        src = one / f32(1.0 / qi.scale)
+        dst = one / f32(1.0 / out.scale)
+        x = (x * src) * s_w if kernel == "onednn-sequential-scales" else x * (src * s_w)
+        x = x + bias
+        x = x * (one / dst) + F32(out.zero_point)
+        assert x.dtype == F32
+        return clamp(rne(x), out)
+    ats = f32(qi.scale) * s_w
+    m = ats / f32(out.scale)
+    per_channel = model.tensors[f"{name}.weight_scale"].ndim == 1
+    if per_channel:
+        x = x + bias / ats
+    elif kernel == "fbgemm-depthwise" and r.torch_version >= (2, 14):
+        x = x + bias * (one / ats)
+    else:
+        x = fma(bias, one / ats, x)
+    y = x * m
+    assert y.dtype == F32
+    return clamp(rne(y) + out.zero_point, out)
+
+
+def _conv_patches(x: np.ndarray, fill: int, node: dict[str, Any]) -> tuple[np.ndarray, int, int]:
+    """x (N, C, H, W) padded with ``fill`` -> patches (N, OH, OW, kh, kw, C), OH, OW."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (pair(node[k]) for k in ("kernel", "stride", "padding", "dilation"))
-    groups = int(node["groups"])
     n, c, h, wd = x.shape
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    xp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=np.int64)
-    xp[:, :, ph:ph + h, pw:pw + wd] = x.astype(np.int64) - qi.zero_point
-    o_total, cg = w.shape[0], c // groups
-    og = o_total // groups
-    acc = np.zeros((n, o_total, oh, ow), dtype=np.int64)
-    for g in range(groups):
-        xg = xp[:, g * cg:(g + 1) * cg]
-        wg = w[g * og:(g + 1) * og]
-        for u in range(kh):
-            for v in range(kw):
-                taps = xg[:, :, u * dh:u * dh + (oh - 1) * sh + 1:sh, v * dw:v * dw + (ow - 1) * sw + 1:sw]
-                acc[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", taps, wg[:, :, u, v])
-    acc += b.reshape(1, -1, 1, 1)
-    return requantize(acc, qi.scale, s_w, output_q(node), mode)
+    xp = np.full((n, c, h + 2 * ph, wd + 2 * pw), fill, dtype=np.int64)
+    xp[:, :, ph:ph + h, pw:pw + wd] = x
+    patches = np.empty((n, oh, ow, kh, kw, c), dtype=np.int64)
+    for u in range(kh):
+        for v in range(kw):
+            taps = xp[:, :, u * dh:u * dh + (oh - 1) * sh + 1:sh, v * dw:v * dw + (ow - 1) * sw + 1:sw]
+            patches[:, :, :, u, v, :] = taps.transpose(0, 2, 3, 1)
+    return patches, oh, ow
 
 
-def linear(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
+def conv2d(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
     w, b, s_w = _weights(model, node)
     qi = input_q(node, 0)
+    groups = int(node["groups"])
+    n, c = x.shape[:2]
+    o_total, cg = w.shape[0], c // groups
+    og = o_total // groups
+    kernel = pytorch_kernel(model, node, r) if r.mode == "pytorch" else ""
+    saturating = saturating_pairs(model, node, kernel, r)
+    # raw codes padded with z_in (FBGEMM's pair sums), or centred codes padded with 0 (the exact sum)
+    patches, oh, ow = (_conv_patches(x.astype(np.int64), qi.zero_point, node) if saturating
+                       else _conv_patches(x.astype(np.int64) - qi.zero_point, 0, node))
+    acc = np.zeros((n, oh, ow, o_total), dtype=np.int64)
+    for g in range(groups):
+        cols = patches[..., g * cg:(g + 1) * cg].reshape(n * oh * ow, -1)  # index (u, v, c), c fastest
+        wg = w[g * og:(g + 1) * og].transpose(0, 2, 3, 1).reshape(og, -1)  # the same order
+        part = pair_sums(cols, wg, qi.zero_point) if saturating else cols @ wg.T
+        acc[..., g * og:(g + 1) * og] = part.reshape(n, oh, ow, og)
+    acc = acc.transpose(0, 3, 1, 2)
+    if r.mode == "pytorch":
+        return pytorch_requantize(model, node, acc, kernel, r)
+    return requantize(acc + b.reshape(1, -1, 1, 1), qi.scale, s_w, output_q(node), r.mode)
+
+
+def linear(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
+    w, b, s_w = _weights(model, node)
+    qi = input_q(node, 0)
+    if r.mode == "pytorch":
+        kernel = pytorch_kernel(model, node, r)
+        if saturating_pairs(model, node, kernel, r):
+            acc = pair_sums(x.astype(np.int64), w, qi.zero_point)
+        else:
+            acc = (x.astype(np.int64) - qi.zero_point) @ w.T
+        return pytorch_requantize(model, node, acc, kernel, r)
     acc = (x.astype(np.int64) - qi.zero_point) @ w.T + b
-    return requantize(acc, qi.scale, s_w, output_q(node), mode)
+    return requantize(acc, qi.scale, s_w, output_q(node), r.mode)
 
 
 # -- add ------------------------------------------------------------------------------------------
 
-def add(model: Model, node: dict[str, Any], a: np.ndarray, b: np.ndarray, mode: str) -> np.ndarray:
+def vectorised(shape: tuple[int, ...], threads: int) -> np.ndarray:
+    """Which elements quantized::add computes in its vectorised body (bool, ``shape``)."""
+    numel = math.prod(shape)
+    if len(shape) == 4:  # memory order NHWC: index[n, c, h, w] = position in memory
+        n, c, h, w = shape
+        index = np.arange(numel).reshape(n, h, w, c).transpose(0, 3, 1, 2)
+    else:
+        index = np.arange(numel).reshape(shape)
+    parts = max(1, min(threads, -(-numel // 32768)))
+    chunk = -(-numel // parts)
+    start = index // chunk * chunk
+    length = np.minimum(start + chunk, numel) - start
+    return index - start < length // 64 * 64
+
+
+def add(model: Model, node: dict[str, Any], a: np.ndarray, b: np.ndarray, r: Run) -> np.ndarray:
     qa, qb, out = input_q(node, 0), input_q(node, 1), output_q(node)
     da, db = a.astype(np.int64) - qa.zero_point, b.astype(np.int64) - qb.zero_point
-    if mode == "float":
+    if r.mode == "float":
         y = da.astype(np.float64) * (qa.scale / out.scale) + db.astype(np.float64) * (qb.scale / out.scale)
+        return clamp(rne(y) + out.zero_point, out)
+    if r.mode == "pytorch":
+        body = vectorised(a.shape, r.threads)
+
+        def dequantize(codes: np.ndarray, centred: np.ndarray, q: Q) -> np.ndarray:
+            s = f32(q.scale)
+            return np.where(body, fma(s, f32(codes), s * f32(-q.zero_point)), s * f32(centred))
+
+        c = dequantize(a, da, qa) + dequantize(b, db, qb)
+        y = c * (F32(1.0) / f32(out.scale))
+        assert y.dtype == F32
         return clamp(rne(y) + out.zero_point, out)
     widest = max(abs(v - q.zero_point) for q in (qa, qb) for v in (q.qmin, q.qmax))
     left_shift = min(20, 31 - widest.bit_length())
@@ -201,7 +370,7 @@ def add(model: Model, node: dict[str, Any], a: np.ndarray, b: np.ndarray, mode: 
 
 # -- clamp, pools, flatten, reshape ---------------------------------------------------------------
 
-def clamp_op(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
+def clamp_op(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
     return clamp(x, output_q(node))
 
 
@@ -214,7 +383,7 @@ def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool)
 
 
 
-def maxpool2d(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
+def maxpool2d(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (pair(node["kernel"]), pair(node["stride"]), pair(node["padding"]),
                                               pair(node["dilation"]))
     n, c, h, w = x.shape
@@ -233,6 +402,11 @@ def average(s: np.ndarray, d: np.ndarray, qi: Q, out: Q, mode: str) -> np.ndarra
     """Window sums S of (x - z_in) and divisors D -> codes."""
     if mode == "float":
         return clamp(rne(s.astype(np.float64) * (qi.scale / out.scale) / d.astype(np.float64)) + out.zero_point, out)
+    if mode == "pytorch":
+        m = (f32(qi.scale) / f32(out.scale)) / f32(d)
+        y = f32(s) * m
+        assert y.dtype == F32
+        return clamp(rne(y) + out.zero_point, out)
     if qi.scale != out.scale:
         s = mbqm(s, *quantize_multiplier(qi.scale / out.scale))
     t = s + d * out.zero_point
@@ -240,7 +414,7 @@ def average(s: np.ndarray, d: np.ndarray, qi: Q, out: Q, mode: str) -> np.ndarra
     return clamp(np.where(t > 0, c_div(t + half, d), c_div(t - half, d)), out)
 
 
-def avgpool2d(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
+def avgpool2d(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
     (kh, kw), (sh, sw), (ph, pw) = pair(node["kernel"]), pair(node["stride"]), pair(node["padding"])
     n, c, h, w = x.shape
     oh = pool_output_size(h, kh, sh, ph, 1, node["ceil_mode"])
@@ -264,10 +438,10 @@ def avgpool2d(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> n
                 divisors[0, 0, i, j] = (he - hs) * (we - ws)
             else:
                 divisors[0, 0, i, j] = (r1 - r0) * (c1 - c0)
-    return average(sums, divisors, qi, output_q(node), mode)
+    return average(sums, divisors, qi, output_q(node), r.mode)
 
 
-def adaptive_avgpool2d(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
+def adaptive_avgpool2d(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
     size = node["output_size"]
     oh, ow = (size, size) if isinstance(size, int) else size
     n, c, h, w = x.shape
@@ -282,15 +456,15 @@ def adaptive_avgpool2d(model: Model, node: dict[str, Any], x: np.ndarray, mode: 
             c0, c1 = (j * w) // ow, -(-((j + 1) * w) // ow)
             sums[:, :, i, j] = xc[:, :, r0:r1, c0:c1].sum(axis=(2, 3))
             divisors[0, 0, i, j] = (r1 - r0) * (c1 - c0)
-    return average(sums, divisors, qi, output_q(node), mode)
+    return average(sums, divisors, qi, output_q(node), r.mode)
 
 
-def flatten(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
+def flatten(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
     start = int(node["start_dim"])
     return x.reshape(*x.shape[:start], -1)
 
 
-def reshape(model: Model, node: dict[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
+def reshape(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
     return x.reshape(x.shape[0], *node["shape"])
 
 
@@ -300,15 +474,22 @@ OPS = {
 }
 
 
-def run(model: Model, x: np.ndarray, mode: str = "float") -> dict[str, np.ndarray]:
-    """Float inputs (N, *input shape) -> every tensor's int64 codes, keyed by name (the input's too)."""
+def run(model: Model, x: np.ndarray, mode: str = "float", *, cpu: str = "avx512-vnni", threads: int = 1,
+        torch_version: tuple[int, int] = (2, 14)) -> dict[str, np.ndarray]:
+    """Float inputs (N, *input shape) -> every tensor's int64 codes, keyed by name (the input's too).
+
+    ``cpu``, ``threads`` and ``torch_version`` matter to the ``pytorch`` mode only: the CPU family, the
+    ``torch.get_num_threads()`` and the torch (major, minor) of the PyTorch run being reproduced."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}")
+    if cpu not in CPU_FAMILIES:
+        raise ValueError(f"cpu {cpu!r}")
+    r = Run(mode, cpu, threads, tuple(torch_version))
     values = {model.doc["input"]["name"]: quantize_input(np.asarray(x), model.input_q)}
     for node in model.doc["nodes"]:
         xs = [values[name] for name in node["inputs"]]
         if node["op"] == "add":
-            values[node["name"]] = add(model, node, xs[0], xs[1], mode)
+            values[node["name"]] = add(model, node, xs[0], xs[1], r)
         else:
-            values[node["name"]] = OPS[node["op"]](model, node, xs[0], mode)
+            values[node["name"]] = OPS[node["op"]](model, node, xs[0], r)
     return values

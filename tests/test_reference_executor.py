@@ -1,6 +1,7 @@
 """The spec and the engine agree: tests/reference_executor.py, written from docs/format.md and
 docs/integer-semantics.md without photosim's code, matches the engine on every node, bit for bit, in the
-``float`` and ``fixedpoint`` modes, on the built-in models and on generated graphs."""
+``float``, ``fixedpoint`` and ``pytorch`` (every CPU family) modes, on the built-in models and on generated
+graphs."""
 
 from __future__ import annotations
 
@@ -21,24 +22,33 @@ from photosim.engine.executor import node_outputs
 from photosim.errors import PhotosimError
 from photosim.ir.format import QParams, QuantizedModel
 
+TORCH_VERSION = tuple(int(v) for v in torch.__version__.split(".")[:2])
+# (mode, CPU family): the pytorch mode once per family (its formulas are float32 arithmetic: any CPU checks any)
+RUNS = [("float", None), ("fixedpoint", None)] + [("pytorch", cpu) for cpu in ref.CPU_FAMILIES]
+RUN_IDS = [mode if cpu is None else f"{mode}-{cpu}" for mode, cpu in RUNS]
 
-def compare(qm: QuantizedModel, x: torch.Tensor, mode: str, path) -> int:
+
+def compare(qm: QuantizedModel, x: torch.Tensor, mode: str, path, cpu: str | None = None) -> int:
     """Run both on ``x``; assert every tensor is equal. Returns the number of tensors compared."""
     qm.save(path)
     model = ref.read(path)
+    settings, options = {"requant": mode}, {}
+    if mode == "pytorch":
+        settings["pytorch_cpu"] = cpu
+        options = {"cpu": cpu, "threads": torch.get_num_threads(), "torch_version": TORCH_VERSION}
     try:
-        expected = ref.run(model, x.numpy(), mode)
+        expected = ref.run(model, x.numpy(), mode, **options)
     except OverflowError:  # fixedpoint: an accumulator outside int32 must stop the engine too
         with pytest.raises(PhotosimError, match="outside int32"):
-            node_outputs(qm, x, {"requant": mode})
+            node_outputs(qm, x, settings)
         return 0
-    got = node_outputs(qm, x, {"requant": mode})
+    got = node_outputs(qm, x, settings)
     assert set(got) == set(expected)
     for name, codes in expected.items():
         engine = got[name].numpy()
         assert engine.shape == codes.shape, name
         assert np.array_equal(engine, codes), (
-            f"{mode}: node {name!r} differs in {int((engine != codes).sum())} of {codes.size} codes; "
+            f"{mode} {cpu}: node {name!r} differs in {int((engine != codes).sum())} of {codes.size} codes; "
             f"first at {np.argwhere(engine != codes)[0].tolist()}")
     return len(expected)
 
@@ -61,6 +71,31 @@ def test_reference_building_blocks():
     assert ref.pool_output_size(4, 3, 3, 1, 1, True) == 2  # the window at padded 6 >= 4 + 1 is dropped
 
 
+def test_reference_float32_building_blocks():
+    f32 = np.float32
+    # a * b + c = 1 + 2^-23 + 2^-24 - 2^-70: just below the float32 midpoint, so the FMA rounds down to 1 + 2^-23;
+    # the float64 sum drops the 2^-70, lands on the midpoint and (half to even) would round up to 1 + 2^-22
+    a, b, c = f32(1 + 2.0**-23), f32(2.0**-24 * (1 - 2.0**-23)), f32(1 + 2.0**-23)
+    assert ref.fma(a, b, c).tolist() == 1 + 2.0**-23
+    assert f32(float(a) * float(b) + float(c)) == f32(1 + 2.0**-22)
+    assert ref.fma_exact(a, b, c) == f32(1 + 2.0**-23)
+    rng = np.random.default_rng(0)  # the fast fma against exact rational arithmetic
+    a, b = f32(rng.standard_normal(3000)), f32(rng.standard_normal(3000) * 2.0 ** rng.integers(-30, 30, 3000))
+    c = np.where(rng.random(3000) < 0.5, -f32(a.astype(np.float64) * b), f32(rng.standard_normal(3000)))
+    assert ref.fma(a, b, c).tolist() == [ref.fma_exact(*v) for v in zip(a, b, c)]
+    # quantized::add's vectorised body: NHWC order, chunks of ceil(numel / parts), 64-element steps
+    body = ref.vectorised((1, 2, 10, 10), threads=4)  # 200 elements, one chunk: the first 192 in NHWC order
+    assert body.sum() == 192 and body[0, 1, 9, 5] and not body[0, 0, 9, 6]
+    flat = ref.vectorised((100000,), threads=3)  # 3 chunks of 33334 (the last 33332): bodies of 33280, 33280, 33280
+    assert flat.sum() == 3 * 33280 and flat[33279] and not flat[33280] and flat[33334] and not flat[99999]
+    assert ref.vectorised((100000,), threads=1).sum() == 99968
+    assert ref.vectorised((50, 2), threads=8).sum() == 64
+    # FBGEMM's pair sums: 255 * 127 * 2 saturates to 32767; an odd last index is alone; z_in * sum(w) comes off
+    x, w = np.array([[255, 255, 255]]), np.array([[127, 127, 127], [127, -128, 2]])
+    assert ref.pair_sums(x, w, 0).tolist() == [[32767 + 255 * 127, 255 * -1 + 510]]
+    assert ref.pair_sums(x, w, 3).tolist() == [[32767 + 255 * 127 - 3 * 381, 255 * -1 + 510 - 3]]
+
+
 # -- the built-in models ---------------------------------------------------------------------------
 
 @functools.cache
@@ -74,13 +109,13 @@ def _builtin(name: str, bits: int) -> QuantizedModel:
                              {"w_bits": bits, "a_bits": bits})
 
 
-@pytest.mark.parametrize("mode", ref.MODES)
+@pytest.mark.parametrize(("mode", "cpu"), RUNS, ids=RUN_IDS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("name", ["digits-cnn", "digits-resnet"])
-def test_builtin_models(name, bits, mode, tmp_path):
+def test_builtin_models(name, bits, mode, cpu, tmp_path):
     x = _digits("test")[:48]
     x = torch.cat([x, x[:8] * 1.7 - 0.1])  # and inputs that the input clamp cuts
-    assert compare(_builtin(name, bits), x, mode, tmp_path / "m.safetensors") > 5
+    assert compare(_builtin(name, bits), x, mode, tmp_path / "m.safetensors", cpu) > 5
 
 
 # -- generated graphs ------------------------------------------------------------------------------
@@ -92,10 +127,11 @@ def _scale(draw) -> float:
     return 2.0 ** draw(st.floats(-12, 2))
 
 
-def _act(draw, *, spread: float | None = None) -> QParams:
-    """Activation quantization with 2-16 bits, signed or not, any zero point, sometimes a narrower clamp."""
-    bits = draw(st.integers(2, 16))
-    signed = draw(st.booleans())
+def _act(draw, *, spread: float | None = None, pt: bool = False) -> QParams:
+    """Activation quantization with 2-16 bits, signed or not (``pt``: 8-bit unsigned, what PyTorch's kernels
+    take), any zero point, sometimes a narrower clamp."""
+    bits = 8 if pt else draw(st.integers(2, 16))
+    signed = False if pt else draw(st.booleans())
     lo, hi = QParams.storage_range(bits, signed)
     zp = draw(st.integers(lo, hi))
     qmin, qmax = lo, hi
@@ -123,26 +159,34 @@ def _weights(draw, shape: tuple[int, ...], w_bits: int, g: torch.Generator) -> t
     return w.to(torch.int8 if w_bits <= 8 else torch.int16)
 
 
-def _conv(draw, m: ModelBuilder, name: str, src: str, shape, g, *, same_shape: bool = False):
+def _conv(draw, m: ModelBuilder, name: str, src: str, shape, g, *, same_shape: bool = False, pt: bool = False,
+          depthwise: bool = False, channels: int | None = None):
+    """A conv2d of ``src``; ``pt``: 8-bit weights and activations, sometimes a float bias; ``depthwise``: in the
+    shape of FBGEMM's depthwise fast path; ``channels``: a 1x1 conv to that many channels."""
     c, h, w = shape
     groups = draw(st.sampled_from([d for d in range(1, c + 1) if c % d == 0]))
     out = groups * draw(st.integers(1, 3))
     if same_shape:
         out, kernel, stride, padding, dilation = c, 1, 1, 0, 1
+    elif channels is not None:
+        out, groups, kernel, stride, padding, dilation = channels, 1, 1, 1, 0, 1
+    elif depthwise:
+        groups, out, kernel = c, c * draw(st.integers(1, 2)), draw(st.sampled_from([3, 5, 7]))
+        stride, padding, dilation = draw(st.integers(1, 2)), (kernel - 1) // 2, 1
     else:
         kernel = draw(st.integers(1, min(3, h, w)))
         stride, padding = draw(st.integers(1, 3)), draw(st.integers(0, 2))
         dilation = draw(st.integers(1, 2))
         if dilation * (kernel - 1) + 1 > min(h, w) + 2 * padding:
             dilation = 1
-    w_bits = draw(st.integers(2, 16))
+    w_bits = 8 if pt else draw(st.integers(2, 16))
     weight = _weights(draw, (out, c // groups, kernel, kernel), w_bits, g)
     per_channel = draw(st.booleans())
     wscale = (torch.rand(out, generator=g) + 0.1) / (1 << (w_bits - 1)) if per_channel else _scale(draw) / 64
     q_in = m.qparams(src)
     k_terms = c // groups * kernel * kernel
     w_spread = float(torch.as_tensor(wscale).max()) * max(1.0, float(weight.abs().float().mean()))
-    out_q = _act(draw, spread=_spread(q_in) * w_spread * math.sqrt(k_terms))
+    out_q = _act(draw, spread=_spread(q_in) * w_spread * math.sqrt(k_terms), pt=pt)
     bias_bits = draw(st.sampled_from([8, 16, 32, 40]))
     typical_acc = math.sqrt(k_terms) * max(1, q_in.qmax - q_in.qmin) / 4 * max(1.0, float(weight.abs().float().mean()))
     b_hi = int(min(1 << (bias_bits - 1), typical_acc * 2.0 ** draw(st.integers(-4, 2)) + 1))
@@ -151,6 +195,9 @@ def _conv(draw, m: ModelBuilder, name: str, src: str, shape, g, *, same_shape: b
            groups=groups, w_bits=w_bits)
     m.nodes[-1].bias_bits = bias_bits
     m.tensors[f"{name}.bias"] = bias.to(torch.int32 if bias_bits <= 32 else torch.int64)
+    if pt and draw(st.booleans()):  # imported from PyTorch: the real bias, which need not be a multiple of its step
+        m.tensors[f"{name}.bias_float"] = (bias * q_in.scale * torch.as_tensor(wscale, dtype=torch.float64)
+                                           * (1 + torch.randn(out, generator=g, dtype=torch.float64) / 8)).float()
     oh, ow = ((s + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1 for s in (h, w))
     return (out, oh, ow)
 
@@ -166,29 +213,37 @@ def _windows_have_input(size: int, k: int, s: int, p: int, d: int, ceil: bool) -
 
 
 @st.composite
-def graphs(draw):
+def graphs(draw, pt: bool = False):
+    """A random graph and inputs; ``pt``: for the pytorch mode (8-bit unsigned activations, 8-bit weights,
+    depthwise convs, a quantized engine in the provenance)."""
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     shape = (draw(st.integers(1, 4)), draw(st.integers(2, 9)), draw(st.integers(2, 9)))
-    m = ModelBuilder(shape, _act(draw), input_name="x")
+    m = ModelBuilder(shape, _act(draw, pt=pt), input_name="x")
     src = "x"
-    ops = draw(st.lists(st.sampled_from(["conv", "clamp", "add", "maxpool", "avgpool", "adaptive", "reshape"]),
-                        min_size=1, max_size=6))
+    choices = ["conv", "clamp", "add", "maxpool", "avgpool", "adaptive", "reshape"] + (["dwconv"] * 2 if pt else [])
+    ops = draw(st.lists(st.sampled_from(choices), min_size=1, max_size=6))
     for i, op in enumerate(ops):
         name = f"n{i}_{op}"
         c, h, w = shape
         if op == "conv":
-            shape = _conv(draw, m, name, src, shape, g)
+            shape = _conv(draw, m, name, src, shape, g, pt=pt)
+        elif op == "dwconv":  # FBGEMM's depthwise shape; 104 channels (groups > 100) run in FBGEMM under x86 too
+            channels = draw(st.sampled_from([8, 16, 104]))
+            if c != channels:
+                shape = _conv(draw, m, f"{name}_widen", src, shape, g, pt=pt, channels=channels)
+                src = f"{name}_widen"
+            shape = _conv(draw, m, name, src, shape, g, pt=pt, depthwise=True)
         elif op == "clamp":
             q = m.qparams(src)
             lo = draw(st.integers(q.qmin, q.qmax))
             m.add(name, "clamp", [src], QParams(q.scale, q.zero_point, q.bits, q.signed, lo,
                                                 draw(st.integers(lo, q.qmax))))
         elif op == "add":  # the current tensor plus a 1x1 conv of it: two differently scaled inputs
-            other = _conv(draw, m, f"{name}_branch", src, shape, g, same_shape=True)
+            other = _conv(draw, m, f"{name}_branch", src, shape, g, same_shape=True, pt=pt)
             if other != shape:
                 src, shape = f"{name}_branch", other
                 continue
-            m.add(name, "add", [src, f"{name}_branch"], _act(draw, spread=_spread(m.qparams(src))))
+            m.add(name, "add", [src, f"{name}_branch"], _act(draw, spread=_spread(m.qparams(src)), pt=pt))
         elif op in ("maxpool", "avgpool"):
             k = draw(st.integers(1, 3))
             s, p = draw(st.integers(1, 3)), draw(st.integers(0, k // 2))
@@ -202,7 +257,7 @@ def graphs(draw):
                       ceil_mode=ceil)
             else:
                 q_in = m.qparams(src)
-                out_q = q_in if draw(st.booleans()) else _act(draw, spread=_spread(q_in))
+                out_q = q_in if draw(st.booleans()) else _act(draw, spread=_spread(q_in), pt=pt)
                 m.add(name, "avgpool2d", [src], out_q, kernel=[k, k], stride=stride, padding=[p, p],
                       ceil_mode=ceil, count_include_pad=draw(st.booleans()),
                       divisor_override=draw(st.sampled_from([None, 1, 3, 7])))
@@ -210,7 +265,7 @@ def graphs(draw):
         elif op == "adaptive":
             oh, ow = draw(st.integers(1, h + 1)), draw(st.integers(1, w + 1))
             q_in = m.qparams(src)
-            out_q = q_in if draw(st.booleans()) else _act(draw, spread=_spread(q_in))
+            out_q = q_in if draw(st.booleans()) else _act(draw, spread=_spread(q_in), pt=pt)
             m.add(name, "adaptive_avgpool2d", [src], out_q, output_size=[oh, ow])
             shape = (c, oh, ow)
         elif op == "reshape":
@@ -220,14 +275,16 @@ def graphs(draw):
         src = name
     m.add("flat", "flatten", [src], start_dim=1)
     features = math.prod(shape)
-    w_bits = draw(st.integers(2, 16))
+    w_bits = 8 if pt else draw(st.integers(2, 16))
     weight = _weights(draw, (draw(st.integers(1, 5)), features), w_bits, g)
     q_in = m.qparams("flat")
     wscale = _scale(draw) / 16
     w_typical = wscale * max(1.0, float(weight.abs().float().mean()))
-    m.linear("fc", "flat", _act(draw, spread=_spread(q_in) * w_typical * math.sqrt(features)), weight,
+    m.linear("fc", "flat", _act(draw, spread=_spread(q_in) * w_typical * math.sqrt(features), pt=pt), weight,
              torch.randint(-1000, 1000, (weight.shape[0],), generator=g), wscale, w_bits=w_bits)
     qm = m.build()
+    if pt:
+        qm.provenance["qengine"] = draw(st.sampled_from(["x86", "x86", "fbgemm", "onednn"]))
     n = draw(st.integers(1, 3))
     q = qm.input_q
     lo, hi = q.scale * (q.qmin - q.zero_point - 2), q.scale * (q.qmax - q.zero_point + 2)
@@ -242,13 +299,22 @@ def int_mm(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("mode", ref.MODES)
+@pytest.mark.parametrize("mode", ["float", "fixedpoint"])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(case=graphs())
 def test_generated_graphs(case, mode, int_mm, tmp_path):
     qm, x = case
     compare(qm, x, mode, tmp_path / "g.safetensors")
+
+
+@pytest.mark.parametrize("cpu", ref.CPU_FAMILIES)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(case=graphs(pt=True))
+def test_generated_graphs_pytorch(case, cpu, int_mm, tmp_path):
+    qm, x = case
+    compare(qm, x, "pytorch", tmp_path / "g.safetensors", cpu)
 
 
 def test_one_term_dot_products(monkeypatch, tmp_path):
@@ -271,8 +337,8 @@ def test_pool_mean_ties_round_differently_per_mode(tmp_path):
     model = ref.read(tmp_path / "a.safetensors")
     assert ref.run(model, x.numpy(), "float")["avg"].tolist() == [[[[3]]]]
     assert ref.run(model, x.numpy(), "fixedpoint")["avg"].tolist() == [[[[4]]]]
-    for mode in ref.MODES:
-        assert compare(qm, x, mode, tmp_path / "b.safetensors") == 2
+    for mode, cpu in RUNS:
+        assert compare(qm, x, mode, tmp_path / "b.safetensors", cpu) == 2
 
 
 def test_fixedpoint_add_left_shift(tmp_path):
@@ -288,3 +354,36 @@ def test_fixedpoint_add_left_shift(tmp_path):
     assert compare(qm, x, "fixedpoint", tmp_path / "add.safetensors") == 4
     codes = ref.run(ref.read(tmp_path / "add.safetensors"), x.numpy(), "fixedpoint")["sum"]
     assert codes.ravel().tolist() == [7075, 8912, 11439]
+
+
+# -- pytorch mode: float32 details that move a code only now and then, on inputs where they do ------------------
+
+def test_pytorch_add_body_and_tail(tmp_path):
+    """quantized::add's scalar tail (the last elements of each thread's chunk, NHWC order) dequantizes with
+    one multiply, its vectorised body with an fma: every element here is one where the two give other codes."""
+    sa = float(np.float32(0.00625))  # (a - za) * sa = 5 * sa is just off 1.5 / 16: body and tail round apart
+    m = ModelBuilder((4, 150, 150), qp(1.0, 0, 8))
+    for name, first, scale, zp in (("a", 0, sa, 14), ("b", 2, 0.25, 0)):  # M = 1: copies of two input channels
+        weight = torch.zeros(2, 4, 1, 1, dtype=torch.int8)
+        weight[0, first], weight[1, first + 1] = 1, 1
+        m.conv(name, "x", qp(scale, zp, 8), weight, torch.zeros(2), scale)
+    m.add("sum", "add", ["a", "b"], qp(1 / 16, 0, 8))
+    qm = m.build()
+    qm.provenance["qengine"] = "fbgemm"
+    x = torch.zeros(1, 4, 150, 150)
+    x[:, :2] = 5.0  # a = 19, a - za = 5; b = 0
+    f32 = np.float32
+    body, tail = (int(np.rint(v * f32(16))) for v in (ref.fma(f32(sa), f32(19), f32(sa) * f32(-14)), f32(sa) * f32(5)))
+    assert body != tail
+    pixels = {1: range(22496, 22500), 2: [*range(11232, 11250), *range(22482, 22500)]}  # 45000 elements
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert compare(qm, x, "pytorch", tmp_path / "add.safetensors", "avx512-vnni") == 4
+            codes = ref.run(ref.read(tmp_path / "add.safetensors"), x.numpy(), "pytorch", threads=t)["sum"]
+            expected = {(0, c, *divmod(p, 150)) for p in pixels[min(t, 2)] for c in (0, 1)}
+            assert {tuple(i) for i in np.argwhere(codes == tail).tolist()} == expected
+            assert (codes[codes != tail] == body).all()
+    finally:
+        torch.set_num_threads(threads)
