@@ -310,8 +310,8 @@ def test_an_output_symlink_is_written_through(tmp_path: Path) -> None:
 
 
 def test_a_gpu_number_beyond_the_machine_is_refused(monkeypatch) -> None:
-    from photosim.errors import PhotosimError
     from photosim.engine.executor import check_device
+    from photosim.errors import PhotosimError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -7,10 +7,9 @@ tensor ops; fused multiply-adds are emulated exactly. Results match a PyTorch ru
 order of scale multiplications, depend on it); the family defaults to this machine's and can be set to
 reproduce another (the ``pytorch_cpu`` hardware setting).
 
-Not modeled: FBGEMM's int16 saturation of uint8*int8 pairs (depthwise kernels; every GEMM on CPUs
-without VNNI), which needs activation codes above 127 (reduce_range observers keep calibrated data
-below); adds and average pools whose input is still NCHW (the graph input), which PyTorch computes
-with other formulas; oneDNN grouped convs with several channels per group on AVX2.
+FBGEMM's saturating int16 sums of uint8 x int8 pairs are formed by photosim.engine.fbgemm, which the
+engine calls where PyTorch's kernel would saturate. Not modeled: adds and average pools whose input is
+still NCHW (the graph input), which PyTorch computes with other formulas.
 """
 
 from __future__ import annotations
