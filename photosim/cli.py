@@ -449,12 +449,15 @@ def plot(
         Path | None, typer.Option("--output", "-o", help="PNG to write, or a folder for the default name "
                                                          "<y>_vs_<x>.png (default: beside the CSV).")
     ] = None,
+    pareto: Annotated[bool, typer.Option(help="Mark the Pareto front: lowest x for the highest y (e.g. --x "
+                                              "energy_per_inference_J).")] = False,
+    log_x: Annotated[bool, typer.Option(help="Log scale on the x axis.")] = False,
 ) -> None:
     """Plot any view of a sweep's results.csv: mean y vs x, one line per hue value, float baseline dashed."""
     from photosim.experiments.plot import plot_path, plot_results
 
     preflight({"--output": plot_path(results, x, y, hue, output)}, {"RESULTS": results})
-    console.print(f"wrote {plot_results(results, x, y, hue, output)}")
+    console.print(f"wrote {plot_results(results, x, y, hue, output, pareto=pareto, log_x=log_x)}")
 
 
 @app.command()

@@ -174,3 +174,38 @@ def test_budget_command_writes_the_report(tmp_path) -> None:
 def test_noise_beside_photonics_is_refused() -> None:
     with pytest.raises(Exception, match="noise.output"):
         load_hardware({"noise": {"output": {"sigma": 0.01}}, "photonics": {}})
+
+
+def test_pareto_front_keeps_the_undominated_points() -> None:
+    from photosim.experiments.plot import pareto_front
+
+    xs, ys = [1.0, 2.0, 3.0, 4.0, 2.5], [0.5, 0.9, 0.8, 0.95, 0.9]
+    assert pareto_front(xs, ys) == [0, 1, 3]
+
+
+PRESETS = ("microring-weight-bank", "pcm-tensor-core", "coherent-homodyne", "shot-noise-limited")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_photonic_presets_cite_sources_and_give_a_budget(name) -> None:
+    from photosim._config import PRESETS_DIR
+
+    text = (PRESETS_DIR / "hw" / f"{name}.yaml").read_text()
+    assert "Physical Review X" in text or "Nature" in text or "Scientific Reports" in text
+    table = budget_table(_conv_model(), load_hardware(name))
+    assert len(table) == 1 and table["energy_per_inference_J"].iloc[0] > 0
+
+
+def test_energy_experiment_variants_are_the_presets() -> None:
+    """experiments/energy.yaml copies two presets key by key (a sweep's hw cannot name a preset): keep them equal."""
+    from pathlib import Path
+
+    from photosim._config import merge_settings, read_yaml
+    from photosim.hardware.config import HardwareConfig
+
+    sweep = read_yaml(Path(__file__).parents[1] / "experiments" / "energy.yaml")
+    for name, overrides in sweep["variants"].items():
+        hw = merge_settings(HardwareConfig, {}, {k.removeprefix("hw."): v for k, v in overrides.items()})
+        preset = load_hardware(name).model_dump()
+        preset["photonics"].pop("laser_power_mw")
+        assert load_hardware(hw).model_dump(exclude={"photonics": {"laser_power_mw"}}) == preset
