@@ -209,3 +209,17 @@ def test_energy_experiment_variants_are_the_presets() -> None:
         preset = load_hardware(name).model_dump()
         preset["photonics"].pop("laser_power_mw")
         assert load_hardware(hw).model_dump(exclude={"photonics": {"laser_power_mw"}}) == preset
+
+
+def test_the_worked_example_of_the_docs() -> None:
+    """docs/photonics.md, Worked example: microring-weight-bank on digits-resnet's fc (K = 32, 10 outputs, L = 16)."""
+    cfg = load_hardware("microring-weight-bank").photonics
+    b = link_budget(cfg, 16)
+    assert (round(b.loss_db, 3), round(b.detector_power_w * 1e6, 2)) == (15.741, 26.66)
+    assert (round(b.total_current_a * 1e6, 2), round(b.signal_current_a * 1e6, 2)) == (426.58, 425.23)
+    assert [round(s, 6) for s in (b.sigma_shot, b.sigma_thermal, b.sigma_rin, b.sigma_output)] == [
+        0.001944, 0.000677, 0.001257, 0.002412]
+    assert round(b.sigma_weight, 6) == 0.002297
+    energy = layer_energy(cfg, LayerCounts.of(positions=1, groups=1, out_per_group=10, k=32, tile=16, fan_out=16), 8)
+    assert [round(x * 1e12, 1) for x in (energy.laser, energy.modulators, energy.weights, energy.adc, energy.digital,
+                                         energy.total)] == [32.0, 32.0, 51.2, 102.4, 6.0, 223.6]
