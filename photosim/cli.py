@@ -281,8 +281,9 @@ def run(
     print_table("accuracy (top-1; drops in points)", table)
     if not hw_run.layers.empty:
         mean = hw_run.layers.drop(columns="repeat").groupby("layer", sort=False).mean().reset_index()
-        print_table("per layer, mean over repeats", mean[["layer", "overflow_rate", "adc_clip_rate", "snr_db",
-                                                           "enob", "acc_bits_worst_case", "acc_bits_observed"]])
+        columns = ["layer", "overflow_rate", "adc_clip_rate", "snr_db", "snr_db_budget", "enob", "acc_bits_worst_case",
+                   "acc_bits_observed"]
+        print_table("per layer, mean over repeats", mean[[c for c in columns if c in mean]])
     if report:
         write_csv_atomic(table, report)
     if layer_report:
@@ -311,9 +312,10 @@ def accuracy_table(base: Any, hw_run: Any, rows: list[dict[str, Any]], requant: 
     if not hw_run.layers.empty:
         frame = pd.DataFrame(rows).assign(stage="hardware")
         s = summarize(frame, ["stage"], ["top1", "drop_vs_float", "drop_vs_ideal"]).iloc[0]
+        energy = {k: rows[0][k] for k in ("energy_per_inference_J", "energy_per_mac_J") if k in rows[0]}
         table.append({"stage": f"hardware ({int(s['n'])} repeats)", "top1": s["top1_mean"], "std": s["top1_std"],
                       "ci95": s["top1_ci95"], "drop_vs_float": s["drop_vs_float_mean"],
-                      "drop_vs_ideal": s["drop_vs_ideal_mean"]})
+                      "drop_vs_ideal": s["drop_vs_ideal_mean"], **energy})
     frame = pd.DataFrame(table)
     percent = ["top1", "std", "ci95", "drop_vs_float", "drop_vs_ideal"]
     frame[percent] = frame[percent].astype(float) * 100
@@ -326,6 +328,42 @@ def _print_sigmas(layers: pd.DataFrame) -> None:
         return
     sigmas = layers.groupby("layer", sort=False)["output_sigma"].first()
     console.print("output noise sigma used: " + ", ".join(f"{k} {v:.3g}" for k, v in sigmas.items()))
+
+
+@app.command()
+@handles_errors
+def budget(
+    model_file: Annotated[Path, typer.Argument(help="Integer model file (photosim quantize).")],
+    hw: Annotated[Path, typer.Option("--hw", help="Hardware YAML with a photonics section, or a preset by name.")],
+    report: Annotated[Path | None, typer.Option(help="Write the full per-layer table as CSV.")] = None,
+) -> None:
+    """Per layer: optical powers, each noise term, SNR and effective bits at full scale, the dominant noise
+    source, and energy per MAC and per inference (formulas: docs/photonics.md)."""
+    from photosim.experiments.budget import budget_table, energy_totals
+    from photosim.experiments.report import write_csv_atomic
+    from photosim.hardware.config import load_hardware
+    from photosim.ir.format import load
+
+    preflight({"--report": report}, {"MODEL_FILE": model_file, "--hw": hw})
+    hw_config = load_hardware(hw)
+    table = budget_table(load(model_file), hw_config)
+    if table.empty:
+        raise PhotosimError(f"{hw}: no layer has a photonics section, so there is no link budget; add one "
+                            "(docs/photonics.md) or use a photonic preset.")
+    shown = {"layer": "layer", "tile": "L", "detector_power_mW": "P_det mW", "sigma_shot": "shot",
+             "sigma_thermal": "thermal", "sigma_rin": "RIN", "sigma_adc": "ADC", "sigma_weight": "weight",
+             "snr_db": "SNR dB", "enob": "ENOB", "dominant_noise": "dominant", "energy_per_mac_J": "J/MAC",
+             "energy_per_inference_J": "J/inference"}
+    print_table("link budget per layer (noise std as a fraction of the tile's full scale, full-scale inputs; "
+                "all columns: --report)", table[list(shown)].rename(columns=shown))
+    totals = energy_totals(table)
+    console.print(f"energy per inference {totals['energy_per_inference_J']:.4g} J ("
+                  + ", ".join(f"{name.removesuffix('_J')} {totals[name]:.3g}" for name in
+                              ("laser_J", "modulators_J", "weights_J", "adc_J", "digital_J"))
+                  + f"), per MAC {totals['energy_per_mac_J']:.4g} J")
+    if report:
+        write_csv_atomic(table, report)
+        console.print(f"wrote {report}")
 
 
 @app.command("import-torch")
@@ -411,12 +449,15 @@ def plot(
         Path | None, typer.Option("--output", "-o", help="PNG to write, or a folder for the default name "
                                                          "<y>_vs_<x>.png (default: beside the CSV).")
     ] = None,
+    pareto: Annotated[bool, typer.Option(help="Mark the Pareto front: lowest x for the highest y (e.g. --x "
+                                              "energy_per_inference_J).")] = False,
+    log_x: Annotated[bool, typer.Option(help="Log scale on the x axis.")] = False,
 ) -> None:
     """Plot any view of a sweep's results.csv: mean y vs x, one line per hue value, float baseline dashed."""
     from photosim.experiments.plot import plot_path, plot_results
 
     preflight({"--output": plot_path(results, x, y, hue, output)}, {"RESULTS": results})
-    console.print(f"wrote {plot_results(results, x, y, hue, output)}")
+    console.print(f"wrote {plot_results(results, x, y, hue, output, pareto=pareto, log_x=log_x)}")
 
 
 @app.command()

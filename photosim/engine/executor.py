@@ -21,11 +21,12 @@ from photosim.engine.requant import REQUANT_MODES, RequantMode, RequantParams, c
 from photosim.engine.torch_requant import pytorch_kernel, resolve_cpu_family
 from photosim.errors import PhotosimError
 from photosim.frontend.observers import ActivationObserver
-from photosim.hardware.analog import AnalogLayer, tile_plan
+from photosim.hardware.analog import AnalogLayer, tile_length, tile_plan
 from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
+from photosim.hardware.photonics import with_link_budget
 from photosim.ir.format import Node, QuantizedModel, validate, weights_scale
 from photosim.ir.ops import OPS, conv_output_size, infer_shapes
-from photosim.ir.ranges import max_magnitude
+from photosim.ir.summary import operand_max
 
 HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
 # Requant modes whose arithmetic starts by converting the accumulator to floating point: they take the
@@ -100,7 +101,8 @@ class Engine:
         if unmatched:
             raise PhotosimError(f"hardware layer override(s) {unmatched} match no layer of the model; layers: "
                                 f"{', '.join(n.name for n in qmodel.nodes)}.")
-        self.settings: dict[str, LayerHardware] = {n.name: self.hw.for_layer(n.name) for n in qmodel.nodes}
+        self.settings: dict[str, LayerHardware] = {n.name: _physical(self.hw.for_layer(n.name), n)
+                                                   for n in qmodel.nodes}
         self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.settings[n.name].requant]
                                               for n in qmodel.nodes}
         self.device = check_device(str(device))
@@ -168,11 +170,9 @@ class Engine:
                 calibrate_adc: bool, diagnostics: bool) -> AnalogLayer:
         """The photonic-engine version of a conv/linear whose hardware settings are not ideal."""
         hw = self.settings[node.name]
-        q_in = node.input_q[0]
         weight = self.model.tensors[f"{node.name}.weight"]
         groups = node.attrs.get("groups", 1)
-        x_max = max(abs(q_in.qmin - q_in.zero_point), abs(q_in.qmax - q_in.zero_point))
-        w_max = max_magnitude(node.w_bits)
+        x_max, w_max = operand_max(node)
         plan = tile_plan(weight[0].numel(), hw, x_max, w_max)
         bias = self.layers[node.name].bias.view(groups, -1) if self.modes[node.name].integer_bias else None
         layer = AnalogLayer(
@@ -348,6 +348,13 @@ class Engine:
     @kernel("reshape")
     def _reshape(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         return xs[0].reshape(xs[0].shape[0], *node.attrs["shape"])
+
+
+def _physical(hw: LayerHardware, node: Node) -> LayerHardware:
+    """A layer's settings with the noise its photonics section implies (photosim.hardware.photonics)."""
+    if hw.photonics is None or not OPS[node.op].weighted:
+        return hw
+    return with_link_budget(hw, tile_length(OPS[node.op].dot_length(node.attrs), hw.tile))
 
 
 def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int) -> torch.Tensor:

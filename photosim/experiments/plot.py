@@ -36,9 +36,22 @@ def _text(value: object) -> str:
     return "None" if pd.isna(value) else str(value)
 
 
+def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower x, higher y), in increasing x."""
+    front, best = [], -np.inf
+    for i in sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i])):
+        if ys[i] > best:
+            front.append(i)
+            best = ys[i]
+    return front
+
+
 def draw(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str], out: str | Path, *, xlabel: str | None = None,
-         title: str | None = None) -> Path:
-    """Plot mean ``y`` (95% CI bars) against ``x``, one line per combination of the ``hue`` columns; save PNG."""
+         title: str | None = None, pareto: bool = False, log_x: bool = False) -> Path:
+    """Plot mean ``y`` (95% CI bars) against ``x``, one line per combination of the ``hue`` columns; save PNG.
+
+    ``pareto`` marks the points of the front (lowest x for the highest mean y, e.g. energy against accuracy)
+    over all lines; ``log_x`` draws x on a log scale (both need a numeric x)."""
     _check_columns(frame, x, y, hue)
     baseline = f"float_{y}" if f"float_{y}" in frame and pd.api.types.is_numeric_dtype(frame[f"float_{y}"]) else None
     table = summarize(frame, [*hue, x], [y] + ([baseline] if baseline else []))
@@ -58,10 +71,18 @@ def draw(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str], out: str | Pat
         if baseline:
             levels.append((line.lines[0].get_color(), float(group[f"{baseline}_mean"].mean())))
     _draw_baselines(ax, levels, baseline)
-    if not numeric_x:
+    if (pareto or log_x) and not numeric_x:
+        raise PhotosimError(f"--pareto and --log-x need a numeric x column; {x!r} is not.")
+    if pareto:
+        front = table.iloc[pareto_front(list(table[x]), list(table[f"{y}_mean"]))]
+        ax.plot(front[x], front[f"{y}_mean"], color="black", linestyle=":", marker="*", markersize=12,
+                drawstyle="steps-post", label="Pareto front", zorder=3)
+    if log_x:
+        ax.set_xscale("log")
+    elif not numeric_x:
         ax.set_xticks(range(len(categories)), list(categories), rotation=30 if len(categories) > 4 else 0)
         ax.set_xlim(-0.5, len(categories) - 0.5)
-    elif table[x].nunique() <= 12:
+    if numeric_x and not log_x and table[x].nunique() <= 12:
         ax.set_xticks(sorted(table[x].unique()))
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(f"{y} (mean, 95% CI)")
@@ -117,7 +138,7 @@ def plot_path(csv: str | Path, x: str, y: str = "top1", hue: Sequence[str] | Non
 
 
 def plot_results(csv: str | Path, x: str, y: str = "top1", hue: Sequence[str] | None = None,
-                 out: str | Path | None = None) -> Path:
+                 out: str | Path | None = None, *, pareto: bool = False, log_x: bool = False) -> Path:
     """Any view of a results CSV: mean ``y`` vs ``x`` per ``hue`` combination; returns the PNG path.
 
     ``out`` is the PNG file, or a folder to write the default name ``<y>_vs_<x>[_by_<hue>].png`` into; it
@@ -130,4 +151,4 @@ def plot_results(csv: str | Path, x: str, y: str = "top1", hue: Sequence[str] | 
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise PhotosimError(f"{csv} is not a readable CSV ({exc}); give the results.csv a sweep wrote.") from None
     hue = list(hue or [])
-    return draw(frame, x, y, hue, plot_path(csv, x, y, hue, out))
+    return draw(frame, x, y, hue, plot_path(csv, x, y, hue, out), pareto=pareto, log_x=log_x)

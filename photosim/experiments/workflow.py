@@ -17,11 +17,13 @@ from photosim._config import load_config
 from photosim.engine.executor import Engine, HardwareSpec
 from photosim.errors import PhotosimError
 from photosim.experiments.accuracy import EvalResult, accuracy, evaluate
+from photosim.experiments.budget import budget_table, energy_totals
 from photosim.experiments.point import MODEL_KEYS
 from photosim.frontend.data import calibration_batches, load_dataset
 from photosim.frontend.models import LoadedModel, list_models, load_model
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
+from photosim.hardware.analog import AnalogLayer
 from photosim.hardware.config import load_hardware
 from photosim.hardware.noise import enob, snr_db
 from photosim.ir.fakequant import fake_quant_forward
@@ -113,16 +115,18 @@ def fake_quant_accuracy(qmodel: QuantizedModel, test: Any, batch_size: int = 256
 class HardwareRun:
     """Accuracy and diagnostics of the simulated hardware, one entry per Monte Carlo repeat."""
 
-    repeats: list[dict[str, Any]]  # repeat, top1, top5, overflow_rate, adc_clip_rate, snr_db (worst layer)
+    repeats: list[dict[str, Any]]  # repeat, top1, top5, overflow_rate, adc_clip_rate, snr_db (worst layer),
+    # and with a photonics section the energy columns of photosim.experiments.budget.energy_totals
     layers: pd.DataFrame  # one row per (repeat, analog layer)
 
 
 def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
+    """Per-layer diagnostics of one repeat (docs/hardware.md, Diagnostics; snr_db_budget: docs/photonics.md)."""
     rows = []
     for name, layer in engine.analog.items():
         node, st = engine.model.node(name), layer.stats
         snr = snr_db(st.signal_power, st.error_power) if layer.diagnostics else math.nan
-        rows.append({
+        row = {
             "repeat": repeat, "layer": name, "tile": layer.tile, "tiles": layer.tiles,
             "full_scale": layer.full_scale, "output_sigma": layer.hw.noise.output.resolved_sigma,
             "adc_bits": layer.adc_bits, "adc_step": layer.step,
@@ -131,8 +135,18 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
             "acc_bits_worst_case": worst_case_acc_bits(node.input_q[0].bits, node.w_bits, dot_length(node)),
             "acc_bits_observed": math.ceil(math.log2(st.max_abs_acc + 1)) + 1,
             "acc_bits": layer.hw.accumulator.bits,
-        })
+        }
+        if layer.hw.photonics is not None:
+            row["snr_db_budget"] = budget_snr_db(st.signal_power / max(st.outputs, 1), layer)
+        rows.append(row)
     return rows
+
+
+def budget_snr_db(signal_power: float, layer: AnalogLayer) -> float:
+    """The SNR the link budget predicts for a layer whose mean exact accumulator^2 is ``signal_power``: each of
+    the T tiles adds output noise (sigma FS)^2 and rounding step^2 / 12 (weight error and clipping excluded)."""
+    tile_noise = (layer.hw.noise.output.resolved_sigma * layer.full_scale) ** 2 + layer.step ** 2 / 12.0
+    return snr_db(signal_power, layer.tiles * tile_noise)
 
 
 def calibrate_adc_ranges(qmodel: QuantizedModel, hw: HardwareSpec, data: Any, *, samples: int = 512,
@@ -159,6 +173,7 @@ def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibrati
     Without any randomness the hardware is deterministic, so it is simulated once and the result repeated.
     """
     hw = load_hardware(hw)
+    energy = energy_totals(budget_table(qmodel, hw))
     names = [n.name for n in qmodel.nodes]
     settings = [hw.for_layer(name) for name in names]
     runs = repeats if any(s.is_random for s in settings) else 1
@@ -180,7 +195,7 @@ def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibrati
             "repeat": repeat, "top1": result.top1, "top5": result.top5,
             "overflow_rate": sum(s.overflowed for s in stats) / max(sum(s.outputs for s in stats), 1),
             "adc_clip_rate": sum(s.clipped for s in stats) / max(sum(s.tile_values for s in stats), 1),
-            "snr_db": min((r["snr_db"] for r in rows), default=math.inf),
+            "snr_db": min((r["snr_db"] for r in rows), default=math.inf), **energy,
         })
     results += [dict(results[0], repeat=r) for r in range(runs, repeats)]
     layers += [dict(row, repeat=r) for r in range(runs, repeats) for row in layers if row["repeat"] == 0]

@@ -27,6 +27,11 @@ TILE_BYTES = 1 << 24
 FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this
 
 
+def tile_length(k: int, tile: int | None) -> int:
+    """L, the products one optical core sums: the ``tile`` setting, at most K (None: one tile of K)."""
+    return min(tile or k, k)
+
+
 def exact_weights(hw: LayerHardware) -> bool:
     """No weight error: the tile sums are the exact integer ones."""
     return not (hw.noise.weight_static.sigma or hw.noise.weight_read.sigma)
@@ -35,7 +40,7 @@ def exact_weights(hw: LayerHardware) -> bool:
 def tile_plan(k: int, hw: LayerHardware, x_max: int, w_max: int) -> kernels.MatmulPlan:
     """How a layer forms its tile sums: float32 where they are exact there (integer weights, full scale below
     2^24; twice as fast), else float64 (exact for tile sums of up to 16-bit codes, or weights with error)."""
-    exact32 = min(hw.tile or k, k) * x_max * w_max < FLOAT32_EXACT and exact_weights(hw)
+    exact32 = tile_length(k, hw.tile) * x_max * w_max < FLOAT32_EXACT and exact_weights(hw)
     return kernels.MatmulPlan("float32" if exact32 else "float64", chunk=k)
 
 
@@ -80,7 +85,7 @@ class AnalogLayer:
     @property
     def tile(self) -> int:
         """L, the dot-product length of one optical core (at most K)."""
-        return min(self.hw.tile or self.weights.k, self.weights.k)
+        return tile_length(self.weights.k, self.hw.tile)
 
     @property
     def tiles(self) -> int:

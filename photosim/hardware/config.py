@@ -19,6 +19,7 @@ from pydantic import (
 
 from photosim._config import LayerOverride, PerLayer, StrictModel, load_config, override_model, with_settings
 from photosim.hardware.noise import sigma_from_enob, sigma_from_snr_db
+from photosim.hardware.photonic_config import PhotonicsConfig
 
 
 class OutputNoise(StrictModel):
@@ -136,13 +137,37 @@ class LayerHardware(StrictModel):
     adc: ADCConfig = Field(default_factory=ADCConfig, description="Per-tile ADC.")
     accumulator: AccumulatorConfig = Field(default_factory=AccumulatorConfig, description="Digital accumulator.")
     noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Analog noise.")
+    photonics: PhotonicsConfig | None = Field(
+        None, description="Physical description of the optical core; its link budget sets noise.output and "
+                          "noise.weight_static (docs/photonics.md). null: noise as given.")
+
+    @model_validator(mode="after")
+    def _noise_from_one_place(self) -> LayerHardware:
+        """Refuse noise.output or noise.weight_static beside photonics, whose link budget derives them."""
+        if self.photonics is not None:
+            given = [key for key, on in (("noise.output", self.noise.output.resolved_sigma),
+                                         ("noise.weight_static", self.noise.weight_static.sigma)) if on]
+            if given:
+                raise ValueError(f"{' and '.join(given)} cannot be given beside photonics, whose link budget "
+                                 "derives them; remove one of them")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_photonics(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave out ``photonics: null``, so configs without the section dump (and sweep points hash) as before it
+        existed; a missing key validates back to None."""
+        data = handler(self)
+        if data.get("photonics", True) is None:
+            del data["photonics"]
+        return data
 
     @property
     def is_random(self) -> bool:
-        """True when any noise effect is on (results then depend on the seed and repeat)."""
+        """True when any noise effect is on (results then depend on the seed and repeat); a photonic core always
+        has noise (finite power)."""
         n = self.noise
         return bool(n.output.resolved_sigma or n.shot.sigma or n.weight_static.sigma or n.weight_read.sigma
-                    or n.custom.function)
+                    or n.custom.function or self.photonics is not None)
 
     @property
     def calibrated_adc(self) -> bool:

@@ -8,12 +8,19 @@ import pandas as pd
 
 from photosim.ir.format import Node, QuantizedModel
 from photosim.ir.ops import OPS, infer_shapes
-from photosim.ir.ranges import max_int
+from photosim.ir.ranges import max_int, max_magnitude
 
 
 def dot_length(node: Node) -> int:
     """K: the number of products summed into one output of a conv/linear."""
     return OPS[node.op].dot_length(node.attrs)
+
+
+def operand_max(node: Node) -> tuple[int, int]:
+    """(Xmax, Wmax): the largest |x - z_in| the input clamp range allows and the largest |weight code|
+    2^(w_bits-1); a tile of L products spans +-L * Xmax * Wmax (its full scale)."""
+    q = node.input_q[0]
+    return max(abs(q.qmin - q.zero_point), abs(q.qmax - q.zero_point)), max_magnitude(node.w_bits)
 
 
 def worst_case_acc_bits(input_bits: int, w_bits: int, k: int, bias_bits: int | None = None) -> int:

@@ -1,0 +1,92 @@
+"""The link budget and energy of a whole model on a photonic core: one row per conv/linear layer.
+
+``photosim budget`` prints this table; ``photosim run`` and sweeps add its totals (``energy_totals``) to
+their rows when the hardware config has a ``photonics`` section. Noise terms are fractions of the tile's
+full scale FS at full-scale inputs (docs/photonics.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from photosim.hardware.adc import adc_step
+from photosim.hardware.analog import tile_length
+from photosim.hardware.config import HardwareConfig, LayerHardware
+from photosim.hardware.energy import LayerCounts, layer_energy
+from photosim.hardware.noise import enob, snr_db
+from photosim.hardware.photonics import link_budget
+from photosim.ir.format import Node, QuantizedModel
+from photosim.ir.ops import OPS
+from photosim.ir.summary import dot_length, operand_max, output_shapes
+
+NOISE_TERMS = ("shot", "thermal", "rin", "adc", "weight")  # candidates for the dominant noise source
+ENERGY_COLUMNS = ("energy_per_inference_J", "energy_per_mac_J", "laser_J", "modulators_J", "weights_J", "adc_J",
+                  "digital_J")
+
+
+def adc_sigma(hw: LayerHardware, full_scale: float) -> float:
+    """ADC quantization noise, fraction of FS: step / sqrt(12) over the configured range (a calibrated range is
+    measured only when the model runs, so it counts as full here); the ideal readout rounds to steps of 1."""
+    bits, rng = hw.adc.bits, hw.adc.range
+    span = full_scale * rng if isinstance(rng, float) else full_scale
+    step = 1.0 if bits is None else adc_step(span, bits)
+    return step / math.sqrt(12.0) / full_scale
+
+
+def adc_bits_for_energy(hw: LayerHardware, full_scale: float) -> int:
+    """Bits each conversion costs: adc.bits, or for the ideal readout the bits resolving every integer in +-FS."""
+    return hw.adc.bits if hw.adc.bits is not None else math.ceil(math.log2(2 * full_scale + 1))
+
+
+def layer_budget(node: Node, out_shape: tuple[int, ...], hw: LayerHardware) -> dict[str, Any]:
+    """One layer's powers, noise terms, SNR, dominant noise source, counts and energy."""
+    cfg = hw.photonics
+    assert cfg is not None
+    k = dot_length(node)
+    tile = tile_length(k, hw.tile)
+    x_max, w_max = operand_max(node)
+    full_scale = float(tile * x_max * w_max)
+    link = link_budget(cfg, tile)
+    groups = node.attrs.get("groups", 1)
+    counts = LayerCounts.of(math.prod(out_shape[1:]), groups, out_shape[0] // groups, k, tile, cfg.fan_out)
+    energy = layer_energy(cfg, counts, adc_bits_for_energy(hw, full_scale))
+    sigmas = {"shot": link.sigma_shot, "thermal": link.sigma_thermal, "rin": link.sigma_rin,
+              "adc": adc_sigma(hw, full_scale), "weight": link.sigma_weight / math.sqrt(tile)}
+    snr = snr_db(1.0, sum(s ** 2 for s in sigmas.values()))
+    return {
+        "layer": node.name, "architecture": cfg.architecture, "tile": tile, "tiles": math.ceil(k / tile),
+        "fan_out": cfg.fan_out, "full_scale": full_scale, "loss_dB": link.loss_db,
+        "detector_power_mW": link.detector_power_w * 1e3, "signal_current_uA": link.signal_current_a * 1e6,
+        "total_current_uA": link.total_current_a * 1e6, "offset_fs": link.offset_fs,
+        **{f"sigma_{name}": value for name, value in sigmas.items()},
+        "sigma_output": link.sigma_output, "sigma_weight_device": link.sigma_weight,
+        "snr_db": snr, "enob": enob(snr), "dominant_noise": max(sigmas, key=lambda name: sigmas[name]),
+        "macs": counts.macs, "cycles": counts.cycles, "input_conversions": counts.input_conversions,
+        "adc_conversions": counts.adc_conversions,
+        "laser_J": energy.laser, "modulators_J": energy.modulators, "weights_J": energy.weights,
+        "adc_J": energy.adc, "digital_J": energy.digital,
+        "energy_per_inference_J": energy.total, "energy_per_mac_J": energy.total / counts.macs,
+    }
+
+
+def budget_table(qmodel: QuantizedModel, hw: HardwareConfig) -> pd.DataFrame:
+    """One row per conv/linear layer whose settings have a photonics section (empty when none has)."""
+    shapes = output_shapes(qmodel)
+    rows = []
+    for node in qmodel.nodes:
+        settings = hw.for_layer(node.name)
+        if OPS[node.op].weighted and settings.photonics is not None:
+            rows.append(layer_budget(node, shapes[node.name], settings))
+    return pd.DataFrame(rows)
+
+
+def energy_totals(table: pd.DataFrame) -> dict[str, float]:
+    """Per-inference joules of the whole model by part, and per MAC; {} for an empty table."""
+    if table.empty:
+        return {}
+    totals = {column: float(table[column].sum()) for column in ENERGY_COLUMNS if column != "energy_per_mac_J"}
+    totals["energy_per_mac_J"] = totals["energy_per_inference_J"] / float(table["macs"].sum())
+    return totals

@@ -1,0 +1,142 @@
+"""The link budget of an optical core: from milliwatts to the engine's noise settings, in SI units.
+
+Pure functions, one physical law each, then ``link_budget`` that chains them for one tile of length L and
+``with_link_budget`` that writes the result into a layer's ``noise`` settings, so the engine's kernels stay
+as they are. Every noise term is a current standard deviation at the receiver, divided by the full-scale
+signal current: a fraction of the tile's full scale FS, the unit of ``noise.output.sigma``.
+
+Shot noise is evaluated at the full-scale total photocurrent on both photodiodes of the pair (all inputs at
+their largest code). In a balanced weight bank that current does not depend on the weights, only on the
+sum of the input powers; the engine's ``shot`` kernel, whose variance follows the signed tile value |p|, is
+not that law, so photosim uses no new kernel and takes this worst case (exact for full-scale inputs, an
+upper bound otherwise) as signal-independent noise. Formulas and sources: docs/photonics.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from photosim.hardware.config import LayerHardware, OutputNoise, WeightNoise
+from photosim.hardware.photonic_config import DEFAULT_LOAD_OHM, PhotonicsConfig
+
+Q_E = 1.602176634e-19  # elementary charge, C
+K_B = 1.380649e-23  # Boltzmann constant, J/K
+MW, NA, GHZ, PA = 1e-3, 1e-9, 1e9, 1e-12  # unit -> SI factors
+
+
+def db_loss(db: float) -> float:
+    """Power transmission of a loss in dB: 10^(-dB/10)."""
+    return 10.0 ** (-db / 10.0)
+
+
+def splitting_loss_db(fan_out: int, excess_db: float) -> float:
+    """Loss of a 1:fan_out power split, dB: the ideal 10 log10(fan_out) plus excess per 1:2 stage."""
+    return 10.0 * math.log10(fan_out) + excess_db * math.ceil(math.log2(fan_out))
+
+
+def path_loss_db(cfg: PhotonicsConfig, tile: int) -> float:
+    """Laser to detector, dB: coupling + waveguide + L devices + the fan-out split."""
+    return (cfg.coupling_loss_db + cfg.waveguide_loss_db + cfg.device_loss_db * tile
+            + splitting_loss_db(cfg.fan_out, cfg.splitter_excess_db))
+
+
+def leakage(ratio_db: float | None) -> float:
+    """Power that leaks where none should go, as a fraction: 10^(-ratio/10) (0 when None). An extinction ratio
+    of 25 dB lets a zero input transmit 10^-2.5 of the full power; a crosstalk of -25 dB is a ratio of 25 dB."""
+    return 0.0 if ratio_db is None else db_loss(ratio_db)
+
+
+def shot_variance(current_a: float, dark_a: float, bandwidth_hz: float) -> float:
+    """Shot noise current variance, A^2: 2 q (I + I_dark) B."""
+    return 2.0 * Q_E * (current_a + dark_a) * bandwidth_hz
+
+
+def thermal_variance(temperature_k: float, bandwidth_hz: float, load_ohm: float) -> float:
+    """Johnson noise current variance of a load resistance, A^2: 4 k T B / R_L."""
+    return 4.0 * K_B * temperature_k * bandwidth_hz / load_ohm
+
+
+def tia_variance(noise_a_rthz: float, bandwidth_hz: float) -> float:
+    """TIA input-referred noise current variance, A^2: i_n^2 B."""
+    return noise_a_rthz ** 2 * bandwidth_hz
+
+
+def rin_variance(rin_db_hz: float | None, current_a: float, bandwidth_hz: float) -> float:
+    """Laser intensity noise current variance, A^2: RIN I^2 B with RIN = 10^(dB/10) per Hz (0 when off)."""
+    return 0.0 if rin_db_hz is None else 10.0 ** (rin_db_hz / 10.0) * current_a ** 2 * bandwidth_hz
+
+
+def device_step_error(bits: int | None) -> float:
+    """rms error of a weight device with 2^bits levels over +-Wmax, fraction of Wmax: step / sqrt(12)."""
+    return 0.0 if bits is None else 2.0 / (2 ** bits - 1) / math.sqrt(12.0)
+
+
+def crosstalk_error(coupling: float) -> float:
+    """rms weight error from two neighbours each leaking ``coupling`` of a full-scale weight: sqrt(2) c."""
+    return math.sqrt(2.0) * coupling
+
+
+def bandwidth_hz(cfg: PhotonicsConfig) -> float:
+    """Receiver noise bandwidth, Hz: bandwidth_ghz, else half the clock (integration over one symbol)."""
+    return (cfg.bandwidth_ghz or cfg.clock_ghz / 2.0) * GHZ
+
+
+@dataclass(frozen=True)
+class LinkBudget:
+    """Powers, currents and noise terms of one full-scale tile; sigmas are fractions of the tile's FS."""
+
+    loss_db: float  # laser to detector
+    detector_power_w: float  # per channel at the detector, input at full scale
+    signal_current_a: float  # full-scale swing of the balanced (signed) current
+    total_current_a: float  # both photodiodes together, full-scale input (sets the shot noise)
+    offset_fs: float  # zero-input current (largest, all weights at Wmax), fraction of FS; calibrated out
+    sigma_shot: float
+    sigma_thermal: float
+    sigma_rin: float
+    sigma_weight: float  # additive weight error, fraction of Wmax
+
+    @property
+    def sigma_output(self) -> float:
+        """Signal-independent tile noise, fraction of FS: the analog terms in quadrature."""
+        return math.sqrt(self.sigma_shot ** 2 + self.sigma_thermal ** 2 + self.sigma_rin ** 2)
+
+
+def link_budget(cfg: PhotonicsConfig, tile: int) -> LinkBudget:
+    """The link budget of a tile of ``tile`` channels (docs/photonics.md, section Link budget)."""
+    b, r = bandwidth_hz(cfg), cfg.responsivity_a_per_w
+    loss = path_loss_db(cfg, tile)
+    p_det = cfg.laser_power_mw * MW * db_loss(loss)
+    leak = leakage(cfg.extinction_ratio_db)
+    if cfg.architecture == "incoherent":  # weights split each channel's power between the two photodiodes
+        swing_fraction = 1.0 - leak
+        signal, total = r * tile * p_det * swing_fraction, r * tile * p_det
+    else:  # homodyne: 2 R sqrt(P_LO P_sig) of a coherent sum of L fields; field leakage is sqrt(leak)
+        swing_fraction = 1.0 - math.sqrt(leak)
+        p_lo = cfg.lo_power_mw * MW
+        signal, total = 2.0 * r * math.sqrt(p_lo * tile * p_det) * swing_fraction, r * (p_lo + tile * p_det)
+    receiver = (tia_variance(cfg.tia_noise_pa_rthz * PA, b) if cfg.tia_noise_pa_rthz is not None
+                else thermal_variance(cfg.temperature_k, b, cfg.load_ohm or DEFAULT_LOAD_OHM))
+    weight = math.sqrt(device_step_error(cfg.weight_bits) ** 2 + cfg.programming_error ** 2
+                       + crosstalk_error(leakage(None if cfg.wdm_crosstalk_db is None else -cfg.wdm_crosstalk_db))
+                       ** 2
+                       + crosstalk_error(cfg.thermal_crosstalk) ** 2)
+    return LinkBudget(
+        loss_db=loss, detector_power_w=p_det, signal_current_a=signal, total_current_a=total,
+        offset_fs=(1.0 - swing_fraction) / swing_fraction,
+        sigma_shot=math.sqrt(shot_variance(total, 2.0 * cfg.dark_current_na * NA, b)) / signal,
+        sigma_thermal=math.sqrt(receiver) / signal,
+        sigma_rin=math.sqrt(rin_variance(cfg.rin_db_hz, signal, b)) / signal,
+        sigma_weight=weight,
+    )
+
+
+def with_link_budget(hw: LayerHardware, tile: int) -> LayerHardware:
+    """``hw`` with noise.output and noise.weight_static (additive) set from its photonics section for tiles of
+    ``tile`` channels; unchanged without one. The engine then runs its existing kernels."""
+    if hw.photonics is None:
+        return hw
+    budget = link_budget(hw.photonics, tile)
+    noise = hw.noise.model_copy(update={"output": OutputNoise(sigma=budget.sigma_output),
+                                        "weight_static": WeightNoise(sigma=budget.sigma_weight, kind="additive")})
+    return hw.model_copy(update={"noise": noise})

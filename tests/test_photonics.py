@@ -1,0 +1,225 @@
+"""The photonic link budget and energy model against hand calculations in SI units, their limits, and the link
+budget's predicted SNR against the SNR the engine measures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import ModelBuilder, qp
+from typer.testing import CliRunner
+
+from photosim.cli import app
+from photosim.engine.executor import simulate_codes
+from photosim.experiments.budget import budget_table, energy_totals
+from photosim.experiments.workflow import run_hardware
+from photosim.frontend.data import load_dataset
+from photosim.frontend.models import load_model
+from photosim.frontend.ptq import quantize
+from photosim.hardware.config import load_hardware
+from photosim.hardware.energy import LayerCounts, layer_energy, walden_adc_energy
+from photosim.hardware.photonic_config import PhotonicsConfig
+from photosim.hardware.photonics import link_budget, path_loss_db, with_link_budget
+
+Q, KB = 1.602176634e-19, 1.380649e-23
+# 1 mW per channel, no loss, ideal modulator, 1 A/W, no dark current, 2 GHz clock (B = 1 GHz), 1 kohm at 300 K
+PLAIN = {"laser_power_mw": 1.0, "coupling_loss_db": 0, "waveguide_loss_db": 0, "device_loss_db": 0, "fan_out": 1,
+         "splitter_excess_db": 0, "extinction_ratio_db": None, "responsivity_a_per_w": 1.0, "dark_current_na": 0,
+         "clock_ghz": 2.0, "temperature_k": 300.0, "load_ohm": 1000.0}
+
+
+def test_incoherent_link_budget_by_hand() -> None:
+    b = link_budget(PhotonicsConfig(**PLAIN, rin_db_hz=-150), tile=10)
+    signal = 10 * 1e-3 * 1.0  # L channels of 1 mW on 1 A/W: 10 mA full-scale swing and total current
+    assert b.signal_current_a == pytest.approx(signal) and b.total_current_a == pytest.approx(signal)
+    assert b.sigma_shot == pytest.approx(math.sqrt(2 * Q * 0.01 * 1e9) / 0.01)  # 1.790e-4 of FS
+    assert b.sigma_thermal == pytest.approx(math.sqrt(4 * KB * 300 * 1e9 / 1000) / 0.01)  # 1.287e-5
+    assert b.sigma_rin == pytest.approx(math.sqrt(1e-15 * 1e9))  # RIN I^2 B / I^2 = 1e-6 -> 1e-3
+    assert b.sigma_shot == pytest.approx(1.7900711e-4, rel=1e-6)
+    assert b.sigma_output == pytest.approx(math.sqrt(b.sigma_shot ** 2 + b.sigma_thermal ** 2 + 1e-6))
+    assert b.offset_fs == 0.0  # no extinction leakage -> no offset
+
+
+def test_losses_dark_current_tia_and_extinction_by_hand() -> None:
+    cfg = PhotonicsConfig(**{**PLAIN, "coupling_loss_db": 3, "waveguide_loss_db": 1, "device_loss_db": 0.1,
+                             "fan_out": 4, "splitter_excess_db": 0.5, "extinction_ratio_db": 20,
+                             "dark_current_na": 100, "load_ohm": None, "tia_noise_pa_rthz": 10})
+    assert path_loss_db(cfg, 10) == pytest.approx(3 + 1 + 10 * 0.1 + 10 * math.log10(4) + 2 * 0.5)
+    b = link_budget(cfg, 10)
+    p_det = 1e-3 * 10 ** (-path_loss_db(cfg, 10) / 10)
+    assert b.detector_power_w == pytest.approx(p_det)
+    assert b.signal_current_a == pytest.approx(10 * p_det * 0.99)  # ER 20 dB: 1% of the light is always on
+    assert b.total_current_a == pytest.approx(10 * p_det)
+    assert b.offset_fs == pytest.approx(0.01 / 0.99)
+    assert b.sigma_shot == pytest.approx(math.sqrt(2 * Q * (10 * p_det + 2 * 100e-9) * 1e9) / (9.9 * p_det))
+    assert b.sigma_thermal == pytest.approx(10e-12 * math.sqrt(1e9) / (9.9 * p_det))
+
+
+def test_coherent_homodyne_by_hand() -> None:
+    b = link_budget(PhotonicsConfig(**PLAIN, architecture="coherent", lo_power_mw=1.0), tile=10)
+    signal = 2 * math.sqrt(1e-3 * 10 * 1e-3)  # 2 R sqrt(P_LO * L P_det) = 6.325 mA
+    assert b.signal_current_a == pytest.approx(signal)
+    assert b.total_current_a == pytest.approx(1e-3 + 10e-3)  # LO + signal on the two photodiodes
+    assert b.sigma_shot == pytest.approx(math.sqrt(2 * Q * 0.011 * 1e9) / signal)
+
+
+def test_weight_errors_add_in_quadrature() -> None:
+    cfg = PhotonicsConfig(weight_bits=4, programming_error=0.01, wdm_crosstalk_db=-20, thermal_crosstalk=0.02)
+    step = 2 / 15 / math.sqrt(12)  # 16 levels over +-Wmax
+    assert link_budget(cfg, 8).sigma_weight == pytest.approx(
+        math.sqrt(step ** 2 + 0.01 ** 2 + 2 * 0.01 ** 2 + 2 * 0.02 ** 2))
+
+
+def test_link_budget_becomes_the_noise_settings() -> None:
+    hw = load_hardware({"tile": 16, "photonics": {**PLAIN, "programming_error": 0.01}}).for_layer("fc")
+    physical = with_link_budget(hw, 16)
+    assert physical.noise.output.sigma == pytest.approx(link_budget(hw.photonics, 16).sigma_output)
+    assert (physical.noise.weight_static.sigma, physical.noise.weight_static.kind) == (0.01, "additive")
+    assert with_link_budget(load_hardware({}).for_layer("fc"), 16).noise.output.sigma is None
+
+
+def _conv_model() -> object:
+    """One conv 2 -> 4 channels, 3x3 kernel, on 2x6x6 codes: 16 positions, K = 18."""
+    m = ModelBuilder((2, 6, 6), qp(1.0, 0, 8))
+    m.conv("conv", "x", qp(1.0, 0, 16, signed=True), torch.ones(4, 2, 3, 3, dtype=torch.int8),
+           torch.zeros(4, dtype=torch.int64), 1.0)
+    return m.build()
+
+
+def test_energy_against_a_hand_count() -> None:
+    energy = {"modulator_pj": 1.0, "adc_fom_fj": 10.0, "weight_hold_mw": 1.0, "weight_write_pj": 2.0,
+              "weight_reuse": 4, "accumulate_pj": 0.1, "requant_pj": 0.5}
+    hw = load_hardware({"tile": 8, "adc": {"bits": 6}, "photonics": {
+        "laser_power_mw": 2.0, "wall_plug_efficiency": 0.5, "clock_ghz": 1.0, "fan_out": 3, "energy": energy}})
+    row = budget_table(_conv_model(), hw).iloc[0]
+    # T = ceil(18 / 8) = 3 tiles, ceil(4 / 3) = 2 row groups: 16 * 3 * 2 = 96 cycles of 1 ns
+    cycles, outputs, adc_conversions = 96, 16 * 4, 16 * 4 * 3
+    assert (row["cycles"], row["input_conversions"], row["adc_conversions"], row["macs"]) == (
+        cycles, cycles * 8, adc_conversions, outputs * 18)
+    laser = cycles * 8 * 2e-3 / 0.5 * 1e-9  # 8 channels of 2 mW at 50% wall-plug efficiency
+    modulators = cycles * 8 * 1e-12
+    weights = cycles * 8 * 3 * 1e-3 * 1e-9 + 4 * 18 / 4 * 2e-12  # 24 devices held, 72 written every 4th inference
+    adc = adc_conversions * 10e-15 * 2 ** 6
+    digital = adc_conversions * 0.1e-12 + outputs * 0.5e-12
+    for column, value in (("laser_J", laser), ("modulators_J", modulators), ("weights_J", weights),
+                          ("adc_J", adc), ("digital_J", digital)):
+        assert row[column] == pytest.approx(value), column
+    total = laser + modulators + weights + adc + digital
+    totals = energy_totals(budget_table(_conv_model(), hw))
+    assert totals["energy_per_inference_J"] == pytest.approx(total)
+    assert totals["energy_per_mac_J"] == pytest.approx(total / (outputs * 18))
+
+
+def test_energy_formulas() -> None:
+    assert walden_adc_energy(10e-15, 8) == pytest.approx(2.56e-12)
+    counts = LayerCounts.of(positions=1, groups=1, out_per_group=10, k=100, tile=100, fan_out=10)
+    assert (counts.cycles, counts.adc_conversions, counts.macs) == (1, 10, 1000)
+    coherent = PhotonicsConfig(architecture="coherent", laser_power_mw=1, lo_power_mw=2, wall_plug_efficiency=1,
+                               clock_ghz=1, fan_out=10)
+    assert layer_energy(coherent, counts, 8).laser == pytest.approx((100 * 1e-3 + 10 * 2e-3) * 1e-9)
+
+
+@pytest.fixture(scope="module")
+def digits_cnn() -> tuple[object, torch.Tensor]:
+    data = {s: torch.stack([x for x, _ in load_dataset("digits", s)]) for s in ("calibration", "test")}
+    return quantize(load_model("digits-cnn").module, data["calibration"]), data["test"]
+
+
+def test_infinite_power_is_the_ideal_engine_bit_for_bit(digits_cnn) -> None:
+    qm, x = digits_cnn
+    hw = {"tile": 16, "photonics": {"laser_power_mw": 1e15, "extinction_ratio_db": None}}
+    assert torch.equal(simulate_codes(qm, x, hw), simulate_codes(qm, x))
+
+
+def test_predicted_snr_matches_the_measured_snr(digits_cnn) -> None:
+    qm, x = digits_cnn
+    test = (x[:120], torch.zeros(120, dtype=torch.int64))
+    run = run_hardware(qm, test, {"tile": 32, "photonics": {"laser_power_mw": 0.3}})
+    layers = run.layers
+    assert len(layers) >= 3 and (layers["output_sigma"] > 1e-3).all()
+    ratio = 10 ** ((layers["snr_db"] - layers["snr_db_budget"]) / 10)  # measured / predicted SNR
+    assert ((ratio - 1).abs() < 0.10).all(), layers[["layer", "snr_db", "snr_db_budget"]]
+    assert run.repeats[0]["energy_per_inference_J"] > 0
+
+
+@pytest.mark.parametrize("photonics, culprit", [
+    ({"laser_power_mw": -1}, "photonics.laser_power_mw"),
+    ({"wall_plug_efficiency": 1.5}, "photonics.wall_plug_efficiency"),
+    ({"architecture": "quantum"}, "photonics.architecture"),
+    ({"load_ohm": 50, "tia_noise_pa_rthz": 5}, "tia_noise_pa_rthz"),
+    ({"energy": {"adc_fom_fj": -1}}, "photonics.energy.adc_fom_fj"),
+])
+def test_bad_physical_input_exits_2_naming_it(tmp_path, photonics, culprit) -> None:
+    model = tmp_path / "conv.safetensors"
+    _conv_model().save(model)
+    hw = tmp_path / "hw.yaml"
+    hw.write_text(f"photonics: {photonics}\n")
+    result = CliRunner().invoke(app, ["budget", str(model), "--hw", str(hw)])
+    assert result.exit_code == 2 and culprit in result.output, result.output
+
+
+def test_budget_command_writes_the_report(tmp_path) -> None:
+    model, report = tmp_path / "conv.safetensors", tmp_path / "budget.csv"
+    _conv_model().save(model)
+    hw = tmp_path / "hw.yaml"
+    hw.write_text("tile: 8\nadc: {bits: 6}\nphotonics: {laser_power_mw: 2}\n")
+    result = CliRunner().invoke(app, ["budget", str(model), "--hw", str(hw), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "energy per inference" in result.output and report.read_text().startswith("layer,architecture")
+    hw.write_text("tile: 8\n")
+    assert CliRunner().invoke(app, ["budget", str(model), "--hw", str(hw)]).exit_code == 2
+
+
+def test_noise_beside_photonics_is_refused() -> None:
+    with pytest.raises(Exception, match="noise.output"):
+        load_hardware({"noise": {"output": {"sigma": 0.01}}, "photonics": {}})
+
+
+def test_pareto_front_keeps_the_undominated_points() -> None:
+    from photosim.experiments.plot import pareto_front
+
+    xs, ys = [1.0, 2.0, 3.0, 4.0, 2.5], [0.5, 0.9, 0.8, 0.95, 0.9]
+    assert pareto_front(xs, ys) == [0, 1, 3]
+
+
+PRESETS = ("microring-weight-bank", "pcm-tensor-core", "coherent-homodyne", "shot-noise-limited")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_photonic_presets_cite_sources_and_give_a_budget(name) -> None:
+    from photosim._config import PRESETS_DIR
+
+    text = (PRESETS_DIR / "hw" / f"{name}.yaml").read_text()
+    assert "Physical Review X" in text or "Nature" in text or "Scientific Reports" in text
+    table = budget_table(_conv_model(), load_hardware(name))
+    assert len(table) == 1 and table["energy_per_inference_J"].iloc[0] > 0
+
+
+def test_energy_experiment_variants_are_the_presets() -> None:
+    """experiments/energy.yaml copies two presets key by key (a sweep's hw cannot name a preset): keep them equal."""
+    from pathlib import Path
+
+    from photosim._config import merge_settings, read_yaml
+    from photosim.hardware.config import HardwareConfig
+
+    sweep = read_yaml(Path(__file__).parents[1] / "experiments" / "energy.yaml")
+    for name, overrides in sweep["variants"].items():
+        hw = merge_settings(HardwareConfig, {}, {k.removeprefix("hw."): v for k, v in overrides.items()})
+        preset = load_hardware(name).model_dump()
+        preset["photonics"].pop("laser_power_mw")
+        assert load_hardware(hw).model_dump(exclude={"photonics": {"laser_power_mw"}}) == preset
+
+
+def test_the_worked_example_of_the_docs() -> None:
+    """docs/photonics.md, Worked example: microring-weight-bank on digits-resnet's fc (K = 32, 10 outputs, L = 16)."""
+    cfg = load_hardware("microring-weight-bank").photonics
+    b = link_budget(cfg, 16)
+    assert (round(b.loss_db, 3), round(b.detector_power_w * 1e6, 2)) == (15.741, 26.66)
+    assert (round(b.total_current_a * 1e6, 2), round(b.signal_current_a * 1e6, 2)) == (426.58, 425.23)
+    assert [round(s, 6) for s in (b.sigma_shot, b.sigma_thermal, b.sigma_rin, b.sigma_output)] == [
+        0.001944, 0.000677, 0.001257, 0.002412]
+    assert round(b.sigma_weight, 6) == 0.002297
+    energy = layer_energy(cfg, LayerCounts.of(positions=1, groups=1, out_per_group=10, k=32, tile=16, fan_out=16), 8)
+    assert [round(x * 1e12, 1) for x in (energy.laser, energy.modulators, energy.weights, energy.adc, energy.digital,
+                                         energy.total)] == [32.0, 32.0, 51.2, 102.4, 6.0, 223.6]
