@@ -55,16 +55,17 @@ class FloatReference:
         self.test = test
 
     def score(self, qmodel: QuantizedModel, hw: HardwareSpec = None, *, repeats: int = 1, seed: int = 0,
-              batch_size: int = 256) -> Score:
+              batch_size: int = 256, with_test: bool = True) -> Score:
         """Fidelity of ``qmodel`` on the engine under ``hw``, averaged over ``repeats`` simulated chips when
-        ``hw`` is random (a calibrated ADC takes its ranges from the calibration inputs)."""
+        ``hw`` is random (a calibrated ADC takes its ranges from the calibration inputs); test accuracy too
+        when the reference has a test split and ``with_test``."""
         hw = load_hardware(hw)
         random = any(hw.for_layer(n.name).is_random for n in qmodel.nodes)
-        return _mean([self._score_chip(qmodel, hw, seed, repeat, batch_size)
+        return _mean([self._score_chip(qmodel, hw, seed, repeat, batch_size, with_test)
                       for repeat in range(repeats if random else 1)])
 
-    def _score_chip(self, qmodel: QuantizedModel, hw: HardwareConfig, seed: int, repeat: int,
-                    batch_size: int) -> Score:
+    def _score_chip(self, qmodel: QuantizedModel, hw: HardwareConfig, seed: int, repeat: int, batch_size: int,
+                    with_test: bool) -> Score:
         """The score on one simulated chip."""
         ranges = {}
         if any(hw.for_layer(n.name).calibrated_adc for n in qmodel.nodes):
@@ -75,7 +76,7 @@ class FloatReference:
         with torch.no_grad():
             logits = torch.cat([engine(x) for x in self.inputs.split(batch_size)])
         test = None
-        if self.test is not None:  # a fresh chip instance: noise streams start at sample 0, as in `photosim run`
+        if self.test is not None and with_test:  # a fresh chip: noise streams start at sample 0, as in `photosim run`
             test = accuracy(Engine(qmodel, hw, **options), self.test, batch_size=batch_size).top1
         return Score(agreement(logits, self.logits), output_snr_db(logits, self.logits), test)
 

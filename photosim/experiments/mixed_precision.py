@@ -102,7 +102,7 @@ def search_mixed_precision(model: nn.Module, calibration: Any, target: float,
     base_spec = with_settings(load_config(QuantSpec, spec), {"w_bits": widest, "a_bits": widest}, "mixed precision")
     reference = FloatReference(model, calibration, base_spec.calibration_samples, test)
     base_model = quantize(model, reference.inputs, base_spec)
-    base = reference.score(base_model)
+    base = reference.score(base_model, with_test=False)
     if base.agreement < target:
         raise PhotosimError(f"with every layer at {widest} bits the model agrees with the float model on only "
                             f"{100 * base.agreement:.2f}% of the calibration images, below the target "
@@ -116,7 +116,7 @@ def search_mixed_precision(model: nn.Module, calibration: Any, target: float,
             middle = (passed + failed) // 2
             trial = _applied(current, steps[:middle])
             qmodel = quantize(model, reference.inputs, _spec(base_spec, trial, start))
-            score, trials = reference.score(qmodel), trials + 1
+            score, trials = reference.score(qmodel, with_test=False), trials + 1
             if score.agreement >= target:
                 passed, best, best_score = middle, qmodel, score
             else:
@@ -124,8 +124,8 @@ def search_mixed_precision(model: nn.Module, calibration: Any, target: float,
         current = _applied(current, steps[:passed])
         frozen = steps[passed][0] if passed < len(steps) else None
         steps = [step for step in steps[passed + 1:] if step[0] != frozen]
-    if test is not None:
-        best_score = reference.score(best)  # the score with test accuracy, kept out of the search
+    if test is not None:  # test accuracy is reported, never searched on
+        base, best_score = reference.score(base_model), reference.score(best)
     return MixedPrecision(_spec(base_spec, current, start), best, best_score, base, cost(base_model), target, trials)
 
 

@@ -28,6 +28,7 @@ from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import HardwareConfig, load_hardware
 from photosim.ir.format import QuantizedModel
 from photosim.ir.ops import OPS
+from photosim.ir.ranges import MAX_BITS, MIN_BITS
 from photosim.ir.summary import bits_per_mac, layer_table
 
 INPUT = "input"  # the graph input's quantization is set under this name in a QuantSpec
@@ -107,6 +108,8 @@ def layer_sensitivity(model: nn.Module, calibration: Any, spec: QuantSpec | dict
     """
     if metric not in RANKED_BY:
         raise PhotosimError(f"unknown sensitivity metric {metric!r}; use {' or '.join(RANKED_BY)}.")
+    if any(b is not None and not MIN_BITS <= b <= MAX_BITS for b in (w_bits, a_bits)):
+        raise PhotosimError(f"probe bits must lie in {MIN_BITS}..{MAX_BITS}; got w_bits={w_bits}, a_bits={a_bits}.")
     probe = Probe(w_bits, a_bits, None if hw is None else load_hardware(hw))
     if probe == Probe():
         raise PhotosimError("a sensitivity probe needs lower weight bits, activation bits or a hardware config "
