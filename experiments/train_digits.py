@@ -6,12 +6,16 @@ Reproduce the shipped files (byte-identical, CPU, single thread) from the reposi
     python experiments/train_digits.py --seed 0 --epochs 60
 
 Each model trains with Adam on the digits train split (1257 images) and is scored on the test split
-(360 images); the printed accuracies are the ``float_accuracy`` values recorded in ``photosim/models.py``.
+(360 images); the printed accuracies are the ``float_accuracy`` values recorded in
+``photosim/frontend/models.py``. Float results depend on the SIMD kernels a CPU runs, so the script pins
+PyTorch's and oneDNN's kernels to AVX2 (the shipped files came from an AVX2 machine): on any x86 CPU with
+AVX2 it rewrites the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +27,8 @@ from photosim.frontend.models import list_models, load_model
 
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
+# Read by PyTorch and oneDNN at their first kernel dispatch, so setting them before any computation is enough.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def train(module: nn.Module, epochs: int, seed: int) -> None:
@@ -54,6 +60,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("photosim/frontend/weights"), help="output folder")
     args = parser.parse_args()
 
+    os.environ.update(PINNED_KERNELS)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,11 @@ class LayerOverride(StrictModel):
         return dotted(self.model_dump(exclude={"match"}))
 
 
+def exact_glob(name: str) -> str:
+    """The ``match`` glob that matches ``name`` and nothing else (``*``, ``?`` and ``[`` in brackets)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def override_model(settings: type[StrictModel]) -> type[LayerOverride]:
     """The per-layer override class of ``settings``: ``match`` plus each setting, all optional."""
     fields: dict[str, Any] = {name: (info.annotation, FieldInfo.merge_field_infos(info, default=None,
@@ -280,6 +285,14 @@ def with_settings(config: ConfigT, updates: Mapping[str, Any], source: str) -> C
     if not changes:
         return config
     return validated(type(config), merge_settings(type(config), config.model_dump(), changes), source)
+
+
+def with_layer_overrides(config: ConfigT, settings: Mapping[str, Mapping[str, Any]], source: str) -> ConfigT:
+    """A validated copy of a per-layer config with one override per named layer appended (so they win), each
+    matching that exact name: ``{"conv1": {"w_bits": 4}}`` adds ``{match: conv1, w_bits: 4}``."""
+    data = config.model_dump()
+    data["layers"] = [*data["layers"], *({"match": exact_glob(name), **values} for name, values in settings.items())]
+    return validated(type(config), data, source)
 
 
 def with_overrides(config: ConfigT, **overrides: Any) -> ConfigT:

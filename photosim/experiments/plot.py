@@ -1,6 +1,7 @@
-"""Figures of sweep results: accuracy vs each swept axis, or any x / y / hue view of a results CSV.
+"""Figures: sweep results (accuracy vs each swept axis, or any x / y / hue view of a results CSV) and
+per-layer bar charts.
 
-Each marker is the mean over repeats with its 95% CI as error bar; the float baseline (``float_<y>``
+Each sweep marker is the mean over repeats with its 95% CI as error bar; the float baseline (``float_<y>``
 when the table has it) is drawn dashed. Figures are rendered with the Agg backend straight to PNG, without
 pyplot, so plotting never touches the caller's matplotlib state.
 """
@@ -90,6 +91,26 @@ def draw(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str], out: str | Pat
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="x-small")
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
+    return out
+
+
+def draw_bars(labels: Sequence[str], values: Sequence[float], ylabel: str, out: str | Path, *,
+              title: str | None = None) -> Path:
+    """One bar per label (in the given order, labels slanted when many), saved as PNG at ``out``."""
+    fig = Figure(figsize=(max(6.4, 0.45 * len(labels) + 2), 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.bar(range(len(labels)), values, color="tab:blue")
+    ax.set_xticks(range(len(labels)), list(labels), rotation=45 if len(labels) > 4 else 0,
+                  ha="right" if len(labels) > 4 else "center", fontsize="small")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    ax.grid(axis="y", alpha=0.3)
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=150, format="png")

@@ -165,6 +165,52 @@ class DigitsResNet(nn.Module):
         return self.fc(x)
 
 
+class DepthwiseSeparable(nn.Module):
+    """MobileNet block: depthwise 3x3 conv+BN+ReLU (optionally strided), then pointwise 1x1 conv+BN+ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels,
+                                   bias=False)
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU()
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.depthwise(x)))
+        return self.relu2(self.bn2(self.pointwise(x)))
+
+
+@register_model(
+    "digits-mobilenet",
+    input_shape=(1, 8, 8),
+    num_classes=10,
+    float_accuracy=0.9722222222222222,
+    description="MobileNet-style CNN (1-channel stem, 3 depthwise-separable blocks) for the 8x8 sklearn digits",
+)
+class DigitsMobileNet(nn.Module):
+    """Conv+BN stem, three depthwise-separable blocks (16->32->64->64, one stride-2), global average pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.block1 = DepthwiseSeparable(16, 32)
+        self.block2 = DepthwiseSeparable(32, 64, stride=2)
+        self.block3 = DepthwiseSeparable(64, 64)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.block3(self.block2(self.block1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
 def load_model(
     spec: str, weights: str | Path | None = None, num_classes: int | None = None, cifar_stem: bool = False
 ) -> LoadedModel:

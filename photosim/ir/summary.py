@@ -68,3 +68,19 @@ def layer_table(model: QuantizedModel) -> pd.DataFrame:
             row["acc_bits_with_bias"] = worst_case_acc_bits(node.input_q[0].bits, node.w_bits, k, node.bias_bits)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def bits_per_mac(model: QuantizedModel) -> tuple[float, float]:
+    """Weight bits and input-activation bits averaged over every multiply-accumulate of one inference.
+
+    Each conv/linear layer counts with its MACs: a MAC multiplies one ``w_bits`` weight by one input code
+    of the layer's input bits, so these are the mean operand widths a MAC engine sees.
+    """
+    weighted = [n for n in model.nodes if OPS[n.op].weighted]
+    shapes = output_shapes(model)
+    macs = [math.prod(shapes[n.name]) * dot_length(n) for n in weighted]
+    total = sum(macs)
+    if not total:
+        return math.nan, math.nan
+    return (sum(m * n.w_bits for m, n in zip(macs, weighted)) / total,
+            sum(m * n.input_q[0].bits for m, n in zip(macs, weighted)) / total)
