@@ -38,6 +38,8 @@ _EXPORTS = {
     "calibrate_adc_ranges": "photosim.experiments.workflow",
     "run_hardware": "photosim.experiments.workflow",
     "run_sweep": "photosim.experiments.sweep",
+    "layer_sensitivity": "photosim.experiments.sensitivity",
+    "search_mixed_precision": "photosim.experiments.mixed_precision",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
     from photosim.engine.executor import simulate as simulate
     from photosim.errors import PhotosimError as PhotosimError
     from photosim.experiments.accuracy import evaluate as evaluate
+    from photosim.experiments.mixed_precision import search_mixed_precision as search_mixed_precision
+    from photosim.experiments.sensitivity import layer_sensitivity as layer_sensitivity
     from photosim.experiments.sweep import run_sweep as run_sweep
     from photosim.experiments.workflow import calibrate_adc_ranges as calibrate_adc_ranges
     from photosim.experiments.workflow import run_hardware as run_hardware
