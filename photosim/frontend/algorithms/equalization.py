@@ -22,7 +22,6 @@ from photosim.ir.ops import OPS
 
 MAX_SWEEPS = 100
 TOLERANCE = 1e-6  # stop when every scale of a sweep is within this of 1
-HOMOGENEOUS_OPS = ("maxpool2d", "avgpool2d", "adaptive_avgpool2d", "clamp", "flatten")  # f(s x) = s f(x), s > 0
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def equalizable_pairs(graph: FloatGraph) -> list[Pair]:
             if OPS[node.op].weighted:
                 pairs.append(Pair(first, node))
                 break
-            if node.op not in HOMOGENEOUS_OPS or not _homogeneous(node):
+            if not OPS[node.op].channel_homogeneous or not _homogeneous(node):
                 break
     return pairs
 
