@@ -51,6 +51,12 @@ ObserverOpt = Annotated[str | None, typer.Option(help="Activation observer: minm
 PercentileOpt = Annotated[float | None, typer.Option(help="Percentile for --observer percentile (e.g. 99.99).")]
 PerTensorOpt = Annotated[bool, typer.Option(help="One weight scale per tensor instead of per output channel.")]
 CalibOpt = Annotated[int | None, typer.Option(help="Calibration images (default 512).")]
+PtqOpt = Annotated[str | None, typer.Option(
+    help="Error-correcting PTQ algorithms, comma-separated: equalize, bias_correction and one of gptq, gpfq; "
+         "or auto (the combination agreeing best with the float model on calibration data). See docs/ptq.md.")]
+ActivationRangeOpt = Annotated[str | None, typer.Option(
+    help="Activations that can be negative: affine (zero point, the default) or symmetric.")]
+OutputBitsOpt = Annotated[int | None, typer.Option(help="Least activation bits of the graph output (default 8).")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch (bounds memory).")]
 
 
@@ -81,14 +87,12 @@ def model_inputs(model: str | None, weights: Path | None, config: Path | None = 
     return {"--model": spec_file(model), "--weights": weights, "--config": config}
 
 
-def _quant_spec(config: Path | None, w_bits: int | None, a_bits: int | None, bias_bits: int | None,
-                observer: str | None, percentile: float | None, per_tensor: bool, calib: int | None) -> Any:
+def _quant_spec(config: Path | None, per_tensor: bool, **flags: Any) -> Any:
+    """The QuantSpec of ``--config`` with the given flags (QuantSpec keys; None: not given) replacing its keys."""
     from photosim.frontend.qconfig import QuantSpec
 
-    return with_overrides(
-        load_config(QuantSpec, config), w_bits=w_bits, a_bits=a_bits, bias_bits=bias_bits, observer=observer,
-        percentile=percentile, weight_granularity="per_tensor" if per_tensor else None, calibration_samples=calib,
-    )
+    return with_overrides(load_config(QuantSpec, config), weight_granularity="per_tensor" if per_tensor else None,
+                          **flags)
 
 
 def print_table(title: str, frame: pd.DataFrame) -> None:
@@ -148,6 +152,7 @@ def quantize_cmd(
     download: DownloadOpt = False, limit: LimitOpt = None, config: ConfigOpt = None, w_bits: WBitsOpt = None,
     a_bits: ABitsOpt = None, bias_bits: BiasBitsOpt = None, observer: ObserverOpt = None,
     percentile: PercentileOpt = None, per_tensor: PerTensorOpt = False, calib_samples: CalibOpt = None,
+    ptq: PtqOpt = None, activation_range: ActivationRangeOpt = None, output_bits: OutputBitsOpt = None,
     batch_size: BatchOpt = 256,
 ) -> None:
     """Post-training quantization to an integer model file; prints float and fake-quant test accuracy."""
@@ -156,7 +161,9 @@ def quantize_cmd(
     from photosim.frontend.models import load_model
 
     preflight({"--output": output}, model_inputs(model, weights, config))
-    spec = _quant_spec(config, w_bits, a_bits, bias_bits, observer, percentile, per_tensor, calib_samples)
+    spec = _quant_spec(config, per_tensor, w_bits=w_bits, a_bits=a_bits, bias_bits=bias_bits,
+                        observer=observer, percentile=percentile, calibration_samples=calib_samples, ptq=ptq,
+                        activation_range=activation_range, output_bits=output_bits)
     loaded = load_model(model, weights, num_classes, cifar_stem)
     data_spec = DataSpec(data, data_root, download, limit)
     qmodel = quantize_loaded(loaded, data_spec, spec, num_classes=num_classes, cifar_stem=cifar_stem, progress=True)
@@ -325,6 +332,7 @@ def run(
     download: DownloadOpt = False, limit: LimitOpt = None, config: ConfigOpt = None, w_bits: WBitsOpt = None,
     a_bits: ABitsOpt = None, bias_bits: BiasBitsOpt = None, observer: ObserverOpt = None,
     percentile: PercentileOpt = None, per_tensor: PerTensorOpt = False, calib_samples: CalibOpt = None,
+    ptq: PtqOpt = None, activation_range: ActivationRangeOpt = None, output_bits: OutputBitsOpt = None,
     hw: HwOpt = None,
     requant: Annotated[str | None, typer.Option(help="Requantization: float, fixedpoint or pytorch.")] = None,
     noise: Annotated[float | None, typer.Option(help="Output (detector) noise sigma, fraction of full scale.")] = None,
@@ -375,7 +383,9 @@ def run(
         float_module = _file_float_model(qmodel, float_model, weights, num_classes, cifar_stem)
         source = str(model_file)
     else:
-        spec = _quant_spec(config, w_bits, a_bits, bias_bits, observer, percentile, per_tensor, calib_samples)
+        spec = _quant_spec(config, per_tensor, w_bits=w_bits, a_bits=a_bits, bias_bits=bias_bits,
+                           observer=observer, percentile=percentile, calibration_samples=calib_samples, ptq=ptq,
+                           activation_range=activation_range, output_bits=output_bits)
         loaded = load_model(model, weights, num_classes, cifar_stem)
         qmodel = quantize_loaded(loaded, data_spec, spec, num_classes=num_classes, cifar_stem=cifar_stem,
                                  progress=True)

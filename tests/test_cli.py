@@ -33,6 +33,20 @@ def test_quantize_writes_a_loadable_file(model_file: Path) -> None:
     assert qm.provenance["model"] == "digits-cnn" and qm.node("conv1").w_bits == 4
 
 
+def test_quantize_ptq_flags(tmp_path: Path) -> None:
+    path = tmp_path / "ptq.safetensors"
+    result = invoke("quantize", "--model", "digits-cnn", "--w-bits", "4", "--a-bits", "4", "--ptq",
+                    "equalize,gptq,bias_correction", "--activation-range", "symmetric", "--output-bits", "6",
+                    "--calib-samples", "64", "-o", path)
+    assert result.exit_code == 0, result.output
+    qm = load(path)
+    assert qm.provenance["quant_spec"]["ptq"] == ["equalize", "gptq", "bias_correction"]
+    out = qm.node("fc2").output_q
+    assert (out.bits, out.signed, out.zero_point) == (6, True, 0)
+    bad = invoke("quantize", "--model", "digits-cnn", "--ptq", "gptq,gpfq", "-o", tmp_path / "bad.safetensors")
+    assert bad.exit_code == 2 and "pick one of them" in bad.output and "Traceback" not in bad.output
+
+
 def test_inspect_lists_layers_with_macs_and_accumulator_bits(model_file: Path) -> None:
     result = invoke("inspect", model_file)
     assert result.exit_code == 0, result.output

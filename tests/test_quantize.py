@@ -44,8 +44,9 @@ def test_integer_tensors_inside_their_bit_range(quantized: dict, name: str, bits
     qm = quantized[(name, bits)]
     qmax = (1 << (bits - 1)) - 1
     for node in qm.nodes:
-        assert node.output_q.bits == bits
-        lo, hi = QParams.storage_range(bits, node.output_q.signed)
+        a_bits = max(bits, 8) if node.name == qm.output else bits  # output_bits: 8
+        assert node.output_q.bits == a_bits
+        lo, hi = QParams.storage_range(a_bits, node.output_q.signed)
         assert lo <= node.output_q.qmin <= node.output_q.qmax <= hi
         if node.op in WEIGHTED_OPS:
             w = qm.tensors[f"{node.name}.weight"]
@@ -119,13 +120,21 @@ def test_relu_is_not_fused_into_a_shared_producer() -> None:
     assert graph.nodes[0].act is None
 
 
-def test_activations_unsigned_after_relu_signed_otherwise(quantized: dict) -> None:
+def test_activations_unsigned_after_relu_affine_otherwise(quantized: dict) -> None:
     qm = quantized[("digits-resnet", 8)]
+    conv1, shortcut, fc = qm.node("conv1"), qm.node("layer2.0.downsample.0"), qm.node("fc")
+    assert not conv1.output_q.signed and conv1.output_q.qmin == conv1.output_q.zero_point == 0
+    for q in (shortcut.output_q, fc.output_q):  # affine: unsigned codes, zero point inside the range
+        assert not q.signed and 0 < q.zero_point < 255 and (q.qmin, q.qmax) == (0, 255)
+    assert not qm.input_q.signed  # digits pixels are >= 0
+
+
+def test_symmetric_activation_range_is_signed_around_zero(digits: dict) -> None:
+    qm = quantize(load_model("digits-resnet").module, digits["calibration"], {"activation_range": "symmetric"})
     conv1, shortcut, fc = qm.node("conv1"), qm.node("layer2.0.downsample.0"), qm.node("fc")
     assert not conv1.output_q.signed and conv1.output_q.qmin == conv1.output_q.zero_point == 0
     assert shortcut.output_q.signed and shortcut.output_q.zero_point == 0
     assert fc.output_q.signed and (fc.output_q.qmin, fc.output_q.qmax) == (-128, 127)
-    assert not qm.input_q.signed  # digits pixels are >= 0
 
 
 def test_per_layer_overrides_by_glob(digits: dict) -> None:
@@ -133,7 +142,7 @@ def test_per_layer_overrides_by_glob(digits: dict) -> None:
             "layers": [{"match": "conv1", "w_bits": 8, "a_bits": 8}, {"match": "fc*", "w_bits": 6}]}
     qm = quantize(load_model("digits-cnn").module, digits["calibration"], spec)
     bits = {n.name: (n.w_bits, n.output_q.bits) for n in qm.nodes if n.op in WEIGHTED_OPS}
-    assert bits == {"conv1": (8, 8), "conv2": (4, 4), "fc1": (6, 4), "fc2": (6, 4)}
+    assert bits == {"conv1": (8, 8), "conv2": (4, 4), "fc1": (6, 4), "fc2": (6, 8)}  # fc2: output_bits 8
     assert qm.node("pool1").output_q.bits == 8  # pooling passes conv1's 8-bit codes through
     assert qm.node("conv2").input_q[0].bits == 8
 
@@ -171,13 +180,16 @@ def test_observers_choose_documented_ranges() -> None:
 
 
 def test_mse_observer_beats_minmax_on_outliers(digits: dict) -> None:
+    """On 4-bit signed-symmetric logits (the setting before issue 14, which the defaults now avoid) clipping
+    their outliers pays; with 8-bit affine logits min/max is already the better range for them."""
     model = load_model("digits-resnet").module
     x = digits["test"]
     ref = model(x).detach()
     errors = {}
     for observer in ("minmax", "mse"):
         qm = quantize(model, digits["calibration"], {"w_bits": 4, "a_bits": 4, "observer": observer,
-                                                     "w_observer": "mse" if observer == "mse" else "minmax"})
+                                                     "w_observer": "mse" if observer == "mse" else "minmax",
+                                                     "activation_range": "symmetric", "output_bits": None})
         errors[observer] = float((fake_quant_forward(qm, x) - ref).pow(2).mean())
     assert errors["mse"] < errors["minmax"]
 

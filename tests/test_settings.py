@@ -139,16 +139,17 @@ def test_quant_overrides_use_the_same_machinery() -> None:
 
 def test_points_and_hashes_are_unchanged() -> None:
     """Point hashes are a pure function of the configuration: the unified merge rule kept those of the code before it
-    (these values add the `pytorch_cpu` hardware setting, which every point config now holds)."""
+    (these values add the `pytorch_cpu` hardware setting, which every point config now holds, and the quantization
+    keys of issue 14, `activation_range`, `output_bits` and `ptq`, whose defaults change low-bit results)."""
     expected = {
         "6035fb94edc58f3d": ({"base": {"hw": {"noise": {"output": {"snr_db": 40}}}}, "grid": {"quant.w_bits": [8, 4]}},
-                             ["7da24680b4e444ff", "44b5f1e3fe2683b4"]),
+                             ["38b33b7d87c05729", "dc793760afc2b89c"]),
         "541c9d391420a434": ({"base": {"hw": {"tile": 64, "adc": {"bits": 8, "range": "calibrated"},
                                               "noise": {"output": {"enob": 8}, "weight_static": {"sigma": 0.002}}}},
-                              "grid": {"hw.noise.output.enob": [6, 8]}}, ["e33dc55967f0fcf3", "9276064961ac3b4a"]),
+                              "grid": {"hw.noise.output.enob": [6, 8]}}, ["14f9f6399d5e0557", "fe9f069c5ed96ae5"]),
         "0a64a4ce3fa34e9a": ({"grid": {"hw.noise.output.sigma": [0.0, 0.01]},
                               "variants": {"a": {"model": "digits-cnn"}, "b": {"quant.w_bits": 4}}},
-                             ["88d6b3bbeb15a8b8", "d83d97c9ccde6c65", "cb89d1c5fe8d5d20", "2e6e89a3658e752c"]),
+                             ["d7474b825db53f46", "fec0c2502beb953a", "d0b66a4243627ab0", "7db01fe536243a90"]),
     }
     for sweep_hash, (config, point_hashes) in expected.items():
         sweep = load_sweep(config)

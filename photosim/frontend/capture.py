@@ -43,6 +43,11 @@ class FloatNode:
     bias: torch.Tensor | None = None
     act: tuple[float, float] | None = None
 
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The op on float inputs, with the fused clamp applied."""
+        y = OPS[self.op].reference(self.attrs, inputs, self.weight, self.bias)
+        return y if self.act is None else y.clamp(self.act[0], self.act[1])
+
 
 @dataclass
 class FloatGraph:
@@ -58,8 +63,7 @@ class FloatGraph:
         if observe:
             observe("input", x)
         for node in self.nodes:
-            y = OPS[node.op].reference(node.attrs, [values[i] for i in node.inputs], node.weight, node.bias)
-            values[node.name] = y = y if node.act is None else y.clamp(node.act[0], node.act[1])
+            values[node.name] = y = node.forward([values[i] for i in node.inputs])
             if observe:
                 observe(node.name, y)
         return values[self.output]

@@ -1,9 +1,11 @@
 """Post-training quantization: float model + calibration data -> QuantizedModel (the integer file).
 
 Weights: signed, symmetric, narrow range, per channel or per tensor. Activations: unsigned with a zero
-point after ReLU-like ops, signed symmetric otherwise (the graph input is unsigned when calibration never
-saw a negative value). Bias: integer at scale ``s_in * s_w[c]``, rounded half to even, saturated at
-``bias_bits``. Pools, flatten and reshape keep their input's quantization.
+point; activations that can be negative cover their observed range with a zero point (``activation_range:
+affine``) or are signed symmetric (``symmetric``). The graph output gets at least ``output_bits``. Bias:
+integer at scale ``s_in * s_w[c]``, rounded half to even, saturated at ``bias_bits``. Pools, flatten and
+reshape keep their input's quantization. The error-correcting algorithms of ``spec.ptq`` (docs/ptq.md)
+rewrite the float graph, choose the weight codes or correct the bias; ``auto`` picks among them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from torch import nn
 from photosim._config import load_config
 from photosim._version import __version__
 from photosim.errors import PhotosimError
+from photosim.frontend.algorithms import Selection
+from photosim.frontend.algorithms.layer import LayerData
+from photosim.frontend.algorithms.selection import select
 from photosim.frontend.capture import FloatGraph, FloatNode, capture
 from photosim.frontend.data import calibration_batches
+from photosim.frontend.lockstep import LockstepRun
 from photosim.frontend.observers import ActivationObserver, affine_params, quantize_weight, weight_scale
 from photosim.frontend.qconfig import LayerSettings, QuantSpec
 from photosim.ir.format import Node, QParams, QuantizedModel, bias_dtype, weight_dtype
@@ -30,13 +36,15 @@ from photosim.ir.ranges import int_range
 
 def _activation_qparams(obs: ActivationObserver, s: LayerSettings, act: tuple[float, float] | None,
                         unsigned: bool) -> QParams:
-    lo, hi = obs.clip_range(s.observer, s.percentile, s.a_bits, signed=not unsigned)
+    """Unsigned (with a zero point) when ``unsigned`` or affine ranges are chosen, else signed symmetric."""
+    signed = not unsigned and s.activation_range == "symmetric"
+    lo, hi = obs.clip_range(s.observer, s.percentile, s.a_bits, signed=signed)
     if act is not None:
         lo, hi = max(lo, act[0]), min(hi, act[1])
     scale_t, zp_t = affine_params(torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64),
-                                  s.a_bits, signed=not unsigned)
-    qmin, qmax = int_range(s.a_bits, signed=not unsigned)
-    q = QParams(float(scale_t), int(zp_t), s.a_bits, not unsigned, qmin, qmax)
+                                  s.a_bits, signed=signed)
+    qmin, qmax = int_range(s.a_bits, signed=signed)
+    q = QParams(float(scale_t), int(zp_t), s.a_bits, signed, qmin, qmax)
     return _with_clamp(q, act)
 
 
@@ -67,13 +75,34 @@ def _observe(graph: FloatGraph, batches: list[torch.Tensor], progress: bool) -> 
     return observers
 
 
-def _weighted_node(node: FloatNode, s: LayerSettings, input_q: QParams, tensors: dict[str, torch.Tensor]) -> int:
-    """Quantize weights and bias into ``tensors``; return how many bias values saturated."""
+def _output_layer(graph: FloatGraph) -> str:
+    """The tensor whose quantization the graph output carries: its producer, or the first observed one upstream
+    of it through ops that keep their input's quantization (pools, flatten, reshape, clamp)."""
+    by_name = {node.name: node for node in graph.nodes}
+    name = graph.output
+    while name in by_name and not OPS[by_name[name].op].observed:
+        name = by_name[name].inputs[0]
+    return name
+
+
+def _weighted_node(node: FloatNode, s: LayerSettings, input_q: QParams, tensors: dict[str, torch.Tensor],
+                   algorithms: Selection, layer: LayerData | None) -> int:
+    """Quantize weights and bias into ``tensors`` (with ``algorithms``, which need ``layer`` if any);
+    return how many bias values saturated."""
     scale = weight_scale(node.weight, s.w_bits, s.weight_granularity == "per_channel", s.w_observer)
-    tensors[f"{node.name}.weight"] = quantize_weight(node.weight, scale, s.w_bits).to(weight_dtype(s.w_bits))
+    if algorithms.rounding is not None and layer is not None:
+        codes = layer.round(algorithms.rounding.round, node.weight, scale, s.w_bits)
+    else:
+        codes = quantize_weight(node.weight, scale, s.w_bits)
+    tensors[f"{node.name}.weight"] = codes.to(weight_dtype(s.w_bits))
     tensors[f"{node.name}.weight_scale"] = scale
     bias_scale = input_q.scale * scale.double().expand(node.weight.shape[0])
-    bias = torch.round(node.bias.double() / bias_scale)
+    float_bias = node.bias.double()
+    if layer is not None:
+        weight = codes.double() * scale.double().reshape(-1, *([1] * (codes.dim() - 1)))
+        for algorithm in algorithms.bias:
+            float_bias = algorithm.correct(layer, weight, float_bias)
+    bias = torch.round(float_bias / bias_scale)
     lo, hi = int_range(s.bias_bits, True)
     saturated = int(((bias < lo) | (bias > hi)).sum())
     tensors[f"{node.name}.bias"] = bias.clamp(lo, hi).to(torch.int64).to(bias_dtype(s.bias_bits))
@@ -97,21 +126,45 @@ def quantize(model: nn.Module, calibration_data: Any, spec: QuantSpec | dict | s
     """
     spec = load_config(QuantSpec, spec)
     batches = calibration_batches(calibration_data, spec.calibration_samples)
+    if not spec.auto:
+        return _quantize(model, batches, spec, progress, provenance)
+    x = torch.cat(batches).float()
+    with torch.no_grad():
+        reference = model.eval()(x)
+    qmodel, selection = select(
+        lambda names: _quantize(model, batches, spec.model_copy(update={"ptq": names}), progress, provenance),
+        x, reference)
+    qmodel.provenance["ptq_selection"] = selection
+    return qmodel
+
+
+def _quantize(model: nn.Module, batches: list[torch.Tensor], spec: QuantSpec, progress: bool,
+              provenance: dict[str, Any] | None) -> QuantizedModel:
+    """``quantize`` with the algorithms of ``spec.ptq`` (not `auto`)."""
     graph = capture(model, batches[0][:1].float())
     names = ["input"] + [n.name for n in graph.nodes]
     unmatched = spec.unmatched_overrides(names)
     if unmatched:
         raise PhotosimError(f"layer override(s) {unmatched} match no layer. Layer names: {', '.join(names)}.")
+    algorithms = Selection.of(spec.ptq)
+    for algorithm in algorithms.graph:
+        algorithm.transform(graph)
     observers = _observe(graph, batches, progress)
+    output_layer = _output_layer(graph)
 
-    in_settings = spec.for_layer("input")
-    qparams = {"input": _activation_qparams(observers["input"], in_settings, None,
+    def settings(name: str) -> LayerSettings:
+        return spec.for_output(name) if name == output_layer else spec.for_layer(name)
+
+    qparams = {"input": _activation_qparams(observers["input"], settings("input"), None,
                                             unsigned=observers["input"].lo >= 0)}
     tensors: dict[str, torch.Tensor] = {}
     nodes: list[Node] = []
+    qmodel = QuantizedModel(input_name="input", input_shape=graph.input_shape, input_q=qparams["input"],
+                            nodes=nodes, tensors=tensors, output=graph.output)
+    run = LockstepRun(graph, torch.cat(batches), qparams["input"]) if algorithms.needs_data else None
     saturated: dict[str, int] = {}
     for fnode in graph.nodes:
-        s = spec.for_layer(fnode.name)
+        s = settings(fnode.name)
         input_q = [qparams[i] for i in fnode.inputs]
         if OPS[fnode.op].observed:
             output_q = _activation_qparams(observers[fnode.name], s, fnode.act, unsigned=fnode.act is not None)
@@ -121,23 +174,21 @@ def quantize(model: nn.Module, calibration_data: Any, spec: QuantSpec | dict | s
         node = Node(fnode.name, fnode.op, fnode.inputs, input_q, output_q, dict(fnode.attrs))
         if OPS[fnode.op].weighted:
             node.w_bits, node.bias_bits = s.w_bits, s.bias_bits
-            count = _weighted_node(fnode, s, input_q[0], tensors)
+            count = _weighted_node(fnode, s, input_q[0], tensors, algorithms, run.layer(fnode) if run else None)
             if count:
                 saturated[fnode.name] = count
         nodes.append(node)
+        if run is not None:
+            run.advance(fnode, node, qmodel)
     if saturated:
         warnings.warn(f"integer bias saturated at its bit width in {saturated} (layer: values); "
-                      "raise bias_bits to keep them exact.", stacklevel=2)
+                      "raise bias_bits to keep them exact.", stacklevel=3)
     samples = sum(len(b) for b in batches)
-    return QuantizedModel(
-        input_name="input", input_shape=graph.input_shape, input_q=qparams["input"], nodes=nodes, tensors=tensors,
-        output=graph.output,
-        provenance={
-            **(provenance or {}),
-            "calibration": {**(provenance or {}).get("calibration", {}), "samples": samples},
-            "quant_spec": spec.model_dump(),
-            "bias_saturated": saturated,
-            "photosim_version": __version__,
-        },
-    )
-
+    qmodel.provenance = {
+        **(provenance or {}),
+        "calibration": {**(provenance or {}).get("calibration", {}), "samples": samples},
+        "quant_spec": spec.model_dump(),
+        "bias_saturated": saturated,
+        "photosim_version": __version__,
+    }
+    return qmodel

@@ -20,7 +20,8 @@ def fake_quantize(x: torch.Tensor, q: QParams) -> torch.Tensor:
     return (codes.clamp(q.qmin, q.qmax) - q.zero_point) * q.scale
 
 
-def _dequantized_params(model: QuantizedModel, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantized_params(model: QuantizedModel, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv/linear node's weights and bias in float64, as the integer engine applies them."""
     scale = weights_scale(model, node)  # (O,) float64
     w = model.tensors[f"{node.name}.weight"].double()
     weight = w * scale.view(-1, *([1] * (w.dim() - 1)))
@@ -31,7 +32,7 @@ def _dequantized_params(model: QuantizedModel, node: Node) -> tuple[torch.Tensor
 def run_node(model: QuantizedModel, node: Node, *inputs: torch.Tensor) -> torch.Tensor:
     """One node on dequantized float64 inputs -> its fake-quantized float64 output."""
     op = OPS[node.op]
-    weight, bias = _dequantized_params(model, node) if op.weighted else (None, None)
+    weight, bias = dequantized_params(model, node) if op.weighted else (None, None)
     y = op.reference(node.attrs, inputs, weight, bias)
     return y if op.moves_codes else fake_quantize(y, node.output_q)
 

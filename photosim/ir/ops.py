@@ -76,6 +76,9 @@ class Op:
     observed: ClassVar[bool] = False  # its output gets its own scale and zero point; else the input's
     keeps_quantization: ClassVar[bool] = False  # output scale, zero point and bits are the input's
     moves_codes: ClassVar[bool] = False  # output codes are input codes moved, never recomputed
+    # scaling input channel c by s > 0 scales only the outputs of channel c by s (cross-layer equalization
+    # may rescale across it); a clamp only when its bounds are 0 or infinite
+    channel_homogeneous: ClassVar[bool] = False
 
     @property
     def attr_names(self) -> tuple[str, ...]:
@@ -243,6 +246,7 @@ class Clamp(Op):
     description = "clamp of the codes to the output's [qmin, qmax] (a ReLU-like op not fused into its producer)"
     layers = ("ReLU", "ReLU6", "Hardtanh", "clamp")
     keeps_quantization = True
+    channel_homogeneous = True
 
     def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,6 +260,7 @@ class MaxPool2d(Op):
     layers = ("MaxPool2d",)
     attrs = (*_PAIR_ATTRS, Attr("dilation", "pair"), Attr("ceil_mode", "bool"))
     keeps_quantization = moves_codes = True
+    channel_homogeneous = True
 
     def check_attrs(self, a: Attrs) -> None:
         super().check_attrs(a)
@@ -277,6 +282,7 @@ class AvgPool2d(Op):
     layers = ("AvgPool2d",)
     attrs = (*_PAIR_ATTRS, Attr("ceil_mode", "bool"), Attr("count_include_pad", "bool"),
              Attr("divisor_override", "optional_int"))
+    channel_homogeneous = True
 
     def check_attrs(self, a: Attrs) -> None:
         super().check_attrs(a)
@@ -298,6 +304,7 @@ class AdaptiveAvgPool2d(Op):
     description = "average over PyTorch's adaptive windows to a fixed output size, requantized"
     layers = ("AdaptiveAvgPool2d",)
     attrs = (Attr("output_size", "pair"),)
+    channel_homogeneous = True
 
     def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -314,6 +321,7 @@ class Flatten(Op):
     layers = ("flatten",)
     attrs = (Attr("start_dim", "int"),)
     keeps_quantization = moves_codes = True
+    channel_homogeneous = True
 
     def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
