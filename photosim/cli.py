@@ -245,7 +245,8 @@ def sensitivity(
     if bits_of not in parts:
         raise PhotosimError(f"--bits-of must be both, weights or activations, not {bits_of!r}.")
     probe = {key: bits for key in parts[bits_of]}
-    spec = _quant_spec(config, w_bits, a_bits, bias_bits, observer, percentile, per_tensor, calib_samples)
+    spec = _quant_spec(config, per_tensor, w_bits=w_bits, a_bits=a_bits, bias_bits=bias_bits, observer=observer,
+                       percentile=percentile, calibration_samples=calib_samples)
     loaded = load_model(model, weights, num_classes, cifar_stem)
     data_spec = DataSpec(data, data_root, download, limit)
     result = layer_sensitivity(
@@ -305,7 +306,8 @@ def mixed_precision(
         widths = tuple(int(part) for part in choices.split(","))
     except ValueError:
         raise PhotosimError(f"--choices must be comma-separated integers such as 8,6,4,3, not {choices!r}.") from None
-    spec = _quant_spec(config, None, None, bias_bits, observer, percentile, per_tensor, calib_samples)
+    spec = _quant_spec(config, per_tensor, bias_bits=bias_bits, observer=observer, percentile=percentile,
+                       calibration_samples=calib_samples)
     loaded = load_model(model, weights, num_classes, cifar_stem)
     data_spec = DataSpec(data, data_root, download, limit)
     result = search_mixed_precision(loaded.module, data_spec.split("calibration", loaded.input_shape), target, spec,
