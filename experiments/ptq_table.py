@@ -3,7 +3,7 @@
 Regenerate it from the repository root (a minute or two per model on one core)::
 
     python experiments/ptq_table.py            # prints the markdown table
-    python experiments/ptq_table.py --bits 4 3 --threads 1
+    python experiments/ptq_table.py --bits 4 3 4/8 --threads 1   # W=A widths, or W/A pairs
 
 Each row quantizes on the calibration split (labels never used) and scores the integer engine
 (``requant: float``) on the test split. ``symmetric`` is the quantization before issue 14 (signed-symmetric
@@ -38,7 +38,8 @@ ROWS = {  # row label -> QuantSpec keys added to the bit widths
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="W=A bit widths (default 4 3).")
+    parser.add_argument("--bits", nargs="+", default=["4", "3", "4/8"],
+                        help="W=A bit widths or W/A pairs (default 4 3 4/8).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -50,15 +51,17 @@ def main() -> None:
     for info in models:
         module = load_model(info.name).module
         for bits in args.bits:
+            w_bits, _, a_bits = bits.partition("/")
+            w_bits, a_bits = int(w_bits), int(a_bits or w_bits)
             for row, keys in ROWS.items():
                 start = time.perf_counter()
-                qmodel = quantize(module, calibration, {"w_bits": bits, "a_bits": bits, **keys})
+                qmodel = quantize(module, calibration, {"w_bits": w_bits, "a_bits": a_bits, **keys})
                 seconds = time.perf_counter() - start
                 top1 = evaluate(qmodel, test, {"requant": "float"}).top1
                 chosen = qmodel.provenance.get("ptq_selection", {}).get("chosen")
                 name = f"auto ({chosen})" if chosen else row
-                print(f"| {info.name} | {100 * info.float_accuracy:.2f} | W{bits}A{bits} | {name} | {100 * top1:.2f} "
-                      f"| {seconds:.1f} |", flush=True)
+                print(f"| {info.name} | {100 * info.float_accuracy:.2f} | W{w_bits}A{a_bits} | {name} "
+                      f"| {100 * top1:.2f} | {seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
