@@ -253,18 +253,23 @@ class Clamp(Op):
         return xs[0]  # the bounds are the output quantization's clamp range
 
 
-@register_op
-class MaxPool2d(Op):
-    name = "maxpool2d"
-    description = "max over each window of the codes (PyTorch's windows; padding never wins)"
-    layers = ("MaxPool2d",)
-    attrs = (*_PAIR_ATTRS, Attr("dilation", "pair"), Attr("ceil_mode", "bool"))
-    keeps_quantization = moves_codes = True
+class _Pool2d(Op):
+    """A 2-D pool: PyTorch's windows, which pad at most half the kernel; every channel pooled alike."""
+
     channel_homogeneous = True
 
     def check_attrs(self, a: Attrs) -> None:
         super().check_attrs(a)
         _check_pool_padding(a)
+
+
+@register_op
+class MaxPool2d(_Pool2d):
+    name = "maxpool2d"
+    description = "max over each window of the codes (PyTorch's windows; padding never wins)"
+    layers = ("MaxPool2d",)
+    attrs = (*_PAIR_ATTRS, Attr("dilation", "pair"), Attr("ceil_mode", "bool"))
+    keeps_quantization = moves_codes = True
 
     def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -276,17 +281,12 @@ class MaxPool2d(Op):
 
 
 @register_op
-class AvgPool2d(Op):
+class AvgPool2d(_Pool2d):
     name = "avgpool2d"
     description = "average over each window with PyTorch's divisor, requantized"
     layers = ("AvgPool2d",)
     attrs = (*_PAIR_ATTRS, Attr("ceil_mode", "bool"), Attr("count_include_pad", "bool"),
              Attr("divisor_override", "optional_int"))
-    channel_homogeneous = True
-
-    def check_attrs(self, a: Attrs) -> None:
-        super().check_attrs(a)
-        _check_pool_padding(a)
 
     def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
