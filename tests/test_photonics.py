@@ -200,7 +200,8 @@ def test_energy_experiment_variants_are_the_presets() -> None:
     """experiments/energy.yaml copies two presets key by key (a sweep's hw cannot name a preset): keep them equal."""
     from pathlib import Path
 
-    from photosim._config import merge_settings, read_yaml
+    from photosim._config import merge_settings
+    from photosim._yaml import read_yaml
     from photosim.hardware.config import HardwareConfig
 
     sweep = read_yaml(Path(__file__).parents[1] / "experiments" / "energy.yaml")

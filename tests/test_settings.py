@@ -11,7 +11,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from photosim._config import MAX_YAML_BYTES, LayerOverride, merge_settings, read_yaml, with_overrides
+from photosim._config import LayerOverride, merge_settings, with_overrides
+from photosim._yaml import MAX_YAML_BYTES, read_yaml
 from photosim.cli import app
 from photosim.errors import PhotosimError
 from photosim.experiments.sweep import load_sweep
