@@ -1,6 +1,6 @@
 """Shared machinery of the validated configs: load from object, dict, YAML file (photosim._yaml) or preset name;
-readable errors;
-one way to merge settings (dotted keys, exclusive groups) used by CLI flags, per-layer overrides and sweep axes."""
+readable errors; one way to merge settings (dotted keys, exclusive groups) used by CLI flags, per-layer
+overrides and sweep axes."""
 
 from __future__ import annotations
 
