@@ -1,0 +1,115 @@
+"""What every command shares: the typer app, consoles, option types, error handling (exit 2), output preflight,
+tables."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from photosim._config import load_config, with_overrides
+from photosim._files import Paths, check_outputs, reject_directory, spec_file
+from photosim.errors import PhotosimError
+
+app = typer.Typer(
+    help="Quantize PyTorch models to integers and measure their accuracy on simulated photonic hardware.",
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+# markup off: file names, model specs and messages are user text, and "[/x]" must print as itself
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, torchvision:NAME or path/file.py:NAME.")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option(help="state_dict file (or checkpoint with 'state_dict'/'model') to load.")
+]
+NumClassesOpt = Annotated[int | None, typer.Option(help="Number of classes of a torchvision model.")]
+CifarStemOpt = Annotated[bool, typer.Option(help="Give a torchvision ResNet the 3x3 stride-1 stem for 32x32 inputs.")]
+DataOpt = Annotated[
+    str, typer.Option(help="digits, mnist, fashion-mnist, cifar10, imagefolder:PATH or synthetic.")
+]
+DataRootOpt = Annotated[str | None, typer.Option(help="Folder holding torchvision datasets.")]
+DownloadOpt = Annotated[bool, typer.Option(help="Download a torchvision dataset when missing.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Evaluate on the first N test images only.")]
+ConfigOpt = Annotated[Path | None, typer.Option(help="Quantization YAML (keys of QuantSpec); flags override it.")]
+WBitsOpt = Annotated[int | None, typer.Option(help="Weight bits, 2..16 (default 8).")]
+ABitsOpt = Annotated[int | None, typer.Option(help="Activation bits, 2..16 (default 8).")]
+BiasBitsOpt = Annotated[int | None, typer.Option(help="Integer bias bits, 8..64 (default 32).")]
+ObserverOpt = Annotated[str | None, typer.Option(help="Activation observer: minmax, percentile or mse.")]
+PercentileOpt = Annotated[float | None, typer.Option(help="Percentile for --observer percentile (e.g. 99.99).")]
+PerTensorOpt = Annotated[bool, typer.Option(help="One weight scale per tensor instead of per output channel.")]
+CalibOpt = Annotated[int | None, typer.Option(help="Calibration images (default 512).")]
+PtqOpt = Annotated[str | None, typer.Option(
+    help="Error-correcting PTQ algorithms, comma-separated: equalize, bias_correction and one of gptq, gpfq; "
+         "or auto (the combination agreeing best with the float model on calibration data). See docs/ptq.md.")]
+ActivationRangeOpt = Annotated[str | None, typer.Option(
+    help="Activations that can be negative: affine (zero point, the default) or symmetric.")]
+OutputBitsOpt = Annotated[int | None, typer.Option(help="Least activation bits of the graph output (default 8).")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch (bounds memory).")]
+
+
+def handles_errors(command: F) -> F:
+    """Turn PhotosimError into a one-paragraph message on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PhotosimError as exc:
+            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def preflight(outputs: Paths, inputs: Paths) -> None:
+    """Before any work: input files are not folders, outputs are writable and overwrite no input."""
+    for flag, path in inputs.items():
+        if path is not None:
+            reject_directory(path, flag)
+    check_outputs(outputs, inputs)
+
+
+def model_inputs(model: str | None, weights: Path | None, config: Path | None = None) -> dict[str, Path | None]:
+    """The files a model (and quantization) is read from, keyed by their flag."""
+    return {"--model": spec_file(model), "--weights": weights, "--config": config}
+
+
+def quant_spec(config: Path | None, per_tensor: bool, **flags: Any) -> Any:
+    """The QuantSpec of ``--config`` with the given flags (QuantSpec keys; None: not given) replacing its keys."""
+    from photosim.frontend.qconfig import QuantSpec
+
+    return with_overrides(load_config(QuantSpec, config), weight_granularity="per_tensor" if per_tensor else None,
+                          **flags)
+
+
+def print_table(title: str, frame: pd.DataFrame) -> None:
+    """Render a DataFrame as a rich table (floats to 4 significant digits)."""
+    table = Table(title=title, title_justify="left")
+    for col in frame.columns:
+        table.add_column(str(col), justify="right" if pd.api.types.is_numeric_dtype(frame[col]) else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("" if v is None or (isinstance(v, float) and pd.isna(v)) else
+                        f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
+def percent(result: Any) -> str:
+    return f"{100 * result.top1:.2f}%"
+
+
+HwOpt = Annotated[Path | None, typer.Option(
+    "--hw", help="Hardware YAML file, or a shipped preset by name (photonic-8bit, ...); the flags below override it.")]
+MetricOpt = Annotated[str, typer.Option(help="Rank by agreement (top-1 agreement with the float model on the "
+                                            "calibration images) or snr (output SNR vs the float logits).")]
+TestOpt = Annotated[bool, typer.Option("--test", help="Also score accuracy on the test split (needs labels).")]
