@@ -93,8 +93,8 @@ def test_batchnorm_folding_keeps_float_outputs(digits: dict, name: str) -> None:
     x = digits["test"]
     graph = capture(model, x[:1])
     assert all(n.op != "batchnorm" for n in graph.nodes)
-    with torch.no_grad():
-        assert (graph.run(x) - model(x)).abs().max() < 1e-5
+    with torch.no_grad():  # float32 rounding of the folded weights, relative to logits of up to ~10
+        torch.testing.assert_close(graph.run(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_bn_relu_are_folded_and_fused_into_conv() -> None:
