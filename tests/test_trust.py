@@ -300,7 +300,7 @@ def test_a_really_full_disk(ws, small_disk: Path) -> None:
 
 
 def test_an_output_symlink_is_written_through(tmp_path: Path) -> None:
-    from photosim.experiments.report import write_text_atomic
+    from photosim._files import write_text_atomic
 
     target, link = tmp_path / "target.csv", tmp_path / "link.csv"
     target.write_text("old\n")

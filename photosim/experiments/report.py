@@ -1,4 +1,4 @@
-"""Result tables on disk and over repeats: atomic file writes and mean / std / 95% CI summaries.
+"""Result tables on disk and over repeats: atomic CSV writes and mean / std / 95% CI summaries.
 
 Files are replaced atomically by :mod:`photosim._files` (temp file in the same folder, fsync,
 ``os.replace``) so a crash leaves either the old or the new version, never half a file.
@@ -15,7 +15,7 @@ from scipy import stats
 from photosim._files import write_text_atomic
 from photosim.errors import PhotosimError
 
-__all__ = ["ci95_half_width", "summarize", "write_csv_atomic", "write_text_atomic"]
+__all__ = ["ci95_half_width", "summarize", "write_csv_atomic"]
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:

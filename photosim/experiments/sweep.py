@@ -46,11 +46,12 @@ from photosim._config import (
     section_models,
     validation_problems,
 )
+from photosim._files import write_text_atomic
 from photosim._version import __version__
 from photosim.errors import PhotosimError
 from photosim.experiments.executors import Group, Runner, check_executor, execute
 from photosim.experiments.point import MODEL_KEYS, BaseSection
-from photosim.experiments.report import summarize, write_csv_atomic, write_text_atomic
+from photosim.experiments.report import summarize, write_csv_atomic
 from photosim.frontend.qconfig import QuantSpec
 
 MANIFEST, LOG, RESULTS, SUMMARY, LOCK = "sweep.json", "points.jsonl", "results.csv", "summary.csv", ".lock"
