@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from photosim.engine.executor import Engine, HardwareSpec
+from photosim.engine.executor import HardwareSpec
 from photosim.experiments.accuracy import accuracy
-from photosim.experiments.workflow import calibrate_adc_ranges
+from photosim.experiments.workflow import chip_engine, simulated_chips
 from photosim.frontend.data import calibration_batches
 from photosim.hardware.config import HardwareConfig, load_hardware
 from photosim.ir.format import QuantizedModel
@@ -60,24 +60,20 @@ class FloatReference:
         ``hw`` is random (a calibrated ADC takes its ranges from the calibration inputs); test accuracy too
         when the reference has a test split and ``with_test``."""
         hw = load_hardware(hw)
-        random = any(hw.for_layer(n.name).is_random for n in qmodel.nodes)
         return _mean([self._score_chip(qmodel, hw, seed, repeat, batch_size, with_test)
-                      for repeat in range(repeats if random else 1)])
+                      for repeat in range(simulated_chips(qmodel, hw, repeats))])
 
     def _score_chip(self, qmodel: QuantizedModel, hw: HardwareConfig, seed: int, repeat: int, batch_size: int,
                     with_test: bool) -> Score:
         """The score on one simulated chip."""
-        ranges = {}
-        if any(hw.for_layer(n.name).calibrated_adc for n in qmodel.nodes):
-            ranges = calibrate_adc_ranges(qmodel, hw, self.inputs, samples=len(self.inputs), batch_size=batch_size,
-                                          seed=seed, repeat=repeat)
-        options = {"seed": seed, "repeat": repeat, "adc_ranges": ranges, "diagnostics": False}
-        engine = Engine(qmodel, hw, **options)
+        engine = chip_engine(qmodel, hw, self.inputs, seed=seed, repeat=repeat, batch_size=batch_size,
+                             adc_samples=len(self.inputs), diagnostics=False)
         with torch.no_grad():
             logits = torch.cat([engine(x) for x in self.inputs.split(batch_size)])
         test = None
-        if self.test is not None and with_test:  # a fresh chip: noise streams start at sample 0, as in `photosim run`
-            test = accuracy(Engine(qmodel, hw, **options), self.test, batch_size=batch_size).top1
+        if self.test is not None and with_test:  # noise streams start at sample 0 again, as in `photosim run`
+            engine.restart()
+            test = accuracy(engine, self.test, batch_size=batch_size).top1
         return Score(agreement(logits, self.logits), output_snr_db(logits, self.logits), test)
 
 

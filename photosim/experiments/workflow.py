@@ -24,7 +24,7 @@ from photosim.frontend.models import LoadedModel, list_models, load_model
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.analog import AnalogLayer
-from photosim.hardware.config import load_hardware
+from photosim.hardware.config import HardwareConfig, load_hardware
 from photosim.hardware.noise import enob, snr_db
 from photosim.ir.fakequant import fake_quant_forward
 from photosim.ir.format import QuantizedModel, file_sha256
@@ -165,6 +165,24 @@ def calibrate_adc_ranges(qmodel: QuantizedModel, hw: HardwareSpec, data: Any, *,
             for name, layer in engine.analog.items() if layer.calibration is not None}
 
 
+def simulated_chips(qmodel: QuantizedModel, hw: HardwareConfig, repeats: int) -> int:
+    """How many chips ``repeats`` Monte Carlo repeats need: all of them when some layer is random, else one."""
+    return repeats if any(hw.for_layer(n.name).is_random for n in qmodel.nodes) else 1
+
+
+def chip_engine(qmodel: QuantizedModel, hw: HardwareConfig, calibration: Any, *, seed: int, repeat: int,
+                batch_size: int = 256, device: str = "cpu", adc_samples: int = 512, **engine_options: Any) -> Engine:
+    """The engine of one simulated chip; layers with a calibrated ADC get their ranges measured on up to
+    ``adc_samples`` inputs of ``calibration`` (noise-free tile values of this chip)."""
+    ranges = {}
+    if any(hw.for_layer(n.name).calibrated_adc for n in qmodel.nodes):
+        if calibration is None:
+            raise PhotosimError("the hardware config uses a calibrated ADC range; give calibration data.")
+        ranges = calibrate_adc_ranges(qmodel, hw, calibration, samples=adc_samples, batch_size=batch_size,
+                                      device=device, seed=seed, repeat=repeat)
+    return Engine(qmodel, hw, device=device, seed=seed, repeat=repeat, adc_ranges=ranges, **engine_options)
+
+
 def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibration: Any = None, repeats: int = 1,
                  seed: int = 0, batch_size: int = 256, device: str = "cpu", progress: bool = False) -> HardwareRun:
     """Monte Carlo over ``repeats`` simulated chips: each draws new static weight error and inference noise.
@@ -174,18 +192,10 @@ def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibrati
     """
     hw = load_hardware(hw)
     energy = energy_totals(budget_table(qmodel, hw))
-    names = [n.name for n in qmodel.nodes]
-    settings = [hw.for_layer(name) for name in names]
-    runs = repeats if any(s.is_random for s in settings) else 1
+    runs = simulated_chips(qmodel, hw, repeats)
     results, layers = [], []
     for repeat in range(runs):
-        ranges = {}
-        if any(s.calibrated_adc for s in settings):
-            if calibration is None:
-                raise PhotosimError("the hardware config uses a calibrated ADC range; give calibration data.")
-            ranges = calibrate_adc_ranges(qmodel, hw, calibration, batch_size=batch_size, device=device, seed=seed,
-                                          repeat=repeat)
-        engine = Engine(qmodel, hw, device=device, seed=seed, repeat=repeat, adc_ranges=ranges)
+        engine = chip_engine(qmodel, hw, calibration, seed=seed, repeat=repeat, batch_size=batch_size, device=device)
         result = accuracy(engine, test, batch_size=batch_size, progress=progress,
                           description=f"hardware, repeat {repeat + 1}/{runs}")
         rows = _layer_rows(engine, repeat)
