@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 from photosim._config import exact_glob, load_config
 from photosim.cli import app
 from photosim.errors import PhotosimError
-from photosim.experiments.fidelity import FloatReference, agreement, output_snr_db
+from photosim.experiments.fidelity import FloatReference, output_snr_db
 from photosim.experiments.mixed_precision import cost, search_mixed_precision
 from photosim.experiments.sensitivity import layer_sensitivity
+from photosim.frontend.algorithms.selection import top1_agreement
 from photosim.frontend.data import load_dataset
 from photosim.frontend.models import load_model
 from photosim.frontend.ptq import quantize
@@ -39,8 +40,8 @@ def test_exact_glob_matches_only_its_name() -> None:
 
 def test_label_free_metrics() -> None:
     reference = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert agreement(reference, reference) == 1.0 and output_snr_db(reference, reference) == float("inf")
-    assert agreement(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), reference) == 0.5
+    assert top1_agreement(reference, reference) == 1.0 and output_snr_db(reference, reference) == float("inf")
+    assert top1_agreement(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), reference) == 0.5
     assert output_snr_db(reference * 1.1, reference) == pytest.approx(20.0)
 
 

@@ -1,7 +1,8 @@
 """Label-free fidelity of an integer model to its float model on calibration inputs: top-1 agreement and
 output SNR, plus test-split accuracy when labels are at hand.
 
-Agreement is the fraction of inputs whose integer top-1 class is the float model's top-1 class; the output
+Agreement (``top1_agreement``, shared with the PTQ selection) is the fraction of inputs whose integer top-1 class
+is the float model's top-1 class; the output
 SNR is ``10 log10(sum f^2 / sum (q - f)^2)`` over every logit ``f`` of the float model and ``q`` of the
 integer model. Neither needs labels, so both can steer choices made on calibration data.
 """
@@ -18,6 +19,7 @@ from torch import nn
 from photosim.engine.executor import HardwareSpec
 from photosim.experiments.accuracy import accuracy
 from photosim.experiments.workflow import chip_engine, simulated_chips
+from photosim.frontend.algorithms.selection import top1_agreement
 from photosim.frontend.data import calibration_batches
 from photosim.hardware.config import HardwareConfig, load_hardware
 from photosim.ir.format import QuantizedModel
@@ -30,11 +32,6 @@ class Score:
     agreement: float
     snr_db: float
     test_top1: float | None = None
-
-
-def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    """Fraction of rows whose argmax equals the reference's argmax."""
-    return float((logits.argmax(dim=1) == reference.argmax(dim=1)).double().mean())
 
 
 def output_snr_db(logits: torch.Tensor, reference: torch.Tensor) -> float:
@@ -74,7 +71,7 @@ class FloatReference:
         if self.test is not None and with_test:  # noise streams start at sample 0 again, as in `photosim run`
             engine.restart()
             test = accuracy(engine, self.test, batch_size=batch_size).top1
-        return Score(agreement(logits, self.logits), output_snr_db(logits, self.logits), test)
+        return Score(top1_agreement(logits, self.logits), output_snr_db(logits, self.logits), test)
 
 
 def _mean(scores: list[Score]) -> Score:

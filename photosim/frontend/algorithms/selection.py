@@ -40,10 +40,15 @@ class Agreement:
         return self.kl, -self.top1
 
 
+def top1_agreement(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fraction of rows of ``outputs`` (N, classes) whose argmax is the ``reference`` row's argmax."""
+    return float((outputs.argmax(dim=1) == reference.argmax(dim=1)).double().mean())
+
+
 def agreement(reference: torch.Tensor, outputs: torch.Tensor) -> Agreement:
     """Agreement of ``outputs`` (N, classes) with the float ``reference`` (N, classes)."""
     reference, outputs = reference.double().flatten(1), outputs.double().flatten(1)
-    top1 = float((reference.argmax(dim=1) == outputs.argmax(dim=1)).double().mean())
+    top1 = top1_agreement(outputs, reference)
     log_p, log_q = reference.log_softmax(dim=1), outputs.log_softmax(dim=1)
     kl = float((log_p.exp() * (log_p - log_q)).sum(dim=1).mean())
     return Agreement(top1, kl)
