@@ -29,8 +29,6 @@ from photosim.ir.ops import OPS, conv_output_size, infer_shapes
 from photosim.ir.summary import operand_max
 
 HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
-# Requant modes whose arithmetic starts by converting the accumulator to floating point: they take the
-# float64 accumulators of the oneDNN path (integers below 2^53) as they are, without an int64 round trip.
 # On the CPU a batch runs through the graph in sub-batches whose largest tensor has about this many
 # elements: a layer's temporaries then stay in the caches instead of being paged in afresh (3-10x faster).
 SUB_BATCH_ELEMENTS = 1 << 19

@@ -23,13 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from photosim.engine.kernels import pair
+
 INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
 UINT8_MAX = 255
 _GEMM_BLOCK_ELEMENTS = 1 << 24  # bound on the (M, O, pairs) int32 temporary of one GEMM step
-
-
-def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def can_saturate(weight: torch.Tensor, x_max: int = UINT8_MAX) -> bool:
@@ -62,7 +60,7 @@ def depthwise_acc_saturating(x: torch.Tensor, weight: torch.Tensor, z_in: int,
     """
     n, c, _, _ = x.shape
     o, _, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
     xp = F.pad(x.to(torch.int64), (pw, pw, ph, ph), value=z_in).repeat_interleave(o // c, dim=1)  # (N, O, H', W')
     oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
     ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
@@ -115,7 +113,7 @@ def im2col_codes(x: torch.Tensor, kernel: tuple[int, int], z_in: int, stride: in
     """
     n, c, _, _ = x.shape
     kh, kw = kernel
-    (ph, pw) = _pair(padding)
+    (ph, pw) = pair(padding)
     xp = F.pad(x.to(torch.int64), (pw, pw, ph, ph), value=z_in)
     cols = F.unfold(xp.double(), (kh, kw), dilation=dilation, stride=stride).round().to(torch.int64)  # (N, C*T, L)
     length = cols.shape[-1]
