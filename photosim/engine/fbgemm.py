@@ -73,8 +73,8 @@ def depthwise_acc_saturating(x: torch.Tensor, weight: torch.Tensor, z_in: int,
 
     acc = torch.zeros(n, o, oh, ow, dtype=torch.int64, device=x.device)
     for t in range(0, kh * kw, 2):
-        pair = tap_product(t) + tap_product(t + 1) if t + 1 < kh * kw else tap_product(t)
-        acc += pair.clamp_(INT16_MIN, INT16_MAX)
+        pair_sum = tap_product(t) + tap_product(t + 1) if t + 1 < kh * kw else tap_product(t)
+        acc += pair_sum.clamp_(INT16_MIN, INT16_MAX)
     return acc - z_in * w.sum(1).view(1, o, 1, 1)
 
 

@@ -3,7 +3,8 @@ output SNR, plus test-split accuracy when labels are at hand.
 
 Agreement (``top1_agreement``, shared with the PTQ selection) is the fraction of inputs whose integer top-1
 class is the float model's top-1 class; the output SNR is ``10 log10(sum f^2 / sum (q - f)^2)`` over every
-logit ``f`` of the float model and ``q`` of the integer model. Neither needs labels, so both can steer choices made on calibration data.
+logit ``f`` of the float model and ``q`` of the integer model. Neither needs labels, so both can steer
+choices made on calibration data.
 """
 
 from __future__ import annotations
