@@ -92,6 +92,8 @@ def reject_directory(path: str | Path, what: str) -> None:
 def require_file(path: str | Path, what: str, hint: str) -> None:
     """``path`` must be an existing file; ``hint`` says how to fix the message's culprit."""
     reject_directory(path, what)
+    if Path(path).exists() and not Path(path).is_file():
+        raise PhotosimError(f"{what} {str(path)!r} is not a regular file (a device or a pipe); {hint}.")
     if not Path(path).is_file():
         raise PhotosimError(f"{what} {str(path)!r} does not exist; {hint}.")
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from photosim._files import require_file
 from photosim.errors import PhotosimError
 
 MAX_YAML_BYTES = 1 << 20  # a config or sweep file is hand-written: 1 MiB is far beyond any real one
@@ -63,8 +64,7 @@ def parse_yaml(text: str, where: str) -> Any:
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file (at most MAX_YAML_BYTES); a missing file, bad syntax or a duplicated key is a PhotosimError."""
     path = Path(path)
-    if not path.is_file():
-        raise PhotosimError(f"config file {path} does not exist.")
+    require_file(path, "config file", "check the path, or name a shipped preset")
     if path.stat().st_size > MAX_YAML_BYTES:
         raise PhotosimError(f"{path} is larger than {MAX_YAML_BYTES >> 20} MiB; a config file is limited to that.")
     try:

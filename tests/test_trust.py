@@ -114,6 +114,8 @@ REFUSED_BEFORE_WORK = [
     (["run", "{model}", "--hw", "{dir}"], "--hw '{dir}' is a directory"),
     (["plot", "{dir}", "--x", "a"], "RESULTS '{dir}' is a directory"),
     (["eval", "--weights", "{dir}"], "--weights '{dir}' is a directory"),
+    # a device where a file is expected
+    (["run", "{model}", "--hw", "/dev/null"], "config file '/dev/null' is not a regular file"),
     # devices
     (["bench", "--device", "gpu"], "unknown device 'gpu'"),
     (["run", "{model}", "--device", "tpu"], "unknown device 'tpu'"),
