@@ -58,9 +58,7 @@ def draw(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str], out: str | Pat
     table = summarize(frame, [*hue, x], [y] + ([baseline] if baseline else []))
     numeric_x = pd.api.types.is_numeric_dtype(table[x]) and not table[x].isna().any()
     categories = {label: i for i, label in enumerate(dict.fromkeys(map(_text, frame[x])))}
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    ax = _axes(6.4)
     levels = []
     groups = table.groupby(list(hue), sort=False, dropna=False) if hue else [((), table)]
     for key, group in groups:
@@ -91,18 +89,13 @@ def draw(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str], out: str | Pat
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="x-small")
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=150, format="png")
-    return out
+    return _save(ax, out)
 
 
 def draw_bars(labels: Sequence[str], values: Sequence[float], ylabel: str, out: str | Path, *,
               title: str | None = None) -> Path:
     """One bar per label (in the given order, labels slanted when many), saved as PNG at ``out``."""
-    fig = Figure(figsize=(max(6.4, 0.45 * len(labels) + 2), 4.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    ax = _axes(max(6.4, 0.45 * len(labels) + 2))
     ax.bar(range(len(labels)), values, color="tab:blue")
     ax.set_xticks(range(len(labels)), list(labels), rotation=45 if len(labels) > 4 else 0,
                   ha="right" if len(labels) > 4 else "center", fontsize="small")
@@ -111,9 +104,21 @@ def draw_bars(labels: Sequence[str], values: Sequence[float], ylabel: str, out: 
     if title:
         ax.set_title(title, fontsize="medium")
     ax.grid(axis="y", alpha=0.3)
+    return _save(ax, out)
+
+
+def _axes(width: float) -> Axes:
+    """The axes of a new Agg figure ``width`` inches wide (4.4 high), outside pyplot's state."""
+    fig = Figure(figsize=(width, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig.subplots()
+
+
+def _save(ax: Axes, out: str | Path) -> Path:
+    """Write the axes' figure as a 150-dpi PNG at ``out``, atomically."""
     out = Path(out)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=150, format="png")
+        ax.figure.savefig(tmp, dpi=150, format="png")
     return out
 
 
