@@ -171,6 +171,7 @@ BAD_HW = [  # (hw YAML text, texts the message must contain)
     ("tile: 16\nadc: {bits: 8}\ntile: 32\n", ["duplicate key 'tile'", "first given on line 1", "line 3"]),
     ("adc: {bits: 8, bits: 4}\n", ["duplicate key 'bits'", "line 1"]),
     ("layers:\n  - {match: fc, requant: doublefloat}\n", ["layers.0.requant", "unknown requant mode", "fixedpoint"]),
+    ("requant: pytorch\npytorch_cpu: arm\n", ["pytorch_cpu", "avx512-vnni"]),
     ("layers:\n  - {match: fc, adc: null}\n", ["layers.0.adc"]),
     (ALIAS_BOMB, ["aliases", str(100_000)]),
     ("a: &a [*a]\n", ["recursive alias"]),
