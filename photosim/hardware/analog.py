@@ -215,8 +215,8 @@ class AnalogLayer:
         one contiguous block: the numbers do not depend on the batch."""
         g, t, m, o = p.shape
         e = rng.normal_per_sample((g, t, m // max(len(sample_ids), 1), o), sample_ids, self.seed, self.repeat,
-                                  stream, self.index, dtype=torch.float32)  # (N, G, T, P, O)
-        return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o).to(p.device)
+                                  stream, self.index, p.device, torch.float32)  # (N, G, T, P, O)
+        return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o)
 
     def _record(self, acc: torch.Tensor, step: float, overflowed: int, clipped: int, tile_values: int,
                 exact: torch.Tensor | None) -> None:
