@@ -202,11 +202,11 @@ class AnalogLayer:
         (N, G, K, O)."""
         noise, w = self.hw.noise, self.weights.matrix
         if noise.weight_static.sigma:
-            e = rng.normal(tuple(w.shape), self.seed, self.repeat, "weight_static", self.index, w.device)
+            e = rng.normal(tuple(w.shape), self.seed, self.repeat, "weight_static", self.index, w.device).double()
             w = WEIGHT_NOISE[noise.weight_static.kind](w, noise.weight_static.sigma, self.w_max, e)
         if noise.weight_read.sigma:
             e = rng.normal_per_sample(tuple(w.shape), sample_ids, self.seed, self.repeat, "weight_read", self.index,
-                                      w.device)
+                                      w.device).double()
             w = WEIGHT_NOISE[noise.weight_read.kind](w.unsqueeze(0), noise.weight_read.sigma, self.w_max, e)
         return w
 
@@ -215,7 +215,7 @@ class AnalogLayer:
         one contiguous block: the numbers do not depend on the batch."""
         g, t, m, o = p.shape
         e = rng.normal_per_sample((g, t, m // max(len(sample_ids), 1), o), sample_ids, self.seed, self.repeat,
-                                  stream, self.index, p.device, torch.float32)  # (N, G, T, P, O)
+                                  stream, self.index, p.device)  # (N, G, T, P, O)
         return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o)
 
     def _record(self, acc: torch.Tensor, step: float, overflowed: int, clipped: int, tile_values: int,

@@ -17,10 +17,17 @@ Noise streams (``normal``):
   elements 4b .. 4b + 3; ``domain`` separates per-sample streams (0) from per-chip streams (1), which have no
   sample index (their sample word is 0).
 
-Uniform -> normal: Box-Muller on the pairs (word 0, word 1) and (word 2, word 3) of a block, giving
-r cos(2 pi v), r sin(2 pi v) with r = sqrt(-2 ln u). u is in (0, 1] so the logarithm is finite: float64 output
-uses u = (bits + 1) 2^-32 (all 32 bits, exact in float64; |z| <= 6.66), float32 output u = (bits >> 8 + 1) 2^-24
-(a 24-bit mantissa, exact in float32; |z| <= 5.77). The angle uses v = bits 2^-32 in [0, 1) in both.
+Uniform -> normal (``box_muller``): Box-Muller on the pairs (word 0, word 1) and (word 2, word 3) of a block,
+giving r cos(theta), r sin(theta) with r = sqrt(-2 ln u), u = ((w0 >> 8) + 1) 2^-24 in (0, 1] (|z| <= 5.77) and
+theta = 2 pi w1 2^-32. The logarithm, sine and cosine are fixed polynomials evaluated as a fixed sequence of
+float32 operations (each correctly rounded in IEEE 754), so the torch code here and the compiled kernels that
+repeat the same sequence (photosim.hardware.tile_kernels) give the same bits on a CPU; a GPU kernel that contracts
+multiply-adds differs by float32 rounding only:
+
+* ln u = ln m + (e - 24) ln 2 where k = (w0 >> 8) + 1 = m 2^e, m in [sqrt(1/2), sqrt(2)); ln m = s (2 + z (2/3 +
+  z (2/5 + z (2/7 + z 2/9)))) with s = (m - 1) / (m + 1), z = s^2 (the atanh series; |error| < 1e-8);
+* theta = q pi/2 + pi/4 + phi with q = w1 >> 30 and phi = ((w1 & (2^30 - 1)) 2^-30 - 1/2) pi/2 in [-pi/4, pi/4):
+  Taylor polynomials of sin phi (to phi^9) and cos phi (to phi^8), rotated by pi/4 and by the quadrant q.
 """
 
 from __future__ import annotations
@@ -83,25 +90,56 @@ def philox4x32(counter: Words, key: tuple[int, int], rounds: int = 10) -> Words:
     return c0, c1, c2, c3
 
 
-def _box_muller(bits: Words, dtype: torch.dtype) -> torch.Tensor:
-    """4 words -> 4 standard normals (..., 4) of dtype: Box-Muller on (w0, w1) and (w2, w3), see the module."""
-    if dtype == torch.float64:
-        radius = [(w + 1).to(dtype).mul_(2.0 ** -32) for w in (bits[0], bits[2])]
-    elif dtype == torch.float32:
-        radius = [(w.bitwise_right_shift(8) + 1).to(dtype).mul_(2.0 ** -24) for w in (bits[0], bits[2])]
-    else:
-        raise ValueError(f"normals are float32 or float64, not {dtype}")
+# float32 constants of the uniform -> normal transform (see the module docstring).
+LN2, SQRT_HALF, HALF_PI = 0.6931471805599453, 0.7071067811865476, math.pi / 2
+LOG_SERIES = (2 / 9, 2 / 7, 2 / 5, 2 / 3, 2.0)  # ln m = s * poly(s^2), Horner order
+SIN_SERIES = (1 / 362880, -1 / 5040, 1 / 120, -1 / 6, 1.0)  # sin phi = phi * poly(phi^2)
+COS_SERIES = (1 / 40320, -1 / 720, 1 / 24, -1 / 2, 1.0)  # cos phi = poly(phi^2)
+
+
+def _horner(coefficients: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
+    """c0 z^n + ... + cn in float32, one rounded multiply and one rounded add per step (no fused multiply-add)."""
+    acc = torch.full_like(z, coefficients[0])
+    for c in coefficients[1:]:
+        acc = acc.mul_(z).add_(c)
+    return acc
+
+
+def radius(w: torch.Tensor) -> torch.Tensor:
+    """sqrt(-2 ln u), u = ((w >> 8) + 1) 2^-24, float32, for uint32 words w (int64 tensor)."""
+    m, e = torch.frexp((w.bitwise_right_shift(8) + 1).to(torch.float32))  # k = m 2^e, m in [1/2, 1): exact
+    low = m < SQRT_HALF
+    m = torch.where(low, m * 2, m)
+    e = torch.where(low, e - 1, e)
+    s = (m - 1) / (m + 1)
+    ln_u = s * _horner(LOG_SERIES, s * s) + (e - 24).to(torch.float32) * LN2
+    return ln_u.mul_(-2.0).sqrt_()
+
+
+def cos_sin(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of theta = 2 pi w 2^-32 (float32) for uint32 words w (int64 tensor)."""
+    phi = (w.bitwise_and(0x3FFFFFFF).to(torch.float32) * 2.0 ** -30 - 0.5) * HALF_PI
+    phi2 = phi * phi
+    sin_phi, cos_phi = phi * _horner(SIN_SERIES, phi2), _horner(COS_SERIES, phi2)
+    c, s = (cos_phi - sin_phi) * SQRT_HALF, (cos_phi + sin_phi) * SQRT_HALF  # at pi/4 + phi
+    q = w.bitwise_right_shift(30)
+    cos = torch.where(q == 0, c, torch.where(q == 1, -s, torch.where(q == 2, -c, s)))
+    sin = torch.where(q == 0, s, torch.where(q == 1, c, torch.where(q == 2, -s, -c)))
+    return cos, sin
+
+
+def box_muller(bits: Words) -> torch.Tensor:
+    """4 words -> 4 float32 standard normals (..., 4): Box-Muller on (w0, w1) and (w2, w3), see the module."""
     out = []
-    for u, w in zip(radius, (bits[1], bits[3])):
-        r = u.log_().mul_(-2.0).sqrt_()
-        angle = w.to(dtype).mul_(2.0 * math.pi * 2.0 ** -32)
-        out += [torch.cos(angle).mul_(r), angle.sin_().mul_(r)]
+    for u_word, angle_word in ((bits[0], bits[1]), (bits[2], bits[3])):
+        r = radius(u_word)
+        cos, sin = cos_sin(angle_word)
+        out += [cos.mul_(r), sin.mul_(r)]
     return torch.stack(out, dim=-1)
 
 
-def normal(key: tuple[int, int], samples: torch.Tensor, count: int, domain: int = PER_SAMPLE,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normals (len(samples), count) on samples' device: row n holds elements 0 .. count - 1 of the
+def normal(key: tuple[int, int], samples: torch.Tensor, count: int, domain: int = PER_SAMPLE) -> torch.Tensor:
+    """float32 standard normals (len(samples), count) on samples' device: row n holds elements 0 .. count - 1 of the
     stream (key, sample = samples[n], domain); element j comes from counter (j // 4, 0, sample, domain), lane
     j % 4. Sample indices must lie in [0, 2^32). The work runs in passes of CHUNK_BLOCKS counters over the
     flattened (row, block) index, which bounds memory and cannot change a value."""
@@ -111,11 +149,11 @@ def normal(key: tuple[int, int], samples: torch.Tensor, count: int, domain: int 
     blocks = -(-count // 4)
     if blocks > MASK32:
         raise ValueError(f"{count} values per sample exceed the 2^34 of one stream")
-    out = torch.empty(len(samples), blocks, 4, dtype=dtype, device=samples.device)
+    out = torch.empty(len(samples), blocks, 4, dtype=torch.float32, device=samples.device)
     flat = out.view(-1, 4)
     zero = torch.zeros((), dtype=torch.int64, device=samples.device)
     for start in range(0, flat.shape[0], CHUNK_BLOCKS):
         index = torch.arange(start, min(start + CHUNK_BLOCKS, flat.shape[0]), device=samples.device)
         counter = (index % blocks, zero, samples[index // blocks], zero + domain)
-        flat[start:start + len(index)] = _box_muller(philox4x32(counter, key), dtype)
+        flat[start:start + len(index)] = box_muller(philox4x32(counter, key))
     return out.view(len(samples), 4 * blocks)[:, :count]

@@ -21,19 +21,18 @@ def key(seed: int, repeat: int, stream: str, layer: int) -> tuple[int, int]:
 
 
 def normal_per_sample(shape: tuple[int, ...], sample_ids: torch.Tensor, seed: int, repeat: int, stream: str,
-                      layer: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
-                      ) -> torch.Tensor:
-    """Standard normals of ``(len(sample_ids), *shape)`` on device, row n = the first prod(shape) values of
+                      layer: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 standard normals of ``(len(sample_ids), *shape)`` on device, row n = the first prod(shape) values of
     sample_ids[n]'s stream, all rows drawn in one vectorised pass."""
     count = int(torch.Size(shape).numel())
     ids = sample_ids.to(device=device, dtype=torch.int64)
-    e = philox.normal(key(seed, repeat, stream, layer), ids, count, philox.PER_SAMPLE, dtype)
+    e = philox.normal(key(seed, repeat, stream, layer), ids, count, philox.PER_SAMPLE)
     return e.reshape(len(sample_ids), *shape)
 
 
 def normal(shape: tuple[int, ...], seed: int, repeat: int, stream: str, layer: int,
            device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normals (float64) of one stream that does not depend on the sample (per-chip effects)."""
+    """float32 standard normals of one stream that does not depend on the sample (per-chip effects)."""
     count = int(torch.Size(shape).numel())
     ids = torch.zeros(1, dtype=torch.int64, device=device)
-    return philox.normal(key(seed, repeat, stream, layer), ids, count, philox.PER_CHIP, torch.float64).reshape(shape)
+    return philox.normal(key(seed, repeat, stream, layer), ids, count, philox.PER_CHIP).reshape(shape)
