@@ -211,12 +211,12 @@ class AnalogLayer:
         return w
 
     def _normal_like(self, p: torch.Tensor, sample_ids: torch.Tensor, stream: str) -> torch.Tensor:
-        """Standard normals (float32) shaped like p (G, T, N*P, O), one seeded stream per sample, each drawn as
-        one contiguous block: the numbers do not depend on the batch."""
+        """Standard normals shaped like p (G, T, N*P, O) in p's dtype: element (g, t, n*P + pos, o) is element
+        ((g*T + t)*P + pos)*O + o of sample_ids[n]'s stream, so the numbers do not depend on the batch."""
         g, t, m, o = p.shape
         e = rng.normal_per_sample((g, t, m // max(len(sample_ids), 1), o), sample_ids, self.seed, self.repeat,
                                   stream, self.index, p.device)  # (N, G, T, P, O)
-        return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o)
+        return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o).to(p.dtype)
 
     def _record(self, acc: torch.Tensor, step: float, overflowed: int, clipped: int, tile_values: int,
                 exact: torch.Tensor | None) -> None:
