@@ -60,7 +60,10 @@ def test_tiled_noisy_layers_do_not_depend_on_batching() -> None:
     x = torch.rand(7, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     whole = Engine(model, TILED, seed=2).codes(x)
     parts = Engine(model, TILED, seed=2)
-    assert torch.equal(torch.cat([parts.codes(x[:3]), parts.codes(x[3:])]), whole)
+    assert torch.equal(torch.cat([parts.codes(x[:3]), parts.codes(x[3:], first_sample=3)]), whole)
+    assert torch.equal(parts.codes(x[3:], first_sample=3), whole[3:])  # a reused engine keeps no counter
+    assert torch.equal(parts.codes(x[5:], first_sample=5), whole[5:])  # any order
+    assert not torch.equal(parts.codes(x[3:]), whole[3:])  # samples 0.. draw other noise than samples 3..
 
 
 @pytest.mark.parametrize("hw", [TILED, CONFIGS[1].hw])

@@ -21,14 +21,14 @@ from photosim.engine.requant import REQUANT_MODES, RequantMode, RequantParams, c
 from photosim.engine.torch_requant import pytorch_kernel, resolve_cpu_family
 from photosim.errors import PhotosimError
 from photosim.frontend.observers import ActivationObserver
-from photosim.hardware.analog import AnalogLayer, tile_length, tile_plan
-from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
-from photosim.hardware.photonics import with_link_budget
+from photosim.hardware.analog import AnalogLayer, tile_plan
+from photosim.hardware.config import HardwareConfig, LayerHardware
+from photosim.hardware.plan import HardwarePlan
 from photosim.ir.format import Node, QuantizedModel, validate, weights_scale
 from photosim.ir.ops import OPS, conv_output_size, infer_shapes
 from photosim.ir.summary import operand_max
 
-HardwareSpec = HardwareConfig | dict[str, Any] | str | Path | None
+HardwareSpec = HardwarePlan | HardwareConfig | dict[str, Any] | str | Path | None
 # On the CPU a batch runs through the graph in sub-batches whose largest tensor has about this many
 # elements: a layer's temporaries then stay in the caches instead of being paged in afresh (3-10x faster).
 SUB_BATCH_ELEMENTS = 1 << 19
@@ -59,8 +59,9 @@ class _Layer:
     saturating_weight: torch.Tensor | None = None  # int8 codes, where PyTorch's FBGEMM kernel saturates pair sums
 
 
-Kernel = Callable[["Engine", Node, list[torch.Tensor]], torch.Tensor]
-KERNELS: dict[str, Kernel] = {}  # op name (photosim.ir.ops.OPS) -> integer kernel: (engine, node, input codes) -> codes
+Kernel = Callable[["Engine", Node, list[torch.Tensor], torch.Tensor], torch.Tensor]
+# op name (photosim.ir.ops.OPS) -> integer kernel: (engine, node, input codes, sample ids) -> codes
+KERNELS: dict[str, Kernel] = {}
 
 
 def kernel(op: str) -> Callable[[Kernel], Kernel]:
@@ -78,9 +79,13 @@ def kernel(op: str) -> Callable[[Kernel], Kernel]:
 class Engine:
     """A quantized model prepared for simulation under one hardware config on one device.
 
+    Noise is keyed by sample index: a batch passes the index of its first sample (default 0), so an Engine
+    holds no counter and gives the same numbers however often, and in whatever order, it is called.
+
     Example:
         >>> engine = Engine(qmodel, {"requant": "fixedpoint"})
         >>> logits = engine(x)  # one batch, float32 on the CPU
+        >>> more = engine(x2, first_sample=len(x))  # the next samples of the same pass
     """
 
     def __init__(self, qmodel: QuantizedModel, hw: HardwareSpec = None, *, device: str | torch.device = "cpu",
@@ -88,19 +93,16 @@ class Engine:
                  calibrate_adc: bool = False, diagnostics: bool = True):
         """Prepare ``qmodel`` for ``hw`` on ``device``.
 
-        ``seed`` and ``repeat`` key the noise streams (a repeat is one simulated chip); ``adc_ranges`` gives
-        the layers with a calibrated ADC their +-range (product units), see :func:`calibrate_adc_ranges`;
-        ``calibrate_adc`` records their tile values instead; ``diagnostics`` adds the SNR to layer stats.
+        ``hw`` may be a :class:`HardwarePlan` already resolved for ``qmodel``. ``seed`` and ``repeat`` key the
+        noise streams (a repeat is one simulated chip); ``adc_ranges`` gives the layers with a calibrated ADC
+        their +-range (product units), see :func:`calibrate_adc_ranges`; ``calibrate_adc`` records their tile
+        values instead; ``diagnostics`` adds the SNR to layer stats.
         """
         validate(qmodel)
         self.model = qmodel
-        self.hw = load_hardware(hw)
-        unmatched = self.hw.unmatched_overrides([n.name for n in qmodel.nodes])
-        if unmatched:
-            raise PhotosimError(f"hardware layer override(s) {unmatched} match no layer of the model; layers: "
-                                f"{', '.join(n.name for n in qmodel.nodes)}.")
-        self.settings: dict[str, LayerHardware] = {n.name: _physical(self.hw.for_layer(n.name), n)
-                                                   for n in qmodel.nodes}
+        self.plan = HardwarePlan.resolve(qmodel, hw)
+        self.hw: HardwareConfig = self.plan.config
+        self.settings: dict[str, LayerHardware] = self.plan.layers
         self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.settings[n.name].requant]
                                               for n in qmodel.nodes}
         self.device = check_device(str(device))
@@ -113,8 +115,6 @@ class Engine:
         }
         self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
         self.sub_batch = self._sub_batch()
-        self._next_sample = 0
-        self._sample_ids = torch.zeros(0, dtype=torch.int64)
 
     def _sub_batch(self) -> int | None:
         """Samples per pass through the graph (None: the whole batch). Not on GPUs, which want large
@@ -202,52 +202,47 @@ class Engine:
                 "add the batch dimension or resize the inputs to the model's input shape."
             )
 
-    def run(self, codes: torch.Tensor, *, keep_all: bool = False) -> dict[str, torch.Tensor]:
+    def run(self, codes: torch.Tensor, sample_ids: torch.Tensor | None = None, *, keep_all: bool = False
+            ) -> dict[str, torch.Tensor]:
         """Input codes (N, *input_shape) on the engine's device -> node name -> output codes.
 
-        Without ``keep_all`` a tensor is dropped after its last consumer (only the graph output remains).
+        ``sample_ids`` (N,) int64 key each sample's noise (default 0 .. N - 1). Without ``keep_all`` a tensor is
+        dropped after its last consumer (only the graph output remains).
         """
+        if sample_ids is None:
+            sample_ids = torch.arange(len(codes))
         values = {self.model.input_name: codes}
         for i, node in enumerate(self.model.nodes):
-            values[node.name] = KERNELS[node.op](self, node, [values[name] for name in node.inputs])
+            values[node.name] = KERNELS[node.op](self, node, [values[name] for name in node.inputs], sample_ids)
             if not keep_all:
                 for name in set(node.inputs):  # an add may read one tensor twice
                     if self._last_use[name] == i and name != self.model.output:
                         del values[name]
         return values
 
-    def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize one batch and number its samples: noise is drawn by sample index, not batch position."""
+    def _run_batch(self, x: torch.Tensor, first_sample: int, keep_all: bool) -> dict[str, torch.Tensor]:
+        """One batch of float inputs, samples numbered from ``first_sample``, run in sub-batches (results depend on
+        neither) -> :meth:`run`'s dict."""
         self.check_inputs(x)
-        self._sample_ids = torch.arange(self._next_sample, self._next_sample + len(x))
-        self._next_sample += len(x)
-        return self.model.input_q.quantize(x.to(self.device))
-
-    def restart(self) -> None:
-        """Number the next batch's samples from 0 again (a new pass over the same data)."""
-        self._next_sample = 0
-
-    def _run_batch(self, x: torch.Tensor, keep_all: bool) -> dict[str, torch.Tensor]:
-        """One batch of float inputs, run in sub-batches (results do not depend on them) -> :meth:`run`'s dict."""
-        codes = self._input_codes(x)
-        ids, step = self._sample_ids, self.sub_batch or len(codes)
-        parts = []
-        for start in range(0, max(len(codes), 1), max(step, 1)):  # an empty batch still runs once
-            self._sample_ids = ids[start : start + step]
-            parts.append(self.run(codes[start : start + step], keep_all=keep_all))
+        if first_sample < 0:
+            raise PhotosimError(f"first_sample must be 0 or more, got {first_sample}.")
+        codes = self.model.input_q.quantize(x.to(self.device))
+        ids, step = torch.arange(first_sample, first_sample + len(codes)), max(self.sub_batch or len(codes), 1)
+        parts = [self.run(codes[start : start + step], ids[start : start + step], keep_all=keep_all)
+                 for start in range(0, max(len(codes), 1), step)]  # an empty batch still runs once
         return parts[0] if len(parts) == 1 else {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """One batch of float inputs (the next samples of the pass) -> int32 output codes (on the CPU)."""
-        return self._run_batch(x, keep_all=False)[self.model.output].cpu()
+    def codes(self, x: torch.Tensor, first_sample: int = 0) -> torch.Tensor:
+        """One batch of float inputs, samples ``first_sample``, ... of the pass -> int32 output codes (CPU)."""
+        return self._run_batch(x, first_sample, keep_all=False)[self.model.output].cpu()
 
-    def node_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def node_outputs(self, x: torch.Tensor, first_sample: int = 0) -> dict[str, torch.Tensor]:
         """One batch of float inputs -> every graph tensor's int32 codes (the input's included), on the CPU."""
-        return {name: t.cpu() for name, t in self._run_batch(x, keep_all=True).items()}
+        return {name: t.cpu() for name, t in self._run_batch(x, first_sample, keep_all=True).items()}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, first_sample: int = 0) -> torch.Tensor:
         """One batch of float inputs -> dequantized float32 outputs (on the CPU)."""
-        return self.model.qparams(self.model.output).dequantize(self.codes(x))
+        return self.model.qparams(self.model.output).dequantize(self.codes(x, first_sample))
 
     # -- ops: (node, input codes) -> output codes ------------------------------------------------
 
@@ -271,10 +266,10 @@ class Engine:
         return self._requantize_acc(acc, self.modes[node.name], replace(params, input_scale=params.input_scale * step))
 
     @kernel("conv2d")
-    def _conv2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _conv2d(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         a = node.attrs
         if node.name in self.analog:
-            acc = self.analog[node.name].conv_acc(xs[0], node.input_q[0].zero_point, a, self._sample_ids)
+            acc = self.analog[node.name].conv_acc(xs[0], node.input_q[0].zero_point, a, sample_ids)
             return self._requantize_analog(acc, node)
         layer = self.layers[node.name]
         z_in = node.input_q[0].zero_point
@@ -287,9 +282,9 @@ class Engine:
         return self._requantize(acc, layer)
 
     @kernel("linear")
-    def _linear(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _linear(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         if node.name in self.analog:
-            acc = self.analog[node.name].linear_acc(xs[0], node.input_q[0].zero_point, self._sample_ids)
+            acc = self.analog[node.name].linear_acc(xs[0], node.input_q[0].zero_point, sample_ids)
             return self._requantize_analog(acc, node)
         layer, z_in = self.layers[node.name], node.input_q[0].zero_point
         if layer.saturating_weight is not None:
@@ -312,21 +307,21 @@ class Engine:
         return acc.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
 
     @kernel("add")
-    def _add(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _add(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         return self.modes[node.name].add(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
 
     @kernel("clamp")
-    def _clamp(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _clamp(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         return xs[0].clamp(node.output_q.qmin, node.output_q.qmax)
 
     @kernel("maxpool2d")
-    def _maxpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _maxpool2d(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         a = node.attrs
         return kernels.max_pool2d(xs[0], kernels.pair(a["kernel"]), kernels.pair(a["stride"]),
                                   kernels.pair(a["padding"]), kernels.pair(a["dilation"]), a["ceil_mode"])
 
     @kernel("avgpool2d")
-    def _avgpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _avgpool2d(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         a = node.attrs
         sums, counts = kernels.avg_pool2d_sums(
             xs[0], node.input_q[0].zero_point, kernels.pair(a["kernel"]), kernels.pair(a["stride"]),
@@ -334,31 +329,27 @@ class Engine:
         return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
 
     @kernel("adaptive_avgpool2d")
-    def _adaptive_avgpool2d(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _adaptive_avgpool2d(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         sums, counts = kernels.adaptive_avg_pool2d_sums(xs[0], node.input_q[0].zero_point,
                                                         kernels.pair(node.attrs["output_size"]))
         return self.modes[node.name].average(sums, counts, node.input_q[0], node.output_q)
 
     @kernel("flatten")
-    def _flatten(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _flatten(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         return xs[0].flatten(node.attrs["start_dim"])
 
     @kernel("reshape")
-    def _reshape(self, node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _reshape(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         return xs[0].reshape(xs[0].shape[0], *node.attrs["shape"])
 
 
-def _physical(hw: LayerHardware, node: Node) -> LayerHardware:
-    """A layer's settings with the noise its photonics section implies (photosim.hardware.photonics)."""
-    if hw.photonics is None or not OPS[node.op].weighted:
-        return hw
-    return with_link_budget(hw, tile_length(OPS[node.op].dot_length(node.attrs), hw.tile))
-
-
-def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _in_chunks(fn: Callable[[torch.Tensor, int], torch.Tensor], inputs: torch.Tensor, batch_size: int
+               ) -> torch.Tensor:
+    """fn(chunk, index of its first sample) over chunks of ``batch_size`` samples, concatenated."""
     if batch_size < 1:
         raise PhotosimError(f"batch_size must be at least 1, got {batch_size}.")
-    return torch.cat([fn(chunk) for chunk in inputs.split(batch_size)])
+    return torch.cat([fn(inputs[start:start + batch_size], start)
+                      for start in range(0, max(len(inputs), 1), batch_size)])  # an empty input runs once
 
 
 def simulate(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec = None, *, batch_size: int = 256,

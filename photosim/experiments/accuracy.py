@@ -53,6 +53,9 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], data: Any, *, batc
              progress: bool = False, description: str = "") -> EvalResult:
     """Top-1 and top-5 accuracy of ``predict`` (inputs (B, ...) -> scores (B, classes)) over ``data``.
 
+    An :class:`Engine` is told the index of each batch's first sample, which keys its noise: a pass over the
+    data draws the same numbers whatever the batch size.
+
     Example:
         >>> accuracy(model, (x, y), batch_size=128).top1
     """
@@ -64,7 +67,7 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], data: Any, *, batc
         task = bar.add_task(description or "evaluating", total=total)
         for x, y in batches:
             with torch.no_grad():
-                scores = predict(x).cpu()  # (B, classes)
+                scores = (predict(x, n) if isinstance(predict, Engine) else predict(x)).cpu()  # (B, classes)
             y = torch.as_tensor(y).cpu()
             classes = scores.shape[1]
             correct1 += int((scores.argmax(dim=1) == y).sum())

@@ -18,6 +18,7 @@ from photosim.hardware.config import HardwareConfig, LayerHardware
 from photosim.hardware.energy import LayerCounts, layer_energy
 from photosim.hardware.noise import enob, snr_db
 from photosim.hardware.photonics import link_budget
+from photosim.hardware.plan import HardwarePlan
 from photosim.ir.format import Node, QuantizedModel
 from photosim.ir.ops import OPS
 from photosim.ir.summary import dot_length, operand_max, output_shapes
@@ -72,12 +73,13 @@ def layer_budget(node: Node, out_shape: tuple[int, ...], hw: LayerHardware) -> d
     }
 
 
-def budget_table(qmodel: QuantizedModel, hw: HardwareConfig) -> pd.DataFrame:
+def budget_table(qmodel: QuantizedModel, hw: HardwarePlan | HardwareConfig) -> pd.DataFrame:
     """One row per conv/linear layer whose settings have a photonics section (empty when none has)."""
     shapes = output_shapes(qmodel)
+    plan = HardwarePlan.resolve(qmodel, hw)
     rows = []
     for node in qmodel.nodes:
-        settings = hw.for_layer(node.name)
+        settings = plan.layers[node.name]
         if OPS[node.op].weighted and settings.photonics is not None:
             rows.append(layer_budget(node, shapes[node.name], settings))
     return pd.DataFrame(rows)

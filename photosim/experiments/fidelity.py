@@ -18,10 +18,10 @@ from torch import nn
 
 from photosim.engine.executor import HardwareSpec
 from photosim.experiments.accuracy import accuracy
-from photosim.experiments.workflow import chip_engine, simulated_chips
+from photosim.experiments.workflow import chip_engine
 from photosim.frontend.algorithms.selection import top1_agreement
 from photosim.frontend.data import calibration_batches
-from photosim.hardware.config import HardwareConfig, load_hardware
+from photosim.hardware.plan import HardwarePlan
 from photosim.ir.format import QuantizedModel
 
 
@@ -56,20 +56,20 @@ class FloatReference:
         """Fidelity of ``qmodel`` on the engine under ``hw``, averaged over ``repeats`` simulated chips when
         ``hw`` is random (a calibrated ADC takes its ranges from the calibration inputs); test accuracy too
         when the reference has a test split and ``with_test``."""
-        hw = load_hardware(hw)
-        return _mean([self._score_chip(qmodel, hw, seed, repeat, batch_size, with_test)
-                      for repeat in range(simulated_chips(qmodel, hw, repeats))])
+        plan = HardwarePlan.resolve(qmodel, hw)
+        return _mean([self._score_chip(qmodel, plan, seed, repeat, batch_size, with_test)
+                      for repeat in range(plan.chips(repeats))])
 
-    def _score_chip(self, qmodel: QuantizedModel, hw: HardwareConfig, seed: int, repeat: int, batch_size: int,
+    def _score_chip(self, qmodel: QuantizedModel, hw: HardwarePlan, seed: int, repeat: int, batch_size: int,
                     with_test: bool) -> Score:
         """The score on one simulated chip."""
         engine = chip_engine(qmodel, hw, self.inputs, seed=seed, repeat=repeat, batch_size=batch_size,
                              adc_samples=len(self.inputs), diagnostics=False)
         with torch.no_grad():
-            logits = torch.cat([engine(x) for x in self.inputs.split(batch_size)])
+            logits = torch.cat([engine(x, first) for first, x in zip(range(0, len(self.inputs), batch_size),
+                                                                      self.inputs.split(batch_size))])
         test = None
-        if self.test is not None and with_test:  # noise streams start at sample 0 again, as in `photosim run`
-            engine.restart()
+        if self.test is not None and with_test:  # noise streams from sample 0, as in `photosim run`
             test = accuracy(engine, self.test, batch_size=batch_size).top1
         return Score(top1_agreement(logits, self.logits), output_snr_db(logits, self.logits), test)
 

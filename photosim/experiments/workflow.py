@@ -24,8 +24,9 @@ from photosim.frontend.models import LoadedModel, list_models, load_model
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.analog import AnalogLayer
-from photosim.hardware.config import HardwareConfig, load_hardware
+from photosim.hardware.config import load_hardware
 from photosim.hardware.noise import enob, snr_db
+from photosim.hardware.plan import HardwarePlan
 from photosim.ir.fakequant import fake_quant_forward
 from photosim.ir.format import QuantizedModel, file_sha256
 from photosim.ir.summary import dot_length, worst_case_acc_bits
@@ -157,25 +158,22 @@ def calibrate_adc_ranges(qmodel: QuantizedModel, hw: HardwareSpec, data: Any, *,
     engine = Engine(qmodel, hw, device=device, seed=seed, repeat=repeat, calibrate_adc=True, diagnostics=False)
     if not engine.analog:
         return {}
+    first = 0
     for x in calibration_batches(data, samples):
         for chunk in x.split(batch_size):
-            engine.codes(chunk)
+            engine.codes(chunk, first)
+            first += len(chunk)
     return {name: layer.calibration.clip_range("percentile", layer.hw.adc.percentile, layer.hw.adc.bits,
                                                signed=False)[1]
             for name, layer in engine.analog.items() if layer.calibration is not None}
 
 
-def simulated_chips(qmodel: QuantizedModel, hw: HardwareConfig, repeats: int) -> int:
-    """How many chips ``repeats`` Monte Carlo repeats need: all of them when some layer is random, else one."""
-    return repeats if any(hw.for_layer(n.name).is_random for n in qmodel.nodes) else 1
-
-
-def chip_engine(qmodel: QuantizedModel, hw: HardwareConfig, calibration: Any, *, seed: int, repeat: int,
+def chip_engine(qmodel: QuantizedModel, hw: HardwarePlan, calibration: Any, *, seed: int, repeat: int,
                 batch_size: int = 256, device: str = "cpu", adc_samples: int = 512, **engine_options: Any) -> Engine:
     """The engine of one simulated chip; layers with a calibrated ADC get their ranges measured on up to
     ``adc_samples`` inputs of ``calibration`` (noise-free tile values of this chip)."""
     ranges = {}
-    if any(hw.for_layer(n.name).calibrated_adc for n in qmodel.nodes):
+    if hw.calibrated_adc:
         if calibration is None:
             raise PhotosimError("the hardware config uses a calibrated ADC range; give calibration data.")
         ranges = calibrate_adc_ranges(qmodel, hw, calibration, samples=adc_samples, batch_size=batch_size,
@@ -190,12 +188,12 @@ def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibrati
     Layers with a calibrated ADC get their ranges from ``calibration`` (per chip, noise-free tile values).
     Without any randomness the hardware is deterministic, so it is simulated once and the result repeated.
     """
-    hw = load_hardware(hw)
-    energy = energy_totals(budget_table(qmodel, hw))
-    runs = simulated_chips(qmodel, hw, repeats)
+    plan = HardwarePlan.resolve(qmodel, hw)
+    energy = energy_totals(budget_table(qmodel, plan))
+    runs = plan.chips(repeats)
     results, layers = [], []
     for repeat in range(runs):
-        engine = chip_engine(qmodel, hw, calibration, seed=seed, repeat=repeat, batch_size=batch_size, device=device)
+        engine = chip_engine(qmodel, plan, calibration, seed=seed, repeat=repeat, batch_size=batch_size, device=device)
         result = accuracy(engine, test, batch_size=batch_size, progress=progress,
                           description=f"hardware, repeat {repeat + 1}/{runs}")
         rows = _layer_rows(engine, repeat)
