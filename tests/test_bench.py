@@ -22,7 +22,8 @@ def test_quick_benchmark_reports_every_configuration(tmp_path) -> None:
     names = [row["name"] for row in result["configs"]]
     assert names == ["float eval", *(c.name for c in CONFIGS)]
     assert all(row["images_per_s"] > 0 and row["ratio"] > 0 for row in result["configs"])
-    assert result["machine"]["threads"] == 2 and result["diagnostics"] is False
+    assert result["machine"]["threads"] == 2 and result["diagnostics"] is True
+    assert [row["target"] for row in result["configs"][1:]] == [c.cpu_target for c in CONFIGS]
 
 
 def test_peak_memory_is_measured_in_subprocesses() -> None:

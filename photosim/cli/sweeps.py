@@ -116,7 +116,8 @@ def bench(
     result = run_benchmark(settings, json_path=json_path, progress=lambda line: err_console.print(line))
     m = result["machine"]
     print_table(f"{settings.model}, batch {settings.batch}, median of {settings.runs} round(s); {m['cpu']}, "
-                f"{m['cores']} cores, {m['threads']} threads, torch {m['torch']} ({m['cpu_capability']}); "
-                "engine diagnostics off", results_table(result))
+                f"{m['cores']} cores, {m['threads']} threads, torch {m['torch']} ({m['cpu_capability']})"
+                f"{'; ' + m['gpu'] if 'gpu' in m else ''}; engine as run and sweep use it (diagnostics on)",
+                results_table(result))
     if json_path:
         console.print(f"wrote {json_path}")
