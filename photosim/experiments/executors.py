@@ -86,10 +86,22 @@ def _in_this_process(groups: list[Group], runner: Runner) -> Iterator[Finished]:
             yield run_timed(runner, index, point, cache)
 
 
-def _init_process(queue: Any, threads: int) -> None:
-    """Worker start-up: where to send finished points, and a fair share of the CPU threads."""
+def _init_process(queue: Any, threads: int, gpus: list[str], workers: int) -> None:
+    """Worker start-up: where to send finished points, a fair share of the CPU threads and of the memory of
+    each GPU the points use (the workers share it: each may allocate 1/workers of it, so none starves)."""
     _worker["queue"] = queue
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if gpus:
+        import torch
+
+        for gpu in gpus:
+            torch.cuda.set_per_process_memory_fraction(1.0 / workers, torch.device(gpu))
+
+
+def gpus_used(groups: list[Group]) -> list[str]:
+    """The CUDA devices the points of ``groups`` run on (their ``device`` entries), sorted."""
+    return sorted({str(p["device"]) for group in groups for _, p in group
+                   if str(p.get("device", "")).startswith("cuda")})
 
 
 def _run_group(runner: Runner, group: Group) -> None:
@@ -102,8 +114,9 @@ def _in_processes(groups: list[Group], runner: Runner, workers: int) -> Iterator
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     threads = max(1, (os.cpu_count() or 1) // workers)
-    pool = ProcessPoolExecutor(min(workers, len(groups)), mp_context=context, initializer=_init_process,
-                               initargs=(queue, threads))
+    workers = min(workers, len(groups))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_process,
+                               initargs=(queue, threads, gpus_used(groups), workers))
     try:
         futures = [pool.submit(_run_group, runner, group) for group in groups]
         for _ in range(sum(map(len, groups))):
@@ -157,9 +170,14 @@ def _on_ray(groups: list[Group], runner: Runner, workers: int | None, address: s
                                 "installation when there is none.") from None
     actors: list[Any] = []
     try:
-        count = workers or int(ray.cluster_resources().get("CPU", 1))
-        actor_class = ray.remote(num_cpus=1)(_PointWorker)
-        actors = [actor_class.remote(runner) for _ in range(max(1, min(count, len(groups))))]
+        count = max(1, min(workers or int(ray.cluster_resources().get("CPU", 1)), len(groups)))
+        gpus = ray.cluster_resources().get("GPU", 0) if gpus_used(groups) else 0
+        if gpus_used(groups) and not gpus:
+            raise PhotosimError("the sweep's points run on cuda but the Ray cluster has no GPU; set device: cpu "
+                                "or start Ray workers on GPU machines.")
+        # Actors of GPU points share the cluster's GPUs (Ray assigns each its device and memory share).
+        actor_class = ray.remote(num_cpus=1, num_gpus=min(1.0, gpus / count))(_PointWorker)
+        actors = [actor_class.remote(runner) for _ in range(count)]
         yield from _schedule_on_actors(ray, groups, actors)
     finally:
         for actor in actors:
