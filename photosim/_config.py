@@ -144,7 +144,8 @@ class PerLayer:
         for override in self.layers:  # type: ignore[attr-defined]
             if fnmatchcase(name, override.match):
                 values = merge_settings(self.layer_settings, values, override.settings())
-        return self.layer_settings.model_validate(values)
+        return validated(self.layer_settings, values, f"the settings of layer {name!r} (global values with its "
+                                                        "per-layer overrides)")
 
     def unmatched_overrides(self, names: list[str]) -> list[str]:
         """Globs in ``layers`` that match no layer name (almost always a typo)."""
