@@ -18,7 +18,7 @@ import triton.language as tl
 from photosim.engine.kernels import IntPair
 from photosim.ir.ops import conv_output_size
 
-BLOCK_M, BLOCK_K = 64, 64
+BLOCK_M, BLOCK_K = 32, 128
 
 
 @triton.jit
@@ -26,11 +26,12 @@ def _patches_kernel(x_ptr, out_ptr, rows, alloc_rows, k, out_cols, channels, hei
                     s_n, s_c, s_h, s_w, shift, pad_value,
                     KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                     DH: tl.constexpr, DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    # index arithmetic in int32 (64-bit division is slow on GPUs); addresses in int64
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ow = r % out_w
     oh = (r // out_w) % out_h
-    n = r // (out_w * out_h)
+    n = (r // (out_w * out_h)).to(tl.int64)
     c = col % channels
     j = (col // channels) % KW
     i = col // (channels * KW)
@@ -41,7 +42,8 @@ def _patches_kernel(x_ptr, out_ptr, rows, alloc_rows, k, out_cols, channels, hei
     x = tl.load(x_ptr + n[:, None] * s_n + c[None, :] * s_c + ih * s_h + iw * s_w, mask=inside, other=0)
     value = tl.where(inside, x.to(tl.int32) - shift, tl.where(real, pad_value, 0))
     store = (r < alloc_rows)[:, None] & (col < out_cols)[None, :]
-    tl.store(out_ptr + r[:, None] * out_cols + col[None, :], value.to(out_ptr.dtype.element_ty), mask=store)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * out_cols + col[None, :], value.to(out_ptr.dtype.element_ty),
+             mask=store)
 
 
 def patches(x: torch.Tensor, z_in: int, offset: int, kernel: IntPair, stride: IntPair, padding: IntPair,
