@@ -8,11 +8,12 @@ graph in cache-sized sub-batches; noise is drawn per sample, so results never de
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +28,9 @@ from photosim.hardware.plan import HardwarePlan
 from photosim.ir.format import Node, QuantizedModel, validate, weights_scale
 from photosim.ir.ops import OPS, conv_output_size, infer_shapes
 from photosim.ir.summary import operand_max
+
+if TYPE_CHECKING:
+    from photosim.engine.cuda_ideal import FusedLayer
 
 HardwareSpec = HardwarePlan | HardwareConfig | dict[str, Any] | str | Path | None
 # On the CPU a batch runs through the graph in sub-batches whose largest tensor has about this many
@@ -57,6 +61,7 @@ class _Layer:
     params: RequantParams
     conv: onednn.OneDNNConv | None = None  # the fast conv, where oneDNN can run this layer exactly
     saturating_weight: torch.Tensor | None = None  # int8 codes, where PyTorch's FBGEMM kernel saturates pair sums
+    fused: FusedLayer | None = None  # the one-pass CUDA path (photosim.engine.cuda_ideal), where it applies
 
 
 Kernel = Callable[["Engine", Node, list[torch.Tensor], torch.Tensor], torch.Tensor]
@@ -106,6 +111,12 @@ class Engine:
         self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.settings[n.name].requant]
                                               for n in qmodel.nodes}
         self.device = check_device(str(device))
+        # CUDA with Triton: ideal float-mode layers and adds run as fused kernels (photosim.engine.cuda_ideal)
+        self._cuda_ideal = None
+        if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            from photosim.engine import cuda_ideal
+
+            self._cuda_ideal = cuda_ideal
         self.layers = {n.name: self._prepare(n) for n in qmodel.nodes if OPS[n.op].weighted}
         self.analog = {
             n.name: self._analog(i, n, seed, repeat, adc_ranges or {}, calibrate_adc, diagnostics)
@@ -152,8 +163,11 @@ class Engine:
                                        kernels.pair(a["dilation"]), groups)
         saturating = self._fbgemm_saturates(node, params.kernel) and fbgemm.can_saturate(
             weight, max(q_in.qmax, q_in.zero_point))
-        return _Layer(kernels.prepare_weights(weight, groups, plan, self.device), bias, params, conv,
-                      weight.to(self.device) if saturating else None)
+        weights = kernels.prepare_weights(weight, groups, plan, self.device)
+        fused = None
+        if self._cuda_ideal and self.modes[node.name].name == "float" and self._cuda_ideal.applies(weights, groups):
+            fused = self._cuda_ideal.FusedLayer.prepare(weights, params)
+        return _Layer(weights, bias, params, conv, weight.to(self.device) if saturating else None, fused)
 
     def _fbgemm_saturates(self, node: Node, pytorch_kernel_name: str) -> bool:
         """Whether PyTorch's kernel for this layer sums uint8 x int8 pairs in saturating int16 (vpmaddubsw):
@@ -234,11 +248,12 @@ class Engine:
 
     def codes(self, x: torch.Tensor, first_sample: int = 0) -> torch.Tensor:
         """One batch of float inputs, samples ``first_sample``, ... of the pass -> int32 output codes (CPU)."""
-        return self._run_batch(x, first_sample, keep_all=False)[self.model.output].cpu()
+        return self._run_batch(x, first_sample, keep_all=False)[self.model.output].cpu().contiguous()
 
     def node_outputs(self, x: torch.Tensor, first_sample: int = 0) -> dict[str, torch.Tensor]:
         """One batch of float inputs -> every graph tensor's int32 codes (the input's included), on the CPU."""
-        return {name: t.cpu() for name, t in self._run_batch(x, first_sample, keep_all=True).items()}
+        # contiguous: CUDA layers may leave codes channels_last
+        return {name: t.cpu().contiguous() for name, t in self._run_batch(x, first_sample, keep_all=True).items()}
 
     def __call__(self, x: torch.Tensor, first_sample: int = 0) -> torch.Tensor:
         """One batch of float inputs -> dequantized float32 outputs (on the CPU)."""
@@ -273,6 +288,9 @@ class Engine:
             return self._requantize_analog(acc, node)
         layer = self.layers[node.name]
         z_in = node.input_q[0].zero_point
+        if layer.fused is not None:
+            return layer.fused.conv(xs[0], z_in, kernels.pair(a["kernel"]), kernels.pair(a["stride"]),
+                                    kernels.pair(a["padding"]), kernels.pair(a["dilation"]))
         if layer.saturating_weight is not None:
             return self._requantize(self._fbgemm_conv_acc(xs[0], z_in, a, layer), layer)
         acc = None if layer.conv is None else onednn.conv_acc(xs[0], z_in, layer.conv)
@@ -287,6 +305,8 @@ class Engine:
             acc = self.analog[node.name].linear_acc(xs[0], node.input_q[0].zero_point, sample_ids)
             return self._requantize_analog(acc, node)
         layer, z_in = self.layers[node.name], node.input_q[0].zero_point
+        if layer.fused is not None:
+            return layer.fused.linear(xs[0], z_in)
         if layer.saturating_weight is not None:
             acc = fbgemm.gemm_acc_saturating(xs[0], layer.saturating_weight, z_in)
         else:
@@ -308,7 +328,12 @@ class Engine:
 
     @kernel("add")
     def _add(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
-        return self.modes[node.name].add(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
+        args = (xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
+        if self._cuda_ideal and self.modes[node.name].name == "float":
+            fused = self._cuda_ideal.add_codes(*args)  # None when the two inputs are laid out differently
+            if fused is not None:
+                return fused
+        return self.modes[node.name].add(*args)
 
     @kernel("clamp")
     def _clamp(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:

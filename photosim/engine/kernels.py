@@ -28,7 +28,7 @@ _OPERAND_DTYPES = {"int_mm": torch.int8, "float32": torch.float32, "float64": to
 MIN_FLOAT32_CHUNK = 64
 INT8_MIN, INT8_MAX = int_range(8)
 # torch._int_mm on CUDA: rows > 16, inner and output sizes multiples of 8.
-_CUDA_INT_MM_MIN_ROWS, _CUDA_INT_MM_MULTIPLE = 17, 8
+CUDA_INT_MM_MIN_ROWS, _CUDA_INT_MM_MULTIPLE = 17, 8
 
 IntPair = tuple[int, int]
 
@@ -186,7 +186,7 @@ def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """torch._int_mm of (M, K) int8 by (K', O') int8, zero-padding to the CUDA shape rules -> (M, O') int32."""
     m, k = a.shape
     if a.device.type == "cuda":
-        a = F.pad(a, (0, w.shape[0] - k, 0, max(0, _CUDA_INT_MM_MIN_ROWS - m)))
+        a = F.pad(a, (0, w.shape[0] - k, 0, max(0, CUDA_INT_MM_MIN_ROWS - m)))
     return torch._int_mm(a, w)[:m]
 
 

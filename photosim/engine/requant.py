@@ -75,6 +75,11 @@ def channel_view(t: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, *([1] * (acc.dim() - 2)))
 
 
+def float_multiplier(p: RequantParams) -> torch.Tensor:
+    """The float mode's per-channel multiplier ``M = s_in * s_w / s_out``: (O,) float64, on the scales' device."""
+    return p.input_scale * p.weight_scale / p.output.scale
+
+
 class FloatRequant:
     """``q = clamp(rne(acc * M) + z_out)`` with ``M = s_in * s_w / s_out`` in float64; integer bias."""
 
@@ -84,8 +89,7 @@ class FloatRequant:
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         """In place when ``acc`` is already a float64 tensor holding integers (less memory traffic)."""
-        multiplier = p.input_scale * p.weight_scale / p.output.scale  # (O,) float64
-        y = acc.double().mul_(channel_view(multiplier, acc)).round_().add_(p.output.zero_point)
+        y = acc.double().mul_(channel_view(float_multiplier(p), acc)).round_().add_(p.output.zero_point)
         return y.clamp_(p.output.qmin, p.output.qmax).to(torch.int32)
 
     def add(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""GPU timing probe of the ideal integer engine: images/s against float eval, and its top CUDA kernels.
+
+Builds the benchmark model (photosim.experiments.bench: CIFAR ResNet-18, random weights, calibrated BatchNorm),
+quantizes it as ``photosim bench`` does, times float eval, the engine, and the engine with the fused CUDA
+path switched off (torch kernels only, for comparison) at one batch size, then profiles one engine batch.
+Finishes in well under a minute on an H100.
+
+    python experiments/gpu_profile.py [--bits 8] [--batch 1024] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import replace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from photosim.engine.executor import Engine
+from photosim.experiments.bench import _float_predictor, build_model, synthetic, time_interleaved
+from photosim.frontend.ptq import quantize
+
+
+def torch_kernels_only(engine: Engine) -> Engine:
+    """The same engine with the fused CUDA path (photosim.engine.cuda_ideal) switched off."""
+    engine._cuda_ideal = None
+    engine.layers = {name: replace(layer, fused=None) for name, layer in engine.layers.items()}
+    return engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="torchvision:resnet18")
+    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    model, shape = build_model(args.model, 0)
+    qmodel = quantize(model, synthetic(shape, args.calibration, 2), {"w_bits": args.bits, "a_bits": args.bits})
+    engine = Engine(qmodel, device=device, diagnostics=False)
+    fused = sum(layer.fused is not None for layer in engine.layers.values())
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.model} W{args.bits}A{args.bits}, batch {args.batch}, {where}: "
+          f"{fused} of {len(engine.layers)} conv/linear layers on the fused path")
+    predictors = {
+        "float eval": _float_predictor(model, device),
+        "engine": engine,
+        "engine, torch kernels": torch_kernels_only(Engine(qmodel, device=device, diagnostics=False)),
+    }
+    x = synthetic(shape, args.batch, 1)
+    times = time_interleaved(predictors, x, args.runs, warmup=2, device=device)
+    rates = {name: args.batch / statistics.median(seconds) for name, seconds in times.items()}
+    for name, rate in rates.items():
+        print(f"{name:>24}: {rate:10.0f} images/s  {rate / rates['float eval']:.3f}x float eval")
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        engine(x)
+        if cuda:
+            torch.cuda.synchronize(device)
+    print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
