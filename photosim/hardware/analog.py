@@ -160,8 +160,37 @@ class AnalogLayer:
     def _readout(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
         """Tile values p (G, T, M, O) -> analog noise, ADC, accumulator -> (G, M, O) int64 in ADC steps.
 
-        ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it.
+        ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it. On the CPU the
+        compiled one-pass kernel (fused_cpu) does it where it applies, else the torch path (the reference).
         """
+        if self._fused_applies(p):
+            return self._readout_fused(p, sample_ids, exact)
+        return self._readout_torch(p, sample_ids, exact)
+
+    def _fused_applies(self, p: torch.Tensor) -> bool:
+        """The compiled CPU readout gives the torch path's bits: CPU tile values, no calibration observer, no custom
+        noise, and no float64 shot noise (torch's float64 square root is not correctly rounded on the CPU)."""
+        float64_shot = self.hw.noise.shot.sigma and self.tile_dtype == torch.float64
+        return (p.device.type == "cpu" and self.calibration is None and not self.hw.noise.custom.function
+                and not float64_shot)
+
+    def _readout_fused(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
+        """_readout by photosim.hardware.fused_cpu (imported here: numba loads only when a layer needs it)."""
+        from photosim.hardware import fused_cpu
+
+        fs, step, cfg = self.full_scale, self.step, self.hw.accumulator
+        coefficients = {"output": self._sigmas["output"] * fs, "shot": self._sigmas["shot"]}
+        noise = {name: (rng.key(self.seed, self.repeat, name, self.index), c) for name, c in coefficients.items() if c}
+        acc, counts = fused_cpu.readout(p, sample_ids, self.tile_dtype, noise, fs, step, self.adc_bits,
+                                        (cfg.bits, cfg.overflow, cfg.bias_at), self.bias, self._bias_codes(step),
+                                        exact, self.diagnostics)
+        self.stats.add(LayerStats(outputs=acc.numel(), overflowed=counts.overflowed, tile_values=p.numel(),
+                                  clipped=counts.clipped, signal_power=counts.signal_power,
+                                  error_power=counts.error_power, max_abs_acc=counts.max_abs_acc))
+        return acc
+
+    def _readout_torch(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
+        """_readout as torch tensor operations: any device, calibration, custom noise."""
         noise = self.hw.noise
         if self.calibration is not None:
             self.calibration.update(p.abs())
@@ -178,11 +207,15 @@ class AnalogLayer:
             p = _custom_noise(noise.custom.function, self.name, p, context)
         step = self.step
         codes, clipped = digitize(p, step, self.adc_bits)  # (G, T, M, O) int64
-        bias = None if self.bias is None else torch.round(self.bias.double() / step).to(torch.int64).unsqueeze(1)
-        acc, overflowed = self._accumulate(codes, bias)  # (G, M, O)
+        bias = self._bias_codes(step)
+        acc, overflowed = self._accumulate(codes, None if bias is None else bias.unsqueeze(1))  # (G, M, O)
         clips = 0 if self.adc_bits is None else int(clipped.sum())  # the ideal readout never clips
         self._record(acc, step, overflowed, clips, clipped.numel(), exact)
         return acc
+
+    def _bias_codes(self, step: float) -> torch.Tensor | None:
+        """The bias (G, O) int64 in ADC steps (None: no integer bias)."""
+        return None if self.bias is None else torch.round(self.bias.double() / step).to(torch.int64)
 
     def _accumulate(self, codes: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """ADC codes (G, T, M, O) and bias (G, 1, O) in tile order into the accumulator -> (G, M, O), overflows.
