@@ -12,7 +12,7 @@ import torch
 from photosim.engine import kernels
 from photosim.hardware import analog
 
-G, O = 2, 5  # groups, outputs per group
+GROUPS, OUTS = 2, 5  # groups, outputs per group
 
 
 def _layer(tile: int, tiles: int, hw: dict, bias: bool, dtype: torch.dtype) -> analog.AnalogLayer:
@@ -20,9 +20,9 @@ def _layer(tile: int, tiles: int, hw: dict, bias: bool, dtype: torch.dtype) -> a
     config = analog.LayerHardware.model_validate({"tile": tile, **hw})
     x_max, w_max = (8, 128) if dtype == torch.float32 else (1 << 15, 1 << 15)
     plan = kernels.MatmulPlan(str(dtype).removeprefix("torch."), chunk=tile * tiles)
-    w = torch.randint(-w_max, w_max, (G * O, tile * tiles), generator=torch.Generator().manual_seed(1))
-    weights = kernels.prepare_weights(w, G, plan)
-    b = torch.randint(-5000, 5000, (G, O), generator=torch.Generator().manual_seed(2)) if bias else None
+    w = torch.randint(-w_max, w_max, (GROUPS * OUTS, tile * tiles), generator=torch.Generator().manual_seed(1))
+    weights = kernels.prepare_weights(w, GROUPS, plan)
+    b = torch.randint(-5000, 5000, (GROUPS, OUTS), generator=torch.Generator().manual_seed(2)) if bias else None
     return analog.AnalogLayer("fc", 3, config, weights, b, x_max=x_max, w_max=w_max, seed=7, repeat=1)
 
 
@@ -30,13 +30,13 @@ def _tile_values(layer: analog.AnalogLayer, tiles: int, rows: int, dtype: torch.
     """Integer tile values (G, T, M, O) over +-1.3 FS: some clip, the accumulator may overflow."""
     fs = int(layer.full_scale)
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(-fs * 13 // 10, fs * 13 // 10, (G, tiles, rows, O), generator=g).to(dtype)
+    return torch.randint(-fs * 13 // 10, fs * 13 // 10, (GROUPS, tiles, rows, OUTS), generator=g).to(dtype)
 
 
 def _both(layer: analog.AnalogLayer, p: torch.Tensor, ids: torch.Tensor,
           exact: torch.Tensor | None = None) -> tuple[tuple, tuple]:
     fused, reference = copy.deepcopy(layer), copy.deepcopy(layer)
-    assert fused._fused_applies(p)
+    assert fused._fused_applies(p.device)
     a = fused._readout_fused(p, ids, exact)
     b = reference._readout_torch(p, ids, exact)
     return (a, fused.stats), (b, reference.stats)

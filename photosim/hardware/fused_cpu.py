@@ -127,6 +127,41 @@ def _fill_normals(keys: np.ndarray, sample: np.int64, first: np.int64, count: np
         out[4 * i + 3] = sin1 * r1
 
 
+@njit(inline="always", **_JIT)
+def _noisy(p: np.ndarray, e_out: np.ndarray, e_shot: np.ndarray, lane: int, coefs: np.ndarray,
+           values: np.ndarray) -> None:
+    """values = the row's tile values p (O,) with output and shot noise (noise.py's laws), in values' dtype; the
+    normals of element o are e_*[lane + o] (zeros: no such noise, which adds exactly 0)."""
+    sigma_out, sigma_shot, full_scale = coefs[0], coefs[1], coefs[2]
+    for o in range(values.size):
+        values[o] = p[o]  # the working dtype's rounding, as p.to(tile_dtype)
+        v = values[o]
+        v = v + sigma_out * e_out[lane + o]
+        values[o] = v + (sigma_shot * np.sqrt(np.abs(v) * full_scale)) * e_shot[lane + o]
+
+
+@njit(**_JIT)
+def _digitize_add(values: np.ndarray, coefs: np.ndarray, total: np.ndarray, clamped: np.ndarray, flag: np.ndarray,
+                  lo: int, hi: int) -> int:
+    """ADC codes of one tile's row values (round half to even, clamp at the largest code) added to the exact and
+    the saturating running sums; flag marks sums that left [lo, hi]. Returns the number of clipped values."""
+    step, top = coefs[3], coefs[4]
+    clipped = 0
+    for o in range(values.size):
+        x = np.rint(values[o] / step)
+        clipped += np.abs(x) > top
+        x = top if x > top else x
+        x = -top if x < -top else x
+        code = np.int64(x)
+        s = total[o] + code
+        total[o] = s
+        c = clamped[o] + code
+        c = hi if c > hi else c
+        clamped[o] = lo if c < lo else c
+        flag[o] |= (s < lo) | (s > hi)
+    return clipped
+
+
 @njit(parallel=True, **_JIT)
 def _readout(p: np.ndarray, coefs: np.ndarray, sample_ids: np.ndarray, keys: np.ndarray, noisy: np.ndarray,
              bias_codes: np.ndarray, bias_start: bool, bias: np.ndarray, exact: np.ndarray, step64: float,
@@ -138,12 +173,11 @@ def _readout(p: np.ndarray, coefs: np.ndarray, sample_ids: np.ndarray, keys: np.
     (inf: ideal readout). keys (2, 10, 2): output and shot round keys, used where noisy[s]. bias_codes (G, O) are
     the accumulator's bias term (zeros: no bias), bias (G, O) float64 its product-unit value for the exact sum.
     exact (G, M, O) float64 is the exact accumulator, or empty: the tile sums of p; step64 the step in float64
-    for the error power. ints: rows per sample,
-    accumulator low and high limits, bits, overflow code (OVERFLOW_CODES), diagnostics (0 / 1).
+    for the error power. ints: rows per sample, accumulator low and high limits, bits, overflow code
+    (OVERFLOW_CODES), diagnostics (0 / 1).
     """
     n_g, n_t, n_m, n_o = p.shape
     per_sample, lo, hi, bits, overflow, diagnostics = ints[0], ints[1], ints[2], ints[3], ints[4], ints[5]
-    sigma_out, sigma_shot, full_scale, step, top = coefs[0], coefs[1], coefs[2], coefs[3], coefs[4]
     shift64 = 64 - bits
     summed = diagnostics != 0 and exact.size == 0
     rows = n_g * n_m
@@ -178,26 +212,11 @@ def _readout(p: np.ndarray, coefs: np.ndarray, sample_ids: np.ndarray, keys: np.
                     _fill_normals(keys[0], sample, j >> 2, (lane + n_o + 3) >> 2, e_out)
                 if noisy[1]:
                     _fill_normals(keys[1], sample, j >> 2, (lane + n_o + 3) >> 2, e_shot)
-                for o in range(n_o):
-                    values[o] = p[g, t, m, o]
+                _noisy(p[g, t, m], e_out, e_shot, lane, coefs, values)
+                clipped += _digitize_add(values, coefs, total, clamped, flag, lo, hi)
                 if summed:
                     for o in range(n_o):
                         tile_sum[o] += p[g, t, m, o]
-                for o in range(n_o):
-                    v = values[o]
-                    v = v + sigma_out * e_out[lane + o]
-                    v = v + (sigma_shot * np.sqrt(np.abs(v) * full_scale)) * e_shot[lane + o]
-                    x = np.rint(v / step)
-                    clipped += np.abs(x) > top
-                    x = top if x > top else x
-                    x = -top if x < -top else x
-                    code = np.int64(x)
-                    s = total[o] + code
-                    total[o] = s
-                    c = clamped[o] + code
-                    c = hi if c > hi else c
-                    clamped[o] = lo if c < lo else c
-                    flag[o] |= (s < lo) | (s > hi)
             for o in range(n_o):
                 last = 0 if bias_start else bias_codes[g, o]
                 s = total[o] + last
@@ -223,8 +242,9 @@ def _readout(p: np.ndarray, coefs: np.ndarray, sample_ids: np.ndarray, keys: np.
         float_stats[blk, 1] = error.sum()
 
 
-def readout(p: torch.Tensor, sample_ids: torch.Tensor, work: torch.dtype, noise: dict[str, tuple[tuple[int, int], float]],
-            full_scale: float, step: float, adc_bits: int | None, accumulator: tuple[int, str, str],
+def readout(p: torch.Tensor, sample_ids: torch.Tensor, work: torch.dtype,
+            noise: dict[str, tuple[tuple[int, int], float]], full_scale: float, step: float, adc_bits: int | None,
+            accumulator: tuple[int, str, str],
             bias: torch.Tensor | None, bias_codes: torch.Tensor | None, exact: torch.Tensor | None,
             diagnostics: bool) -> tuple[torch.Tensor, Counts]:
     """Tile values p (G, T, M, O) on the CPU -> accumulators (G, M, O) int64 and the diagnostics, in one pass.
