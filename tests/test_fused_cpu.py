@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,48 @@ def test_fused_readout_equals_the_torch_path(dtype: torch.dtype, noise: str, adc
     ids = torch.tensor([5, 2, 40, 41])  # not starting at 0, not contiguous
     p = _tile_values(layer, tiles, 4 * 3, dtype, seed=tiles)  # P = 3 rows per sample
     _assert_same(*_both(layer, p, ids))
+
+
+def test_given_exact_and_float64_values_read_in_float32() -> None:
+    """The no-tiling path: float64 tile values from the exact conv, float32 noise arithmetic; and an exact tensor
+    (weights with error) for the diagnostics."""
+    hw = {"adc": {"bits": 6}, "noise": NOISES["both"], "accumulator": {"bits": 12, "overflow": "wrap"}}
+    layer = _layer(48, 1, hw, True, torch.float32)
+    ids = torch.tensor([9, 3])
+    p = _tile_values(layer, 1, 2 * 7, torch.float64, seed=3)
+    assert layer.tile_dtype == torch.float32
+    _assert_same(*_both(layer, p, ids))
+    exact = p.sum(dim=1) + torch.rand(p.shape[0], p.shape[2], p.shape[3], dtype=torch.float64)
+    _assert_same(*_both(layer, p, ids, exact))
+
+
+def test_a_sample_reads_the_same_in_any_batch_and_thread_count() -> None:
+    hw = {"adc": {"bits": 8}, "noise": NOISES["both"], "accumulator": {"bits": 10, "overflow": "saturate"}}
+    layer = _layer(16, 3, hw, True, torch.float32)
+    ids = torch.tensor([11, 4, 7])
+    p = _tile_values(layer, 3, 3 * 2, torch.float32, seed=4)  # P = 2
+    whole = copy.deepcopy(layer)._readout(p, ids)
+    part = copy.deepcopy(layer)._readout(p[:, :, 2:4], ids[1:2])
+    assert torch.equal(whole[:, 2:4], part)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(copy.deepcopy(layer)._readout(p, ids), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_readout_takes_the_fused_path_except_where_it_cannot() -> None:
+    layer = _layer(16, 2, {"noise": NOISES["both"]}, False, torch.float64)
+    assert not layer._fused_applies(torch.device("cpu"))  # float64 shot noise: torch's float64 sqrt
+    layer = _layer(16, 2, {"noise": NOISES["output"]}, False, torch.float64)
+    assert layer._fused_applies(torch.device("cpu")) and not layer._fused_applies(torch.device("meta"))
+
+
+def test_kernel_normals_are_the_philox_streams() -> None:
+    from photosim.hardware import fused_cpu, philox
+
+    key, count = (0xDEADBEEF, 0x01234567), 1 << 16
+    out = np.zeros(count, dtype=np.float32)
+    fused_cpu._fill_normals(fused_cpu.round_keys(key), np.int64(12345), np.int64(0), np.int64(count // 4), out)
+    assert np.array_equal(out, philox.normal(key, torch.tensor([12345]), count)[0].numpy())
