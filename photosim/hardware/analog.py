@@ -133,7 +133,8 @@ class AnalogLayer:
                                                                                "dilation"))
         n, _, h, w = x.shape
         oh, ow = (kernels.conv_output_size(*args) for args in zip((h, w), kernel, stride, padding, dilation))
-        per_sample = oh * ow * self.tiles * self.weights.out_per_group * groups * 8 * 3
+        value_bytes = self.weights.matrix.element_size() if self._fused_applies(x.device) else 8 * 3  # + temporaries
+        per_sample = oh * ow * (self.tiles * self.weights.out_per_group + self.weights.k) * groups * value_bytes
         step = max(1, TILE_BYTES // max(per_sample, 1))
         outs = []
         for start in range(0, max(n, 1), step):  # an empty batch still gives an (0, O, OH, OW) result
@@ -160,8 +161,37 @@ class AnalogLayer:
     def _readout(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
         """Tile values p (G, T, M, O) -> analog noise, ADC, accumulator -> (G, M, O) int64 in ADC steps.
 
-        ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it.
+        ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it. On the CPU the
+        compiled one-pass kernel (fused_cpu) does it where it applies, else the torch path (the reference).
         """
+        if self._fused_applies(p.device):
+            return self._readout_fused(p, sample_ids, exact)
+        return self._readout_torch(p, sample_ids, exact)
+
+    def _fused_applies(self, device: torch.device) -> bool:
+        """The compiled CPU readout gives the torch path's bits: tile values on the CPU, no calibration observer, no
+        custom noise, and no float64 shot noise (torch's float64 square root is not correctly rounded on the CPU)."""
+        float64_shot = bool(self.hw.noise.shot.sigma) and self.tile_dtype == torch.float64
+        return (device.type == "cpu" and self.calibration is None and not self.hw.noise.custom.function
+                and not float64_shot)
+
+    def _readout_fused(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
+        """_readout by photosim.hardware.fused_cpu (imported here: numba loads only when a layer needs it)."""
+        from photosim.hardware import fused_cpu
+
+        fs, step, cfg = self.full_scale, self.step, self.hw.accumulator
+        coefficients = {"output": self._sigmas["output"] * fs, "shot": self._sigmas["shot"]}
+        noise = {name: (rng.key(self.seed, self.repeat, name, self.index), c) for name, c in coefficients.items() if c}
+        acc, counts = fused_cpu.readout(p, sample_ids, self.tile_dtype, noise, fs, step, self.adc_bits,
+                                        (cfg.bits, cfg.overflow, cfg.bias_at), self.bias, self._bias_codes(step),
+                                        exact, self.diagnostics)
+        self.stats.add(LayerStats(outputs=acc.numel(), overflowed=counts.overflowed, tile_values=p.numel(),
+                                  clipped=counts.clipped, signal_power=counts.signal_power,
+                                  error_power=counts.error_power, max_abs_acc=counts.max_abs_acc))
+        return acc
+
+    def _readout_torch(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
+        """_readout as torch tensor operations: any device, calibration, custom noise."""
         noise = self.hw.noise
         if self.calibration is not None:
             self.calibration.update(p.abs())
@@ -178,11 +208,15 @@ class AnalogLayer:
             p = _custom_noise(noise.custom.function, self.name, p, context)
         step = self.step
         codes, clipped = digitize(p, step, self.adc_bits)  # (G, T, M, O) int64
-        bias = None if self.bias is None else torch.round(self.bias.double() / step).to(torch.int64).unsqueeze(1)
-        acc, overflowed = self._accumulate(codes, bias)  # (G, M, O)
+        bias = self._bias_codes(step)
+        acc, overflowed = self._accumulate(codes, None if bias is None else bias.unsqueeze(1))  # (G, M, O)
         clips = 0 if self.adc_bits is None else int(clipped.sum())  # the ideal readout never clips
         self._record(acc, step, overflowed, clips, clipped.numel(), exact)
         return acc
+
+    def _bias_codes(self, step: float) -> torch.Tensor | None:
+        """The bias (G, O) int64 in ADC steps (None: no integer bias)."""
+        return None if self.bias is None else torch.round(self.bias.double() / step).to(torch.int64)
 
     def _accumulate(self, codes: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """ADC codes (G, T, M, O) and bias (G, 1, O) in tile order into the accumulator -> (G, M, O), overflows.
@@ -255,14 +289,28 @@ def _largest_abs(t: torch.Tensor) -> int:
 
 
 def _tile_sums(a: torch.Tensor, w: torch.Tensor, tile: int, samples: int) -> torch.Tensor:
-    """Per-tile sums (G, T, M, O) of a (G, M, K) with weights (G, K, O), or per-sample weights (N, G, K, O)."""
+    """Per-tile sums (G, T, M, O) of a (G, M, K) with weights (G, K, O), or per-sample weights (N, G, K, O).
+
+    Shared weights: a batched matmul over the full tiles of a strided view of a, then the short last tile (its
+    L' < L products: the zeros a padded tile would add change no sum); no padded or transposed copy of a."""
     g, m, k = a.shape
     t = math.ceil(k / tile)
-    pad = t * tile - k
-    a = torch.nn.functional.pad(a, (0, pad)).view(g, m, t, tile).transpose(1, 2)  # (G, T, M, L)
     if w.dim() == 3:
-        return torch.matmul(a, torch.nn.functional.pad(w, (0, 0, 0, pad)).view(g, t, tile, -1))
-    w = torch.nn.functional.pad(w, (0, 0, 0, pad)).view(samples, g, t, tile, -1)  # (N, G, T, L, O)
+        if t == 1:
+            return torch.matmul(a, w).unsqueeze(1)
+        p = torch.empty(g, t, m, w.shape[-1], dtype=torch.result_type(a, w), device=a.device)
+        full = k // tile
+        for j in range(g):
+            if full:
+                tiles = a[j, :, :full * tile].unflatten(1, (full, tile)).transpose(0, 1)  # (T', M, L) view
+                torch.bmm(tiles, w[j, :full * tile].view(full, tile, -1), out=p[j, :full])
+            if full < t:
+                torch.mm(a[j, :, full * tile:], w[j, full * tile:], out=p[j, full])
+        return p
+    pad = t * tile - k
+    if pad:
+        a, w = torch.nn.functional.pad(a, (0, pad)), torch.nn.functional.pad(w, (0, 0, 0, pad))
+    a = a.view(g, m, t, tile).transpose(1, 2)  # (G, T, M, L)
+    w = w.view(samples, g, t, tile, -1)  # (N, G, T, L, O)
     a = a.unflatten(2, (samples, m // samples)).permute(2, 0, 1, 3, 4)  # (N, G, T, P, L)
     return torch.matmul(a, w).permute(1, 2, 0, 3, 4).reshape(g, t, m, -1)
-

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from photosim.hardware import philox
+
 TileNoise = Callable[[torch.Tensor, float, float, torch.Tensor], torch.Tensor]
 WeightNoise = Callable[[torch.Tensor, float, float, torch.Tensor], torch.Tensor]
 TILE_NOISE: dict[str, TileNoise] = {}
@@ -35,8 +37,13 @@ def output_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tens
 
 @_register(TILE_NOISE, "shot")
 def shot_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor) -> torch.Tensor:
-    """Signal-dependent noise: std = sigma * sqrt(|p| * FS) (variance grows with the detected power)."""
-    return p + sigma * torch.sqrt(p.abs() * full_scale) * e
+    """Signal-dependent noise: std = sigma * sqrt(|p| * FS) (variance grows with the detected power).
+
+    float32 takes the correctly rounded square root (philox.sqrt32; torch's CPU sqrt is not), which the compiled
+    CPU readout (photosim.hardware.fused_cpu) repeats bit for bit."""
+    power = p.abs() * full_scale
+    root = philox.sqrt32(power) if p.dtype == torch.float32 else torch.sqrt(power)
+    return p + sigma * root * e
 
 
 @_register(WEIGHT_NOISE, "multiplicative")

@@ -113,7 +113,20 @@ def radius(w: torch.Tensor) -> torch.Tensor:
     e = torch.where(low, e - 1, e)
     s = (m - 1) / (m + 1)
     ln_u = s * _horner(LOG_SERIES, s * s) + (e - 24).to(torch.float32) * LN2
-    return ln_u.mul_(-2.0).sqrt_()
+    return sqrt32(ln_u.mul_(-2.0))
+
+
+def sqrt32(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded float32 square root of x >= 0 (float32), as IEEE 754 and a CPU's sqrt instruction
+    give it: torch's CPU sqrt is not correctly rounded (float32 nor float64), so the float64 estimate, rounded to
+    float32, is moved to a neighbour when the square root lies beyond the midpoint between them. A midpoint has
+    25 significant bits, so its square is exact in float64 and each test is exact."""
+    y = x.double().sqrt_().float()
+    up, down = torch.nextafter(y, torch.full_like(y, math.inf)), torch.nextafter(y, torch.zeros_like(y))
+    x64, y64 = x.double(), y.double()
+    high, low = (y64 + up.double()) * 0.5, (y64 + down.double()) * 0.5
+    y = torch.where(high * high < x64, up, y)
+    return torch.where((low * low > x64) & (y64 > 0), down, y)
 
 
 def cos_sin(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
