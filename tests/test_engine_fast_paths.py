@@ -9,7 +9,7 @@ import torch
 from conftest import make_conv_net
 
 from photosim.engine import executor as engine_module
-from photosim.engine import onednn
+from photosim.engine import kernels, onednn
 from photosim.engine.executor import Engine
 from photosim.engine.requant import REQUANT_MODES, RequantParams
 from photosim.experiments.bench import CONFIGS
@@ -27,6 +27,7 @@ def _without_fast_paths(monkeypatch: pytest.MonkeyPatch, float64_tiles: bool) ->
     """Engines built after this use the im2col matmul paths only, in one sub-batch, float64 tile sums if asked."""
     monkeypatch.setattr(onednn, "prepare_conv", lambda *args, **kwargs: None)
     monkeypatch.setattr(engine_module, "SUB_BATCH_ELEMENTS", 1 << 40)
+    monkeypatch.setattr(kernels, "int_mm_is_faster", lambda device_type: False)
     if float64_tiles:
         monkeypatch.setattr(analog, "FLOAT32_EXACT", 0)
 
@@ -53,6 +54,30 @@ def test_engine_fast_paths_give_the_exact_paths_codes(monkeypatch: pytest.Monkey
     assert fast.keys() == exact.keys()
     for name in fast:
         assert torch.equal(fast[name], exact[name]), name
+
+
+def test_int8_tile_sums_give_the_float_tile_sums_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tile sums by int8 GEMMs (with the offset shift, a one-term last tile in the depthwise conv) through the
+    compiled readout and through the torch readout equal float32 tile sums, noise, ADC and accumulator included."""
+    model = make_conv_net(seed=3)
+    x = torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    hw = {"tile": 4, "adc": {"bits": 6}, "noise": {"output": {"sigma": 0.02}, "shot": {"sigma": 0.01}},
+          "accumulator": {"bits": 12, "overflow": "saturate"}}
+    monkeypatch.setattr(kernels, "int_mm_is_faster", lambda device_type: True)
+    int8 = Engine(model, hw, seed=4)
+    assert {layer.weights.plan.path for layer in int8.analog.values()} == {"int_mm"}
+    assert any(layer.tile_shift is not None for layer in int8.analog.values())
+    codes = int8.node_outputs(x)
+    monkeypatch.setattr(analog.AnalogLayer, "_fused_applies", lambda self, device: False)
+    torch_readout = Engine(model, hw, seed=4).node_outputs(x)
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels, "int_mm_is_faster", lambda device_type: False)
+    float32 = Engine(model, hw, seed=4)
+    assert {layer.weights.plan.path for layer in float32.analog.values()} == {"float32"}
+    reference = float32.node_outputs(x)
+    for name in codes:
+        assert torch.equal(codes[name], reference[name]), name
+        assert torch.equal(torch_readout[name], reference[name]), name
 
 
 def test_tiled_noisy_layers_do_not_depend_on_batching() -> None:

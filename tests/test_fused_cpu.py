@@ -38,7 +38,7 @@ def _both(layer: analog.AnalogLayer, p: torch.Tensor, ids: torch.Tensor,
           exact: torch.Tensor | None = None) -> tuple[tuple, tuple]:
     fused, reference = copy.deepcopy(layer), copy.deepcopy(layer)
     assert fused._fused_applies(p.device)
-    a = fused._readout_fused(p, ids, exact)
+    a = fused._readout_fused(p, ids, exact, None)
     b = reference._readout_torch(p, ids, exact)
     return (a, fused.stats), (b, reference.stats)
 

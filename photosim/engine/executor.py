@@ -185,7 +185,9 @@ class Engine:
         weight = self.model.tensors[f"{node.name}.weight"]
         groups = node.attrs.get("groups", 1)
         x_max, w_max = operand_max(node)
-        plan = tile_plan(weight[0].numel(), hw, x_max, w_max)
+        q_in = node.input_q[0]
+        plan = tile_plan(weight[0].numel(), hw, (q_in.qmin - q_in.zero_point, q_in.qmax - q_in.zero_point),
+                         node.w_bits, self.device)
         bias = self.layers[node.name].bias.view(groups, -1) if self.modes[node.name].integer_bias else None
         layer = AnalogLayer(
             node.name, index, hw, kernels.prepare_weights(weight, groups, plan, self.device), bias, x_max=x_max,

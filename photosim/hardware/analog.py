@@ -5,6 +5,7 @@ layer's hardware settings are not ideal (model and its sources: docs/hardware.md
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from photosim.hardware.accumulator import accumulate
 from photosim.hardware.adc import adc_step, digitize
 from photosim.hardware.config import LayerHardware
 from photosim.hardware.noise import TILE_NOISE, WEIGHT_NOISE
-from photosim.ir.ranges import max_int
+from photosim.ir.ranges import max_int, max_magnitude
 
 # Upper bound on the bytes of the per-tile tensors of one sub-batch (tile values, noise, codes).
 TILE_BYTES = 1 << 24
@@ -37,10 +38,19 @@ def exact_weights(hw: LayerHardware) -> bool:
     return not (hw.noise.weight_static.sigma or hw.noise.weight_read.sigma)
 
 
-def tile_plan(k: int, hw: LayerHardware, x_max: int, w_max: int) -> kernels.MatmulPlan:
-    """How a layer forms its tile sums: float32 where they are exact there (integer weights, full scale below
-    2^24; twice as fast), else float64 (exact for tile sums of up to 16-bit codes, or weights with error)."""
-    exact32 = tile_length(k, hw.tile) * x_max * w_max < FLOAT32_EXACT and exact_weights(hw)
+def tile_plan(k: int, hw: LayerHardware, x_range: kernels.IntPair, w_bits: int, device: torch.device
+              ) -> kernels.MatmulPlan:
+    """How a layer forms its tile sums. Integer weights: int8 GEMMs (int32 sums, exact) on CPUs where
+    torch._int_mm beats float32 (VNNI, AMX: 8x faster here) and the operands fit int8, else float32 where the
+    sums are exact there (full scale below 2^24). Otherwise float64 (exact for tile sums of up to 16-bit codes,
+    and the path of weights with error). The GPU forms its tile sums in photosim.hardware.fused_triton."""
+    if not exact_weights(hw):
+        return kernels.MatmulPlan("float64", chunk=k)
+    plan = kernels.plan_matmul(tile_length(k, hw.tile), x_range, w_bits, device=device)
+    if plan.path == "int_mm" and device.type == "cpu":
+        return kernels.MatmulPlan("int_mm", chunk=k, offset=plan.offset)
+    x_max, w_max = max(-x_range[0], x_range[1]), max_magnitude(w_bits)
+    exact32 = tile_length(k, hw.tile) * x_max * w_max < FLOAT32_EXACT
     return kernels.MatmulPlan("float32" if exact32 else "float64", chunk=k)
 
 
@@ -118,7 +128,18 @@ class AnalogLayer:
         """float32 for exact float32 tile sums (tile_plan) under output / shot noise, whose std swamps the float32
         rounding of the noisy values; else float64 (custom noise functions get float64, as documented)."""
         noisy = any(self._sigmas.values()) and not self.hw.noise.custom.function
-        return torch.float32 if noisy and self.weights.plan.path == "float32" else torch.float64
+        return torch.float32 if noisy and self.weights.plan.path in ("float32", "int_mm") else torch.float64
+
+    @functools.cached_property
+    def tile_shift(self) -> torch.Tensor | None:
+        """(G, T, O) int64 to add to int8 GEMM tile sums: offset * the tile's weight sums (the int_mm plan shifts
+        unsigned operands into int8, see kernels.MatmulPlan); None for the other plans."""
+        plan, w = self.weights.plan, self.weights.matrix
+        if plan.path != "int_mm" or not plan.offset:
+            return None
+        g, k, o = w.shape
+        padded = torch.nn.functional.pad(w.to(torch.int64), (0, 0, 0, self.tiles * self.tile - k))
+        return plan.offset * padded.view(g, self.tiles, self.tile, o).sum(dim=2)
 
     def conv_acc(self, x: torch.Tensor, z_in: int, attrs: dict, sample_ids: torch.Tensor) -> torch.Tensor:
         """Codes (N, C, H, W) -> accumulators (N, O, OH, OW) int64 in ADC steps, bias included."""
@@ -133,8 +154,12 @@ class AnalogLayer:
                                                                                "dilation"))
         n, _, h, w = x.shape
         oh, ow = (kernels.conv_output_size(*args) for args in zip((h, w), kernel, stride, padding, dilation))
-        value_bytes = self.weights.matrix.element_size() if self._fused_applies(x.device) else 8 * 3  # + temporaries
-        per_sample = oh * ow * (self.tiles * self.weights.out_per_group + self.weights.k) * groups * value_bytes
+        tile_values, operands = self.tiles * self.weights.out_per_group, self.weights.k
+        if self._fused_applies(x.device):  # the tile values (int32 / float32 / float64) and the operands
+            value_bytes = 8 if self.weights.plan.path == "float64" else 4
+            per_sample = oh * ow * groups * (tile_values * value_bytes + operands * self.weights.matrix.element_size())
+        else:  # float64 values and their temporaries
+            per_sample = oh * ow * groups * (tile_values + operands) * 8 * 3
         step = max(1, TILE_BYTES // max(per_sample, 1))
         outs = []
         for start in range(0, max(n, 1), step):  # an empty batch still gives an (0, O, OH, OW) result
@@ -151,6 +176,8 @@ class AnalogLayer:
 
     def dot(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """Operands a (G, M, K) = x - z_in, rows sample-major -> accumulators (G, M, O/G) in ADC steps."""
+        if self.weights.plan.path == "int_mm":
+            return self._readout(_tile_sums_int8(a, self.weights.matrix, self.tile), sample_ids, None, self.tile_shift)
         weights = self._perturbed_weights(sample_ids)
         p = _tile_sums(a, weights, self.tile, len(sample_ids))  # (G, T, M, O) analog tile values
         exact = None
@@ -158,14 +185,18 @@ class AnalogLayer:
             exact = torch.matmul(a.double(), self.weights.matrix.double())  # (G, M, O): exact below 2^53
         return self._readout(p, sample_ids, exact)
 
-    def _readout(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
-        """Tile values p (G, T, M, O) -> analog noise, ADC, accumulator -> (G, M, O) int64 in ADC steps.
+    def _readout(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Tile values p (G, T, M, O) + shift (G, T, O) -> analog noise, ADC, accumulator -> (G, M, O) int64 in ADC
+        steps.
 
         ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it. On the CPU the
         compiled one-pass kernel (fused_cpu) does it where it applies, else the torch path (the reference).
         """
         if self._fused_applies(p.device):
-            return self._readout_fused(p, sample_ids, exact)
+            return self._readout_fused(p, sample_ids, exact, shift)
+        if shift is not None:
+            p = p.to(torch.int64) + shift.unsqueeze(2)
         return self._readout_torch(p, sample_ids, exact)
 
     def _fused_applies(self, device: torch.device) -> bool:
@@ -175,7 +206,8 @@ class AnalogLayer:
         return (device.type == "cpu" and self.calibration is None and not self.hw.noise.custom.function
                 and not float64_shot)
 
-    def _readout_fused(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
+    def _readout_fused(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None,
+                       shift: torch.Tensor | None) -> torch.Tensor:
         """_readout by photosim.hardware.fused_cpu (imported here: numba loads only when a layer needs it)."""
         from photosim.hardware import fused_cpu
 
@@ -184,7 +216,7 @@ class AnalogLayer:
         noise = {name: (rng.key(self.seed, self.repeat, name, self.index), c) for name, c in coefficients.items() if c}
         acc, counts = fused_cpu.readout(p, sample_ids, self.tile_dtype, noise, fs, step, self.adc_bits,
                                         (cfg.bits, cfg.overflow, cfg.bias_at), self.bias, self._bias_codes(step),
-                                        exact, self.diagnostics)
+                                        exact, self.diagnostics, shift)
         self.stats.add(LayerStats(outputs=acc.numel(), overflowed=counts.overflowed, tile_values=p.numel(),
                                   clipped=counts.clipped, signal_power=counts.signal_power,
                                   error_power=counts.error_power, max_abs_acc=counts.max_abs_acc))
@@ -286,6 +318,21 @@ def _largest_abs(t: torch.Tensor) -> int:
         return 0
     lo, hi = torch.aminmax(t)
     return max(-int(lo), int(hi))
+
+
+def _tile_sums_int8(a: torch.Tensor, w: torch.Tensor, tile: int) -> torch.Tensor:
+    """Per-tile sums (G, T, M, O) int32 of int8 operands a (G, M, K) and weights (G, K, O): one int8 GEMM per tile
+    on strided views (exact: L * 128 * 128 < 2^31); a one-term last tile is a product, which _int_mm misreads."""
+    g, m, k = a.shape
+    t = math.ceil(k / tile)
+    p = torch.empty(g, t, m, w.shape[-1], dtype=torch.int32, device=a.device)
+    for j in range(g):
+        for i, start in enumerate(range(0, k, tile)):
+            if k - start == 1:
+                torch.mul(a[j, :, start:].to(torch.int32), w[j, start:].to(torch.int32), out=p[j, i])
+            else:
+                p[j, i] = torch._int_mm(a[j, :, start:start + tile], w[j, start:start + tile])
+    return p
 
 
 def _tile_sums(a: torch.Tensor, w: torch.Tensor, tile: int, samples: int) -> torch.Tensor:

@@ -128,13 +128,13 @@ def _fill_normals(keys: np.ndarray, sample: np.int64, first: np.int64, count: np
 
 
 @njit(inline="always", **_JIT)
-def _noisy(p: np.ndarray, e_out: np.ndarray, e_shot: np.ndarray, lane: int, coefs: np.ndarray,
+def _noisy(p: np.ndarray, shift: np.ndarray, e_out: np.ndarray, e_shot: np.ndarray, lane: int, coefs: np.ndarray,
            values: np.ndarray) -> None:
-    """values = the row's tile values p (O,) with output and shot noise (noise.py's laws), in values' dtype; the
-    normals of element o are e_*[lane + o] (zeros: no such noise, which adds exactly 0)."""
+    """values = the row's tile values p + shift (O,) with output and shot noise (noise.py's laws), in values'
+    dtype; the normals of element o are e_*[lane + o] (zeros: no such noise, which adds exactly 0)."""
     sigma_out, sigma_shot, full_scale = coefs[0], coefs[1], coefs[2]
     for o in range(values.size):
-        values[o] = p[o]  # the working dtype's rounding, as p.to(tile_dtype)
+        values[o] = p[o] + shift[o]  # the working dtype's rounding, as (p + shift).to(tile_dtype)
         v = values[o]
         v = v + sigma_out * e_out[lane + o]
         values[o] = v + (sigma_shot * np.sqrt(np.abs(v) * full_scale)) * e_shot[lane + o]
@@ -163,11 +163,12 @@ def _digitize_add(values: np.ndarray, coefs: np.ndarray, total: np.ndarray, clam
 
 
 @njit(parallel=True, **_JIT)
-def _readout(p: np.ndarray, coefs: np.ndarray, sample_ids: np.ndarray, keys: np.ndarray, noisy: np.ndarray,
+def _readout(p: np.ndarray, shift: np.ndarray, coefs: np.ndarray, sample_ids: np.ndarray, keys: np.ndarray,
+             noisy: np.ndarray,
              bias_codes: np.ndarray, bias_start: bool, bias: np.ndarray, exact: np.ndarray, step64: float,
              ints: np.ndarray, acc: np.ndarray, int_stats: np.ndarray, float_stats: np.ndarray) -> None:
-    """The fused readout of p (G, T, M, O) into acc (G, M, O); per row block b: int_stats[b] = (clipped,
-    overflowed, max |acc|), float_stats[b] = (signal power, error power).
+    """The fused readout of p (G, T, M, O) + shift (G, T, O) into acc (G, M, O); per row block b: int_stats[b] =
+    (clipped, overflowed, max |acc|), float_stats[b] = (signal power, error power).
 
     coefs (work dtype: the noise and ADC arithmetic's): output-noise std, shot sigma, FS, ADC step, largest code
     (inf: ideal readout). keys (2, 10, 2): output and shot round keys, used where noisy[s]. bias_codes (G, O) are
@@ -212,11 +213,11 @@ def _readout(p: np.ndarray, coefs: np.ndarray, sample_ids: np.ndarray, keys: np.
                     _fill_normals(keys[0], sample, j >> 2, (lane + n_o + 3) >> 2, e_out)
                 if noisy[1]:
                     _fill_normals(keys[1], sample, j >> 2, (lane + n_o + 3) >> 2, e_shot)
-                _noisy(p[g, t, m], e_out, e_shot, lane, coefs, values)
+                _noisy(p[g, t, m], shift[g, t], e_out, e_shot, lane, coefs, values)
                 clipped += _digitize_add(values, coefs, total, clamped, flag, lo, hi)
                 if summed:
                     for o in range(n_o):
-                        tile_sum[o] += p[g, t, m, o]
+                        tile_sum[o] += p[g, t, m, o] + shift[g, t, o]
             for o in range(n_o):
                 last = 0 if bias_start else bias_codes[g, o]
                 s = total[o] + last
@@ -246,17 +247,18 @@ def readout(p: torch.Tensor, sample_ids: torch.Tensor, work: torch.dtype,
             noise: dict[str, tuple[tuple[int, int], float]], full_scale: float, step: float, adc_bits: int | None,
             accumulator: tuple[int, str, str],
             bias: torch.Tensor | None, bias_codes: torch.Tensor | None, exact: torch.Tensor | None,
-            diagnostics: bool) -> tuple[torch.Tensor, Counts]:
+            diagnostics: bool, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, Counts]:
     """Tile values p (G, T, M, O) on the CPU -> accumulators (G, M, O) int64 and the diagnostics, in one pass.
 
     work: the dtype of the noise and ADC arithmetic (AnalogLayer.tile_dtype); noise: stream name ("output",
     "shot") -> (Philox key, coefficient: sigma * FS for output noise, sigma for shot noise), absent streams add
     nothing; accumulator: (bits, overflow mode, bias_at); bias (G, O) int64 in product units and bias_codes its
     ADC codes (both None: no bias); exact (G, M, O): the exact accumulator (None: the tile sums of p);
-    diagnostics: also the signal and error powers. Uses torch's intra-op thread count.
+    diagnostics: also the signal and error powers; shift (G, T, O) int64 is added to every tile value (int8 GEMMs
+    leave out offset * weight sums, see kernels.MatmulPlan). Uses torch's intra-op thread count.
     """
-    if p.dtype not in (torch.float32, torch.float64) or work not in (torch.float32, torch.float64):
-        raise ValueError(f"tile values must be float32 or float64 (got {p.dtype}, work dtype {work})")
+    if p.dtype not in (torch.int32, torch.float32, torch.float64) or work not in (torch.float32, torch.float64):
+        raise ValueError(f"tile values must be int32, float32 or float64 (got {p.dtype}, work dtype {work})")
     ids = sample_ids.to(torch.int64).contiguous().numpy()
     if ids.size and (ids.min() < 0 or ids.max() > philox.MASK32):
         raise ValueError("sample indices must lie in [0, 2^32)")
@@ -284,8 +286,9 @@ def readout(p: torch.Tensor, sample_ids: torch.Tensor, work: torch.dtype,
     acc = torch.empty(n_g, n_m, n_o, dtype=torch.int64)
     int_stats = np.zeros((blocks, 3), dtype=np.int64)
     float_stats = np.zeros((blocks, 2), dtype=np.float64)
-    _readout(p.detach().contiguous().numpy(), coefs, ids, keys, noisy, codes, bias_at == "start", bias64, exact64,
-             float(step), ints, acc.numpy(), int_stats, float_stats)
+    shifts = torch.zeros(n_g, p.shape[1], n_o, dtype=torch.int64) if shift is None else shift.to(torch.int64)
+    _readout(p.detach().contiguous().numpy(), shifts.contiguous().numpy(), coefs, ids, keys, noisy, codes,
+             bias_at == "start", bias64, exact64, float(step), ints, acc.numpy(), int_stats, float_stats)
     clipped, overflowed, _ = (int(v) for v in int_stats.sum(axis=0))
     signal, error = (float(v) for v in float_stats.sum(axis=0))
     return acc, Counts(clipped, overflowed, int(int_stats[:, 2].max()), signal, error)
