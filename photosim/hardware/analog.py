@@ -331,7 +331,7 @@ def _tile_sums_int8(a: torch.Tensor, w: torch.Tensor, tile: int) -> torch.Tensor
             if k - start == 1:
                 torch.mul(a[j, :, start:].to(torch.int32), w[j, start:].to(torch.int32), out=p[j, i])
             else:
-                p[j, i] = torch._int_mm(a[j, :, start:start + tile], w[j, start:start + tile])
+                torch._int_mm(a[j, :, start:start + tile], w[j, start:start + tile], out=p[j, i])
     return p
 
 

@@ -37,6 +37,7 @@ SIN_SERIES = tuple(np.float32(c) for c in philox.SIN_SERIES)
 COS_SERIES = tuple(np.float32(c) for c in philox.COS_SERIES)
 ROW_BLOCKS_PER_THREAD = 8  # parallel work items per thread: balances rows of uneven cost
 OVERFLOW_CODES = {"none": 0, "wrap": 1, "saturate": 2}
+NARROW_LIMIT = 1 << 24  # running sums below this in magnitude are exact in float32 (_digitize_add_narrow)
 _JIT = {"nogil": True, "cache": True, "error_model": "numpy", "fastmath": False}
 
 
@@ -162,6 +163,22 @@ def _digitize_add(values: np.ndarray, coefs: np.ndarray, total: np.ndarray, clam
     return clipped
 
 
+@njit(**_JIT)
+def _digitize_add_narrow(values: np.ndarray, coefs: np.ndarray, total: np.ndarray, clamped: np.ndarray,
+                         flag: np.ndarray, clips: np.ndarray, lo: np.float32, hi: np.float32) -> None:
+    """_digitize_add with float32 running sums, flags and per-output clip counts: exact where the caller proved
+    every sum below 2^24 in magnitude, and twice as fast (16 lanes per vector, no int64 conversions)."""
+    step, top = coefs[3], coefs[4]
+    for o in range(values.size):
+        x = np.float32(np.rint(values[o] / step))
+        clips[o] += np.float32(np.abs(x) > top)
+        x = min(max(x, -top), top)
+        s = total[o] + x
+        total[o] = s
+        clamped[o] = min(max(clamped[o] + x, lo), hi)
+        flag[o] = max(flag[o], np.float32((s < lo) | (s > hi)))
+
+
 @njit(parallel=True, **_JIT)
 def _readout(p: np.ndarray, shift: np.ndarray, coefs: np.ndarray, sample_ids: np.ndarray, keys: np.ndarray,
              noisy: np.ndarray,
@@ -179,6 +196,8 @@ def _readout(p: np.ndarray, shift: np.ndarray, coefs: np.ndarray, sample_ids: np
     """
     n_g, n_t, n_m, n_o = p.shape
     per_sample, lo, hi, bits, overflow, diagnostics = ints[0], ints[1], ints[2], ints[3], ints[4], ints[5]
+    narrow = ints[6] != 0
+    lo32, hi32 = np.float32(max(lo, -NARROW_LIMIT)), np.float32(min(hi, NARROW_LIMIT))
     shift64 = 64 - bits
     summed = diagnostics != 0 and exact.size == 0
     rows = n_g * n_m
@@ -191,6 +210,10 @@ def _readout(p: np.ndarray, shift: np.ndarray, coefs: np.ndarray, sample_ids: np
         total = np.empty(n_o, dtype=np.int64)  # exact running sum
         clamped = np.empty(n_o, dtype=np.int64)  # saturating running sum
         flag = np.empty(n_o, dtype=np.int64)  # running sum left the range
+        total32 = np.empty(n_o, dtype=np.float32)  # the same three in float32, when ``narrow``
+        clamped32 = np.empty(n_o, dtype=np.float32)
+        flag32 = np.empty(n_o, dtype=np.float32)
+        clips32 = np.zeros(n_o, dtype=np.float32)
         tile_sum = np.empty(n_o, dtype=np.float64)
         signal = np.zeros(n_o, dtype=np.float64)
         error = np.zeros(n_o, dtype=np.float64)
@@ -206,6 +229,9 @@ def _readout(p: np.ndarray, shift: np.ndarray, coefs: np.ndarray, sample_ids: np
                 clamped[o] = first
                 flag[o] = (first < lo) | (first > hi)
                 tile_sum[o] = 0.0
+                total32[o] = first
+                clamped32[o] = first
+                flag32[o] = flag[o]
             for t in range(n_t):
                 j = ((g * n_t + t) * per_sample + m % per_sample) * n_o
                 lane = j & 3
@@ -214,10 +240,18 @@ def _readout(p: np.ndarray, shift: np.ndarray, coefs: np.ndarray, sample_ids: np
                 if noisy[1]:
                     _fill_normals(keys[1], sample, j >> 2, (lane + n_o + 3) >> 2, e_shot)
                 _noisy(p[g, t, m], shift[g, t], e_out, e_shot, lane, coefs, values)
-                clipped += _digitize_add(values, coefs, total, clamped, flag, lo, hi)
+                if narrow:
+                    _digitize_add_narrow(values, coefs, total32, clamped32, flag32, clips32, lo32, hi32)
+                else:
+                    clipped += _digitize_add(values, coefs, total, clamped, flag, lo, hi)
                 if summed:
                     for o in range(n_o):
                         tile_sum[o] += p[g, t, m, o] + shift[g, t, o]
+            if narrow:
+                for o in range(n_o):
+                    total[o] = np.int64(total32[o])
+                    clamped[o] = np.int64(clamped32[o])
+                    flag[o] = np.int64(flag32[o])
             for o in range(n_o):
                 last = 0 if bias_start else bias_codes[g, o]
                 s = total[o] + last
@@ -236,6 +270,8 @@ def _readout(p: np.ndarray, shift: np.ndarray, coefs: np.ndarray, sample_ids: np
                     signal[o] += x * x
                     d = np.float64(acc[g, m, o]) * step64 - x
                     error[o] += d * d
+        for o in range(n_o):
+            clipped += np.int64(clips32[o])
         int_stats[blk, 0] = clipped
         int_stats[blk, 1] = overflowed
         int_stats[blk, 2] = largest
@@ -278,8 +314,10 @@ def readout(p: torch.Tensor, sample_ids: torch.Tensor, work: torch.dtype,
     bias64 = (zeros if bias is None else bias.reshape(n_g, n_o)).double().contiguous().numpy()
     exact64 = np.zeros((0, 0, 0)) if exact is None else exact.double().contiguous().numpy()
     limit = 1 << (bits - 1)
-    ints = np.array([n_m // max(len(ids), 1), -limit, limit - 1, bits, OVERFLOW_CODES[overflow], diagnostics],
-                    dtype=np.int64)
+    largest_sum = int(np.abs(codes).max(initial=0)) + p.shape[1] * top  # bias code + T codes (inf: ideal ADC)
+    narrow = largest_sum < NARROW_LIMIT
+    ints = np.array([n_m // max(len(ids), 1), -limit, limit - 1, bits, OVERFLOW_CODES[overflow], diagnostics,
+                     narrow], dtype=np.int64)
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)
     blocks = max(1, min(n_g * n_m, threads * ROW_BLOCKS_PER_THREAD))
