@@ -1,0 +1,134 @@
+"""The Triton kernel of one analog layer's tile step (imported by photosim.hardware.fused_triton only when Triton
+is there): per output block, the T tile sums by tl.dot and, in the same loop, each tile value's output / shot
+noise, ADC and accumulator step, so the noise costs registers instead of (G, T, M, O) tensors in memory.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from photosim.hardware.triton_philox import normal
+
+
+@triton.jit
+def _divide(x, y, F64: tl.constexpr):
+    """x / y correctly rounded (float32 division is approximate unless asked for div_rn)."""
+    if F64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
+def _sqrt(x, F64: tl.constexpr):
+    """sqrt(x) correctly rounded."""
+    if F64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _round_half_even(x, F64: tl.constexpr):
+    """torch.round (nearest integer, ties to even): |x| + 2^(p-1) - 2^(p-1) rounds |x| < 2^(p-1) to an integer
+    under round-to-nearest-even (p the significand bits); a larger |x| is an integer already."""
+    if F64:
+        c = 4503599627370496.0  # 2^52
+    else:
+        c = 8388608.0  # 2^23
+    size = tl.abs(x)
+    size = tl.where(size < c, (size + c) - c, size)
+    return tl.where(x < 0, -size, size)
+
+
+@triton.jit
+def _add_term(total, sat, over, term, acc_lo, acc_hi, OVERFLOW: tl.constexpr):
+    """One accumulator addition: exact running sum, the saturating one, and whether the exact one left range."""
+    total = total + term
+    over = over | (total < acc_lo) | (total > acc_hi)
+    if OVERFLOW == "saturate":
+        sat = tl.minimum(tl.maximum(sat + term, acc_lo), acc_hi)
+    return total, sat, over
+
+
+@triton.jit
+def tile_step_kernel(
+    a_ptr, w_ptr, ids_ptr, params_ptr, bias_ptr, acc_ptr, exact_ptr, counts_ptr,
+    M, K, O, T, L, P,
+    stride_ag, stride_am, stride_ak, stride_wg, stride_wk, stride_wo,
+    out_k0, out_k1, shot_k0, shot_k1, adc_hi, acc_lo, acc_hi,
+    OUTPUT: tl.constexpr, SHOT: tl.constexpr, DIVIDE: tl.constexpr, CLIP: tl.constexpr,
+    BIAS_AT: tl.constexpr, OVERFLOW: tl.constexpr, F64: tl.constexpr, EXACT: tl.constexpr, INT8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (output block, group g): acc (G, M, O) int64 of a (G, M, K) by w (G, K, O), see fused_triton."""
+    g = tl.program_id(1).to(tl.int64)
+    blocks_o = tl.cdiv(O, BLOCK_O)
+    rows = (tl.program_id(0) // blocks_o) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = (tl.program_id(0) % blocks_o) * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
+    valid = (rows[:, None] < M) & (cols[None, :] < O)
+    sample = tl.load(ids_ptr + rows // P, mask=rows < M, other=0).to(tl.uint32)[:, None]
+    pos = (rows % P)[:, None]
+    if F64:
+        dtype = tl.float64
+    else:
+        dtype = tl.float32
+    coef_out = tl.load(params_ptr).to(dtype)
+    sigma_shot = tl.load(params_ptr + 1).to(dtype)
+    full_scale = tl.load(params_ptr + 2).to(dtype)
+    step = tl.load(params_ptr + 3).to(dtype)
+    ks = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + g * stride_ag + rows[:, None] * stride_am
+    w_cols = w_ptr + g * stride_wg + cols[None, :] * stride_wo
+
+    total = tl.zeros((BLOCK_M, BLOCK_O), tl.int64)
+    sat = tl.zeros((BLOCK_M, BLOCK_O), tl.int64)
+    over = tl.zeros((BLOCK_M, BLOCK_O), tl.int1)
+    exact = tl.zeros((BLOCK_M, BLOCK_O), tl.int64)
+    clipped = tl.zeros((BLOCK_M, BLOCK_O), tl.int32)
+    if BIAS_AT != "none":
+        bias = tl.load(bias_ptr + g * O + cols, mask=cols < O, other=0)[None, :]
+    if BIAS_AT == "start":
+        total, sat, over = _add_term(total, sat, over, bias, acc_lo, acc_hi, OVERFLOW)
+    for t in range(T):
+        p = tl.zeros((BLOCK_M, BLOCK_O), tl.int32 if INT8 else tl.float32)
+        for start in range(0, L, BLOCK_K):
+            k = t * L + start + ks
+            k_ok = (start + ks < L) & (k < K)
+            a = tl.load(a_rows + k[None, :] * stride_ak, mask=(rows[:, None] < M) & k_ok[None, :], other=0)
+            w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & (cols[None, :] < O), other=0)
+            if INT8:
+                p = tl.dot(a, w, p, out_dtype=tl.int32)
+            else:
+                p = tl.dot(a, w, p, input_precision="ieee")
+        if EXACT:
+            exact = exact + p.to(tl.int64)
+        v = p.to(dtype)
+        j = ((g * T + t) * P + pos) * O + cols[None, :]  # element index in the sample's stream (int64)
+        if OUTPUT:
+            v = v + coef_out * normal(out_k0.to(tl.uint32), out_k1.to(tl.uint32), j, sample).to(dtype)
+        if SHOT:
+            e = normal(shot_k0.to(tl.uint32), shot_k1.to(tl.uint32), j, sample).to(dtype)
+            v = v + (sigma_shot * _sqrt(tl.abs(v) * full_scale, F64)) * e
+        if DIVIDE:
+            v = _divide(v, step, F64)
+        code = _round_half_even(v, F64)
+        if CLIP:
+            out_of_range = tl.abs(code) > adc_hi
+            clipped = clipped + (out_of_range & valid).to(tl.int32)
+            code = tl.minimum(tl.maximum(code, -adc_hi), adc_hi)
+        total, sat, over = _add_term(total, sat, over, code.to(tl.int64), acc_lo, acc_hi, OVERFLOW)
+    if BIAS_AT == "end":
+        total, sat, over = _add_term(total, sat, over, bias, acc_lo, acc_hi, OVERFLOW)
+    if OVERFLOW == "wrap":  # two's complement: wrapping once at the end equals wrapping at every step
+        total = ((total - acc_lo) & (acc_hi - acc_lo)) + acc_lo
+    if OVERFLOW == "saturate":
+        total = sat
+    offsets = g * M * O + rows[:, None] * O + cols[None, :]
+    tl.store(acc_ptr + offsets, total, mask=valid)
+    if EXACT:
+        tl.store(exact_ptr + offsets, exact, mask=valid)
+    if CLIP:
+        tl.atomic_add(counts_ptr, tl.sum(tl.sum(clipped.to(tl.int64), axis=1), axis=0))
+    tl.atomic_add(counts_ptr + 1, tl.sum(tl.sum((over & valid).to(tl.int64), axis=1), axis=0))
