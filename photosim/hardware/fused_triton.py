@@ -130,8 +130,14 @@ def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout:
             counts: torch.Tensor) -> None:
     """Run the kernel over (output blocks, groups)."""
     import triton  # imported with the kernel, only when one runs
+    from triton.runtime.interpreter import InterpretedFunction
 
     from photosim.hardware import triton_tile
+
+    interpreted = isinstance(triton_tile.tile_step_kernel, InterpretedFunction)
+    if interpreted != (a.device.type == "cpu"):
+        raise ValueError(f"the Triton kernel was imported {'interpreted' if interpreted else 'compiled'} and cannot "
+                         f"take {a.device.type} tensors: TRITON_INTERPRET=1 before the first call is for CPU tensors")
 
     g, m, k = a.shape
     o = w.shape[2]

@@ -33,10 +33,7 @@ def _sqrt(x, F64: tl.constexpr):
 def _round_half_even(x, F64: tl.constexpr):
     """torch.round (nearest integer, ties to even): |x| + 2^(p-1) - 2^(p-1) rounds |x| < 2^(p-1) to an integer
     under round-to-nearest-even (p the significand bits); a larger |x| is an integer already."""
-    if F64:
-        c = 4503599627370496.0  # 2^52
-    else:
-        c = 8388608.0  # 2^23
+    c = 4503599627370496.0 if F64 else 8388608.0  # 2^52, 2^23
     size = tl.abs(x)
     size = tl.where(size < c, (size + c) - c, size)
     return tl.where(x < 0, -size, size)
@@ -55,25 +52,23 @@ def _add_term(total, sat, over, term, acc_lo, acc_hi, OVERFLOW: tl.constexpr):
 @triton.jit
 def tile_step_kernel(
     a_ptr, w_ptr, ids_ptr, params_ptr, bias_ptr, acc_ptr, exact_ptr, counts_ptr,
-    M, K, O, T, L, P,
+    m, k, o, tiles, tile, per_sample,
     stride_ag, stride_am, stride_ak, stride_wg, stride_wk, stride_wo,
     out_k0, out_k1, shot_k0, shot_k1, adc_hi, acc_lo, acc_hi,
     OUTPUT: tl.constexpr, SHOT: tl.constexpr, DIVIDE: tl.constexpr, CLIP: tl.constexpr,
     BIAS_AT: tl.constexpr, OVERFLOW: tl.constexpr, F64: tl.constexpr, EXACT: tl.constexpr, INT8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (output block, group g): acc (G, M, O) int64 of a (G, M, K) by w (G, K, O), see fused_triton."""
+    """Program (output block, group g) of the tile step of a (G, m, k) by w (G, k, o) (see fused_triton): the
+    accumulators (G, m, o) int64, optionally the exact sums, and the clip and overflow counts (atomic adds)."""
     g = tl.program_id(1).to(tl.int64)
-    blocks_o = tl.cdiv(O, BLOCK_O)
+    blocks_o = tl.cdiv(o, BLOCK_O)
     rows = (tl.program_id(0) // blocks_o) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = (tl.program_id(0) % blocks_o) * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
-    valid = (rows[:, None] < M) & (cols[None, :] < O)
-    sample = tl.load(ids_ptr + rows // P, mask=rows < M, other=0).to(tl.uint32)[:, None]
-    pos = (rows % P)[:, None]
-    if F64:
-        dtype = tl.float64
-    else:
-        dtype = tl.float32
+    valid = (rows[:, None] < m) & (cols[None, :] < o)
+    sample = tl.load(ids_ptr + rows // per_sample, mask=rows < m, other=0).to(tl.uint32)[:, None]
+    pos = (rows % per_sample)[:, None]
+    dtype = tl.float64 if F64 else tl.float32
     coef_out = tl.load(params_ptr).to(dtype)
     sigma_shot = tl.load(params_ptr + 1).to(dtype)
     full_scale = tl.load(params_ptr + 2).to(dtype)
@@ -88,24 +83,21 @@ def tile_step_kernel(
     exact = tl.zeros((BLOCK_M, BLOCK_O), tl.int64)
     clipped = tl.zeros((BLOCK_M, BLOCK_O), tl.int32)
     if BIAS_AT != "none":
-        bias = tl.load(bias_ptr + g * O + cols, mask=cols < O, other=0)[None, :]
+        bias = tl.load(bias_ptr + g * o + cols, mask=cols < o, other=0)[None, :]
     if BIAS_AT == "start":
         total, sat, over = _add_term(total, sat, over, bias, acc_lo, acc_hi, OVERFLOW)
-    for t in range(T):
+    for t in range(tiles):
         p = tl.zeros((BLOCK_M, BLOCK_O), tl.int32 if INT8 else tl.float32)
-        for start in range(0, L, BLOCK_K):
-            k = t * L + start + ks
-            k_ok = (start + ks < L) & (k < K)
-            a = tl.load(a_rows + k[None, :] * stride_ak, mask=(rows[:, None] < M) & k_ok[None, :], other=0)
-            w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & (cols[None, :] < O), other=0)
-            if INT8:
-                p = tl.dot(a, w, p, out_dtype=tl.int32)
-            else:
-                p = tl.dot(a, w, p, input_precision="ieee")
+        for start in range(0, tile, BLOCK_K):
+            kk = t * tile + start + ks
+            k_ok = (start + ks < tile) & (kk < k)
+            a = tl.load(a_rows + kk[None, :] * stride_ak, mask=(rows[:, None] < m) & k_ok[None, :], other=0)
+            w = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_ok[:, None] & (cols[None, :] < o), other=0)
+            p = tl.dot(a, w, p, out_dtype=tl.int32) if INT8 else tl.dot(a, w, p, input_precision="ieee")
         if EXACT:
             exact = exact + p.to(tl.int64)
         v = p.to(dtype)
-        j = ((g * T + t) * P + pos) * O + cols[None, :]  # element index in the sample's stream (int64)
+        j = ((g * tiles + t) * per_sample + pos) * o + cols[None, :]  # in the sample's stream
         if OUTPUT:
             v = v + coef_out * normal(out_k0.to(tl.uint32), out_k1.to(tl.uint32), j, sample).to(dtype)
         if SHOT:
@@ -125,10 +117,10 @@ def tile_step_kernel(
         total = ((total - acc_lo) & (acc_hi - acc_lo)) + acc_lo
     if OVERFLOW == "saturate":
         total = sat
-    offsets = g * M * O + rows[:, None] * O + cols[None, :]
+    offsets = g * m * o + rows[:, None] * o + cols[None, :]
     tl.store(acc_ptr + offsets, total, mask=valid)
     if EXACT:
         tl.store(exact_ptr + offsets, exact, mask=valid)
     if CLIP:
-        tl.atomic_add(counts_ptr, tl.sum(tl.sum(clipped.to(tl.int64), axis=1), axis=0))
-    tl.atomic_add(counts_ptr + 1, tl.sum(tl.sum((over & valid).to(tl.int64), axis=1), axis=0))
+        tl.atomic_add(counts_ptr, tl.sum(clipped.to(tl.int64)))
+    tl.atomic_add(counts_ptr + 1, tl.sum((over & valid).to(tl.int64)))
