@@ -1,5 +1,5 @@
-"""The fused Triton tile step against the torch path (AnalogLayer.dot): under the Triton interpreter on CPU
-(bit for bit), and compiled on a GPU (float rounding of the normals aside)."""
+"""The fused Triton tile step against the torch path (AnalogLayer.dot), bit for bit: interpreted on CPU tensors
+where there is no GPU (Triton then is imported in interpreter mode), else compiled on CUDA tensors."""
 
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ CASES = [
     Case("one tile, ideal, exact", int8=True, k=24, tile=None, bias_at=None),
     Case("output noise, adc 8 clips, wrap", groups=2, ids=(7, 2, 40), rows=4, output=0.02, adc_bits=8,
          adc_range=0.1, acc_bits=9, overflow="wrap"),
-    Case("shot noise int8, adc 4, saturate, bias end", int8=True, k=50, tile=13, shot=0.05, adc_bits=4,
-         adc_range=0.05, acc_bits=4, overflow="saturate", bias_at="end"),
+    Case("shot noise int8, O % 4 != 0, adc 4, saturate, bias end", int8=True, k=50, o=10, tile=13, shot=0.05,
+         adc_bits=4, adc_range=0.05, acc_bits=4, overflow="saturate", bias_at="end"),
     Case("both noises, ideal adc, none", groups=3, ids=(5,), rows=7, output=0.01, shot=0.02, acc_bits=14),
     Case("both noises int8, adc 8, wrap, bias end, big ids", int8=True, ids=(2 ** 32 - 1, 3, 12345), output=0.03,
          shot=0.03, adc_bits=8, adc_range=0.2, acc_bits=8, overflow="wrap", bias_at="end"),
@@ -175,12 +175,13 @@ def test_available() -> None:
 @pytest.mark.parametrize("int8", [True, False], ids=["int8", "float32"])
 def test_compiled_kernel_equals_cpu_reference(int8: bool) -> None:
     """A 3x3 conv of 64 -> 128 channels on 8 samples of 14 x 14 (K = 576, L = 64: T = 9): the CPU torch path and
-    the compiled kernel agree on >= 99.9% of the accumulators (FMA contraction is off; the CPU sqrt is not)."""
+    the compiled kernel agree on >= 99.9% of the accumulators (all of them on an H200 with torch 2.11: FMA
+    contraction is off and every division and sqrt correctly rounded; a CPU torch whose sqrt misrounds moves a few)."""
     case = Case("conv", ids=tuple(range(100, 108)), rows=196, k=576, o=128, tile=64, int8=int8, output=0.01,
-                shot=0.01, adc_bits=8, adc_range=0.25, acc_bits=20, overflow="saturate")
+                shot=0.01, adc_bits=8, adc_range=0.05, acc_bits=10, overflow="saturate")
     check_against_reference(case)  # compiles and warms up
     start = time.perf_counter()
     equal, got = check_against_reference(case)
     print(f"{'int8' if int8 else 'float32'}: {equal:.6f} equal, {got.clipped} clipped, "
           f"{time.perf_counter() - start:.2f} s with the CPU reference")
-    assert equal >= 0.999
+    assert equal >= 0.999 and got.clipped > 0 and got.overflowed > 0

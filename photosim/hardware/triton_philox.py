@@ -66,8 +66,8 @@ def radius(w):
 
 
 @triton.jit
-def cos_or_sin(w, want_sin):
-    """cos (want_sin False) or sin of theta = 2 pi w 2^-32 for uint32 words w (philox.cos_sin)."""
+def cos_sin(w):
+    """cos and sin of theta = 2 pi w 2^-32 for uint32 words w (philox.cos_sin)."""
     phi = ((w & 0x3FFFFFFF).to(tl.float32) * 9.313225746154785e-10 - 0.5) * HALF_PI  # 2^-30
     phi2 = phi * phi
     sin_phi = phi * _horner(SIN_SERIES, phi2)
@@ -77,17 +77,34 @@ def cos_or_sin(w, want_sin):
     q = w >> 30
     cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
     sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
-    return tl.where(want_sin, sin, cos)
+    return cos, sin
 
 
 @triton.jit
 def normal(k0, k1, j, sample):
     """Element j (int64) of sample ``sample``'s stream under key (k0, k1) (uint32): lane j % 4 of the Box-Muller
-    of Philox counter (j // 4, 0, sample, 0), float32 (philox.normal with the per-sample domain)."""
+    of Philox counter (j // 4, 0, sample, 0), float32 (philox.normal with the per-sample domain). One Philox
+    per element: for any layout of j."""
     block = (j // 4).to(tl.uint32)
     lane = j % 4
     zero = tl.zeros_like(block)
     w0, w1, w2, w3 = philox4x32_10(block, zero, sample + zero, zero, k0, k1)
     first = lane < 2
-    r = radius(tl.where(first, w0, w2))
-    return cos_or_sin(tl.where(first, w1, w3), (lane % 2) == 1) * r
+    cos, sin = cos_sin(tl.where(first, w1, w3))
+    return tl.where((lane % 2) == 1, sin, cos) * radius(tl.where(first, w0, w2))
+
+
+@triton.jit
+def normal_rows(k0, k1, first_block, sample, WIDTH: tl.constexpr):
+    """Elements 4 b .. 4 b + WIDTH - 1 (b = first_block, int64 (R, 1)) of each row's sample stream, (R, WIDTH)
+    float32: one Philox per 4 elements, its 4 normals interleaved (for rows that start on a block)."""
+    block = (first_block + tl.arange(0, WIDTH // 4)[None, :]).to(tl.uint32)
+    zero = tl.zeros_like(block)
+    w0, w1, w2, w3 = philox4x32_10(block, zero, sample + zero, zero, k0, k1)
+    r0 = radius(w0)
+    r2 = radius(w2)
+    cos1, sin1 = cos_sin(w1)
+    cos3, sin3 = cos_sin(w3)
+    # join adds a last axis: [b, i, k] = lane 2 i + k, in row-major order lanes 0, 1, 2, 3 of block b
+    lanes = tl.join(tl.join(cos1 * r0, cos3 * r2), tl.join(sin1 * r0, sin3 * r2))  # (R, WIDTH / 4, 2, 2)
+    return tl.reshape(lanes, (block.shape[0], WIDTH))

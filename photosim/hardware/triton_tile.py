@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from photosim.hardware.triton_philox import normal
+from photosim.hardware.triton_philox import normal, normal_rows
 
 
 @triton.jit
@@ -40,6 +40,16 @@ def _round_half_even(x, F64: tl.constexpr):
 
 
 @triton.jit
+def _noise(k0, k1, j, first_block, sample, ALIGNED: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Standard normals of the block's elements j (float32): by 4-element Philox blocks where every row starts on
+    one (ALIGNED), else one Philox per element."""
+    if ALIGNED:
+        return normal_rows(k0.to(tl.uint32), k1.to(tl.uint32), first_block, sample, BLOCK_O)
+    else:
+        return normal(k0.to(tl.uint32), k1.to(tl.uint32), j, sample)
+
+
+@triton.jit
 def _add_term(total, sat, over, term, acc_lo, acc_hi, OVERFLOW: tl.constexpr):
     """One accumulator addition: exact running sum, the saturating one, and whether the exact one left range."""
     total = total + term
@@ -57,6 +67,7 @@ def tile_step_kernel(
     out_k0, out_k1, shot_k0, shot_k1, adc_hi, acc_lo, acc_hi,
     OUTPUT: tl.constexpr, SHOT: tl.constexpr, DIVIDE: tl.constexpr, CLIP: tl.constexpr,
     BIAS_AT: tl.constexpr, OVERFLOW: tl.constexpr, F64: tl.constexpr, EXACT: tl.constexpr, INT8: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (output block, group g) of the tile step of a (G, m, k) by w (G, k, o) (see fused_triton): the
@@ -64,7 +75,8 @@ def tile_step_kernel(
     g = tl.program_id(1).to(tl.int64)
     blocks_o = tl.cdiv(o, BLOCK_O)
     rows = (tl.program_id(0) // blocks_o) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    cols = (tl.program_id(0) % blocks_o) * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
+    col0 = (tl.program_id(0) % blocks_o).to(tl.int64) * BLOCK_O
+    cols = col0 + tl.arange(0, BLOCK_O)
     valid = (rows[:, None] < m) & (cols[None, :] < o)
     sample = tl.load(ids_ptr + rows // per_sample, mask=rows < m, other=0).to(tl.uint32)[:, None]
     pos = (rows % per_sample)[:, None]
@@ -97,11 +109,13 @@ def tile_step_kernel(
         if EXACT:
             exact = exact + p.to(tl.int64)
         v = p.to(dtype)
-        j = ((g * tiles + t) * per_sample + pos) * o + cols[None, :]  # in the sample's stream
+        row_start = ((g * tiles + t) * per_sample + pos) * o  # of the row in the sample's stream, (BLOCK_M, 1)
+        j = row_start + cols[None, :]
+        first_block = (row_start + col0) // 4
         if OUTPUT:
-            v = v + coef_out * normal(out_k0.to(tl.uint32), out_k1.to(tl.uint32), j, sample).to(dtype)
+            v = v + coef_out * _noise(out_k0, out_k1, j, first_block, sample, ALIGNED, BLOCK_O).to(dtype)
         if SHOT:
-            e = normal(shot_k0.to(tl.uint32), shot_k1.to(tl.uint32), j, sample).to(dtype)
+            e = _noise(shot_k0, shot_k1, j, first_block, sample, ALIGNED, BLOCK_O).to(dtype)
             v = v + (sigma_shot * _sqrt(tl.abs(v) * full_scale, F64)) * e
         if DIVIDE:
             v = _divide(v, step, F64)
