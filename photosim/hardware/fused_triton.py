@@ -1,0 +1,171 @@
+"""One analog layer's whole tile step as one Triton kernel: tile sums, output / shot noise, ADC and accumulator.
+
+``tile_step`` gives what AnalogLayer.dot gives for exact weights (no weight error, no custom noise, no ADC
+calibration), without the (G, T, M, O) tile, noise and code tensors of the torch path: each program forms the T
+tile sums of an output block with tl.dot and reads each one out in registers, drawing its noise from the same
+Philox key and counter as photosim.hardware.rng (the semantics: /work/spec9.md, AnalogLayer._readout).
+
+It runs compiled on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
+before the first call: Triton reads it when the kernel module is imported), which is how the tests check it
+against the torch path on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from photosim.hardware import rng
+from photosim.ir.ranges import int_range, max_int
+
+if TYPE_CHECKING:
+    from photosim.hardware.analog import AnalogLayer
+
+FLOAT32_EXACT = 1 << 24  # float32 tile sums are exact below this
+INT32_EXACT = 1 << 31  # int32 ones below this
+STREAM_VALUES = 4 << 32  # values one sample's Philox stream holds (2^32 counters of 4)
+# Output block of one program (BLOCK_O shrinks to O's next power of 2, at least 16): 32 x 32 was the fastest of
+# 32..128 on an H200 (a 3x3 conv, 64 -> 128 channels, 32 samples of 14 x 14, L = 64).
+BLOCK_M, BLOCK_O = 32, 32
+OperandPath = Literal["int8", "float32"]
+
+
+@dataclass(frozen=True)
+class Readout:
+    """The readout settings of one layer (AnalogLayer's properties of the same meaning)."""
+
+    tile: int  # L, products per tile sum
+    full_scale: float  # FS = L * Xmax * Wmax, bounds every |tile sum|
+    step: float  # ADC step in product units (1: the integer grid)
+    adc_bits: int | None  # None: ideal readout, no clipping
+    dtype: torch.dtype  # the tile values' dtype (AnalogLayer.tile_dtype): float32 or float64
+    acc_bits: int = 32
+    overflow: Literal["wrap", "saturate", "none"] = "none"
+    bias_at: Literal["start", "end"] = "start"
+    sigma_output: float = 0.0  # output noise std / FS (0: off)
+    sigma_shot: float = 0.0  # shot-noise coefficient (0: off)
+    seed: int = 0
+    repeat: int = 0
+    layer: int = 0  # the layer index keying the noise streams
+
+    @classmethod
+    def of(cls, layer: AnalogLayer) -> Readout:
+        """The settings of an AnalogLayer; ValueError for what the kernel does not model (the torch path does):
+        weight error, custom noise, ADC range calibration."""
+        noise = layer.hw.noise
+        if noise.weight_static.sigma or noise.weight_read.sigma or noise.custom.function or layer.calibration:
+            raise ValueError(f"layer {layer.name!r} has weight error, custom noise or a calibrating ADC, which only "
+                             "the torch path models")
+        cfg = layer.hw.accumulator
+        return cls(layer.tile, layer.full_scale, layer.step, layer.adc_bits, layer.tile_dtype, cfg.bits, cfg.overflow,
+                   cfg.bias_at, noise.output.resolved_sigma, noise.shot.sigma, layer.seed, layer.repeat, layer.index)
+
+
+@dataclass(frozen=True)
+class TileStep:
+    """The result of one tile step."""
+
+    acc: torch.Tensor  # (G, M, O) int64 accumulators in ADC steps, bias included
+    exact: torch.Tensor | None  # (G, M, O) int64 sum of the noiseless tile sums, no bias (None: not asked for)
+    clipped: int  # tile values the ADC clipped (0 for the ideal readout)
+    overflowed: int  # outputs whose running accumulator sum left the accumulator's range
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether tile_step runs on tensors of ``device``: Triton is importable and the device is CUDA (compiled
+    kernel) or, under TRITON_INTERPRET=1, the CPU (interpreter)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return importlib.util.find_spec("triton") is not None and torch.device(device).type == (
+        "cpu" if interpret else "cuda")
+
+
+def operand_path(a: torch.Tensor, w: torch.Tensor, full_scale: float) -> OperandPath | None:
+    """How the kernel forms exact tile sums of these operands: ``int8`` (both int8, int32 sums below 2^31),
+    ``float32`` (float operands, sums below 2^24: exact in float32), or None (not exactly: use the torch path)."""
+    if a.dtype == w.dtype == torch.int8 and full_scale < INT32_EXACT:
+        return "int8"
+    if a.is_floating_point() and w.is_floating_point() and full_scale < FLOAT32_EXACT:
+        return "float32"
+    return None
+
+
+def tile_step(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout: Readout,
+              bias_codes: torch.Tensor | None = None, exact: bool = True) -> TileStep:
+    """Operands a (G, M, K) = x - z_in (rows sample-major, M = N * P for the N = len(sample_ids) samples) and
+    integer weights w (G, K, O) -> the layer's accumulators, as AnalogLayer.dot computes them.
+
+    ``bias_codes`` (G, O) int64: the bias in ADC steps (round(bias / step)), None: no bias term. ``exact``: also
+    return the exact accumulators for the diagnostics. The operands must hold integers of magnitude at most
+    Xmax and Wmax (readout.full_scale's); ValueError where operand_path gives None.
+    """
+    g, m, k = a.shape
+    o = w.shape[2]
+    path = operand_path(a, w, readout.full_scale)
+    if path is None:
+        raise ValueError(f"no exact tile sums for {a.dtype} x {w.dtype} operands at full scale "
+                         f"{readout.full_scale:g}; use the torch path")
+    if w.shape[:2] != (g, k):
+        raise ValueError(f"weights {tuple(w.shape)} do not match operands {tuple(a.shape)}")
+    samples = len(sample_ids)
+    per_sample = m // samples if samples else 0
+    if per_sample * samples != m:
+        raise ValueError(f"{m} rows are not {samples} samples of equal size")
+    tiles = math.ceil(k / readout.tile)
+    if g * tiles * per_sample * o > STREAM_VALUES:
+        raise ValueError(f"{g * tiles * per_sample * o} noise values per sample exceed one Philox stream")
+    acc = torch.empty(g, m, o, dtype=torch.int64, device=a.device)
+    sums = torch.empty_like(acc) if exact else None
+    counts = torch.zeros(2, dtype=torch.int64, device=a.device)
+    if acc.numel():
+        _launch(a if path == "int8" else a.float(), w if path == "int8" else w.float(), sample_ids, readout,
+                bias_codes, acc, sums, counts)
+    clipped, overflowed = counts.tolist()
+    return TileStep(acc, sums, clipped, overflowed)
+
+
+def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout: Readout,
+            bias_codes: torch.Tensor | None, acc: torch.Tensor, sums: torch.Tensor | None,
+            counts: torch.Tensor) -> None:
+    """Run the kernel over (output blocks, groups)."""
+    import triton  # imported with the kernel, only when one runs
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from photosim.hardware import triton_tile
+
+    interpreted = isinstance(triton_tile.tile_step_kernel, InterpretedFunction)
+    if interpreted != (a.device.type == "cpu"):
+        raise ValueError(f"the Triton kernel was imported {'interpreted' if interpreted else 'compiled'} and cannot "
+                         f"take {a.device.type} tensors: TRITON_INTERPRET=1 before the first call is for CPU tensors")
+
+    g, m, k = a.shape
+    o = w.shape[2]
+    ids = sample_ids.to(device=a.device, dtype=torch.int64)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > 0xFFFFFFFF):
+        raise ValueError("sample indices must lie in [0, 2^32)")
+    fs, step = readout.full_scale, readout.step
+    params = torch.tensor([readout.sigma_output * fs, readout.sigma_shot, fs, step], dtype=torch.float64,
+                          device=a.device)
+    out_key = rng.key(readout.seed, readout.repeat, "output", readout.layer)
+    shot_key = rng.key(readout.seed, readout.repeat, "shot", readout.layer)
+    acc_lo, acc_hi = int_range(readout.acc_bits, signed=True)
+    # 64 bits: the int64 sum is the accumulator itself, its wrap-around is the hardware's
+    overflow = "none" if readout.overflow == "wrap" and readout.acc_bits >= 64 else readout.overflow
+    bias = None if bias_codes is None else bias_codes.to(device=a.device, dtype=torch.int64).contiguous()
+    int8 = a.dtype == torch.int8
+    block_m, block_o = BLOCK_M, min(BLOCK_O, max(16, triton.next_power_of_2(o)))
+    block_k = max(32 if int8 else 16, min(64, triton.next_power_of_2(readout.tile)))
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(o, block_o), g)
+    triton_tile.tile_step_kernel[grid](
+        a, w, ids, params, acc if bias is None else bias, acc, acc if sums is None else sums, counts,
+        m, k, o, math.ceil(k / readout.tile), readout.tile, m // len(ids),
+        *a.stride(), *w.stride(), *out_key, *shot_key, max_int(readout.adc_bits or 2, signed=True), acc_lo, acc_hi,
+        OUTPUT=bool(readout.sigma_output), SHOT=bool(readout.sigma_shot), DIVIDE=step != 1.0,
+        CLIP=readout.adc_bits is not None, BIAS_AT="none" if bias is None else readout.bias_at, OVERFLOW=overflow,
+        F64=readout.dtype == torch.float64, EXACT=sums is not None, INT8=int8, ALIGNED=o % 4 == 0,
+        BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, enable_fp_fusion=False,
+    )

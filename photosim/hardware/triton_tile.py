@@ -1,0 +1,140 @@
+"""The Triton kernel of one analog layer's tile step (imported by photosim.hardware.fused_triton only when Triton
+is there): per output block, the T tile sums by tl.dot and, in the same loop, each tile value's output / shot
+noise, ADC and accumulator step, so the noise costs registers instead of (G, T, M, O) tensors in memory.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from photosim.hardware.triton_philox import normal, normal_rows
+
+
+@triton.jit
+def _divide(x, y, F64: tl.constexpr):
+    """x / y correctly rounded (float32 division is approximate unless asked for div_rn)."""
+    if F64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
+def _sqrt(x, F64: tl.constexpr):
+    """sqrt(x) correctly rounded."""
+    if F64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _round_half_even(x, F64: tl.constexpr):
+    """torch.round (nearest integer, ties to even): |x| + 2^(p-1) - 2^(p-1) rounds |x| < 2^(p-1) to an integer
+    under round-to-nearest-even (p the significand bits); a larger |x| is an integer already."""
+    c = 4503599627370496.0 if F64 else 8388608.0  # 2^52, 2^23
+    size = tl.abs(x)
+    size = tl.where(size < c, (size + c) - c, size)
+    return tl.where(x < 0, -size, size)
+
+
+@triton.jit
+def _noise(k0, k1, j, first_block, sample, ALIGNED: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Standard normals of the block's elements j (float32): by 4-element Philox blocks where every row starts on
+    one (ALIGNED), else one Philox per element."""
+    if ALIGNED:
+        return normal_rows(k0.to(tl.uint32), k1.to(tl.uint32), first_block, sample, BLOCK_O)
+    else:
+        return normal(k0.to(tl.uint32), k1.to(tl.uint32), j, sample)
+
+
+@triton.jit
+def _add_term(total, sat, over, term, acc_lo, acc_hi, OVERFLOW: tl.constexpr):
+    """One accumulator addition: exact running sum, the saturating one, and whether the exact one left range."""
+    total = total + term
+    over = over | (total < acc_lo) | (total > acc_hi)
+    if OVERFLOW == "saturate":
+        sat = tl.minimum(tl.maximum(sat + term, acc_lo), acc_hi)
+    return total, sat, over
+
+
+@triton.jit
+def tile_step_kernel(
+    a_ptr, w_ptr, ids_ptr, params_ptr, bias_ptr, acc_ptr, exact_ptr, counts_ptr,
+    m, k, o, tiles, tile, per_sample,
+    stride_ag, stride_am, stride_ak, stride_wg, stride_wk, stride_wo,
+    out_k0, out_k1, shot_k0, shot_k1, adc_hi, acc_lo, acc_hi,
+    OUTPUT: tl.constexpr, SHOT: tl.constexpr, DIVIDE: tl.constexpr, CLIP: tl.constexpr,
+    BIAS_AT: tl.constexpr, OVERFLOW: tl.constexpr, F64: tl.constexpr, EXACT: tl.constexpr, INT8: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (output block, group g) of the tile step of a (G, m, k) by w (G, k, o) (see fused_triton): the
+    accumulators (G, m, o) int64, optionally the exact sums, and the clip and overflow counts (atomic adds)."""
+    g = tl.program_id(1).to(tl.int64)
+    blocks_o = tl.cdiv(o, BLOCK_O)
+    rows = (tl.program_id(0) // blocks_o) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    col0 = (tl.program_id(0) % blocks_o).to(tl.int64) * BLOCK_O
+    cols = col0 + tl.arange(0, BLOCK_O)
+    valid = (rows[:, None] < m) & (cols[None, :] < o)
+    sample = tl.load(ids_ptr + rows // per_sample, mask=rows < m, other=0).to(tl.uint32)[:, None]
+    pos = (rows % per_sample)[:, None]
+    dtype = tl.float64 if F64 else tl.float32
+    coef_out = tl.load(params_ptr).to(dtype)
+    sigma_shot = tl.load(params_ptr + 1).to(dtype)
+    full_scale = tl.load(params_ptr + 2).to(dtype)
+    step = tl.load(params_ptr + 3).to(dtype)
+    ks = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + g * stride_ag + rows[:, None] * stride_am
+    w_cols = w_ptr + g * stride_wg + cols[None, :] * stride_wo
+
+    total = tl.zeros((BLOCK_M, BLOCK_O), tl.int64)
+    sat = tl.zeros((BLOCK_M, BLOCK_O), tl.int64)
+    over = tl.zeros((BLOCK_M, BLOCK_O), tl.int1)
+    exact = tl.zeros((BLOCK_M, BLOCK_O), tl.int64)
+    clipped = tl.zeros((BLOCK_M, BLOCK_O), tl.int32)
+    if BIAS_AT != "none":
+        bias = tl.load(bias_ptr + g * o + cols, mask=cols < o, other=0)[None, :]
+    if BIAS_AT == "start":
+        total, sat, over = _add_term(total, sat, over, bias, acc_lo, acc_hi, OVERFLOW)
+    for t in range(tiles):
+        p = tl.zeros((BLOCK_M, BLOCK_O), tl.int32 if INT8 else tl.float32)
+        for start in range(0, tile, BLOCK_K):
+            kk = t * tile + start + ks
+            k_ok = (start + ks < tile) & (kk < k)
+            a = tl.load(a_rows + kk[None, :] * stride_ak, mask=(rows[:, None] < m) & k_ok[None, :], other=0)
+            w = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_ok[:, None] & (cols[None, :] < o), other=0)
+            p = tl.dot(a, w, p, out_dtype=tl.int32) if INT8 else tl.dot(a, w, p, input_precision="ieee")
+        if EXACT:
+            exact = exact + p.to(tl.int64)
+        v = p.to(dtype)
+        row_start = ((g * tiles + t) * per_sample + pos) * o  # of the row in the sample's stream, (BLOCK_M, 1)
+        j = row_start + cols[None, :]
+        first_block = (row_start + col0) // 4
+        if OUTPUT:
+            v = v + coef_out * _noise(out_k0, out_k1, j, first_block, sample, ALIGNED, BLOCK_O).to(dtype)
+        if SHOT:
+            e = _noise(shot_k0, shot_k1, j, first_block, sample, ALIGNED, BLOCK_O).to(dtype)
+            v = v + (sigma_shot * _sqrt(tl.abs(v) * full_scale, F64)) * e
+        if DIVIDE:
+            v = _divide(v, step, F64)
+        code = _round_half_even(v, F64)
+        if CLIP:
+            out_of_range = tl.abs(code) > adc_hi
+            clipped = clipped + (out_of_range & valid).to(tl.int32)
+            code = tl.minimum(tl.maximum(code, -adc_hi), adc_hi)
+        total, sat, over = _add_term(total, sat, over, code.to(tl.int64), acc_lo, acc_hi, OVERFLOW)
+    if BIAS_AT == "end":
+        total, sat, over = _add_term(total, sat, over, bias, acc_lo, acc_hi, OVERFLOW)
+    if OVERFLOW == "wrap":  # two's complement: wrapping once at the end equals wrapping at every step
+        total = ((total - acc_lo) & (acc_hi - acc_lo)) + acc_lo
+    if OVERFLOW == "saturate":
+        total = sat
+    offsets = g * m * o + rows[:, None] * o + cols[None, :]
+    tl.store(acc_ptr + offsets, total, mask=valid)
+    if EXACT:
+        tl.store(exact_ptr + offsets, exact, mask=valid)
+    if CLIP:
+        tl.atomic_add(counts_ptr, tl.sum(clipped.to(tl.int64)))
+    tl.atomic_add(counts_ptr + 1, tl.sum((over & valid).to(tl.int64)))
