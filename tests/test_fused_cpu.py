@@ -64,6 +64,17 @@ CASES = list(itertools.product(
 ))
 
 
+@pytest.mark.parametrize(("dtype", "adc", "bits"), [(torch.float32, None, 10), (torch.float64, None, 10),
+                                                    (torch.float32, 8, 4)])
+def test_a_bias_beyond_a_saturating_accumulator_is_clamped_first(dtype: torch.dtype, adc: int | None,
+                                                                 bits: int) -> None:
+    """The bias term enters a saturating accumulator first and is clamped there, as accumulate() does."""
+    hw = {"adc": {"bits": adc}, "noise": NOISES["output"], "accumulator": {"bits": bits, "overflow": "saturate"}}
+    layer = _layer(16, 3, hw, True, dtype)
+    assert int(layer._bias_codes(layer.step).abs().max()) > 2 ** (bits - 1)
+    _assert_same(*_both(layer, _tile_values(layer, 3, 8, dtype, seed=4), torch.tensor([3, 9])))
+
+
 @pytest.mark.parametrize(("dtype", "noise", "adc", "acc", "bias", "tiles"), CASES[::5])
 def test_fused_readout_equals_the_torch_path(dtype: torch.dtype, noise: str, adc: int | None, acc: tuple,
                                              bias: bool, tiles: int) -> None:

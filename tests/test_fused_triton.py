@@ -3,6 +3,7 @@ where there is no GPU (Triton then is imported in interpreter mode), else compil
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -89,7 +90,7 @@ def make_layer(case: Case, seed: int = 0) -> tuple[analog.AnalogLayer, torch.Ten
     accumulator = {"bits": case.acc_bits, "overflow": case.overflow, "bias_at": case.bias_at or "start"}
     hw = LayerHardware(tile=case.tile, adc={"bits": case.adc_bits}, accumulator=accumulator,
                        noise={"output": {"sigma": case.output}, "shot": {"sigma": case.shot}})
-    plan = analog.tile_plan(case.k, hw, x_max, w_max)
+    plan = analog.tile_plan(case.k, hw, (x_lo, x_hi), 8, torch.device("cuda"))  # float32 / float64, as on a GPU
     weights = kernels.IntegerWeights(plan, w.to(plan.dtype), None, case.k, case.o)
     layer = analog.AnalogLayer("layer", 3, hw, weights, None, x_max, w_max, seed=11, repeat=2)
     layer.adc_range = case.adc_range * layer.full_scale
@@ -135,6 +136,24 @@ def test_equals_torch_path_bit_for_bit(case: Case, ieee_sqrt: None) -> None:
         assert got.clipped > 0
     if case.acc_bits < 16:
         assert got.overflowed > 0
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.int8], ids=[c.name for c in CASES if not c.int8])
+def test_analog_layer_on_the_kernel_equals_its_cpu_path(case: Case) -> None:
+    """AnalogLayer.dot_triton (the engine's CUDA path) gives AnalogLayer.dot's accumulators and diagnostics."""
+    layer, a, _ = make_layer(case)
+    reference = copy.deepcopy(layer)
+    ids = torch.tensor(case.ids)
+    a = a.to(layer.weights.plan.dtype)
+    if DEVICE != "cpu":
+        layer.weights = replace(layer.weights, matrix=layer.weights.matrix.to(DEVICE))
+        layer.bias = None if layer.bias is None else layer.bias.to(DEVICE)
+    got = layer.dot_triton(a.to(DEVICE), ids.to(DEVICE)).cpu()
+    assert torch.equal(got, reference.dot(a, ids))
+    for name in ("outputs", "overflowed", "tile_values", "clipped", "max_abs_acc"):
+        assert getattr(layer.stats, name) == getattr(reference.stats, name), name
+    for name in ("signal_power", "error_power"):
+        assert getattr(layer.stats, name) == pytest.approx(getattr(reference.stats, name), rel=1e-12, abs=1e-9)
 
 
 def test_torch_sqrt_rounding_moves_few_codes() -> None:

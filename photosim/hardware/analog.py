@@ -6,6 +6,7 @@ layer's hardware settings are not ideal (model and its sources: docs/hardware.md
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,12 +156,15 @@ class AnalogLayer:
         n, _, h, w = x.shape
         oh, ow = (kernels.conv_output_size(*args) for args in zip((h, w), kernel, stride, padding, dilation))
         tile_values, operands = self.tiles * self.weights.out_per_group, self.weights.k
-        if self._fused_applies(x.device):  # the tile values (int32 / float32 / float64) and the operands
+        budget = TILE_BYTES
+        if self._triton_applies(x.device):  # the operands and the accumulators: no tile values are stored
+            budget, per_sample = kernels.PATCH_BYTES, oh * ow * groups * (operands * 4 + tile_values // self.tiles * 16)
+        elif self._fused_applies(x.device):  # the tile values (int32 / float32 / float64) and the operands
             value_bytes = 8 if self.weights.plan.path == "float64" else 4
             per_sample = oh * ow * groups * (tile_values * value_bytes + operands * self.weights.matrix.element_size())
         else:  # float64 values and their temporaries
             per_sample = oh * ow * groups * (tile_values + operands) * 8 * 3
-        step = max(1, TILE_BYTES // max(per_sample, 1))
+        step = max(1, budget // max(per_sample, 1))
         outs = []
         for start in range(0, max(n, 1), step):  # an empty batch still gives an (0, O, OH, OW) result
             patches = kernels.conv2d_patches(x[start:start + step], z_in, self.weights.plan, kernel, stride, padding,
@@ -176,6 +180,8 @@ class AnalogLayer:
 
     def dot(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """Operands a (G, M, K) = x - z_in, rows sample-major -> accumulators (G, M, O/G) in ADC steps."""
+        if self._triton_applies(a.device):
+            return self.dot_triton(a, sample_ids)
         if self.weights.plan.path == "int_mm":
             return self._readout(_tile_sums_int8(a, self.weights.matrix, self.tile), sample_ids, None, self.tile_shift)
         weights = self._perturbed_weights(sample_ids)
@@ -198,6 +204,26 @@ class AnalogLayer:
         if shift is not None:
             p = p.to(torch.int64) + shift.unsqueeze(2)
         return self._readout_torch(p, sample_ids, exact)
+
+    def _triton_applies(self, device: torch.device) -> bool:
+        """The whole tile step runs as one Triton kernel (photosim.hardware.fused_triton) on a CUDA device with
+        Triton, for exact weights with float32-exact tile sums, no custom noise and no ADC calibration."""
+        if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+            return False
+        noise = self.hw.noise
+        return (exact_weights(self.hw) and not noise.custom.function and self.calibration is None
+                and self.full_scale < FLOAT32_EXACT and self.weights.matrix.is_floating_point())
+
+    def dot_triton(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        """dot by photosim.hardware.fused_triton's kernel: tile sums, noise, ADC and accumulator in one pass, the
+        diagnostics from its exact sums. Used on CUDA (and by the tests under the Triton interpreter)."""
+        from photosim.hardware import fused_triton
+
+        step = self.step
+        out = fused_triton.tile_step(a, self.weights.matrix, sample_ids, fused_triton.Readout.of(self),
+                                     self._bias_codes(step), exact=self.diagnostics)
+        self._record(out.acc, step, out.overflowed, out.clipped, self.tiles * out.acc.numel(), out.exact)
+        return out.acc
 
     def _fused_applies(self, device: torch.device) -> bool:
         """The compiled CPU readout gives the torch path's bits: tile values on the CPU, no calibration observer, no
@@ -290,6 +316,7 @@ class AnalogLayer:
         batch = LayerStats(outputs=acc.numel(), overflowed=overflowed, tile_values=tile_values, clipped=clipped,
                            max_abs_acc=_largest_abs(acc))
         if exact is not None:
+            exact = exact.double()  # int64 exact sums would overflow when squared
             if self.bias is not None:
                 exact = exact + self.bias.unsqueeze(1)
             batch.signal_power = float(exact.pow(2).sum())

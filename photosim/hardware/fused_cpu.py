@@ -226,11 +226,11 @@ def _readout(p: np.ndarray, shift: np.ndarray, coefs: np.ndarray, sample_ids: np
             for o in range(n_o):
                 first = bias_codes[g, o] if bias_start else 0
                 total[o] = first
-                clamped[o] = first
+                clamped[o] = min(max(first, lo), hi)  # a saturating accumulator clamps the bias term too
                 flag[o] = (first < lo) | (first > hi)
                 tile_sum[o] = 0.0
                 total32[o] = first
-                clamped32[o] = first
+                clamped32[o] = clamped[o]
                 flag32[o] = flag[o]
             for t in range(n_t):
                 j = ((g * n_t + t) * per_sample + m % per_sample) * n_o

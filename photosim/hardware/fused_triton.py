@@ -3,7 +3,7 @@
 ``tile_step`` gives what AnalogLayer.dot gives for exact weights (no weight error, no custom noise, no ADC
 calibration), without the (G, T, M, O) tile, noise and code tensors of the torch path: each program forms the T
 tile sums of an output block with tl.dot and reads each one out in registers, drawing its noise from the same
-Philox key and counter as photosim.hardware.rng (the semantics: /work/spec9.md, AnalogLayer._readout).
+Philox key and counter as photosim.hardware.rng (the semantics: AnalogLayer._readout, docs/hardware.md).
 
 It runs compiled on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before the first call: Triton reads it when the kernel module is imported), which is how the tests check it
