@@ -3,7 +3,7 @@
     python benchmarks/bench_engine.py --json bench.json          # CIFAR-style ResNet-18, batch 128
     python benchmarks/bench_engine.py --quick                    # smoke test (CI)
 
-The logic lives in photosim/bench.py, which ships with the package.
+The logic lives in photosim/experiments/bench.py, which ships with the package.
 """
 
 import sys
