@@ -19,6 +19,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 triton = pytest.importorskip("triton")
 
 from photosim.engine import kernels  # noqa: E402
+from photosim.frontend.observers import ActivationObserver  # noqa: E402
 from photosim.hardware import analog, fused_triton  # noqa: E402
 from photosim.hardware.config import LayerHardware  # noqa: E402
 
@@ -256,3 +257,19 @@ def test_compiled_kernel_equals_cpu_reference(kind: Literal["int8", "uint8", "fl
     print(f"{kind}: {equal:.6f} equal, {got.clipped} clipped, "
           f"{time.perf_counter() - start:.2f} s with the CPU reference")
     assert equal >= 0.999 and got.clipped > 0 and got.overflowed > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_torch_path_takes_int8_operands() -> None:
+    """Where the kernel does not apply on CUDA (an ADC calibration pass), the torch path takes the int8 operands
+    and padded weights of the CUDA plan (tile sums by float64 GEMMs) and gives the CPU's accumulators and ranges."""
+    layer, a, _ = make_layer(CASES[-1])
+    layer.calibration = ActivationObserver()
+    reference = copy.deepcopy(layer)
+    layer.weights = replace(layer.weights, matrix=layer.weights.matrix.cuda())
+    layer.bias = layer.bias.cuda()
+    ids = torch.tensor(CASES[-1].ids)
+    got = layer.dot(operands(layer, a).cuda(), ids.cuda()).cpu()
+    assert torch.equal(got, reference.dot(operands(layer, a), ids))
+    assert (layer.calibration.lo, layer.calibration.hi) == (reference.calibration.lo, reference.calibration.hi)
