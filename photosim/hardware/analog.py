@@ -17,7 +17,7 @@ from photosim._imports import load_object
 from photosim.engine import kernels, onednn
 from photosim.errors import PhotosimError
 from photosim.frontend.observers import ActivationObserver
-from photosim.hardware import rng
+from photosim.hardware import fused_triton, rng
 from photosim.hardware.accumulator import accumulate
 from photosim.hardware.adc import adc_step, digitize
 from photosim.hardware.config import LayerHardware
@@ -41,14 +41,15 @@ def exact_weights(hw: LayerHardware) -> bool:
 
 def tile_plan(k: int, hw: LayerHardware, x_range: kernels.IntPair, w_bits: int, device: torch.device
               ) -> kernels.MatmulPlan:
-    """How a layer forms its tile sums. Integer weights: int8 GEMMs (int32 sums, exact) on CPUs where
-    torch._int_mm beats float32 (VNNI, AMX: 8x faster here) and the operands fit int8, else float32 where the
-    sums are exact there (full scale below 2^24). Otherwise float64 (exact for tile sums of up to 16-bit codes,
-    and the path of weights with error). The GPU forms its tile sums in photosim.hardware.fused_triton."""
+    """How a layer forms its tile sums. Integer weights: int8 operands (int32 sums, exact) where the operands fit
+    int8, with an offset if need be, and int8 GEMMs are faster: on CPUs where torch._int_mm beats float32 (VNNI,
+    AMX: 8x faster here), and on CUDA, where photosim.hardware.fused_triton's kernel takes int8 operands of any
+    tile length (float ones only below 2^24). Else float32 where the sums are exact there (full scale below 2^24).
+    Otherwise float64 (exact for tile sums of up to 16-bit codes, and the path of weights with error)."""
     if not exact_weights(hw):
         return kernels.MatmulPlan("float64", chunk=k)
     plan = kernels.plan_matmul(tile_length(k, hw.tile), x_range, w_bits, device=device)
-    if plan.path == "int_mm" and device.type == "cpu":
+    if plan.path == "int_mm":
         return kernels.MatmulPlan("int_mm", chunk=k, offset=plan.offset)
     x_max, w_max = max(-x_range[0], x_range[1]), max_magnitude(w_bits)
     exact32 = tile_length(k, hw.tile) * x_max * w_max < FLOAT32_EXACT
@@ -81,7 +82,7 @@ class AnalogLayer:
     name: str
     index: int  # position in the graph: keys this layer's random streams
     hw: LayerHardware
-    weights: kernels.IntegerWeights  # tile_plan's float32 / float64 plan, (G, K, O/G)
+    weights: kernels.IntegerWeights  # in tile_plan's plan (its matrix: see the ``matrix`` property)
     bias: torch.Tensor | None  # (G, O/G) int64 in product units; None when the requant mode adds a float bias
     x_max: int  # largest |x - z_in| the input clamp range allows
     w_max: int  # largest |weight code|: 2^(w_bits-1)
@@ -131,11 +132,17 @@ class AnalogLayer:
         noisy = any(self._sigmas.values()) and not self.hw.noise.custom.function
         return torch.float32 if noisy and self.weights.plan.path in ("float32", "int_mm") else torch.float64
 
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The weights (G, K, O/G) in the plan's dtype: a view without the zero rows and columns that
+        kernels.prepare_weights pads int_mm weights with on CUDA (for torch._int_mm)."""
+        return self.weights.matrix[:, :self.weights.k, :self.weights.out_per_group]
+
     @functools.cached_property
     def tile_shift(self) -> torch.Tensor | None:
         """(G, T, O) int64 to add to int8 GEMM tile sums: offset * the tile's weight sums (the int_mm plan shifts
         unsigned operands into int8, see kernels.MatmulPlan); None for the other plans."""
-        plan, w = self.weights.plan, self.weights.matrix
+        plan, w = self.weights.plan, self.matrix
         if plan.path != "int_mm" or not plan.offset:
             return None
         g, k, o = w.shape
@@ -156,12 +163,14 @@ class AnalogLayer:
         n, _, h, w = x.shape
         oh, ow = (kernels.conv_output_size(*args) for args in zip((h, w), kernel, stride, padding, dilation))
         tile_values, operands = self.tiles * self.weights.out_per_group, self.weights.k
+        operand_bytes = operands * self.weights.matrix.element_size()
         budget = TILE_BYTES
         if self._triton_applies(x.device):  # the operands and the accumulators: no tile values are stored
-            budget, per_sample = kernels.PATCH_BYTES, oh * ow * groups * (operands * 4 + tile_values // self.tiles * 16)
+            budget = kernels.PATCH_BYTES
+            per_sample = oh * ow * groups * (operand_bytes + self.weights.out_per_group * 16)
         elif self._fused_applies(x.device):  # the tile values (int32 / float32 / float64) and the operands
             value_bytes = 8 if self.weights.plan.path == "float64" else 4
-            per_sample = oh * ow * groups * (tile_values * value_bytes + operands * self.weights.matrix.element_size())
+            per_sample = oh * ow * groups * (tile_values * value_bytes + operand_bytes)
         else:  # float64 values and their temporaries
             per_sample = oh * ow * groups * (tile_values + operands) * 8 * 3
         step = max(1, budget // max(per_sample, 1))
@@ -179,16 +188,17 @@ class AnalogLayer:
         return self.dot(kernels.centred(x, z_in, self.weights.plan).unsqueeze(0), sample_ids)[0]
 
     def dot(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
-        """Operands a (G, M, K) = x - z_in, rows sample-major -> accumulators (G, M, O/G) in ADC steps."""
+        """Operands a (G, M, K) = x - z_in - offset (the plan's), rows sample-major -> accumulators (G, M, O/G) in
+        ADC steps."""
         if self._triton_applies(a.device):
             return self.dot_triton(a, sample_ids)
         if self.weights.plan.path == "int_mm":
-            return self._readout(_tile_sums_int8(a, self.weights.matrix, self.tile), sample_ids, None, self.tile_shift)
+            return self._readout(_tile_sums_int8(a, self.matrix, self.tile), sample_ids, None, self.tile_shift)
         weights = self._perturbed_weights(sample_ids)
         p = _tile_sums(a, weights, self.tile, len(sample_ids))  # (G, T, M, O) analog tile values
         exact = None
         if self.diagnostics and not exact_weights(self.hw):
-            exact = torch.matmul(a.double(), self.weights.matrix.double())  # (G, M, O): exact below 2^53
+            exact = torch.matmul(a.double(), self.matrix.double())  # (G, M, O): exact below 2^53
         return self._readout(p, sample_ids, exact)
 
     def _readout(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None = None,
@@ -207,21 +217,20 @@ class AnalogLayer:
 
     def _triton_applies(self, device: torch.device) -> bool:
         """The whole tile step runs as one Triton kernel (photosim.hardware.fused_triton) on a CUDA device with
-        Triton, for exact weights with float32-exact tile sums, no custom noise and no ADC calibration."""
+        Triton, for exact weights whose operands give the kernel exact tile sums (int8 ones: int32 sums, float ones:
+        float32 sums; fused_triton.operand_path), no custom noise and no ADC calibration."""
         if device.type != "cuda" or importlib.util.find_spec("triton") is None:
             return False
-        noise = self.hw.noise
-        return (exact_weights(self.hw) and not noise.custom.function and self.calibration is None
-                and self.full_scale < FLOAT32_EXACT and self.weights.matrix.is_floating_point())
+        dtype = self.weights.plan.dtype
+        return (exact_weights(self.hw) and not self.hw.noise.custom.function and self.calibration is None
+                and fused_triton.operand_path(dtype, dtype, self.full_scale) is not None)
 
     def dot_triton(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """dot by photosim.hardware.fused_triton's kernel: tile sums, noise, ADC and accumulator in one pass, the
         diagnostics from its exact sums. Used on CUDA (and by the tests under the Triton interpreter)."""
-        from photosim.hardware import fused_triton
-
         step = self.step
-        out = fused_triton.tile_step(a, self.weights.matrix, sample_ids, fused_triton.Readout.of(self),
-                                     self._bias_codes(step), exact=self.diagnostics)
+        out = fused_triton.tile_step(a, self.matrix, sample_ids, fused_triton.Readout.of(self), self._bias_codes(step),
+                                     exact=self.diagnostics, shift=self.tile_shift)
         self._record(out.acc, step, out.overflowed, out.clipped, self.tiles * out.acc.numel(), out.exact)
         return out.acc
 
@@ -292,7 +301,7 @@ class AnalogLayer:
     def _perturbed_weights(self, sample_ids: torch.Tensor) -> torch.Tensor:
         """Weights (G, K, O) in the plan's dtype, with chip error (float64); with read noise one copy per sample
         (N, G, K, O)."""
-        noise, w = self.hw.noise, self.weights.matrix
+        noise, w = self.hw.noise, self.matrix
         if noise.weight_static.sigma:
             e = rng.normal(tuple(w.shape), self.seed, self.repeat, "weight_static", self.index, w.device).double()
             w = WEIGHT_NOISE[noise.weight_static.kind](w, noise.weight_static.sigma, self.w_max, e)
@@ -349,7 +358,11 @@ def _largest_abs(t: torch.Tensor) -> int:
 
 def _tile_sums_int8(a: torch.Tensor, w: torch.Tensor, tile: int) -> torch.Tensor:
     """Per-tile sums (G, T, M, O) int32 of int8 operands a (G, M, K) and weights (G, K, O): one int8 GEMM per tile
-    on strided views (exact: L * 128 * 128 < 2^31); a one-term last tile is a product, which _int_mm misreads."""
+    on strided views (exact: L * 128 * 128 < 2^31); a one-term last tile is a product, which _int_mm misreads.
+    Off the CPU (the CUDA tile step without the Triton kernel: ADC calibration, custom noise) by float64 GEMMs,
+    as exact: CUDA's torch._int_mm takes only sizes that are multiples of 8."""
+    if a.device.type != "cpu":
+        return _tile_sums(a.double(), w.double(), tile, 1).to(torch.int32)
     g, m, k = a.shape
     t = math.ceil(k / tile)
     p = torch.empty(g, t, m, w.shape[-1], dtype=torch.int32, device=a.device)

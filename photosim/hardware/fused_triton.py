@@ -84,28 +84,32 @@ def available(device: torch.device | str) -> bool:
         "cpu" if interpret else "cuda")
 
 
-def operand_path(a: torch.Tensor, w: torch.Tensor, full_scale: float) -> OperandPath | None:
-    """How the kernel forms exact tile sums of these operands: ``int8`` (both int8, int32 sums below 2^31),
-    ``float32`` (float operands, sums below 2^24: exact in float32), or None (not exactly: use the torch path)."""
-    if a.dtype == w.dtype == torch.int8 and full_scale < INT32_EXACT:
+def operand_path(a_dtype: torch.dtype, w_dtype: torch.dtype, full_scale: float) -> OperandPath | None:
+    """How the kernel forms exact tile sums of operands of these dtypes: ``int8`` (both int8, int32 sums below
+    2^31), ``float32`` (float operands, sums below 2^24: exact in float32), or None (not exactly: use the torch
+    path)."""
+    if a_dtype == w_dtype == torch.int8 and full_scale < INT32_EXACT:
         return "int8"
-    if a.is_floating_point() and w.is_floating_point() and full_scale < FLOAT32_EXACT:
+    if a_dtype.is_floating_point and w_dtype.is_floating_point and full_scale < FLOAT32_EXACT:
         return "float32"
     return None
 
 
 def tile_step(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout: Readout,
-              bias_codes: torch.Tensor | None = None, exact: bool = True) -> TileStep:
-    """Operands a (G, M, K) = x - z_in (rows sample-major, M = N * P for the N = len(sample_ids) samples) and
-    integer weights w (G, K, O) -> the layer's accumulators, as AnalogLayer.dot computes them.
+              bias_codes: torch.Tensor | None = None, exact: bool = True,
+              shift: torch.Tensor | None = None) -> TileStep:
+    """Operands a (G, M, K) = x - z_in - offset (rows sample-major, M = N * P for the N = len(sample_ids) samples)
+    and integer weights w (G, K, O) -> the layer's accumulators, as AnalogLayer.dot computes them.
 
     ``bias_codes`` (G, O) int64: the bias in ADC steps (round(bias / step)), None: no bias term. ``exact``: also
-    return the exact accumulators for the diagnostics. The operands must hold integers of magnitude at most
-    Xmax and Wmax (readout.full_scale's); ValueError where operand_path gives None.
+    return the exact accumulators for the diagnostics. ``shift`` (G, T, O) int64 is added to every tile sum before
+    the noise, and is in the exact sums: offset * the tile's weight sums (AnalogLayer.tile_shift) puts back the
+    offset that moved unsigned operands into int8 (kernels.MatmulPlan's int_mm). Every tile value (shift
+    included) must be at most readout.full_scale in magnitude; ValueError where operand_path gives None.
     """
     g, m, k = a.shape
     o = w.shape[2]
-    path = operand_path(a, w, readout.full_scale)
+    path = operand_path(a.dtype, w.dtype, readout.full_scale)
     if path is None:
         raise ValueError(f"no exact tile sums for {a.dtype} x {w.dtype} operands at full scale "
                          f"{readout.full_scale:g}; use the torch path")
@@ -116,6 +120,8 @@ def tile_step(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readou
     if per_sample * samples != m:
         raise ValueError(f"{m} rows are not {samples} samples of equal size")
     tiles = math.ceil(k / readout.tile)
+    if shift is not None and shift.shape != (g, tiles, o):
+        raise ValueError(f"shift {tuple(shift.shape)} is not (groups, tiles, outputs) = {(g, tiles, o)}")
     if g * tiles * per_sample * o > STREAM_VALUES:
         raise ValueError(f"{g * tiles * per_sample * o} noise values per sample exceed one Philox stream")
     acc = torch.empty(g, m, o, dtype=torch.int64, device=a.device)
@@ -123,14 +129,14 @@ def tile_step(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readou
     counts = torch.zeros(2, dtype=torch.int64, device=a.device)
     if acc.numel():
         _launch(a if path == "int8" else a.float(), w if path == "int8" else w.float(), sample_ids, readout,
-                bias_codes, acc, sums, counts)
+                bias_codes, shift, acc, sums, counts)
     clipped, overflowed = counts.tolist()
     return TileStep(acc, sums, clipped, overflowed)
 
 
 def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout: Readout,
-            bias_codes: torch.Tensor | None, acc: torch.Tensor, sums: torch.Tensor | None,
-            counts: torch.Tensor) -> None:
+            bias_codes: torch.Tensor | None, shift: torch.Tensor | None, acc: torch.Tensor,
+            sums: torch.Tensor | None, counts: torch.Tensor) -> None:
     """Run the kernel over (output blocks, groups)."""
     import triton  # imported with the kernel, only when one runs
     from triton.runtime.interpreter import InterpretedFunction
@@ -156,16 +162,19 @@ def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout:
     # 64 bits: the int64 sum is the accumulator itself, its wrap-around is the hardware's
     overflow = "none" if readout.overflow == "wrap" and readout.acc_bits >= 64 else readout.overflow
     bias = None if bias_codes is None else bias_codes.to(device=a.device, dtype=torch.int64).contiguous()
+    shift = None if shift is None else shift.to(device=a.device, dtype=torch.int64).contiguous()
     int8 = a.dtype == torch.int8
     block_m, block_o = BLOCK_M, min(BLOCK_O, max(16, triton.next_power_of_2(o)))
     block_k = max(32 if int8 else 16, min(64, triton.next_power_of_2(readout.tile)))
     grid = (triton.cdiv(m, block_m) * triton.cdiv(o, block_o), g)
     triton_tile.tile_step_kernel[grid](
-        a, w, ids, params, acc if bias is None else bias, acc, acc if sums is None else sums, counts,
+        a, w, ids, params, acc if bias is None else bias, acc if shift is None else shift, acc,
+        acc if sums is None else sums, counts,
         m, k, o, math.ceil(k / readout.tile), readout.tile, m // len(ids),
         *a.stride(), *w.stride(), *out_key, *shot_key, max_int(readout.adc_bits or 2, signed=True), acc_lo, acc_hi,
         OUTPUT=bool(readout.sigma_output), SHOT=bool(readout.sigma_shot), DIVIDE=step != 1.0,
         CLIP=readout.adc_bits is not None, BIAS_AT="none" if bias is None else readout.bias_at, OVERFLOW=overflow,
-        F64=readout.dtype == torch.float64, EXACT=sums is not None, INT8=int8, ALIGNED=o % 4 == 0,
+        F64=readout.dtype == torch.float64, EXACT=sums is not None, INT8=int8, SHIFT=shift is not None,
+        ALIGNED=o % 4 == 0,
         BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, enable_fp_fusion=False,
     )

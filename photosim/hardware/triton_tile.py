@@ -61,17 +61,18 @@ def _add_term(total, sat, over, term, acc_lo, acc_hi, OVERFLOW: tl.constexpr):
 
 @triton.jit
 def tile_step_kernel(
-    a_ptr, w_ptr, ids_ptr, params_ptr, bias_ptr, acc_ptr, exact_ptr, counts_ptr,
+    a_ptr, w_ptr, ids_ptr, params_ptr, bias_ptr, shift_ptr, acc_ptr, exact_ptr, counts_ptr,
     m, k, o, tiles, tile, per_sample,
     stride_ag, stride_am, stride_ak, stride_wg, stride_wk, stride_wo,
     out_k0, out_k1, shot_k0, shot_k1, adc_hi, acc_lo, acc_hi,
     OUTPUT: tl.constexpr, SHOT: tl.constexpr, DIVIDE: tl.constexpr, CLIP: tl.constexpr,
     BIAS_AT: tl.constexpr, OVERFLOW: tl.constexpr, F64: tl.constexpr, EXACT: tl.constexpr, INT8: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    SHIFT: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (output block, group g) of the tile step of a (G, m, k) by w (G, k, o) (see fused_triton): the
-    accumulators (G, m, o) int64, optionally the exact sums, and the clip and overflow counts (atomic adds)."""
+    accumulators (G, m, o) int64, optionally the exact sums, and the clip and overflow counts (atomic adds). SHIFT:
+    each tile sum gets shift (G, tiles, o) int64 added, in int64 (it need not fit the int32 GEMM sum)."""
     g = tl.program_id(1).to(tl.int64)
     blocks_o = tl.cdiv(o, BLOCK_O)
     rows = (tl.program_id(0) // blocks_o) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -106,6 +107,8 @@ def tile_step_kernel(
             a = tl.load(a_rows + kk[None, :] * stride_ak, mask=(rows[:, None] < m) & k_ok[None, :], other=0)
             w = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_ok[:, None] & (cols[None, :] < o), other=0)
             p = tl.dot(a, w, p, out_dtype=tl.int32) if INT8 else tl.dot(a, w, p, input_precision="ieee")
+        if SHIFT:
+            p = p.to(tl.int64) + tl.load(shift_ptr + (g * tiles + t) * o + cols, mask=cols < o, other=0)[None, :]
         if EXACT:
             exact = exact + p.to(tl.int64)
         v = p.to(dtype)
