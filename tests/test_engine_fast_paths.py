@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_conv_net
+from conftest import ModelBuilder, make_conv_net, qp
 
 from photosim.engine import executor as engine_module
 from photosim.engine import kernels, onednn
@@ -78,6 +78,25 @@ def test_int8_tile_sums_give_the_float_tile_sums_codes(monkeypatch: pytest.Monke
     for name in codes:
         assert torch.equal(codes[name], reference[name]), name
         assert torch.equal(torch_readout[name], reference[name]), name
+
+
+def test_long_tiles_compute_the_same_on_every_matmul_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A noisy single tile of K = 1024 unsigned 8-bit codes (FS > 2^24): int8 GEMMs (VNNI CPUs) and float64 ones
+    give the same codes, because the noise arithmetic's dtype follows the settings, not the matmul path."""
+    g = torch.Generator().manual_seed(0)
+    m = ModelBuilder((1024,), qp(1 / 255, 0, 8))
+    weights = torch.randint(100, 128, (16, 1024), generator=g, dtype=torch.int8)  # sums near FS, above 2^24
+    m.linear("fc", "x", qp(0.5, 0, 16, signed=True), weights, torch.zeros(16, dtype=torch.int64), 0.01)
+    model, x = m.build(), 0.9 + 0.1 * torch.rand(6, 1024, generator=g)
+    hw = {"noise": {"output": {"sigma": 0.001}}}
+    codes = {}
+    for int8 in (True, False):
+        monkeypatch.setattr(kernels, "int_mm_is_faster", lambda device_type, int8=int8: int8)
+        engine = Engine(model, hw, seed=1)
+        assert engine.analog["fc"].weights.plan.path == ("int_mm" if int8 else "float64")
+        assert engine.analog["fc"].full_scale > 2 ** 24
+        codes[int8] = engine.analog["fc"].linear_acc(model.input_q.quantize(x), 0, torch.arange(len(x)))
+    assert torch.equal(codes[True], codes[False])  # the accumulators, before requantization could hide a step
 
 
 def test_tiled_noisy_layers_do_not_depend_on_batching() -> None:

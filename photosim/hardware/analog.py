@@ -127,10 +127,13 @@ class AnalogLayer:
 
     @property
     def tile_dtype(self) -> torch.dtype:
-        """float32 for exact float32 tile sums (tile_plan) under output / shot noise, whose std swamps the float32
-        rounding of the noisy values; else float64 (custom noise functions get float64, as documented)."""
+        """float32 under output / shot noise (whose std swamps the float32 rounding of the noisy values) when every
+        tile value is an integer below 2^24 (exact weights, FS < 2^24), so exact in float32; else float64 (custom
+        noise functions get float64, as documented). It depends on the settings only, never on the matmul path a
+        machine picks, so every CPU and GPU computes the same numbers."""
         noisy = any(self._sigmas.values()) and not self.hw.noise.custom.function
-        return torch.float32 if noisy and self.weights.plan.path in ("float32", "int_mm") else torch.float64
+        exact32 = exact_weights(self.hw) and self.full_scale < FLOAT32_EXACT
+        return torch.float32 if noisy and exact32 else torch.float64
 
     @property
     def matrix(self) -> torch.Tensor:
