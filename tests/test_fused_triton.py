@@ -273,3 +273,30 @@ def test_cuda_torch_path_takes_int8_operands() -> None:
     got = layer.dot(operands(layer, a).cuda(), ids.cuda()).cpu()
     assert torch.equal(got, reference.dot(operands(layer, a), ids))
     assert (layer.calibration.lo, layer.calibration.hi) == (reference.calibration.lo, reference.calibration.hi)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter check; on a GPU the gpu tests compare whole engines")
+@pytest.mark.parametrize("int8", [True, False], ids=["int8 tile plan", "float32 tile plan"])
+def test_an_engine_on_the_kernel_equals_the_cpu_engine(monkeypatch: pytest.MonkeyPatch, int8: bool) -> None:
+    """The whole engine with every analog layer on the kernel (as on CUDA: conv sub-batches, sample ids, bias codes,
+    the int8 plan's shift, grouped and depthwise convs) gives the CPU engine's codes at every node."""
+    from conftest import make_conv_net
+
+    from photosim.engine.executor import Engine
+
+    tile_step = fused_triton.tile_step
+    monkeypatch.setattr(kernels, "int_mm_is_faster", lambda device_type: int8)
+    model = make_conv_net(seed=2)
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    hw = {"tile": 8, "adc": {"bits": 6}, "noise": {"output": {"sigma": 0.02}, "shot": {"sigma": 0.01}},
+          "accumulator": {"bits": 12, "overflow": "saturate"}}
+    reference = Engine(model, hw, seed=3).node_outputs(x, first_sample=5)
+    monkeypatch.setattr(analog.AnalogLayer, "_triton_applies", lambda self, device: True)
+    calls = []
+    monkeypatch.setattr(fused_triton, "tile_step", lambda *args, **kw: calls.append(1) or tile_step(*args, **kw))
+    engine = Engine(model, hw, seed=3)
+    assert {layer.weights.plan.path for layer in engine.analog.values()} == {"int_mm" if int8 else "float32"}
+    got = engine.node_outputs(x, first_sample=5)
+    assert len(calls) >= len(engine.analog)
+    for name in reference:
+        assert torch.equal(got[name], reference[name]), name
