@@ -370,7 +370,7 @@ class Engine:
         return xs[0].reshape(xs[0].shape[0], *node.attrs["shape"])
 
 
-def _in_chunks(fn: Callable[[torch.Tensor, int], torch.Tensor], inputs: torch.Tensor, batch_size: int
+def in_chunks(fn: Callable[[torch.Tensor, int], torch.Tensor], inputs: torch.Tensor, batch_size: int
                ) -> torch.Tensor:
     """fn(chunk, index of its first sample) over chunks of ``batch_size`` samples, concatenated."""
     if batch_size < 1:
@@ -392,7 +392,7 @@ def simulate(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec = No
     """
     engine = Engine(qmodel, hw, device=device, **engine_options)
     engine.check_inputs(inputs)
-    return _in_chunks(engine, inputs, batch_size)
+    return in_chunks(engine, inputs, batch_size)
 
 
 def simulate_codes(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec = None, *,
@@ -400,7 +400,7 @@ def simulate_codes(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpe
     """As :func:`simulate`, returning the graph output's int32 codes."""
     engine = Engine(qmodel, hw, device=device, **engine_options)
     engine.check_inputs(inputs)
-    return _in_chunks(engine.codes, inputs, batch_size)
+    return in_chunks(engine.codes, inputs, batch_size)
 
 
 def node_outputs(qmodel: QuantizedModel, inputs: torch.Tensor, hw: HardwareSpec = None, *,

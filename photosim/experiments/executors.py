@@ -171,8 +171,9 @@ def _on_ray(groups: list[Group], runner: Runner, workers: int | None, address: s
     actors: list[Any] = []
     try:
         count = max(1, min(workers or int(ray.cluster_resources().get("CPU", 1)), len(groups)))
-        gpus = ray.cluster_resources().get("GPU", 0) if gpus_used(groups) else 0
-        if gpus_used(groups) and not gpus:
+        needs_gpus = bool(gpus_used(groups))
+        gpus = ray.cluster_resources().get("GPU", 0) if needs_gpus else 0
+        if needs_gpus and not gpus:
             raise PhotosimError("the sweep's points run on cuda but the Ray cluster has no GPU; set device: cpu "
                                 "or start Ray workers on GPU machines.")
         # Actors of GPU points share the cluster's GPUs (Ray assigns each its device and memory share).

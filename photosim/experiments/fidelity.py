@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from photosim.engine.executor import HardwareSpec
+from photosim.engine.executor import HardwareSpec, in_chunks
 from photosim.experiments.accuracy import accuracy
 from photosim.experiments.workflow import chip_engine
 from photosim.frontend.algorithms.selection import top1_agreement
@@ -66,8 +66,7 @@ class FloatReference:
         engine = chip_engine(qmodel, hw, self.inputs, seed=seed, repeat=repeat, batch_size=batch_size,
                              adc_samples=len(self.inputs), diagnostics=False)
         with torch.no_grad():
-            logits = torch.cat([engine(x, first) for first, x in zip(range(0, len(self.inputs), batch_size),
-                                                                      self.inputs.split(batch_size))])
+            logits = in_chunks(engine, self.inputs, batch_size)
         test = None
         if self.test is not None and with_test:  # noise streams from sample 0, as in `photosim run`
             test = accuracy(engine, self.test, batch_size=batch_size).top1
