@@ -5,6 +5,7 @@ overrides and sweep axes."""
 from __future__ import annotations
 
 import copy
+import functools
 import typing
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
@@ -107,6 +108,7 @@ def _given(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
 class LayerOverride(StrictModel):
     """Settings for the layers whose name matches ``match``; the keys it sets replace the global ones."""
 
+    layer_settings: ClassVar[type[StrictModel]]  # the settings class override_model made this class from
     match: str = Field(description="fnmatch glob on the layer name (module path, e.g. conv1, layer4.*, fc).")
 
     @model_serializer(mode="wrap")
@@ -118,19 +120,32 @@ class LayerOverride(StrictModel):
         """What this entry sets, by dotted key (``adc.bits``)."""
         return dotted(self.model_dump(exclude={"match"}))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by settings class and content: no module names the class override_model made (sweep points go
+        to worker processes with their configs)."""
+        return _override, (self.layer_settings, self.model_dump())
+
+
+def _override(settings: type[StrictModel], data: dict[str, Any]) -> LayerOverride:
+    """The override of ``settings`` that sets ``data`` (unpickling)."""
+    return override_model(settings).model_validate(data)
+
 
 def exact_glob(name: str) -> str:
     """The ``match`` glob that matches ``name`` and nothing else (``*``, ``?`` and ``[`` in brackets)."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+@functools.cache
 def override_model(settings: type[StrictModel]) -> type[LayerOverride]:
-    """The per-layer override class of ``settings``: ``match`` plus each setting, all optional."""
+    """The per-layer override class of ``settings``: ``match`` plus each setting, all optional (one per class)."""
     fields: dict[str, Any] = {name: (info.annotation, FieldInfo.merge_field_infos(info, default=None,
                                                                                    default_factory=None))
                               for name, info in settings.model_fields.items()}
-    return create_model(f"{settings.__name__}Override", __base__=LayerOverride, __doc__=LayerOverride.__doc__,
-                        **fields)
+    model = create_model(f"{settings.__name__}Override", __base__=LayerOverride, __doc__=LayerOverride.__doc__,
+                         **fields)
+    model.layer_settings = settings
+    return model
 
 
 class PerLayer:

@@ -6,6 +6,12 @@ from typing import Any
 
 import torch
 
+from photosim.engine.analog import AnalogLayer, TileStep
+from photosim.engine.kernels import IntegerWeights
+from photosim.engine.plan import LayerPlan
+from photosim.engine.requant import REQUANT_MODES
+from photosim.hardware.config import LayerHardware
+from photosim.hardware.readout import Readout
 from photosim.ir.format import Node, QParams, QuantizedModel
 
 
@@ -93,3 +99,16 @@ def make_conv_net(seed: int = 0, w_bits: int = 8, a_bits: int = 8) -> QuantizedM
     m.linear("fc", "flat", qp(0.1, 0, a_bits, signed=True), random_weights((10, 8), w_bits, g),
              torch.randint(-100, 100, (10,), generator=g), 0.01, w_bits=w_bits)
     return m.build()
+
+
+def analog_layer(hw: dict[str, Any], weights: IntegerWeights, bias: torch.Tensor | None, *, x_max: int, w_max: int,
+                 seed: int = 0, repeat: int = 0, index: int = 3, tile_step: TileStep = "torch",
+                 diagnostics: bool = True) -> AnalogLayer:
+    """An AnalogLayer of prepared weights under the layer settings ``hw``, outside any model (its plan carries the
+    readout; the requant fields, unused by the tile step, are left empty)."""
+    settings = LayerHardware.model_validate(hw)
+    readout = Readout.of(settings, weights.k, x_max, w_max, layer=index, seed=seed, repeat=repeat)
+    node = Node("fc", "linear", ["x"], [qp()], qp(), {})
+    plan = LayerPlan(node, index, torch.empty(0), REQUANT_MODES[settings.requant], None, weights.plan,  # type: ignore
+                     False, readout)
+    return AnalogLayer(plan, weights, bias, tile_step, diagnostics)

@@ -17,12 +17,12 @@ FLOAT_TOP1 = 0.97
 
 def fake_run_point(point: dict[str, Any], cache: dict[Any, Any]) -> list[dict[str, Any]]:
     """Rows of one point: top1 etc. from its bits, requant mode, seed and repeat number."""
-    key = json.dumps([point["model"], point["quant"]], sort_keys=True)
+    key = json.dumps([point["model"], point["quant"].model_dump(mode="json")], sort_keys=True)
     built = key not in cache
     cache.setdefault(key, True)
     time.sleep(0.003)
-    w_bits, a_bits = point["quant"]["w_bits"], point["quant"]["a_bits"]
-    penalty = 0.003 if point["hw"]["requant"] == "fixedpoint" else 0.0
+    w_bits, a_bits = point["quant"].w_bits, point["quant"].a_bits
+    penalty = 0.003 if point["hw"].requant == "fixedpoint" else 0.0
     ideal = FLOAT_TOP1 - 0.02 * (8 - w_bits) - 0.01 * (8 - a_bits) - (0.01 if point["model"] == "digits-cnn" else 0)
     rows = []
     for repeat in range(point["repeats"]):

@@ -113,8 +113,9 @@ def test_hardware_config_from_object_dict_or_yaml(tmp_path) -> None:
     assert simulate_codes(hand_model(), HAND_X)[0].tolist() == HAND_EXPECTED["float"]["fc"]
 
 
-@pytest.mark.parametrize(("hw", "message"), [({"requant": "nope"}, "unknown requant mode"),
-                                             ({"requantize": "float"}, "unknown key 'requantize'")])
+@pytest.mark.parametrize(("hw", "message"), [
+    ({"requant": "nope"}, "requant: Input should be 'float', 'fixedpoint' or 'pytorch'"),
+    ({"requantize": "float"}, "unknown key 'requantize'")])
 def test_bad_hardware_config_is_rejected(hw: dict, message: str) -> None:
     with pytest.raises(PhotosimError, match=message):
         simulate(hand_model(), HAND_X, hw)

@@ -6,14 +6,15 @@ import random
 
 import pytest
 import torch
-from conftest import ModelBuilder, make_conv_net, qp
+from conftest import ModelBuilder, analog_layer, make_conv_net, qp
 
 from photosim.engine import executor as engine_module
 from photosim.engine import kernels, onednn
+from photosim.engine import plan as engine_plan
 from photosim.engine.executor import Engine
 from photosim.engine.requant import REQUANT_MODES, RequantParams
 from photosim.experiments.bench import CONFIGS
-from photosim.hardware import analog
+from photosim.hardware import readout
 from photosim.hardware.accumulator import accumulate
 from photosim.ir.format import QParams
 
@@ -23,13 +24,18 @@ TILED = CONFIGS[2].hw
 # -- the engine with its fast paths against the engine without them -------------------------------------
 
 
+REFERENCE = ["torch", "fbgemm"]  # the reference backend, and the one that computes FBGEMM's saturating pair sums
+
+
 def _without_fast_paths(monkeypatch: pytest.MonkeyPatch, float64_tiles: bool) -> None:
-    """Engines built after this use the im2col matmul paths only, in one sub-batch, float64 tile sums if asked."""
-    monkeypatch.setattr(onednn, "prepare_conv", lambda *args, **kwargs: None)
+    """Engines built after this (on the REFERENCE backends) use the im2col matmul paths only, in one sub-batch,
+    float64 tile sums if asked."""
+    monkeypatch.setattr(onednn, "prepare_conv", lambda *args, **kwargs: None)  # the one-tile shortcut too
     monkeypatch.setattr(engine_module, "SUB_BATCH_ELEMENTS", 1 << 40)
     monkeypatch.setattr(kernels, "int_mm_is_faster", lambda device_type: False)
     if float64_tiles:
-        monkeypatch.setattr(analog, "FLOAT32_EXACT", 0)
+        monkeypatch.setattr(readout, "FLOAT32_EXACT", 0)
+        monkeypatch.setattr(engine_plan, "FLOAT32_EXACT", 0)
 
 
 @pytest.mark.parametrize(("bits", "requant", "hw"), [
@@ -41,16 +47,17 @@ def _without_fast_paths(monkeypatch: pytest.MonkeyPatch, float64_tiles: bool) ->
 ])
 def test_engine_fast_paths_give_the_exact_paths_codes(monkeypatch: pytest.MonkeyPatch, bits: int, requant: str,
                                                       hw: dict | None) -> None:
-    """Every node's codes: oneDNN convs, sub-batches, in-place float requant, float32 tile sums against the
-    im2col matmul paths in one batch. Noisy tile values are float32 either way (the noise draws are per sample,
-    so the same); without noise the float32 tile sums are checked against float64 ones."""
+    """Every node's codes: the fastest backends (oneDNN convs, the compiled readout), sub-batches, in-place float
+    requant, float32 tile sums against the reference backend's im2col matmul paths in one batch. Noisy tile values
+    are float32 either way (the noise draws are per sample, so the same); without noise the float32 tile sums are
+    checked against float64 ones."""
     model = make_conv_net(seed=bits, w_bits=bits, a_bits=bits)
     x = torch.rand(9, 3, 12, 12, generator=torch.Generator().manual_seed(bits))
     config = {**(hw or {}), "requant": requant}
     monkeypatch.setattr(engine_module, "SUB_BATCH_ELEMENTS", 2 * 8 * 12 * 12)  # sub-batches of 2 samples
     fast = Engine(model, config, seed=5).node_outputs(x)
     _without_fast_paths(monkeypatch, float64_tiles="noise" not in config)
-    exact = Engine(model, config, seed=5).node_outputs(x)
+    exact = Engine(model, config, seed=5, backend=REFERENCE).node_outputs(x)
     assert fast.keys() == exact.keys()
     for name in fast:
         assert torch.equal(fast[name], exact[name]), name
@@ -68,8 +75,8 @@ def test_int8_tile_sums_give_the_float_tile_sums_codes(monkeypatch: pytest.Monke
     assert {layer.weights.plan.path for layer in int8.analog.values()} == {"int_mm"}
     assert any(layer.tile_shift is not None for layer in int8.analog.values())
     codes = int8.node_outputs(x)
-    monkeypatch.setattr(analog.AnalogLayer, "_fused_applies", lambda self, device: False)
-    torch_readout = Engine(model, hw, seed=4).node_outputs(x)
+    assert {choice.backend for choice in int8.backends.values()} == {"fused-cpu"}
+    torch_readout = Engine(model, hw, seed=4, backend=["torch"]).node_outputs(x)
     monkeypatch.undo()
     monkeypatch.setattr(kernels, "int_mm_is_faster", lambda device_type: False)
     float32 = Engine(model, hw, seed=4)
@@ -95,7 +102,7 @@ def test_long_tiles_compute_the_same_on_every_matmul_path(monkeypatch: pytest.Mo
         engine = Engine(model, hw, seed=1)
         assert engine.analog["fc"].weights.plan.path == ("int_mm" if int8 else "float64")
         assert engine.analog["fc"].full_scale > 2 ** 24
-        codes[int8] = engine.analog["fc"].linear_acc(model.input_q.quantize(x), 0, torch.arange(len(x)))
+        codes[int8] = engine.analog["fc"].linear_acc(model.input_q.quantize(x), torch.arange(len(x)))
     assert torch.equal(codes[True], codes[False])  # the accumulators, before requantization could hide a step
 
 
@@ -140,12 +147,12 @@ def test_float_requant_on_float64_accumulators_matches_the_integer_formula() -> 
 def test_accumulator_sum_matches_the_running_accumulator(seed: int) -> None:
     r = random.Random(seed)
     bits, overflow = r.randint(6, 16), r.choice(["wrap", "saturate", "none"])
-    hw = analog.LayerHardware.model_validate({"accumulator": {"bits": bits, "overflow": overflow,
-                                                              "bias_at": r.choice(["start", "end"])}})
-    layer = analog.AnalogLayer("fc", 0, hw, None, None, x_max=1, w_max=1)
+    hw = {"accumulator": {"bits": bits, "overflow": overflow, "bias_at": r.choice(["start", "end"])}}
+    weights = kernels.prepare_weights(torch.ones(3, 1), 1, kernels.MatmulPlan("float64", 1))
+    layer = analog_layer(hw, weights, None, x_max=1, w_max=1)
     top = r.choice([3, 1 << (bits - 3), 1 << bits])  # safe for the plain sum, or not
     codes = torch.randint(-top, top + 1, (1, 5, 40, 3), generator=torch.Generator().manual_seed(seed))
     bias = torch.randint(-top, top + 1, (1, 1, 3), generator=torch.Generator().manual_seed(seed + 1))
     acc, overflowed = layer._accumulate(codes, bias)
-    expected, flags = accumulate(codes.permute(0, 2, 3, 1), bias, bits, overflow, hw.accumulator.bias_at)
+    expected, flags = accumulate(codes.permute(0, 2, 3, 1), bias, bits, overflow, hw["accumulator"]["bias_at"])
     assert torch.equal(acc, expected) and overflowed == int(flags.sum())

@@ -1,4 +1,4 @@
-"""The compiled CPU readout (photosim.hardware.fused_cpu) equals the torch reference path bit for bit: the
+"""The compiled CPU readout (photosim.engine.fused_cpu) equals the torch reference path bit for bit: the
 accumulators, clip and overflow counts exactly, the signal and error powers to float rounding."""
 
 from __future__ import annotations
@@ -9,22 +9,25 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import analog_layer
 
-from photosim.engine import kernels
-from photosim.hardware import analog
+from photosim.engine import analog, kernels
+from photosim.engine.backends import BACKENDS
+
+FUSED_CPU = BACKENDS["fused-cpu"]
 
 GROUPS, OUTS = 2, 5  # groups, outputs per group
 
 
 def _layer(tile: int, tiles: int, hw: dict, bias: bool, dtype: torch.dtype) -> analog.AnalogLayer:
     """A layer of K = tile * tiles inputs over G groups whose plan gives tile values of ``dtype``."""
-    config = analog.LayerHardware.model_validate({"tile": tile, **hw})
     x_max, w_max = (8, 128) if dtype == torch.float32 else (1 << 15, 1 << 15)
     plan = kernels.MatmulPlan(str(dtype).removeprefix("torch."), chunk=tile * tiles)
     w = torch.randint(-w_max, w_max, (GROUPS * OUTS, tile * tiles), generator=torch.Generator().manual_seed(1))
     weights = kernels.prepare_weights(w, GROUPS, plan)
     b = torch.randint(-5000, 5000, (GROUPS, OUTS), generator=torch.Generator().manual_seed(2)) if bias else None
-    return analog.AnalogLayer("fc", 3, config, weights, b, x_max=x_max, w_max=w_max, seed=7, repeat=1)
+    return analog_layer({"tile": tile, **hw}, weights, b, x_max=x_max, w_max=w_max, seed=7, repeat=1,
+                        tile_step="fused-cpu")
 
 
 def _tile_values(layer: analog.AnalogLayer, tiles: int, rows: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -37,7 +40,7 @@ def _tile_values(layer: analog.AnalogLayer, tiles: int, rows: int, dtype: torch.
 def _both(layer: analog.AnalogLayer, p: torch.Tensor, ids: torch.Tensor,
           exact: torch.Tensor | None = None) -> tuple[tuple, tuple]:
     fused, reference = copy.deepcopy(layer), copy.deepcopy(layer)
-    assert fused._fused_applies(p.device)
+    assert FUSED_CPU.supports(layer.plan, p.device) is None
     a = fused._readout_fused(p, ids, exact, None)
     b = reference._readout_torch(p, ids, exact)
     return (a, fused.stats), (b, reference.stats)
@@ -96,7 +99,7 @@ def test_given_exact_and_float64_values_read_in_float32() -> None:
     layer = _layer(48, 1, hw, True, torch.float32)
     ids = torch.tensor([9, 3])
     p = _tile_values(layer, 1, 2 * 7, torch.float64, seed=3)
-    assert layer.tile_dtype == torch.float32
+    assert layer.readout.dtype == torch.float32
     _assert_same(*_both(layer, p, ids))
     exact = p.sum(dim=1) + torch.rand(p.shape[0], p.shape[2], p.shape[3], dtype=torch.float64)
     _assert_same(*_both(layer, p, ids, exact))
@@ -119,14 +122,19 @@ def test_a_sample_reads_the_same_in_any_batch_and_thread_count() -> None:
 
 
 def test_cpu_readout_takes_the_fused_path_except_where_it_cannot() -> None:
+    cpu = torch.device("cpu")
     layer = _layer(16, 2, {"noise": NOISES["both"]}, False, torch.float64)
-    assert not layer._fused_applies(torch.device("cpu"))  # float64 shot noise: torch's float64 sqrt
+    assert "float64 shot noise" in FUSED_CPU.supports(layer.plan, cpu)  # torch's float64 sqrt is the reference
     layer = _layer(16, 2, {"noise": NOISES["output"]}, False, torch.float64)
-    assert layer._fused_applies(torch.device("cpu")) and not layer._fused_applies(torch.device("meta"))
+    assert FUSED_CPU.supports(layer.plan, cpu) is None
+    assert FUSED_CPU.supports(layer.plan, torch.device("meta")) == "runs on the CPU"
+    layer = _layer(16, 2, {"noise": {"custom": {"function": "math:fabs"}}}, False, torch.float64)
+    assert "custom noise" in FUSED_CPU.supports(layer.plan, cpu)
 
 
 def test_kernel_normals_are_the_philox_streams() -> None:
-    from photosim.hardware import fused_cpu, philox
+    from photosim.engine import fused_cpu
+    from photosim.hardware import philox
 
     key, count = (0xDEADBEEF, 0x01234567), 1 << 16
     out = np.zeros(count, dtype=np.float32)

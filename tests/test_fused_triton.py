@@ -18,10 +18,15 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton fixes the mode of every kernel when it is imported
 triton = pytest.importorskip("triton")
 
-from photosim.engine import kernels  # noqa: E402
-from photosim.frontend.observers import ActivationObserver  # noqa: E402
-from photosim.hardware import analog, fused_triton  # noqa: E402
+from conftest import analog_layer  # noqa: E402
+
+from photosim.engine import analog, backends, fused_triton, kernels  # noqa: E402
+from photosim.engine.plan import tile_plan  # noqa: E402
 from photosim.hardware.config import LayerHardware  # noqa: E402
+from photosim.hardware.readout import Readout  # noqa: E402
+from photosim.ir.observers import ActivationObserver  # noqa: E402
+
+FUSED_TRITON = backends.BACKENDS["fused-triton"]
 
 # Interpreted kernels run on CPU tensors, compiled ones on CUDA tensors.
 DEVICE = "cpu" if triton.knobs.runtime.interpret else "cuda" if torch.cuda.is_available() else None
@@ -111,17 +116,22 @@ def make_layer(case: Case, seed: int = 0) -> tuple[analog.AnalogLayer, torch.Ten
     a = torch.randint(x_lo, x_hi + 1, (g, m, case.k), generator=gen)
     w = torch.randint(-128, 128, (g, case.k, case.o), generator=gen)
     accumulator = {"bits": case.acc_bits, "overflow": case.overflow, "bias_at": case.bias_at or "start"}
-    hw = LayerHardware(tile=case.tile, adc={"bits": case.adc_bits}, accumulator=accumulator,
-                       noise={"output": {"sigma": case.output}, "shot": {"sigma": case.shot}})
+    hw = {"tile": case.tile, "adc": {"bits": case.adc_bits, "range": case.adc_range}, "accumulator": accumulator,
+          "noise": {"output": {"sigma": case.output}, "shot": {"sigma": case.shot}}}
+    readout = Readout.of(LayerHardware.model_validate(hw), case.k, x_max, w_max, layer=3)
     plan = (kernels.MatmulPlan("float64", case.k) if case.float64_plan
-            else analog.tile_plan(case.k, hw, (x_lo, x_hi), 8, torch.device("cuda")))
+            else tile_plan(case.k, readout, (x_lo, x_hi), 8, torch.device("cuda")))
     assert plan.path == {"float32": "float32", "int8": "int_mm", "uint8": "int_mm"}[case.operands] or case.float64_plan
     weights = kernels.IntegerWeights(plan, cuda_layout(w, plan), None, case.k, case.o)
-    layer = analog.AnalogLayer("layer", 3, hw, weights, None, x_max, w_max, seed=11, repeat=2)
-    layer.adc_range = case.adc_range * layer.full_scale
-    if case.bias_at:
-        layer.bias = torch.randint(-int(layer.full_scale) // 4, int(layer.full_scale) // 4, (g, case.o), generator=gen)
+    fs = int(readout.full_scale)
+    bias = torch.randint(-fs // 4, fs // 4, (g, case.o), generator=gen) if case.bias_at else None
+    layer = analog_layer(hw, weights, bias, x_max=x_max, w_max=w_max, seed=11, repeat=2, index=3)
     return layer, a, w
+
+
+def with_readout(layer: analog.AnalogLayer, /, **changes: object) -> analog.AnalogLayer:
+    """A copy of the layer whose readout has ``changes`` (seed, repeat, layer, ...)."""
+    return replace(layer, plan=replace(layer.plan, readout=replace(layer.readout, **changes)))
 
 
 def operands(layer: analog.AnalogLayer, a: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -133,7 +143,7 @@ def operands(layer: analog.AnalogLayer, a: torch.Tensor, dtype: torch.dtype | No
 def fused(layer: analog.AnalogLayer, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
           case: Case) -> fused_triton.TileStep:
     """tile_step called as AnalogLayer.dot would call it, on int8 or float32 operands as the case has them."""
-    readout = fused_triton.Readout.of(layer)
+    readout = layer.readout
     bias = None if layer.bias is None else torch.round(layer.bias.double() / readout.step).to(torch.int64)
     dtype = torch.float32 if case.operands == "float32" else torch.int8
     return fused_triton.tile_step(operands(layer, a, dtype), w.to(dtype), ids, readout, bias, shift=layer.tile_shift)
@@ -180,7 +190,7 @@ def test_analog_layer_on_the_kernel_equals_its_cpu_path(case: Case) -> None:
     reference = copy.deepcopy(layer)
     ids = torch.tensor(case.ids)
     a = operands(layer, a)
-    assert layer._triton_applies(torch.device("cuda"))
+    assert FUSED_TRITON.supports(layer.plan, torch.device(DEVICE)) is None
     if DEVICE != "cpu":
         layer.weights = replace(layer.weights, matrix=layer.weights.matrix.to(DEVICE))
         layer.bias = None if layer.bias is None else layer.bias.to(DEVICE)
@@ -198,9 +208,10 @@ def test_unsigned_long_tiles_run_on_the_kernel_as_int8() -> None:
     case = CASES[-1]
     layer, _, _ = make_layer(case)
     assert layer.weights.plan == kernels.MatmulPlan("int_mm", case.k, 128) and layer.full_scale > 1 << 24
-    assert layer._triton_applies(torch.device("cuda")) and not layer._triton_applies(torch.device("cpu"))
-    layer.weights = replace(layer.weights, plan=kernels.MatmulPlan("float64", case.k))
-    assert not layer._triton_applies(torch.device("cuda"))
+    assert FUSED_TRITON.supports(layer.plan, torch.device(DEVICE)) is None
+    assert backends.choose(layer.plan, torch.device("cpu")).backend != "fused-triton"  # on CPUs only on request
+    float64, _, _ = make_layer(replace(case, float64_plan=True))
+    assert "no exact tile sums" in FUSED_TRITON.supports(float64.plan, torch.device(DEVICE))
 
 
 def test_torch_sqrt_rounding_moves_few_codes() -> None:
@@ -214,14 +225,16 @@ def test_repeat_seed_and_layer_change_the_noise() -> None:
     layer, a, w = (t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in make_layer(CASES[1]))
     ids = torch.tensor(CASES[1].ids, device=DEVICE)
     base = fused(layer, a, w, ids, CASES[1]).acc
-    for change in ({"seed": 12}, {"repeat": 3}, {"index": 4}):
-        other = replace(layer, **change)
+    for change in ({"seed": 12}, {"repeat": 3}, {"layer": 4}):
+        other = with_readout(layer, **change)
         assert not torch.equal(fused(other, a, w, ids, CASES[1]).acc, base)
 
 
 def test_refuses_inexact_operands_and_bad_shapes() -> None:
     layer, a, w = make_layer(CASES[1])
-    readout = replace(fused_triton.Readout.of(layer), full_scale=float(1 << 24))
+    readout = layer.readout
+    readout = replace(readout, w_max=-(-(1 << 24) // (readout.tile * readout.x_max)))  # FS just over 2^24
+    assert readout.full_scale >= 1 << 24
     assert fused_triton.operand_path(torch.float32, torch.float32, readout.full_scale) is None
     assert fused_triton.operand_path(torch.int8, torch.int8, readout.full_scale) == "int8"
     assert fused_triton.operand_path(torch.int8, torch.int8, float(1 << 31)) is None
@@ -229,13 +242,12 @@ def test_refuses_inexact_operands_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="torch path"):
         fused_triton.tile_step(a.float(), w.float(), torch.tensor(CASES[1].ids), readout)
     with pytest.raises(ValueError, match="equal size"):
-        fused_triton.tile_step(a.float(), w.float(), torch.tensor([0, 1, 2, 3, 4]), fused_triton.Readout.of(layer))
+        fused_triton.tile_step(a.float(), w.float(), torch.tensor([0, 1, 2, 3, 4]), layer.readout)
     with pytest.raises(ValueError, match="shift"):
-        fused_triton.tile_step(a.float(), w.float(), torch.tensor(CASES[1].ids), fused_triton.Readout.of(layer),
+        fused_triton.tile_step(a.float(), w.float(), torch.tensor(CASES[1].ids), layer.readout,
                                shift=torch.zeros(2, 2, 12, dtype=torch.int64))
-    layer.hw = LayerHardware(noise={"weight_read": {"sigma": 0.1}})
-    with pytest.raises(ValueError, match="torch path"):
-        fused_triton.Readout.of(layer)
+    noisy_weights = analog_layer({"noise": {"weight_read": {"sigma": 0.1}}}, layer.weights, None, x_max=255, w_max=128)
+    assert "weight error" in FUSED_TRITON.supports(noisy_weights.plan, torch.device(DEVICE))
 
 
 def test_available() -> None:
@@ -291,10 +303,9 @@ def test_an_engine_on_the_kernel_equals_the_cpu_engine(monkeypatch: pytest.Monke
     hw = {"tile": 8, "adc": {"bits": 6}, "noise": {"output": {"sigma": 0.02}, "shot": {"sigma": 0.01}},
           "accumulator": {"bits": 12, "overflow": "saturate"}}
     reference = Engine(model, hw, seed=3).node_outputs(x, first_sample=5)
-    monkeypatch.setattr(analog.AnalogLayer, "_triton_applies", lambda self, device: True)
     calls = []
     monkeypatch.setattr(fused_triton, "tile_step", lambda *args, **kw: calls.append(1) or tile_step(*args, **kw))
-    engine = Engine(model, hw, seed=3)
+    engine = Engine(model, hw, seed=3, backend=["fused-triton"])
     assert {layer.weights.plan.path for layer in engine.analog.values()} == {"int_mm" if int8 else "float32"}
     got = engine.node_outputs(x, first_sample=5)
     assert len(calls) >= len(engine.analog)

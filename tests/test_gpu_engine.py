@@ -11,7 +11,6 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from types import ModuleType
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from photosim.engine import kernels
+from photosim.engine import backends, kernels
 from photosim.engine.executor import Engine
 from photosim.engine.requant import INT32_MAX, INT32_MIN, FloatRequant, RequantParams
 from photosim.ir.format import QuantizedModel
@@ -131,12 +130,14 @@ def test_patches_match_the_torch_im2col(fused: ModuleType, geometry: tuple[int, 
 
 
 def _with_fused_layers(engine: Engine, fused: ModuleType) -> Engine:
-    """A CPU engine whose eligible float-mode layers and adds take the fused path (under the interpreter)."""
-    engine._cuda_ideal = fused
-    for name, layer in engine.layers.items():
-        groups = engine.model.node(name).attrs.get("groups", 1)
-        if fused.applies(layer.weights, groups):
-            engine.layers[name] = replace(layer, fused=fused.FusedLayer.prepare(layer.weights, layer.params))
+    """A CPU engine whose layers the cuda-ideal backend supports (as it would on CUDA) and adds take the fused path
+    (under the interpreter)."""
+    engine._cuda_add = fused.add_codes
+    cuda_ideal = backends.BACKENDS["cuda-ideal"]
+    for name, plan in engine.layer_plans.items():
+        if cuda_ideal.supports(plan, torch.device("cuda")) is None:
+            weights = kernels.prepare_weights(plan.weight, plan.groups, plan.matmul)
+            engine.layers[name] = backends.CudaIdealLayer(plan, fused.FusedLayer.prepare(weights, plan.requant))
     return engine
 
 
@@ -150,7 +151,7 @@ def test_fused_layers_give_the_engines_codes(fused: ModuleType, monkeypatch: pyt
     x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     expected = Engine(model).node_outputs(x)
     engine = _with_fused_layers(Engine(model), fused)
-    assert sum(layer.fused is not None for layer in engine.layers.values()) == 2  # conv1 and fc
+    assert sum(isinstance(layer, backends.CudaIdealLayer) for layer in engine.layers.values()) == 2  # conv1, fc
     got = engine.node_outputs(x)
     assert all(torch.equal(got[name], expected[name]) for name in expected)
 
@@ -178,7 +179,7 @@ def _assert_cuda_matches_cpu(model: QuantizedModel, x: torch.Tensor, hw: dict | 
     expected = Engine(model, hw).node_outputs(x)
     engine = Engine(model, hw, device="cuda")
     got = engine.node_outputs(x)
-    assert any(layer.fused is not None for layer in engine.layers.values())
+    assert any(choice.backend == "cuda-ideal" for choice in engine.backends.values())
     mismatched = [name for name in expected if not torch.equal(got[name], expected[name])]
     assert not mismatched
 

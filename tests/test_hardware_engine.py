@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import ModelBuilder, qp
 
-from photosim.engine import kernels
 from photosim.engine.executor import Engine, simulate_codes
 from photosim.errors import PhotosimError
 from photosim.experiments.workflow import calibrate_adc_ranges
@@ -96,8 +95,8 @@ def _analog_error(qm, x, hw, samples: int, **kwargs) -> torch.Tensor:
     engine = Engine(qm, hw, **kwargs)
     layer = engine.analog["fc"]
     codes = qm.input_q.quantize(x).expand(samples, -1)
-    exact = kernels.linear_acc(codes, 0, engine.layers["fc"].weights)
-    return layer.linear_acc(codes, 0, torch.arange(samples)).double() * layer.step - exact.double()
+    exact = codes.double() @ qm.tensors["fc.weight"].double().T  # (samples, O), exact below 2^53
+    return layer.linear_acc(codes, torch.arange(samples)).double() * layer.step - exact
 
 
 def test_output_noise_std_is_sigma_times_full_scale() -> None:
@@ -170,7 +169,7 @@ def test_adc_clips_are_counted() -> None:
     [({"tiles": 4}, "unknown key 'tiles'"), ({"noise": {"output": {"sigma": -0.1}}}, "noise.output.sigma"),
      ({"adc": {"bits": 0}}, "adc.bits"), ({"accumulator": {"overflow": "clip"}}, "accumulator.overflow"),
      ({"noise": {"output": {"sigma": 0.1, "snr_db": 20}}}, "one of sigma, snr_db or enob"),
-     ({"requant": "magic"}, "allowed: float")],
+     ({"requant": "magic"}, "requant: Input should be .float.")],
 )
 def test_bad_hardware_configs_name_the_key(hw, culprit) -> None:
     with pytest.raises(PhotosimError, match=culprit):

@@ -16,11 +16,11 @@ from photosim.frontend.algorithms.selection import CANDIDATES, label
 from photosim.frontend.capture import capture
 from photosim.frontend.data import load_dataset
 from photosim.frontend.models import load_model
-from photosim.frontend.observers import quantize_weight, weight_scale
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
 from photosim.ir.fakequant import dequantized_params, fake_quant_forward, fake_quantize, run_node
 from photosim.ir.format import QuantizedModel
+from photosim.ir.observers import quantize_weight, weight_scale
 from photosim.ir.ops import OPS
 
 

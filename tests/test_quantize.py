@@ -10,11 +10,11 @@ from photosim.errors import PhotosimError
 from photosim.frontend.capture import capture
 from photosim.frontend.data import load_dataset
 from photosim.frontend.models import list_models, load_model
-from photosim.frontend.observers import ActivationObserver, affine_params
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
 from photosim.ir.fakequant import fake_quant_forward
 from photosim.ir.format import WEIGHTED_OPS, QParams, load, weights_scale
+from photosim.ir.observers import ActivationObserver, affine_params
 
 BUILTINS = [m.name for m in list_models()]
 

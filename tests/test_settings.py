@@ -64,7 +64,7 @@ def _by_layer(base: dict[str, Any], key: str, value: float) -> OutputNoise:
 
 def _by_axis(base: dict[str, Any], key: str, value: float) -> OutputNoise:
     sweep = load_sweep({"base": {"hw": {"noise": {"output": base}}}, "grid": {f"hw.noise.output.{key}": [value]}})
-    return OutputNoise(**sweep.points[0].config["hw"]["noise"]["output"])
+    return sweep.points[0].config.hw.noise.output
 
 
 PATHS = {"flag": _by_flag, "layer": _by_layer, "axis": _by_axis}
@@ -170,7 +170,7 @@ BAD_HW = [  # (hw YAML text, texts the message must contain)
     ("noise: {weight_static: {sigma: -.inf}}\n", ["noise.weight_static.sigma"]),
     ("tile: 16\nadc: {bits: 8}\ntile: 32\n", ["duplicate key 'tile'", "first given on line 1", "line 3"]),
     ("adc: {bits: 8, bits: 4}\n", ["duplicate key 'bits'", "line 1"]),
-    ("layers:\n  - {match: fc, requant: doublefloat}\n", ["layers.0.requant", "unknown requant mode", "fixedpoint"]),
+    ("layers:\n  - {match: fc, requant: doublefloat}\n", ["layers.0.requant", "Input should be", "fixedpoint"]),
     ("requant: pytorch\npytorch_cpu: arm\n", ["pytorch_cpu", "avx512-vnni"]),
     ("layers:\n  - {match: fc, adc: null}\n", ["layers.0.adc"]),
     (ALIAS_BOMB, ["aliases", str(100_000)]),
@@ -194,7 +194,7 @@ def test_bad_hardware_file_exits_2(tmp_path: Path, text: str, expected: list[str
 @pytest.mark.parametrize(("args", "expected"), [
     (["--noise", "inf"], ["noise.output.sigma", "finite"]),
     (["--noise", "nan"], ["noise.output.sigma", "finite"]),
-    (["--requant", "bogus"], ["requant", "unknown requant mode"]),
+    (["--requant", "bogus"], ["requant", "Input should be"]),
     (["--percentile", "nan"], ["percentile"]),
     (["--config", "QUANT"], ["duplicate key 'w_bits'"]),
 ], ids=["noise-inf", "noise-nan", "requant", "percentile-nan", "quant-duplicate"])
@@ -230,7 +230,7 @@ BAD_SWEEPS = [  # (sweep YAML text, texts the message must contain)
     ("base: {model: digits-cnn}\ngrid: {seed: [0, -3]}\n", ["point 1", "seed", "greater than or equal to 0"]),
     ("grid: {hw.noise.output.snr_db: [40, .nan]}\n", ["point 1", "hw.noise.output.snr_db", "finite"]),
     ("grid: {quant.percentile: [.nan]}\n", ["quant.percentile"]),
-    ("base: {hw: {layers: [{match: fc, requant: exact}]}}\n", ["hw.layers.0.requant", "unknown requant mode"]),
+    ("base: {hw: {layers: [{match: fc, requant: exact}]}}\n", ["hw.layers.0.requant", "Input should be"]),
     ("base: {model: digits-cnn}\nbase: {model: digits-resnet}\n", ["duplicate key 'base'", "line 2"]),
     ("grid: {quant.w_bits: [8, 4]}\ngrid: {quant.a_bits: [8]}\n", ["duplicate key 'grid'"]),
     ("base: {weights: missing.pt, model: torchvision:resnet18}\n", ["'missing.pt' does not exist"]),  # preflight

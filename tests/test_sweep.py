@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ from typer.testing import CliRunner
 from photosim.cli import app
 from photosim.errors import PhotosimError
 from photosim.experiments import sweep as sweep_module
-from photosim.experiments.sweep import LOG, MANIFEST, RESULTS, SUMMARY, load_sweep, run_sweep
+from photosim.experiments.point import MODEL_KEYS
+from photosim.experiments.sweep import LOG, MANIFEST, RESULTS, SUMMARY, group_points, load_sweep, run_sweep
+from photosim.frontend.qconfig import QuantSpec
+from photosim.hardware.config import HardwareConfig, load_hardware
 
 TESTS = Path(__file__).parent
 EXPERIMENTS = sorted((TESTS.parent / "experiments").glob("*.yaml"))
@@ -57,29 +61,71 @@ def test_variants_zip_and_grid_expand_in_order() -> None:
     assert len(points) == POINTS
     assert [p.index for p in points] == list(range(POINTS))
     assert [p.variant for p in points] == ["cnn"] * 6 + ["resnet"] * 6
-    assert [(p.config["quant"]["w_bits"], p.config["quant"]["a_bits"], p.config["hw"]["requant"])
-            for p in points[:6]] == [(8, 8, "float"), (8, 8, "fixedpoint"), (6, 6, "float"),
-                                     (6, 6, "fixedpoint"), (4, 4, "float"), (4, 4, "fixedpoint")]
-    assert {p.config["model"] for p in points[6:]} == {"digits-resnet"}
+    assert [(p.config.quant.w_bits, p.config.quant.a_bits, p.config.hw.requant) for p in points[:6]] == [
+        (8, 8, "float"), (8, 8, "fixedpoint"), (6, 6, "float"), (6, 6, "fixedpoint"), (4, 4, "float"),
+        (4, 4, "fixedpoint")]
+    assert {p.config.model for p in points[6:]} == {"digits-resnet"}
     assert len({p.hash for p in points}) == POINTS
 
 
 def test_grid_is_the_cartesian_product() -> None:
     points = load_sweep({"grid": {"quant.w_bits": [8, 4, 2], "hw.noise.output.sigma": [0.0, 0.01]}}).points
-    assert [(p.config["quant"]["w_bits"], p.config["hw"]["noise"]["output"]["sigma"]) for p in points] == [
+    assert [(p.config.quant.w_bits, p.config.hw.noise.output.sigma) for p in points] == [
         (8, 0.0), (8, 0.01), (4, 0.0), (4, 0.01), (2, 0.0), (2, 0.01)]
     assert all(p.variant is None for p in points)
 
 
 def test_points_are_complete_configs_with_content_hashes() -> None:
     point = load_sweep(SWEEP).points[0]
-    assert set(point.config) >= {"model", "weights", "num_classes", "cifar_stem", "data", "data_root", "download",
-                                 "limit", "quant", "hw", "repeats", "seed", "batch_size", "device"}
-    assert point.config["quant"]["bias_bits"] == 32  # defaults filled in
+    assert set(point.config.model_dump()) >= {"model", "weights", "num_classes", "cifar_stem", "data", "data_root",
+                                              "download", "limit", "quant", "hw", "repeats", "seed", "batch_size",
+                                              "device"}
+    assert isinstance(point.config.quant, QuantSpec) and isinstance(point.config.hw, HardwareConfig)
+    assert point.config.quant.bias_bits == 32  # defaults filled in
     explicit = changed(base={**SWEEP["base"], "quant": {"bias_bits": 32}})
     assert load_sweep(explicit).points[0].hash == point.hash  # a default written out is the same point
     reseeded = changed(base={**SWEEP["base"], "seed": 2})
     assert load_sweep(reseeded).points[0].hash != point.hash
+
+
+def test_point_hashes_are_those_of_untyped_points() -> None:
+    """Values computed before points were typed (a per-layer override, a ptq string, snr_db replaced by sigma in one
+    variant): the typed points hash the same dump, so existing results folders resume."""
+    sweep = load_sweep({"base": {"model": "digits-cnn", "quant": {"w_bits": 6, "ptq": "equalize"},
+                                 "hw": {"tile": 64, "noise": {"output": {"snr_db": 30}},
+                                        "layers": [{"match": "fc", "adc": {"bits": 8}}]}},
+                        "variants": {"snr": {}, "sigma": {"hw.noise.output.sigma": 0.01}}})
+    assert (sweep.hash, [p.hash for p in sweep.points]) == ("6fdd41ad5238cfff", ["42bd54defbc2dbc7",
+                                                                                 "4b44f6998afd099b"])
+
+
+def test_points_sharing_the_fields_marked_as_model_share_a_group() -> None:
+    assert MODEL_KEYS == ("model", "weights", "num_classes", "cifar_stem", "data", "data_root", "download", "quant")
+    groups = group_points(load_sweep(SWEEP).points)
+    assert [[index for index, _ in group] for group in groups] == [[i, i + 1] for i in range(0, POINTS, 2)]
+
+
+def test_runners_get_typed_sections_that_survive_pickling() -> None:
+    """Worker processes receive each point's fields with quant and hw validated (per-layer overrides included)."""
+    sweep = load_sweep({"base": {"quant": {"layers": [{"match": "fc", "w_bits": 4}]},
+                                 "hw": {"layers": [{"match": "fc", "noise": {"output": {"enob": 6}}}]}}})
+    [[(_, point)]] = group_points(sweep.points)
+    assert isinstance(point["quant"], QuantSpec) and isinstance(point["hw"], HardwareConfig)
+    assert pickle.loads(pickle.dumps(point)) == point == dict(sweep.points[0].config)
+
+
+def test_base_sections_may_name_a_preset_or_yaml_file(tmp_path: Path) -> None:
+    """`hw: PRESET` and `quant: FILE.yaml` in base work as --hw and --quant do; axes still set their keys."""
+    quant = tmp_path / "quant.yaml"
+    quant.write_text(yaml.safe_dump({"w_bits": 4}))
+    named = load_sweep({"base": {"hw": "microring-weight-bank", "quant": str(quant)}, "grid": {"hw.tile": [16, 32]}})
+    preset = load_hardware("microring-weight-bank")
+    inline = load_sweep({"base": {"hw": preset.model_dump(), "quant": {"w_bits": 4}}, "grid": {"hw.tile": [16, 32]}})
+    assert [p.hash for p in named.points] == [p.hash for p in inline.points]
+    assert [(p.config.hw.tile, p.config.quant.w_bits) for p in named.points] == [(16, 4), (32, 4)]
+    assert named.points[0].config.hw == preset
+    with pytest.raises(PhotosimError, match="neither a file nor a shipped hw preset"):
+        load_sweep({"base": {"hw": "no-such-chip"}})
 
 
 BAD_SWEEPS = [

@@ -12,6 +12,7 @@ from photosim._files import spec_file
 from photosim.cli.common import (
     ABitsOpt,
     ActivationRangeOpt,
+    BackendOpt,
     BatchOpt,
     BiasBitsOpt,
     CalibOpt,
@@ -63,8 +64,10 @@ def run(
     seed: Annotated[int, typer.Option(min=0, help="Seed of every noise stream.")] = 0,
     batch_size: BatchOpt = 256,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    backend: BackendOpt = None,
     report: Annotated[Path | None, typer.Option(help="Write the accuracy table as CSV.")] = None,
-    layer_report: Annotated[Path | None, typer.Option(help="Write the per-layer diagnostics as CSV.")] = None,
+    layer_report: Annotated[Path | None, typer.Option(
+        help="Write the per-layer diagnostics as CSV (with the backend that ran each layer).")] = None,
     float_model: Annotated[str | None, typer.Option(
         help="Float model of MODEL_FILE for the float baseline (same forms as --model; --weights, --num-classes "
              "and --cifar-stem apply to it). Without it only built-in and torchvision: sources are rebuilt.")] = None,
@@ -74,6 +77,7 @@ def run(
     With no arguments: the demo (digits-resnet, 8 bits, digits test split). A model file never runs code:
     its float baseline is rebuilt only from built-in and torchvision: names, or from --float-model.
     """
+    from photosim.engine.backends import check_names
     from photosim.engine.executor import check_device
     from photosim.experiments.report import write_csv_atomic
     from photosim.experiments.workflow import (
@@ -94,6 +98,7 @@ def run(
               {"MODEL_FILE": model_file, "--hw": hw, "--float-model": spec_file(float_model),
                **model_inputs(model, weights, config)})
     check_device(device)
+    check_names(backend or [])
     hw_config = hardware_with_flags(load_hardware(hw), requant=requant, noise=noise, tile=tile, adc_bits=adc_bits,
                                     acc_bits=acc_bits, overflow=overflow)
     data_spec = DataSpec(data, data_root, download, limit)
@@ -112,9 +117,9 @@ def run(
     test = data_spec.split("test", qmodel.input_shape)
     calibration = data_spec.split("calibration", qmodel.input_shape)
     base = baselines(qmodel, test, hw_config.requant, float_module, batch_size=batch_size, device=device,
-                     progress=True)
+                     progress=True, backend=backend or ())
     hw_run = run_hardware(qmodel, test, hw_config, calibration=calibration, repeats=repeats, seed=seed,
-                          batch_size=batch_size, device=device, progress=True)
+                          batch_size=batch_size, device=device, progress=True, backend=backend or ())
     table = accuracy_table(base, hw_run, comparison_rows(base, hw_run), hw_config.requant)
     console.print(f"{source} on {data} test ({base.fake_quant.n} images), {repeats} repeat(s), seed {seed}")
     if float_module is None:
@@ -124,9 +129,10 @@ def run(
     _print_sigmas(hw_run.layers)
     print_table("accuracy (top-1; drops in points)", table)
     if not hw_run.layers.empty:
-        mean = hw_run.layers.drop(columns="repeat").groupby("layer", sort=False).mean().reset_index()
+        grouped = hw_run.layers.drop(columns="repeat").groupby("layer", sort=False)
+        mean = grouped.mean(numeric_only=True).join(grouped["backend"].first()).reset_index()
         columns = ["layer", "overflow_rate", "adc_clip_rate", "snr_db", "snr_db_budget", "enob", "acc_bits_worst_case",
-                   "acc_bits_observed"]
+                   "acc_bits_observed", "backend"]
         print_table("per layer, mean over repeats", mean[[c for c in columns if c in mean]])
     if report:
         write_csv_atomic(table, report)

@@ -1,38 +1,32 @@
 """The integer executor: runs a QuantizedModel node by node on integer codes, bit-true.
 
-Conv and linear form exact integer accumulators (photosim.engine.onednn's int8 convolutions where they apply,
-else photosim.engine.kernels' matmul paths), which the configured requant mode (photosim.engine.requant) turns into
-output codes; pools, clamps and reshapes work on codes directly. On the CPU a batch goes through the
-graph in cache-sized sub-batches; noise is drawn per sample, so results never depend on batching.
+Each conv/linear gets a flat LayerPlan (photosim.engine.plan) and the backend the registry chooses for it
+(photosim.engine.backends): exact integer accumulators turned into output codes by the configured requant mode
+(photosim.engine.requant), or the analog tile step of its readout; pools, clamps and reshapes work on codes
+directly. On the CPU a batch goes through the graph in cache-sized sub-batches; noise is drawn per sample, so
+results never depend on batching.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from photosim.engine import fbgemm, kernels, onednn
-from photosim.engine.requant import REQUANT_MODES, RequantMode, RequantParams, channel_view
-from photosim.engine.torch_requant import pytorch_kernel, resolve_cpu_family
+from photosim.engine import backends, kernels
+from photosim.engine.analog import AnalogLayer
+from photosim.engine.backends import Choice, LayerRunner
+from photosim.engine.plan import LayerPlan, plan_layer
+from photosim.engine.requant import REQUANT_MODES, RequantMode
 from photosim.errors import PhotosimError
-from photosim.frontend.observers import ActivationObserver
-from photosim.hardware.analog import AnalogLayer, tile_plan
 from photosim.hardware.config import HardwareConfig, LayerHardware
-from photosim.hardware.plan import HardwarePlan
-from photosim.ir.format import Node, QuantizedModel, validate, weights_scale
-from photosim.ir.ops import OPS, conv_output_size, infer_shapes
-from photosim.ir.summary import operand_max
+from photosim.hardware.plan import HardwarePlan, HardwareSpec
+from photosim.ir.format import Node, QuantizedModel, validate
+from photosim.ir.ops import OPS, infer_shapes
 
-if TYPE_CHECKING:
-    from photosim.engine.cuda_ideal import FusedLayer
-
-HardwareSpec = HardwarePlan | HardwareConfig | dict[str, Any] | str | Path | None
 # On the CPU a batch runs through the graph in sub-batches whose largest tensor has about this many
 # elements: a layer's temporaries then stay in the caches instead of being paged in afresh (3-10x faster).
 SUB_BATCH_ELEMENTS = 1 << 19
@@ -52,18 +46,6 @@ def check_device(device: str) -> torch.device:
     return parsed
 
 
-@dataclass(frozen=True)
-class _Layer:
-    """A conv/linear node prepared for one device: matmul weights, integer bias, requant parameters."""
-
-    weights: kernels.IntegerWeights
-    bias: torch.Tensor  # (O,) int64
-    params: RequantParams
-    conv: onednn.OneDNNConv | None = None  # the fast conv, where oneDNN can run this layer exactly
-    saturating_weight: torch.Tensor | None = None  # int8 codes, where PyTorch's FBGEMM kernel saturates pair sums
-    fused: FusedLayer | None = None  # the one-pass CUDA path (photosim.engine.cuda_ideal), where it applies
-
-
 Kernel = Callable[["Engine", Node, list[torch.Tensor], torch.Tensor], torch.Tensor]
 # op name (photosim.ir.ops.OPS) -> integer kernel: (engine, node, input codes, sample ids) -> codes
 KERNELS: dict[str, Kernel] = {}
@@ -81,6 +63,32 @@ def kernel(op: str) -> Callable[[Kernel], Kernel]:
     return register
 
 
+def plan_layers(qmodel: QuantizedModel, hw: HardwarePlan, device: torch.device, *, seed: int = 0, repeat: int = 0,
+                adc_ranges: dict[str, float] | None = None, calibrate_adc: bool = False) -> dict[str, LayerPlan]:
+    """Every conv/linear's LayerPlan under ``hw`` on ``device`` (node name -> plan, in graph order).
+
+    Layers whose settings are not ideal run the analog tile step; with ``calibrate_adc`` so do the layers with a
+    calibrated ADC, recording their tile values instead of reading them out (``adc_ranges``: the measured ranges).
+    """
+    plans = {}
+    for index, node in enumerate(qmodel.nodes):
+        if not OPS[node.op].weighted:
+            continue
+        settings = hw.layers[node.name]
+        calibrating = calibrate_adc and settings.calibrated_adc
+        measured = (adc_ranges or {}).get(node.name)
+        if settings.calibrated_adc and not calibrating and measured is None:
+            raise PhotosimError(
+                f"layer {node.name!r} uses a calibrated ADC range but none was measured; calibrate on the "
+                "calibration split (photosim run does; in Python use calibrate_adc_ranges) or set adc.range "
+                "to `full` or a fraction of full scale."
+            )
+        plans[node.name] = plan_layer(qmodel, index, settings, device, seed=seed, repeat=repeat,
+                                      measured_range=measured, analog=not settings.is_ideal or calibrating,
+                                      calibrating=calibrating)
+    return plans
+
+
 class Engine:
     """A quantized model prepared for simulation under one hardware config on one device.
 
@@ -91,17 +99,19 @@ class Engine:
         >>> engine = Engine(qmodel, {"requant": "fixedpoint"})
         >>> logits = engine(x)  # one batch, float32 on the CPU
         >>> more = engine(x2, first_sample=len(x))  # the next samples of the same pass
+        >>> engine.backends["conv1"].backend  # which backend runs a layer, e.g. "onednn"
     """
 
     def __init__(self, qmodel: QuantizedModel, hw: HardwareSpec = None, *, device: str | torch.device = "cpu",
                  seed: int = 0, repeat: int = 0, adc_ranges: dict[str, float] | None = None,
-                 calibrate_adc: bool = False, diagnostics: bool = True):
+                 calibrate_adc: bool = False, diagnostics: bool = True, backend: Sequence[str] = ()):
         """Prepare ``qmodel`` for ``hw`` on ``device``.
 
-        ``hw`` may be a :class:`HardwarePlan` already resolved for ``qmodel``. ``seed`` and ``repeat`` key the
-        noise streams (a repeat is one simulated chip); ``adc_ranges`` gives the layers with a calibrated ADC
-        their +-range (product units), see :func:`calibrate_adc_ranges`; ``calibrate_adc`` records their tile
-        values instead; ``diagnostics`` adds the SNR to layer stats.
+        ``hw`` is resolved once here (photosim.hardware.plan.HardwarePlan.resolve: a plan, config, dict, YAML path,
+        preset name or None). ``seed`` and ``repeat`` key the noise streams (a repeat is one simulated chip);
+        ``adc_ranges`` gives the layers with a calibrated ADC their +-range (product units), see
+        :func:`calibrate_adc_ranges`; ``calibrate_adc`` records their tile values instead; ``diagnostics`` adds the
+        SNR to layer stats; ``backend`` names backends the layers they serve must run on (photosim.engine.backends).
         """
         validate(qmodel)
         self.model = qmodel
@@ -111,19 +121,22 @@ class Engine:
         self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.settings[n.name].requant]
                                               for n in qmodel.nodes}
         self.device = check_device(str(device))
-        # CUDA with Triton: ideal float-mode layers and adds run as fused kernels (photosim.engine.cuda_ideal)
-        self._cuda_ideal = None
+        backends.check_names(backend)
+        self.layer_plans = plan_layers(qmodel, self.plan, self.device, seed=seed, repeat=repeat,
+                                       adc_ranges=adc_ranges, calibrate_adc=calibrate_adc)
+        self.backends: dict[str, Choice] = {name: backends.choose(plan, self.device, backend)
+                                            for name, plan in self.layer_plans.items()}
+        self.layers: dict[str, LayerRunner] = {
+            name: backends.BACKENDS[self.backends[name].backend].prepare(plan, self.device, diagnostics=diagnostics)
+            for name, plan in self.layer_plans.items()}
+        self.analog: dict[str, AnalogLayer] = {name: layer for name, layer in self.layers.items()
+                                               if isinstance(layer, AnalogLayer)}
+        # CUDA with Triton: adds in the float mode run as one fused kernel (photosim.engine.cuda_ideal)
+        self._cuda_add = None
         if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
             from photosim.engine import cuda_ideal
 
-            self._cuda_ideal = cuda_ideal
-        self.layers = {n.name: self._prepare(n) for n in qmodel.nodes if OPS[n.op].weighted}
-        self.analog = {
-            n.name: self._analog(i, n, seed, repeat, adc_ranges or {}, calibrate_adc, diagnostics)
-            for i, n in enumerate(qmodel.nodes)
-            if OPS[n.op].weighted and (not self.settings[n.name].is_ideal
-                                         or calibrate_adc and self.settings[n.name].calibrated_adc)
-        }
+            self._cuda_add = cuda_ideal.add_codes
         self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
         self.sub_batch = self._sub_batch()
 
@@ -135,78 +148,6 @@ class Engine:
         shapes = infer_shapes(self.model.input_name, self.model.input_shape, self.model.nodes)
         largest = max(math.prod(shape) for shape in shapes.values())
         return max(1, SUB_BATCH_ELEMENTS // largest)
-
-    def _prepare(self, node: Node) -> _Layer:
-        tensors = self.model.tensors
-        q_in = node.input_q[0]
-        weight = tensors[f"{node.name}.weight"]
-        groups = node.attrs.get("groups", 1)
-        x_range = (q_in.qmin - q_in.zero_point, q_in.qmax - q_in.zero_point)
-        plan = kernels.plan_matmul(weight[0].numel(), x_range, node.w_bits, groups=groups, device=self.device)
-        bias_float = tensors.get(f"{node.name}.bias_float")
-        bias = tensors[f"{node.name}.bias"].to(self.device, torch.int64)
-        params = RequantParams(
-            input_scale=q_in.scale,
-            weight_scale=weights_scale(self.model, node).to(self.device),
-            output=node.output_q,
-            bias=bias,
-            bias_float=None if bias_float is None else bias_float.to(self.device),
-            per_channel=tensors[f"{node.name}.weight_scale"].dim() == 1,
-            kernel=pytorch_kernel(node, self.model.provenance.get("qengine", "x86"),
-                                  self.settings[node.name].pytorch_cpu),
-            node=node.name,
-        )
-        conv = None
-        if node.op == "conv2d" and self.device.type == "cpu":
-            a = node.attrs
-            conv = onednn.prepare_conv(weight, x_range, kernels.pair(a["stride"]), kernels.pair(a["padding"]),
-                                       kernels.pair(a["dilation"]), groups)
-        saturating = self._fbgemm_saturates(node, params.kernel) and fbgemm.can_saturate(
-            weight, max(q_in.qmax, q_in.zero_point))
-        weights = kernels.prepare_weights(weight, groups, plan, self.device)
-        fused = None
-        if self._cuda_ideal and self.modes[node.name].name == "float" and self._cuda_ideal.applies(weights, groups):
-            fused = self._cuda_ideal.FusedLayer.prepare(weights, params)
-        return _Layer(weights, bias, params, conv, weight.to(self.device) if saturating else None, fused)
-
-    def _fbgemm_saturates(self, node: Node, pytorch_kernel_name: str) -> bool:
-        """Whether PyTorch's kernel for this layer sums uint8 x int8 pairs in saturating int16 (vpmaddubsw):
-        FBGEMM's depthwise kernel on every x86 CPU, and its GEMM on CPUs without VNNI."""
-        settings = self.settings[node.name]
-        if settings.requant != "pytorch" or node.input_q[0].signed:
-            return False
-        no_vnni = resolve_cpu_family(settings.pytorch_cpu) == "avx2"
-        return pytorch_kernel_name == "fbgemm-depthwise" or (pytorch_kernel_name == "fbgemm" and no_vnni)
-
-    def _analog(self, index: int, node: Node, seed: int, repeat: int, adc_ranges: dict[str, float],
-                calibrate_adc: bool, diagnostics: bool) -> AnalogLayer:
-        """The photonic-engine version of a conv/linear whose hardware settings are not ideal."""
-        hw = self.settings[node.name]
-        weight = self.model.tensors[f"{node.name}.weight"]
-        groups = node.attrs.get("groups", 1)
-        x_max, w_max = operand_max(node)
-        q_in = node.input_q[0]
-        plan = tile_plan(weight[0].numel(), hw, (q_in.qmin - q_in.zero_point, q_in.qmax - q_in.zero_point),
-                         node.w_bits, self.device)
-        bias = self.layers[node.name].bias.view(groups, -1) if self.modes[node.name].integer_bias else None
-        layer = AnalogLayer(
-            node.name, index, hw, kernels.prepare_weights(weight, groups, plan, self.device), bias, x_max=x_max,
-            w_max=w_max, seed=seed, repeat=repeat, diagnostics=diagnostics, conv=self.layers[node.name].conv,
-        )
-        rng_range = hw.adc.range
-        if calibrate_adc and hw.calibrated_adc:
-            layer.calibration = ActivationObserver(seed=index)
-        elif isinstance(rng_range, float):
-            layer.adc_range = rng_range * layer.full_scale
-        elif hw.calibrated_adc:
-            if node.name not in adc_ranges:
-                raise PhotosimError(
-                    f"layer {node.name!r} uses a calibrated ADC range but none was measured; calibrate on the "
-                    "calibration split (photosim run does; in Python use calibrate_adc_ranges) or set adc.range "
-                    "to `full` or a fraction of full scale."
-                )
-            layer.adc_range = adc_ranges[node.name]
-        return layer
 
     def check_inputs(self, x: torch.Tensor) -> None:
         """Raise PhotosimError unless ``x`` is a batch of the model's input shape."""
@@ -263,76 +204,19 @@ class Engine:
 
     # -- ops: (node, input codes) -> output codes ------------------------------------------------
 
-    def _requantize(self, acc: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        """Accumulators of a conv/linear (int64, or float64 holding integers) -> output codes."""
-        mode = self.modes[layer.params.node]
-        if mode.integer_bias:
-            acc.add_(channel_view(layer.bias, acc))  # acc is a fresh tensor
-        return self._requantize_acc(acc, mode, layer.params)
-
-    @staticmethod
-    def _requantize_acc(acc: torch.Tensor, mode: RequantMode, params: RequantParams) -> torch.Tensor:
-        if acc.is_floating_point() and not mode.float_accumulators:
-            acc = acc.to(torch.int64)
-        return mode.requantize(acc, params)
-
-    def _requantize_analog(self, acc: torch.Tensor, node: Node) -> torch.Tensor:
-        """Accumulators in ADC steps (bias included) -> codes: the multiplier absorbs the step."""
-        params = self.layers[node.name].params
-        step = self.analog[node.name].step
-        return self._requantize_acc(acc, self.modes[node.name], replace(params, input_scale=params.input_scale * step))
-
     @kernel("conv2d")
     def _conv2d(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
-        a = node.attrs
-        if node.name in self.analog:
-            acc = self.analog[node.name].conv_acc(xs[0], node.input_q[0].zero_point, a, sample_ids)
-            return self._requantize_analog(acc, node)
-        layer = self.layers[node.name]
-        z_in = node.input_q[0].zero_point
-        if layer.fused is not None:
-            return layer.fused.conv(xs[0], z_in, kernels.pair(a["kernel"]), kernels.pair(a["stride"]),
-                                    kernels.pair(a["padding"]), kernels.pair(a["dilation"]))
-        if layer.saturating_weight is not None:
-            return self._requantize(self._fbgemm_conv_acc(xs[0], z_in, a, layer), layer)
-        acc = None if layer.conv is None else onednn.conv_acc(xs[0], z_in, layer.conv)
-        if acc is None:
-            acc = kernels.conv2d_acc(xs[0], z_in, layer.weights, kernels.pair(a["kernel"]), kernels.pair(a["stride"]),
-                                     kernels.pair(a["padding"]), kernels.pair(a["dilation"]), a["groups"])
-        return self._requantize(acc, layer)
+        return self.layers[node.name].conv2d(xs[0], sample_ids)
 
     @kernel("linear")
     def _linear(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
-        if node.name in self.analog:
-            acc = self.analog[node.name].linear_acc(xs[0], node.input_q[0].zero_point, sample_ids)
-            return self._requantize_analog(acc, node)
-        layer, z_in = self.layers[node.name], node.input_q[0].zero_point
-        if layer.fused is not None:
-            return layer.fused.linear(xs[0], z_in)
-        if layer.saturating_weight is not None:
-            acc = fbgemm.gemm_acc_saturating(xs[0], layer.saturating_weight, z_in)
-        else:
-            acc = kernels.linear_acc(xs[0], z_in, layer.weights)
-        return self._requantize(acc, layer)
-
-    @staticmethod
-    def _fbgemm_conv_acc(x: torch.Tensor, z_in: int, a: dict[str, Any], layer: _Layer) -> torch.Tensor:
-        """A conv's accumulators as PyTorch's FBGEMM kernel forms them, saturated pair sums included."""
-        w, stride, padding, dilation = layer.saturating_weight, a["stride"], a["padding"], a["dilation"]
-        if layer.params.kernel == "fbgemm-depthwise":
-            return fbgemm.depthwise_acc_saturating(x, w, z_in, stride, padding, dilation)
-        groups, (kh, kw) = a["groups"], a["kernel"]
-        cols = fbgemm.im2col_codes(x, (kh, kw), z_in, stride, padding, dilation, groups)  # (G, N*OH*OW, K)
-        w = w.view(groups, -1, w.shape[1], kh, kw).permute(0, 1, 3, 4, 2).reshape(groups, w.shape[0] // groups, -1)
-        acc = torch.cat([fbgemm.gemm_acc_saturating(c, wg, z_in) for c, wg in zip(cols, w)], dim=1)  # (N*OH*OW, O)
-        oh, ow = (conv_output_size(*args) for args in zip(x.shape[2:], (kh, kw), stride, padding, dilation))
-        return acc.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
+        return self.layers[node.name].linear(xs[0], sample_ids)
 
     @kernel("add")
     def _add(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         args = (xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
-        if self._cuda_ideal and self.modes[node.name].name == "float":
-            fused = self._cuda_ideal.add_codes(*args)  # None when the two inputs are laid out differently
+        if self._cuda_add and self.modes[node.name].name == "float":
+            fused = self._cuda_add(*args)  # None when the two inputs are laid out differently
             if fused is not None:
                 return fused
         return self.modes[node.name].add(*args)

@@ -108,18 +108,30 @@ class OneDNNConv:
     zeros: torch.Tensor  # (O,) zero weight zero points
 
 
+def unsupported(weight: torch.Tensor, x_range: IntPair) -> str | None:
+    """Why prepare_conv cannot run a conv of these integer weights and ``x - z_in`` range (None: it can)."""
+    bits = limb_bits()
+    lo, hi = min(x_range[0], 0), max(x_range[1], 0)
+    if not bits:
+        return "oneDNN's int8 convolution is not available in this PyTorch build"
+    if hi - lo >= 1 << 16:
+        return "activations of 16 bits or more"
+    pairs = max(1, -(-(hi - lo).bit_length() // bits)) * len(weight_limbs(weight))
+    if pairs > MAX_CONVS:
+        return f"{pairs} limb convolutions would be needed (more than {MAX_CONVS} are slower than the exact matmul)"
+    return None
+
+
 def prepare_conv(weight: torch.Tensor, x_range: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair,
                  groups: int) -> OneDNNConv | None:
     """Integer conv weights (O, C/G, kh, kw) and the range of ``x - z_in`` -> a OneDNNConv, or None where
-    oneDNN is unavailable or more than MAX_CONVS limb pairs would be needed."""
+    :func:`unsupported` gives a reason."""
+    if unsupported(weight, x_range) is not None:
+        return None
     bits = limb_bits()
     lo, hi = min(x_range[0], 0), max(x_range[1], 0)
-    if not bits or hi - lo >= 1 << 16:
-        return None
     x_limbs = max(1, -(-(hi - lo).bit_length() // bits))
     limbs = weight_limbs(weight)
-    if x_limbs * len(limbs) > MAX_CONVS:
-        return None
     # oneDNN's strided 1x1 int8 kernel races with 2 threads (wrong sums for 8 or 24 input channels): subsample
     # the input here instead and run a stride-1 conv.
     subsample = stride if tuple(weight.shape[2:]) == (1, 1) and stride != (1, 1) else None

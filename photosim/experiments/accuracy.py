@@ -10,8 +10,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
-from photosim.engine.executor import Engine, HardwareSpec
+from photosim.engine.executor import Engine
 from photosim.errors import PhotosimError
+from photosim.hardware.plan import HardwareSpec
 from photosim.ir.format import QuantizedModel
 
 TOP5_MIN_CLASSES = 6  # top-5 of five or fewer classes is always 100%

@@ -13,12 +13,12 @@ from typing import Any
 import pandas as pd
 
 from photosim.hardware.adc import adc_step
-from photosim.hardware.analog import tile_length
 from photosim.hardware.config import HardwareConfig, LayerHardware
 from photosim.hardware.energy import LayerCounts, layer_energy
 from photosim.hardware.noise import enob, snr_db
 from photosim.hardware.photonics import link_budget
 from photosim.hardware.plan import HardwarePlan
+from photosim.hardware.readout import tile_length
 from photosim.ir.format import Node, QuantizedModel
 from photosim.ir.ops import OPS
 from photosim.ir.summary import dot_length, operand_max, output_shapes

@@ -23,7 +23,8 @@ from photosim.errors import PhotosimError
 EXECUTORS = ("local", "ray")
 RAY_CONNECT_TIMEOUT_S = 10.0  # ray.init waits forever for an address that does not answer
 Runner = Callable[[dict[str, Any], dict[Any, Any]], list[dict[str, Any]]]
-Group = list[tuple[int, dict[str, Any]]]  # (point index, runner input) pairs sharing a quantized model
+Group = list[tuple[int, dict[str, Any]]]  # (point index, runner input) pairs sharing a quantized model; the
+# runner input holds a point's fields by name, its quant and hw as validated QuantSpec and HardwareConfig
 Finished = tuple[int, list[dict[str, Any]], float]  # (point index, rows, wall seconds)
 _worker: dict[str, Any] = {"cache": {}, "queue": None}  # per-process state of a local worker
 

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from photosim.engine.executor import HardwareSpec, in_chunks
+from photosim.engine.executor import in_chunks
 from photosim.experiments.accuracy import accuracy
 from photosim.experiments.workflow import chip_engine
 from photosim.frontend.algorithms.selection import top1_agreement
 from photosim.frontend.data import calibration_batches
-from photosim.hardware.plan import HardwarePlan
+from photosim.hardware.plan import HardwarePlan, HardwareSpec
 from photosim.ir.format import QuantizedModel
 
 

@@ -1,4 +1,4 @@
-"""One sweep point's settings: the schema every point is validated against, and which of its keys
+"""One sweep point's settings: the schema every point is validated against, and which of its fields
 determine the quantized model (points that agree on them share one quantization)."""
 
 from __future__ import annotations
@@ -8,24 +8,40 @@ from typing import Any
 from pydantic import Field
 
 from photosim._config import StrictModel
+from photosim.frontend.qconfig import QuantSpec
+from photosim.hardware.config import HardwareConfig
 
-MODEL_KEYS = ("model", "weights", "num_classes", "cifar_stem", "data", "data_root", "download", "quant")
+# json_schema_extra of a field whose value changes the quantized model: MODEL_KEYS lists the fields marked so
+DETERMINES_MODEL: dict[str, Any] = {"determines_model": True}
 
 
 class BaseSection(StrictModel):
-    """The settings of one point; the axes change them by dotted key."""
+    """The validated settings of one point; a sweep's axes change them by dotted key before validation."""
 
-    model: str = Field("digits-resnet", description="Built-in name, torchvision:NAME or path/file.py:NAME.")
-    weights: str | None = Field(None, description="state_dict file (relative to the working directory).")
-    num_classes: int | None = Field(None, ge=1, description="Number of classes of a torchvision model.")
-    cifar_stem: bool = Field(False, description="3x3 stride-1 stem for a torchvision ResNet on 32x32 inputs.")
-    data: str = Field("digits", description="digits, mnist, fashion-mnist, cifar10, imagefolder:PATH or synthetic.")
-    data_root: str | None = Field(None, description="Folder holding torchvision datasets.")
-    download: bool = Field(False, description="Download a torchvision dataset when missing.")
+    model: str = Field("digits-resnet", description="Built-in name, torchvision:NAME or path/file.py:NAME.",
+                       json_schema_extra=DETERMINES_MODEL)
+    weights: str | None = Field(None, description="state_dict file (relative to the working directory).",
+                                json_schema_extra=DETERMINES_MODEL)
+    num_classes: int | None = Field(None, ge=1, description="Number of classes of a torchvision model.",
+                                    json_schema_extra=DETERMINES_MODEL)
+    cifar_stem: bool = Field(False, description="3x3 stride-1 stem for a torchvision ResNet on 32x32 inputs.",
+                             json_schema_extra=DETERMINES_MODEL)
+    data: str = Field("digits", description="digits, mnist, fashion-mnist, cifar10, imagefolder:PATH or synthetic.",
+                      json_schema_extra=DETERMINES_MODEL)
+    data_root: str | None = Field(None, description="Folder holding torchvision datasets.",
+                                  json_schema_extra=DETERMINES_MODEL)
+    download: bool = Field(False, description="Download a torchvision dataset when missing.",
+                           json_schema_extra=DETERMINES_MODEL)
     limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only.")
-    quant: dict[str, Any] = Field(default_factory=dict, description="Quantization settings (keys of QuantSpec).")
-    hw: dict[str, Any] = Field(default_factory=dict, description="Hardware settings (keys of HardwareConfig).")
+    quant: QuantSpec = Field(default_factory=QuantSpec, description="Quantization settings (keys of QuantSpec).",
+                             json_schema_extra=DETERMINES_MODEL)
+    hw: HardwareConfig = Field(default_factory=HardwareConfig,
+                               description="Hardware settings (keys of HardwareConfig).")
     repeats: int = Field(1, ge=1, description="Repeated evaluations (noise draws) per point.")
     seed: int = Field(0, ge=0, description="Base seed of the point's random draws.")
     batch_size: int = Field(256, ge=1, description="Images per batch.")
     device: str = Field("cpu", description="Torch device of the simulation (cpu, cuda, cuda:1, ...).")
+
+
+MODEL_KEYS = tuple(name for name, field in BaseSection.model_fields.items()
+                   if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("determines_model"))

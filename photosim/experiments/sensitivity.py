@@ -19,13 +19,13 @@ from rich.progress import track
 from torch import nn
 
 from photosim._config import load_config, with_layer_overrides
-from photosim.engine.executor import HardwareSpec
 from photosim.errors import PhotosimError
 from photosim.experiments.fidelity import FloatReference, Score
 from photosim.experiments.plot import draw_bars
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import HardwareConfig, load_hardware
+from photosim.hardware.plan import HardwareSpec
 from photosim.ir.format import QuantizedModel
 from photosim.ir.ops import OPS
 from photosim.ir.ranges import MAX_BITS, MIN_BITS

@@ -4,8 +4,9 @@ A sweep file has a ``base`` section (one point's settings) and axes that vary it
 product over dotted keys such as ``quant.w_bits`` or ``hw.noise.output.sigma``), ``zip`` (lists varied
 together) and named ``variants`` (hand-written overrides). Points are ``variants x zip x grid``; an axis
 or variant value is merged at its key by ``photosim._config.merge_settings`` (it replaces the value there;
-setting ``sigma`` drops a ``snr_db`` or ``enob`` of the base). Every point is validated before anything
-runs. An empty file is refused; a file with only ``base`` is one point.
+setting ``sigma`` drops a ``snr_db`` or ``enob`` of the base). ``base.quant`` and ``base.hw`` may name a
+preset or YAML file instead, as ``--quant`` and ``--hw`` do. Every point is validated before anything runs,
+into a typed ``BaseSection``. An empty file is refused; a file with only ``base`` is one point.
 
 A sweep file is a program: a custom noise function it names runs that code, as a Python script would.
 
@@ -18,7 +19,6 @@ the same sweep again skips the finished ones.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -35,6 +35,7 @@ from typing import IO, Any, TypeVar
 
 import pandas as pd
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 from rich import progress as bars
 from rich.console import Console
 
@@ -53,10 +54,27 @@ from photosim.experiments.executors import Group, Runner, check_executor, execut
 from photosim.experiments.point import MODEL_KEYS, BaseSection
 from photosim.experiments.report import summarize, write_csv_atomic
 from photosim.frontend.qconfig import QuantSpec
+from photosim.hardware.config import HardwareConfig
 
 MANIFEST, LOG, RESULTS, SUMMARY, LOCK = "sweep.json", "points.jsonl", "results.csv", "summary.csv", ".lock"
 ModelT = TypeVar("ModelT", bound=BaseModel)
 PLOT_NAME = re.compile(r"[\w.-]+_vs_[\w.-]+\.png")  # the default plots' file names (experiments/plot.py)
+SECTIONS: dict[str, type[StrictModel]] = {"quant": QuantSpec, "hw": HardwareConfig}  # a point's nested configs
+
+
+def _written_field(name: str, field: FieldInfo) -> tuple[Any, FieldInfo]:
+    """A field of BaseSection as a sweep file's ``base`` holds it: a nested config stays a dict (the axes set its
+    keys before the point is validated) or names a preset or YAML file, as ``--quant`` and ``--hw`` do."""
+    if name not in SECTIONS:
+        return field.annotation, field
+    kind = SECTIONS[name].preset_kind
+    return dict[str, Any] | str, Field(default_factory=dict, description=f"{field.description} A {kind} preset name "
+                                                                             "or YAML file works too.")
+
+
+WrittenBase = create_model(
+    "WrittenBase", __base__=StrictModel, __doc__="A sweep file's `base`: one point's settings as written.",
+    **{name: _written_field(name, field) for name, field in BaseSection.model_fields.items()})
 
 
 class SweepConfig(StrictModel):
@@ -64,7 +82,8 @@ class SweepConfig(StrictModel):
 
     name: str | None = Field(None, description="Title of the sweep (figures, summary table).")
     description: str = Field("", description="What the sweep answers.")
-    base: BaseSection = Field(default_factory=BaseSection, description="Settings shared by every point.")
+    base: WrittenBase = Field(default_factory=WrittenBase,  # type: ignore[valid-type]
+                              description="Settings shared by every point.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Cartesian product over dotted keys.")
     zip: dict[str, list[Any]] = Field(default_factory=dict, description="Equal-length lists varied together.")
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Named overrides by dotted key.")
@@ -85,12 +104,12 @@ class SweepConfig(StrictModel):
 
 @dataclass(frozen=True)
 class Point:
-    """One expanded point: what its axes set, and the complete validated runner input."""
+    """One expanded point: what its axes set, and its complete validated settings."""
 
     index: int
     variant: str | None
     settings: dict[str, Any]
-    config: dict[str, Any]
+    config: BaseSection
     hash: str
 
     @property
@@ -160,18 +179,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-@functools.cache
-def _point_model() -> type[BaseModel]:
-    """BaseSection with ``quant`` and ``hw`` typed, so one validation covers every key of a point."""
-    from photosim.hardware.config import HardwareConfig
-
-    return create_model("SweepPoint", __base__=BaseSection, quant=(QuantSpec, Field(default_factory=QuantSpec)),
-                        hw=(HardwareConfig, Field(default_factory=HardwareConfig)))
-
-
 def check_key(key: str, where: str) -> None:
     """Refuse a dotted key that names no setting, listing what is allowed at the level where it goes wrong."""
-    models: list[type[BaseModel]] = [_point_model()]
+    models: list[type[BaseModel]] = [BaseSection]
     parts = key.split(".")
     for depth, part in enumerate(parts):
         prefix = ".".join(parts[:depth])
@@ -220,20 +230,30 @@ def _combinations(config: SweepConfig) -> Iterator[tuple[str | None, dict[str, A
                 yield name, overrides, {**z, **g}
 
 
+def _base_settings(base: BaseModel) -> dict[str, Any]:
+    """The base section as a dict of settings, a nested config named by preset or file replaced by its settings."""
+    settings = base.model_dump()
+    for name, cls in SECTIONS.items():
+        if isinstance(settings[name], str):
+            settings[name] = load_config(cls, settings[name]).model_dump()
+    return settings
+
+
 def load_sweep(source: SweepConfig | dict[str, Any] | str | Path) -> Sweep:
     """Validate a sweep (file, dict or config) and expand it into points; nothing runs."""
     config = load_config(SweepConfig, source)
     where = str(source) if isinstance(source, (str, Path)) else "sweep"
     _check_axes(config, where)
+    base = _base_settings(config.base)
     points, seen = [], {}
     for index, (variant, overrides, settings) in enumerate(_combinations(config)):
-        tree = merge_settings(_point_model(), config.base.model_dump(), {**overrides, **settings})
+        tree = merge_settings(BaseSection, base, {**overrides, **settings})
         try:
-            full = _point_model().model_validate(tree).model_dump(mode="json")
+            point_config = BaseSection.model_validate(tree)
         except ValidationError as exc:
             label = point_label(variant, settings)
             raise PhotosimError(describe_validation_error(exc, f"{where}, point {index} ({label})")) from None
-        point = Point(index, variant, settings, full, config_hash(full))
+        point = Point(index, variant, settings, point_config, config_hash(point_config.model_dump(mode="json")))
         if point.hash in seen:
             raise PhotosimError(f"{where}: points {seen[point.hash].index} ({seen[point.hash].label}) and {index} "
                                 f"({point.label}) are the same configuration; remove the duplicate value.")
@@ -246,8 +266,8 @@ def group_points(points: list[Point]) -> list[Group]:
     """Points sharing a quantized model (same MODEL_KEYS), each group in order of first appearance."""
     groups: dict[str, Group] = {}
     for p in points:
-        key = config_hash({k: p.config[k] for k in MODEL_KEYS})
-        groups.setdefault(key, []).append((p.index, p.config))
+        key = config_hash(p.config.model_dump(mode="json", include=set(MODEL_KEYS)))
+        groups.setdefault(key, []).append((p.index, dict(p.config)))  # the fields by name, quant and hw typed
     return list(groups.values())
 
 
@@ -360,7 +380,7 @@ class ResultStore:
 
     def add(self, point: Point, rows: list[dict[str, Any]], wall_s: float) -> None:
         """Append one finished point to the log (flushed and fsynced); the CSVs are rebuilt when the run ends."""
-        record = {"hash": point.hash, "variant": point.variant, "params": flatten(point.config),
+        record = {"hash": point.hash, "variant": point.variant, "params": flatten(point.config.model_dump(mode="json")),
                   "rows": [flatten(row) for row in rows], "point_wall_s": wall_s}
         line = json.dumps(record, default=_jsonable) + "\n"
         with (self.dir / LOG).open("ab") as handle:
@@ -460,14 +480,14 @@ def _preflight(points: list[Point]) -> None:
     builtins = {m.name for m in list_models()}
     for p in points:
         c, where = p.config, f"point {p.index} ({p.label})"
-        if c["model"] not in builtins and not c["model"].startswith("torchvision:") and ".py:" not in c["model"]:
-            raise PhotosimError(f"{where}: unknown model {c['model']!r}; use a built-in ({', '.join(sorted(builtins))}"
+        if c.model not in builtins and not c.model.startswith("torchvision:") and ".py:" not in c.model:
+            raise PhotosimError(f"{where}: unknown model {c.model!r}; use a built-in ({', '.join(sorted(builtins))}"
                                 "), torchvision:NAME or path/to/file.py:NAME.")
-        if c["data"].partition(":")[0] not in dataset_names():
-            raise PhotosimError(f"{where}: unknown dataset {c['data']!r}; use one of {', '.join(dataset_names())}.")
-        if c["weights"] is not None and not Path(c["weights"]).is_file():
+        if c.data.partition(":")[0] not in dataset_names():
+            raise PhotosimError(f"{where}: unknown dataset {c.data!r}; use one of {', '.join(dataset_names())}.")
+        if c.weights is not None and not Path(c.weights).is_file():
             hint = " or run only the variants you have files for (--variant NAME)" if p.variant else ""
-            raise PhotosimError(f"{where}: weights file {c['weights']!r} does not exist; fix the path{hint}.")
+            raise PhotosimError(f"{where}: weights file {c.weights!r} does not exist; fix the path{hint}.")
 
 
 @contextmanager

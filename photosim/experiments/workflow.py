@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from photosim._config import load_config
-from photosim.engine.executor import Engine, HardwareSpec
+from photosim.engine.analog import AnalogLayer
+from photosim.engine.executor import Engine
 from photosim.errors import PhotosimError
 from photosim.experiments.accuracy import EvalResult, accuracy, evaluate
 from photosim.experiments.budget import budget_table, energy_totals
@@ -23,10 +25,9 @@ from photosim.frontend.data import calibration_batches, load_dataset
 from photosim.frontend.models import LoadedModel, list_models, load_model
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
-from photosim.hardware.analog import AnalogLayer
 from photosim.hardware.config import load_hardware
 from photosim.hardware.noise import enob, snr_db
-from photosim.hardware.plan import HardwarePlan
+from photosim.hardware.plan import HardwarePlan, HardwareSpec
 from photosim.ir.fakequant import fake_quant_forward
 from photosim.ir.format import QuantizedModel, file_sha256
 from photosim.ir.summary import dot_length, worst_case_acc_bits
@@ -122,22 +123,26 @@ class HardwareRun:
 
 
 def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
-    """Per-layer diagnostics of one repeat (docs/hardware.md, Diagnostics; snr_db_budget: docs/photonics.md)."""
+    """Per-layer diagnostics of one repeat (docs/hardware.md, Diagnostics; snr_db_budget: docs/photonics.md), with
+    the backend that ran the layer and why the faster ones declined it."""
     rows = []
     for name, layer in engine.analog.items():
-        node, st = engine.model.node(name), layer.stats
+        node, st, readout, settings = engine.model.node(name), layer.stats, layer.readout, engine.settings[name]
         snr = snr_db(st.signal_power, st.error_power) if layer.diagnostics else math.nan
+        choice = engine.backends[name]
         row = {
             "repeat": repeat, "layer": name, "tile": layer.tile, "tiles": layer.tiles,
-            "full_scale": layer.full_scale, "output_sigma": layer.hw.noise.output.resolved_sigma,
+            "full_scale": layer.full_scale, "output_sigma": readout.tile_noise.get("output", 0.0),
             "adc_bits": layer.adc_bits, "adc_step": layer.step,
             "overflow_rate": st.overflowed / max(st.outputs, 1), "adc_clip_rate": st.clipped / max(st.tile_values, 1),
             "snr_db": snr, "enob": enob(snr),
             "acc_bits_worst_case": worst_case_acc_bits(node.input_q[0].bits, node.w_bits, dot_length(node)),
             "acc_bits_observed": math.ceil(math.log2(st.max_abs_acc + 1)) + 1,
-            "acc_bits": layer.hw.accumulator.bits,
+            "acc_bits": readout.acc_bits,
+            "backend": choice.backend,
+            "declined": "; ".join(f"{b}: {why}" for b, why in choice.declined.items()),
         }
-        if layer.hw.photonics is not None:
+        if settings.photonics is not None:
             row["snr_db_budget"] = budget_snr_db(st.signal_power / max(st.outputs, 1), layer)
         rows.append(row)
     return rows
@@ -146,7 +151,7 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
 def budget_snr_db(signal_power: float, layer: AnalogLayer) -> float:
     """The SNR the link budget predicts for a layer whose mean exact accumulator^2 is ``signal_power``: each of
     the T tiles adds output noise (sigma FS)^2 and rounding step^2 / 12 (weight error and clipping excluded)."""
-    tile_noise = (layer.hw.noise.output.resolved_sigma * layer.full_scale) ** 2 + layer.step ** 2 / 12.0
+    tile_noise = (layer.readout.tile_noise.get("output", 0.0) * layer.full_scale) ** 2 + layer.step ** 2 / 12.0
     return snr_db(signal_power, layer.tiles * tile_noise)
 
 
@@ -163,8 +168,8 @@ def calibrate_adc_ranges(qmodel: QuantizedModel, hw: HardwareSpec, data: Any, *,
         for chunk in x.split(batch_size):
             engine.codes(chunk, first)
             first += len(chunk)
-    return {name: layer.calibration.clip_range("percentile", layer.hw.adc.percentile, layer.hw.adc.bits,
-                                               signed=False)[1]
+    adc = {name: engine.settings[name].adc for name in engine.analog}
+    return {name: layer.calibration.clip_range("percentile", adc[name].percentile, adc[name].bits, signed=False)[1]
             for name, layer in engine.analog.items() if layer.calibration is not None}
 
 
@@ -181,9 +186,11 @@ def chip_engine(qmodel: QuantizedModel, hw: HardwarePlan, calibration: Any, *, s
     return Engine(qmodel, hw, device=device, seed=seed, repeat=repeat, adc_ranges=ranges, **engine_options)
 
 
-def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibration: Any = None, repeats: int = 1,
-                 seed: int = 0, batch_size: int = 256, device: str = "cpu", progress: bool = False) -> HardwareRun:
+def run_hardware(qmodel: QuantizedModel, test: Any, hw: HardwareSpec = None, *, calibration: Any = None,
+                 repeats: int = 1, seed: int = 0, batch_size: int = 256, device: str = "cpu", progress: bool = False,
+                 backend: Sequence[str] = ()) -> HardwareRun:
     """Monte Carlo over ``repeats`` simulated chips: each draws new static weight error and inference noise.
+    ``backend``: required execution backends (photosim.engine.backends).
 
     Layers with a calibrated ADC get their ranges from ``calibration`` (per chip, noise-free tile values).
     Without any randomness the hardware is deterministic, so it is simulated once and the result repeated.
@@ -193,7 +200,8 @@ def run_hardware(qmodel: QuantizedModel, test: Any, hw: Any = None, *, calibrati
     runs = plan.chips(repeats)
     results, layers = [], []
     for repeat in range(runs):
-        engine = chip_engine(qmodel, plan, calibration, seed=seed, repeat=repeat, batch_size=batch_size, device=device)
+        engine = chip_engine(qmodel, plan, calibration, seed=seed, repeat=repeat, batch_size=batch_size, device=device,
+                             backend=backend)
         result = accuracy(engine, test, batch_size=batch_size, progress=progress,
                           description=f"hardware, repeat {repeat + 1}/{runs}")
         rows = _layer_rows(engine, repeat)
@@ -220,12 +228,15 @@ class Baselines:
 
 
 def baselines(qmodel: QuantizedModel, test: Any, requant: str, float_model: nn.Module | None, *,
-              batch_size: int = 256, device: str = "cpu", progress: bool = False) -> Baselines:
-    """Float (when the source model is known), fake-quant and ideal-integer accuracy."""
+              batch_size: int = 256, device: str = "cpu", progress: bool = False,
+              backend: Sequence[str] = ()) -> Baselines:
+    """Float (when the source model is known), fake-quant and ideal-integer accuracy (``backend``: required
+    execution backends, see photosim.engine.backends)."""
     return Baselines(
         float=None if float_model is None else float_accuracy(float_model, test, batch_size, progress),
         fake_quant=fake_quant_accuracy(qmodel, test, batch_size, progress),
-        ideal=evaluate(qmodel, test, {"requant": requant}, batch_size=batch_size, device=device, progress=progress),
+        ideal=evaluate(qmodel, test, {"requant": requant}, batch_size=batch_size, device=device, progress=progress,
+                       backend=backend),
     )
 
 

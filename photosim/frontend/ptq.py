@@ -27,9 +27,9 @@ from photosim.frontend.algorithms.selection import select
 from photosim.frontend.capture import FloatGraph, FloatNode, capture
 from photosim.frontend.data import calibration_batches
 from photosim.frontend.lockstep import LockstepRun
-from photosim.frontend.observers import ActivationObserver, affine_params, quantize_weight, weight_scale
 from photosim.frontend.qconfig import LayerSettings, QuantSpec
 from photosim.ir.format import Node, QParams, QuantizedModel, bias_dtype, weight_dtype
+from photosim.ir.observers import ActivationObserver, affine_params, quantize_weight, weight_scale
 from photosim.ir.ops import OPS
 from photosim.ir.ranges import int_range
 

@@ -6,10 +6,9 @@ overrides. Every field is documented where it is defined; ``photosim.simulate(..
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
-    AfterValidator,
     Field,
     SerializerFunctionWrapHandler,
     field_validator,
@@ -22,13 +21,36 @@ from photosim.hardware.noise import sigma_from_enob, sigma_from_snr_db
 from photosim.hardware.photonic_config import PhotonicsConfig
 
 
-class OutputNoise(StrictModel):
+class NoiseEffect(StrictModel):
+    """One analog noise effect. The fields of NoiseConfig are the list of effects (declared once, there): each
+    effect class says which random stream it draws from and what it acts on; the engine, the RNG streams and the
+    randomness test read that list."""
+
+    stream: ClassVar[int]  # Philox stream number; fixed forever (a new effect takes a new number: old seeds keep
+    # their numbers)
+    acts_on: ClassVar[Literal["tile", "weight", "custom"]]  # tile values, weights, or the user's function
+    per_chip: ClassVar[bool] = False  # drawn once per simulated chip (else anew for every inference)
+
+    @property
+    def strength(self) -> float:
+        """The effect's sigma (0: off)."""
+        return float(getattr(self, "sigma", 0.0) or 0.0)
+
+    @property
+    def on(self) -> bool:
+        """True when the effect draws noise."""
+        return bool(self.strength)
+
+
+class OutputNoise(NoiseEffect):
     """Additive Gaussian noise on every tile value, std = sigma * FS; give one of sigma, snr_db, enob.
 
     Validation turns snr_db or enob into the ``sigma`` they mean, so every reader uses ``sigma``; a dump
     keeps the form that was given (``sigma`` is written as None beside snr_db or enob).
     """
 
+    stream: ClassVar[int] = 3
+    acts_on: ClassVar[Literal["tile"]] = "tile"
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("sigma", "snr_db", "enob"),)
     sigma: float | None = Field(None, ge=0, description="Noise std as a fraction of the tile's full scale FS.")
     snr_db: float | None = Field(None, description="SNR at full scale, 20 log10(FS / std), in dB.")
@@ -57,34 +79,67 @@ class OutputNoise(StrictModel):
         return self.sigma or 0.0
 
 
-class ShotNoise(StrictModel):
+class ShotNoise(NoiseEffect):
     """Signal-dependent Gaussian noise on every tile value, std = sigma * sqrt(|p| * FS)."""
 
+    stream: ClassVar[int] = 4
+    acts_on: ClassVar[Literal["tile"]] = "tile"
     sigma: float = Field(0.0, ge=0, description="Shot-noise coefficient (0: off).")
 
 
-class WeightNoise(StrictModel):
+class WeightNoise(NoiseEffect):
     """Weight error: multiplicative w (1 + sigma e) or additive w + sigma Wmax e, e ~ N(0, 1)."""
 
+    acts_on: ClassVar[Literal["weight"]] = "weight"
     sigma: float = Field(0.0, ge=0, description="Relative (multiplicative) or full-scale (additive) std; 0: off.")
     kind: Literal["multiplicative", "additive"] = Field("multiplicative", description="Form of the error.")
 
 
-class CustomNoise(StrictModel):
+class StaticWeightNoise(WeightNoise):
+    """Programming / fabrication error: drawn once per simulated chip (the repeat), the same for every inference."""
+
+    stream: ClassVar[int] = 1
+    per_chip: ClassVar[bool] = True
+
+
+class ReadWeightNoise(WeightNoise):
+    """Weight read error: drawn anew for every inference (sample)."""
+
+    stream: ClassVar[int] = 2
+
+
+class CustomNoise(NoiseEffect):
     """A user noise model: ``module:function`` or ``path/file.py:function``, called on tile values."""
 
+    stream: ClassVar[int] = 5
+    acts_on: ClassVar[Literal["custom"]] = "custom"
     function: str | None = Field(None, description="f(p, context) -> perturbed p; None: off.")
+
+    @property
+    def on(self) -> bool:
+        """True when a function is given."""
+        return self.function is not None
 
 
 class NoiseConfig(StrictModel):
-    """Analog noise effects, each with its own seeded stream; all off by default."""
+    """Analog noise effects, each with its own seeded stream; all off by default. Its fields are the list of
+    effects (NOISE_EFFECTS): adding an effect is adding a field of a NoiseEffect class."""
 
     output: OutputNoise = Field(default_factory=OutputNoise, description="Thermal / detector noise.")
     shot: ShotNoise = Field(default_factory=ShotNoise, description="Shot noise.")
-    weight_static: WeightNoise = Field(default_factory=WeightNoise,
-                                       description="Programming / fabrication error, fixed per simulated chip.")
-    weight_read: WeightNoise = Field(default_factory=WeightNoise, description="Weight error drawn per inference.")
+    weight_static: StaticWeightNoise = Field(default_factory=StaticWeightNoise,
+                                             description="Programming / fabrication error, fixed per simulated chip.")
+    weight_read: ReadWeightNoise = Field(default_factory=ReadWeightNoise,
+                                         description="Weight error drawn per inference.")
     custom: CustomNoise = Field(default_factory=CustomNoise, description="User noise model.")
+
+    def effects(self) -> dict[str, NoiseEffect]:
+        """Effect name -> its settings, in declaration order."""
+        return {name: getattr(self, name) for name in NOISE_EFFECTS}
+
+
+NOISE_EFFECTS: dict[str, type[NoiseEffect]] = {name: field.annotation  # type: ignore[misc]
+                                               for name, field in NoiseConfig.model_fields.items()}
 
 
 class ADCConfig(StrictModel):
@@ -114,16 +169,9 @@ class AccumulatorConfig(StrictModel):
     bias_at: Literal["start", "end"] = Field("start", description="Bias added first or last.")
 
 
-def _known_mode(value: str) -> str:
-    """Refuse a requantization mode the engine does not have."""
-    from photosim.engine.requant import REQUANT_MODES
-
-    if value not in REQUANT_MODES:
-        raise ValueError(f"unknown requant mode; allowed: {', '.join(REQUANT_MODES)}")
-    return value
-
-
-RequantMode = Annotated[str, AfterValidator(_known_mode)]
+# The engine's requantization modes (photosim.engine.requant.REQUANT_MODES registers them; a test keeps the two
+# equal): named here so that the configuration does not depend on the engine.
+RequantMode = Literal["float", "fixedpoint", "pytorch"]
 
 
 class LayerHardware(StrictModel):
@@ -165,9 +213,7 @@ class LayerHardware(StrictModel):
     def is_random(self) -> bool:
         """True when any noise effect is on (results then depend on the seed and repeat); a photonic core always
         has noise (finite power)."""
-        n = self.noise
-        return bool(n.output.resolved_sigma or n.shot.sigma or n.weight_static.sigma or n.weight_read.sigma
-                    or n.custom.function or self.photonics is not None)
+        return any(effect.on for effect in self.noise.effects().values()) or self.photonics is not None
 
     @property
     def calibrated_adc(self) -> bool:

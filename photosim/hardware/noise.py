@@ -40,7 +40,7 @@ def shot_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor
     """Signal-dependent noise: std = sigma * sqrt(|p| * FS) (variance grows with the detected power).
 
     float32 takes the correctly rounded square root (philox.sqrt32; torch's CPU sqrt is not), which the compiled
-    CPU readout (photosim.hardware.fused_cpu) repeats bit for bit."""
+    CPU readout (photosim.engine.fused_cpu) repeats bit for bit."""
     power = p.abs() * full_scale
     root = philox.sqrt32(power) if p.dtype == torch.float32 else torch.sqrt(power)
     return p + sigma * root * e

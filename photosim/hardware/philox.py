@@ -21,7 +21,7 @@ Uniform -> normal (``box_muller``): Box-Muller on the pairs (word 0, word 1) and
 giving r cos(theta), r sin(theta) with r = sqrt(-2 ln u), u = ((w0 >> 8) + 1) 2^-24 in (0, 1] (|z| <= 5.77) and
 theta = 2 pi w1 2^-32. The logarithm, sine and cosine are fixed polynomials evaluated as a fixed sequence of
 float32 operations (each correctly rounded in IEEE 754), so the torch code here and the compiled kernels that
-repeat the same sequence (photosim.hardware.fused_cpu) give the same bits on a CPU; a GPU kernel that contracts
+repeat the same sequence (photosim.engine.fused_cpu) give the same bits on a CPU; a GPU kernel that contracts
 multiply-adds differs by float32 rounding only:
 
 * ln u = ln m + (e - 24) ln 2 where k = (w0 >> 8) + 1 = m 2^e, m in [sqrt(1/2), sqrt(2)); ln m = s (2 + z (2/3 +

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from photosim.hardware.config import LayerHardware, OutputNoise, WeightNoise
+from photosim.hardware.config import LayerHardware, OutputNoise, StaticWeightNoise
 from photosim.hardware.photonic_config import DEFAULT_LOAD_OHM, PhotonicsConfig
 
 Q_E = 1.602176634e-19  # elementary charge, C
@@ -138,5 +138,5 @@ def with_link_budget(hw: LayerHardware, tile: int) -> LayerHardware:
         return hw
     budget = link_budget(hw.photonics, tile)
     noise = hw.noise.model_copy(update={"output": OutputNoise(sigma=budget.sigma_output),
-                                        "weight_static": WeightNoise(sigma=budget.sigma_weight, kind="additive")})
+                                        "weight_static": StaticWeightNoise(sigma=budget.sigma_weight, kind="additive")})
     return hw.model_copy(update={"noise": noise})

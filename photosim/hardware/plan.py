@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from photosim.errors import PhotosimError
-from photosim.hardware.analog import tile_length
 from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
 from photosim.hardware.photonics import with_link_budget
+from photosim.hardware.readout import tile_length
 from photosim.ir.format import Node, QuantizedModel
 from photosim.ir.ops import OPS
 
@@ -27,10 +27,10 @@ class HardwarePlan:
     layers: dict[str, LayerHardware]
 
     @classmethod
-    def resolve(cls, qmodel: QuantizedModel, hw: HardwarePlan | HardwareConfig | dict[str, Any] | str | Path | None
-                ) -> HardwarePlan:
-        """The plan of ``qmodel`` under ``hw`` (a config, dict, YAML path or None; a plan of the same model is
-        returned as it is). Per-layer overrides that match no node are refused with the node names."""
+    def resolve(cls, qmodel: QuantizedModel, hw: HardwareSpec) -> HardwarePlan:
+        """The plan of ``qmodel`` under ``hw`` (a config, dict, YAML path, preset name or None; a plan of the same
+        model is returned as it is). Per-layer overrides that match no node are refused with the node names. The
+        one place a hardware description given by a user is parsed: everything after it takes the plan."""
         names = [n.name for n in qmodel.nodes]
         if isinstance(hw, HardwarePlan):
             if list(hw.layers) != names:
@@ -56,6 +56,9 @@ class HardwarePlan:
     def chips(self, repeats: int) -> int:
         """How many chips ``repeats`` Monte Carlo repeats need: all of them when some layer is random, else one."""
         return repeats if self.is_random else 1
+
+
+HardwareSpec = HardwarePlan | HardwareConfig | dict[str, Any] | str | Path | None  # what a user may give as hardware
 
 
 def _physical(hw: LayerHardware, node: Node) -> LayerHardware:

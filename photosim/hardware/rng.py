@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from photosim.hardware import philox
+from photosim.hardware.config import NOISE_EFFECTS
 
-STREAMS = {"weight_static": 1, "weight_read": 2, "output": 3, "shot": 4, "custom": 5}
+STREAMS = {name: effect.stream for name, effect in NOISE_EFFECTS.items()}  # effect -> Philox stream number
 
 
 def key(seed: int, repeat: int, stream: str, layer: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The Triton kernel of one analog layer's tile step (imported by photosim.hardware.fused_triton only when Triton
+"""The Triton kernel of one analog layer's tile step (imported by photosim.engine.fused_triton only when Triton
 is there): per output block, the T tile sums by tl.dot and, in the same loop, each tile value's output / shot
 noise, ADC and accumulator step, so the noise costs registers instead of (G, T, M, O) tensors in memory.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from photosim.hardware.triton_philox import normal, normal_rows
+from photosim.engine.triton_philox import normal, normal_rows
 
 
 @triton.jit

@@ -1,59 +1,38 @@
-"""The photonic dot product of one layer: tiles of length L, weight error, analog noise, per-tile ADC,
-finite accumulator. The engine sends a conv/linear here instead of the exact integer matmul when the
-layer's hardware settings are not ideal (model and its sources: docs/hardware.md).
+"""The photonic dot product of one layer: tiles of length L, weight error, analog noise, per-tile ADC, finite
+accumulator, as the layer's Readout (photosim.hardware.readout) describes them. The engine runs a conv/linear here
+instead of the exact integer matmul when its hardware settings are not ideal (model and sources: docs/hardware.md).
+
+One AnalogLayer runs its tile step on the backend the registry chose (photosim.engine.backends): ``torch`` (the
+reference: torch tile sums, noise, ADC and accumulator below), ``fused-cpu`` (the readout as one compiled numba
+pass, photosim.engine.fused_cpu) or ``fused-triton`` (the whole tile step as one kernel,
+photosim.engine.fused_triton).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 
 from photosim._imports import load_object
-from photosim.engine import kernels, onednn
+from photosim.engine import fused_triton, kernels, onednn
+from photosim.engine.plan import LayerPlan
 from photosim.errors import PhotosimError
-from photosim.frontend.observers import ActivationObserver
-from photosim.hardware import fused_triton, rng
+from photosim.hardware import rng
 from photosim.hardware.accumulator import accumulate
-from photosim.hardware.adc import adc_step, digitize
-from photosim.hardware.config import LayerHardware
+from photosim.hardware.adc import digitize
+from photosim.hardware.config import NOISE_EFFECTS
 from photosim.hardware.noise import TILE_NOISE, WEIGHT_NOISE
-from photosim.ir.ranges import max_int, max_magnitude
+from photosim.hardware.readout import Readout
+from photosim.ir.observers import ActivationObserver
+from photosim.ir.ranges import max_int
 
 # Upper bound on the bytes of the per-tile tensors of one sub-batch (tile values, noise, codes).
 TILE_BYTES = 1 << 24
-FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this
-
-
-def tile_length(k: int, tile: int | None) -> int:
-    """L, the products one optical core sums: the ``tile`` setting, at most K (None: one tile of K)."""
-    return min(tile or k, k)
-
-
-def exact_weights(hw: LayerHardware) -> bool:
-    """No weight error: the tile sums are the exact integer ones."""
-    return not (hw.noise.weight_static.sigma or hw.noise.weight_read.sigma)
-
-
-def tile_plan(k: int, hw: LayerHardware, x_range: kernels.IntPair, w_bits: int, device: torch.device
-              ) -> kernels.MatmulPlan:
-    """How a layer forms its tile sums. Integer weights: int8 operands (int32 sums, exact) where the operands fit
-    int8, with an offset if need be, and int8 GEMMs are faster: on CPUs where torch._int_mm beats float32 (VNNI,
-    AMX: 8x faster here), and on CUDA, where photosim.hardware.fused_triton's kernel takes int8 operands of any
-    tile length (float ones only below 2^24). Else float32 where the sums are exact there (full scale below 2^24).
-    Otherwise float64 (exact for tile sums of up to 16-bit codes, and the path of weights with error)."""
-    if not exact_weights(hw):
-        return kernels.MatmulPlan("float64", chunk=k)
-    plan = kernels.plan_matmul(tile_length(k, hw.tile), x_range, w_bits, device=device)
-    if plan.path == "int_mm":
-        return kernels.MatmulPlan("int_mm", chunk=k, offset=plan.offset)
-    x_max, w_max = max(-x_range[0], x_range[1]), max_magnitude(w_bits)
-    exact32 = tile_length(k, hw.tile) * x_max * w_max < FLOAT32_EXACT
-    return kernels.MatmulPlan("float32" if exact32 else "float64", chunk=k)
+TileStep = Literal["torch", "fused-cpu", "fused-triton"]
 
 
 @dataclass
@@ -77,63 +56,67 @@ class LayerStats:
 
 @dataclass
 class AnalogLayer:
-    """One conv/linear on the photonic engine: its settings, weights, random streams and diagnostics."""
+    """One conv/linear on the photonic engine: its plan, weights, tile-step backend, diagnostics."""
 
-    name: str
-    index: int  # position in the graph: keys this layer's random streams
-    hw: LayerHardware
-    weights: kernels.IntegerWeights  # in tile_plan's plan (its matrix: see the ``matrix`` property)
+    plan: LayerPlan  # plan.readout describes the tile step
+    weights: kernels.IntegerWeights  # in the plan's matmul plan (its matrix: see the ``matrix`` property)
     bias: torch.Tensor | None  # (G, O/G) int64 in product units; None when the requant mode adds a float bias
-    x_max: int  # largest |x - z_in| the input clamp range allows
-    w_max: int  # largest |weight code|: 2^(w_bits-1)
-    seed: int = 0
-    repeat: int = 0
-    adc_range: float | None = None  # +-range in product units (None: full scale)
-    calibration: ActivationObserver | None = None  # set: record |tile values| for a calibrated ADC range
+    tile_step: TileStep = "torch"  # the backend that forms and reads out the tile sums
     diagnostics: bool = True  # also compute the SNR against the exact accumulator (one more matmul)
     conv: onednn.OneDNNConv | None = None  # the layer's exact fast conv (a single exact tile uses it)
+    calibration: ActivationObserver | None = None  # set while the readout is calibrating: records |tile values|
     stats: LayerStats = field(default_factory=LayerStats)
+
+    @classmethod
+    def prepare(cls, plan: LayerPlan, device: torch.device, tile_step: TileStep, diagnostics: bool = True
+                ) -> AnalogLayer:
+        """The layer of an analog plan on ``device``, its tile step run by ``tile_step``. On the CPU a conv of one
+        exact tile forms its tile values on oneDNN (they are the exact accumulators)."""
+        readout = plan.readout
+        assert readout is not None
+        weights = kernels.prepare_weights(plan.weight, plan.groups, plan.matmul, device)
+        bias = plan.requant.bias.view(plan.groups, -1) if plan.mode.integer_bias else None
+        conv = None
+        if (tile_step != "fused-triton" and plan.node.op == "conv2d" and device.type == "cpu" and readout.tiles == 1
+                and plan.groups == 1 and readout.exact_weights):
+            _, stride, padding, dilation = plan.conv_geometry()
+            conv = onednn.prepare_conv(plan.weight, plan.x_range, stride, padding, dilation, plan.groups)
+        calibration = ActivationObserver(seed=plan.index) if readout.calibrating else None
+        return cls(plan, weights, bias, tile_step, diagnostics, conv, calibration)
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def readout(self) -> Readout:
+        assert self.plan.readout is not None
+        return self.plan.readout
 
     @property
     def tile(self) -> int:
         """L, the dot-product length of one optical core (at most K)."""
-        return tile_length(self.weights.k, self.hw.tile)
+        return self.readout.tile
 
     @property
     def tiles(self) -> int:
         """T = ceil(K / L)."""
-        return math.ceil(self.weights.k / self.tile)
+        return self.readout.tiles
 
     @property
     def full_scale(self) -> float:
         """FS = L * Xmax * Wmax: the largest |tile value| the codes allow."""
-        return float(self.tile * self.x_max * self.w_max)
+        return self.readout.full_scale
 
     @property
     def adc_bits(self) -> int | None:
         """ADC bits in use (None: ideal readout, also while calibrating)."""
-        return None if self.calibration is not None else self.hw.adc.bits
+        return self.readout.adc_bits
 
     @property
     def step(self) -> float:
         """ADC step in product units (1 for the ideal readout)."""
-        if self.adc_bits is None:
-            return 1.0
-        return adc_step(self.full_scale if self.adc_range is None else self.adc_range, self.adc_bits)
-
-    @property
-    def _sigmas(self) -> dict[str, float]:
-        return {"output": self.hw.noise.output.resolved_sigma, "shot": self.hw.noise.shot.sigma}
-
-    @property
-    def tile_dtype(self) -> torch.dtype:
-        """float32 under output / shot noise (whose std swamps the float32 rounding of the noisy values) when every
-        tile value is an integer below 2^24 (exact weights, FS < 2^24), so exact in float32; else float64 (custom
-        noise functions get float64, as documented). It depends on the settings only, never on the matmul path a
-        machine picks, so every CPU and GPU computes the same numbers."""
-        noisy = any(self._sigmas.values()) and not self.hw.noise.custom.function
-        exact32 = exact_weights(self.hw) and self.full_scale < FLOAT32_EXACT
-        return torch.float32 if noisy and exact32 else torch.float64
+        return self.readout.step
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -152,26 +135,39 @@ class AnalogLayer:
         padded = torch.nn.functional.pad(w.to(torch.int64), (0, 0, 0, self.tiles * self.tile - k))
         return plan.offset * padded.view(g, self.tiles, self.tile, o).sum(dim=2)
 
-    def conv_acc(self, x: torch.Tensor, z_in: int, attrs: dict, sample_ids: torch.Tensor) -> torch.Tensor:
+    def conv2d(self, x: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        """Input codes (N, C, H, W) -> output codes (N, O, OH, OW)."""
+        return self._requantize(self.conv_acc(x, sample_ids))
+
+    def linear(self, x: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        """Input codes (N, K) -> output codes (N, O)."""
+        return self._requantize(self.linear_acc(x, sample_ids))
+
+    def _requantize(self, acc: torch.Tensor) -> torch.Tensor:
+        """Accumulators in ADC steps (bias included) -> codes: the multiplier absorbs the step."""
+        params = self.plan.requant
+        acc = acc if self.plan.mode.float_accumulators else acc.to(torch.int64)
+        return self.plan.mode.requantize(acc, replace(params, input_scale=params.input_scale * self.step))
+
+    def conv_acc(self, x: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """Codes (N, C, H, W) -> accumulators (N, O, OH, OW) int64 in ADC steps, bias included."""
-        groups = attrs["groups"]
-        if self.conv is not None and self.tiles == 1 and groups == 1 and exact_weights(self.hw):
+        groups, z_in = self.plan.groups, self.plan.z_in
+        if self.conv is not None:
             exact = onednn.conv_acc(x, z_in, self.conv)  # (N, O, OH, OW) float64, channels_last
             if exact is not None:  # one tile: the tile values are the exact accumulators, (N*OH*OW, O) in memory
                 n, o, oh, ow = exact.shape
                 acc = self._readout(exact.permute(0, 2, 3, 1).reshape(1, 1, n * oh * ow, o), sample_ids)
                 return acc.view(n, oh, ow, o).permute(0, 3, 1, 2)  # (N, O, OH, OW), channels_last
-        kernel, stride, padding, dilation = (kernels.pair(attrs[k]) for k in ("kernel", "stride", "padding",
-                                                                               "dilation"))
+        kernel, stride, padding, dilation = self.plan.conv_geometry()
         n, _, h, w = x.shape
         oh, ow = (kernels.conv_output_size(*args) for args in zip((h, w), kernel, stride, padding, dilation))
         tile_values, operands = self.tiles * self.weights.out_per_group, self.weights.k
         operand_bytes = operands * self.weights.matrix.element_size()
         budget = TILE_BYTES
-        if self._triton_applies(x.device):  # the operands and the accumulators: no tile values are stored
+        if self.tile_step == "fused-triton":  # the operands and the accumulators: no tile values are stored
             budget = kernels.PATCH_BYTES
             per_sample = oh * ow * groups * (operand_bytes + self.weights.out_per_group * 16)
-        elif self._fused_applies(x.device):  # the tile values (int32 / float32 / float64) and the operands
+        elif self.tile_step == "fused-cpu":  # the tile values (int32 / float32 / float64) and the operands
             value_bytes = 8 if self.weights.plan.path == "float64" else 4
             per_sample = oh * ow * groups * (tile_values * value_bytes + operand_bytes)
         else:  # float64 values and their temporaries
@@ -186,75 +182,54 @@ class AnalogLayer:
             outs.append(acc.reshape(acc.shape[0], groups * acc.shape[2], oh, ow))
         return torch.cat(outs)
 
-    def linear_acc(self, x: torch.Tensor, z_in: int, sample_ids: torch.Tensor) -> torch.Tensor:
+    def linear_acc(self, x: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """Codes (N, K) -> accumulators (N, O) int64 in ADC steps, bias included."""
-        return self.dot(kernels.centred(x, z_in, self.weights.plan).unsqueeze(0), sample_ids)[0]
+        return self.dot(kernels.centred(x, self.plan.z_in, self.weights.plan).unsqueeze(0), sample_ids)[0]
 
     def dot(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """Operands a (G, M, K) = x - z_in - offset (the plan's), rows sample-major -> accumulators (G, M, O/G) in
         ADC steps."""
-        if self._triton_applies(a.device):
+        if self.tile_step == "fused-triton":
             return self.dot_triton(a, sample_ids)
         if self.weights.plan.path == "int_mm":
             return self._readout(_tile_sums_int8(a, self.matrix, self.tile), sample_ids, None, self.tile_shift)
         weights = self._perturbed_weights(sample_ids)
         p = _tile_sums(a, weights, self.tile, len(sample_ids))  # (G, T, M, O) analog tile values
         exact = None
-        if self.diagnostics and not exact_weights(self.hw):
+        if self.diagnostics and not self.readout.exact_weights:
             exact = torch.matmul(a.double(), self.matrix.double())  # (G, M, O): exact below 2^53
         return self._readout(p, sample_ids, exact)
 
     def _readout(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None = None,
                  shift: torch.Tensor | None = None) -> torch.Tensor:
         """Tile values p (G, T, M, O) + shift (G, T, O) -> analog noise, ADC, accumulator -> (G, M, O) int64 in ADC
-        steps.
+        steps, by the compiled CPU readout (``fused-cpu``) or the torch path (the reference).
 
-        ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it. On the CPU the
-        compiled one-pass kernel (fused_cpu) does it where it applies, else the torch path (the reference).
+        ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it.
         """
-        if self._fused_applies(p.device):
+        if self.tile_step == "fused-cpu":
             return self._readout_fused(p, sample_ids, exact, shift)
         if shift is not None:
             p = p.to(torch.int64) + shift.unsqueeze(2)
         return self._readout_torch(p, sample_ids, exact)
 
-    def _triton_applies(self, device: torch.device) -> bool:
-        """The whole tile step runs as one Triton kernel (photosim.hardware.fused_triton) on a CUDA device with
-        Triton, for exact weights whose operands give the kernel exact tile sums (int8 ones: int32 sums, float ones:
-        float32 sums; fused_triton.operand_path), no custom noise and no ADC calibration."""
-        if device.type != "cuda" or importlib.util.find_spec("triton") is None:
-            return False
-        dtype = self.weights.plan.dtype
-        return (exact_weights(self.hw) and not self.hw.noise.custom.function and self.calibration is None
-                and fused_triton.operand_path(dtype, dtype, self.full_scale) is not None)
-
     def dot_triton(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
-        """dot by photosim.hardware.fused_triton's kernel: tile sums, noise, ADC and accumulator in one pass, the
+        """dot by photosim.engine.fused_triton's kernel: tile sums, noise, ADC and accumulator in one pass, the
         diagnostics from its exact sums. Used on CUDA (and by the tests under the Triton interpreter)."""
         step = self.step
-        out = fused_triton.tile_step(a, self.matrix, sample_ids, fused_triton.Readout.of(self), self._bias_codes(step),
+        out = fused_triton.tile_step(a, self.matrix, sample_ids, self.readout, self._bias_codes(step),
                                      exact=self.diagnostics, shift=self.tile_shift)
         self._record(out.acc, step, out.overflowed, out.clipped, self.tiles * out.acc.numel(), out.exact)
         return out.acc
 
-    def _fused_applies(self, device: torch.device) -> bool:
-        """The compiled CPU readout gives the torch path's bits: tile values on the CPU, no calibration observer, no
-        custom noise, and no float64 shot noise (torch's float64 square root is not correctly rounded on the CPU)."""
-        float64_shot = bool(self.hw.noise.shot.sigma) and self.tile_dtype == torch.float64
-        return (device.type == "cpu" and self.calibration is None and not self.hw.noise.custom.function
-                and not float64_shot)
-
     def _readout_fused(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None,
                        shift: torch.Tensor | None) -> torch.Tensor:
-        """_readout by photosim.hardware.fused_cpu (imported here: numba loads only when a layer needs it)."""
-        from photosim.hardware import fused_cpu
+        """_readout by photosim.engine.fused_cpu (imported here: numba loads only when a layer needs it)."""
+        from photosim.engine import fused_cpu
 
-        fs, step, cfg = self.full_scale, self.step, self.hw.accumulator
-        coefficients = {"output": self._sigmas["output"] * fs, "shot": self._sigmas["shot"]}
-        noise = {name: (rng.key(self.seed, self.repeat, name, self.index), c) for name, c in coefficients.items() if c}
-        acc, counts = fused_cpu.readout(p, sample_ids, self.tile_dtype, noise, fs, step, self.adc_bits,
-                                        (cfg.bits, cfg.overflow, cfg.bias_at), self.bias, self._bias_codes(step),
-                                        exact, self.diagnostics, shift)
+        step = self.step
+        acc, counts = fused_cpu.readout(p, sample_ids, self.readout, self.bias, self._bias_codes(step), exact,
+                                        self.diagnostics, shift)
         self.stats.add(LayerStats(outputs=acc.numel(), overflowed=counts.overflowed, tile_values=p.numel(),
                                   clipped=counts.clipped, signal_power=counts.signal_power,
                                   error_power=counts.error_power, max_abs_acc=counts.max_abs_acc))
@@ -262,20 +237,19 @@ class AnalogLayer:
 
     def _readout_torch(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
         """_readout as torch tensor operations: any device, calibration, custom noise."""
-        noise = self.hw.noise
+        readout = self.readout
         if self.calibration is not None:
             self.calibration.update(p.abs())
         if self.diagnostics and exact is None:
             exact = p.sum(dim=1, dtype=torch.float64)
         fs = self.full_scale
-        p = p.to(self.tile_dtype)
-        for name, sigma in self._sigmas.items():
-            if sigma:
-                p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name))
-        if noise.custom.function:
+        p = p.to(readout.dtype)
+        for name, sigma in readout.tile_noise.items():
+            p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name))
+        if readout.custom:
             context = {"layer": self.name, "full_scale": fs, "tile": self.tile, "sample_ids": sample_ids,
                        "normal": lambda: self._normal_like(p, sample_ids, "custom").double()}
-            p = _custom_noise(noise.custom.function, self.name, p, context)
+            p = _custom_noise(readout.custom, self.name, p, context)
         step = self.step
         codes, clipped = digitize(p, step, self.adc_bits)  # (G, T, M, O) int64
         bias = self._bias_codes(step)
@@ -293,33 +267,35 @@ class AnalogLayer:
 
         A plain sum where no running sum can leave the range (|bias| + T * max |code| fits), else accumulate().
         """
-        cfg = self.hw.accumulator
+        r = self.readout
         largest = _largest_abs(codes) * codes.shape[1] + (0 if bias is None else _largest_abs(bias))
-        if largest <= max_int(cfg.bits, signed=True):
+        if largest <= max_int(r.acc_bits, signed=True):
             acc = codes[:, 0] if codes.shape[1] == 1 else codes.sum(dim=1)  # codes is ours to add the bias into
             return (acc if bias is None else acc.add_(bias)), 0
-        acc, overflowed = accumulate(codes.permute(0, 2, 3, 1), bias, cfg.bits, cfg.overflow, cfg.bias_at)
+        acc, overflowed = accumulate(codes.permute(0, 2, 3, 1), bias, r.acc_bits, r.overflow, r.bias_at)
         return acc, int(overflowed.sum())
 
     def _perturbed_weights(self, sample_ids: torch.Tensor) -> torch.Tensor:
-        """Weights (G, K, O) in the plan's dtype, with chip error (float64); with read noise one copy per sample
-        (N, G, K, O)."""
-        noise, w = self.hw.noise, self.matrix
-        if noise.weight_static.sigma:
-            e = rng.normal(tuple(w.shape), self.seed, self.repeat, "weight_static", self.index, w.device).double()
-            w = WEIGHT_NOISE[noise.weight_static.kind](w, noise.weight_static.sigma, self.w_max, e)
-        if noise.weight_read.sigma:
-            e = rng.normal_per_sample(tuple(w.shape), sample_ids, self.seed, self.repeat, "weight_read", self.index,
-                                      w.device).double()
-            w = WEIGHT_NOISE[noise.weight_read.kind](w.unsqueeze(0), noise.weight_read.sigma, self.w_max, e)
+        """Weights (G, K, O) in the plan's dtype, with chip error (float64) and, with per-inference weight error,
+        one copy per sample (N, G, K, O)."""
+        r, w = self.readout, self.matrix
+        for name, (kind, sigma) in r.weight_noise.items():
+            if NOISE_EFFECTS[name].per_chip:
+                e = rng.normal(tuple(w.shape), r.seed, r.repeat, name, r.layer, w.device).double()
+                w = WEIGHT_NOISE[kind](w, sigma, r.w_max, e)
+            else:
+                shape = tuple(w.shape[-3:])
+                e = rng.normal_per_sample(shape, sample_ids, r.seed, r.repeat, name, r.layer, w.device).double()
+                w = WEIGHT_NOISE[kind](w if w.dim() == 4 else w.unsqueeze(0), sigma, r.w_max, e)
         return w
 
     def _normal_like(self, p: torch.Tensor, sample_ids: torch.Tensor, stream: str) -> torch.Tensor:
         """Standard normals shaped like p (G, T, N*P, O) in p's dtype: element (g, t, n*P + pos, o) is element
         ((g*T + t)*P + pos)*O + o of sample_ids[n]'s stream, so the numbers do not depend on the batch."""
         g, t, m, o = p.shape
-        e = rng.normal_per_sample((g, t, m // max(len(sample_ids), 1), o), sample_ids, self.seed, self.repeat,
-                                  stream, self.index, p.device)  # (N, G, T, P, O)
+        r = self.readout
+        e = rng.normal_per_sample((g, t, m // max(len(sample_ids), 1), o), sample_ids, r.seed, r.repeat,
+                                  stream, r.layer, p.device)  # (N, G, T, P, O)
         return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o).to(p.dtype)
 
     def _record(self, acc: torch.Tensor, step: float, overflowed: int, clipped: int, tile_values: int,

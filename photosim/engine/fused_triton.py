@@ -16,54 +16,20 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
 from photosim.hardware import rng
+from photosim.hardware.readout import FLOAT32_EXACT, Readout
 from photosim.ir.ranges import int_range, max_int
 
-if TYPE_CHECKING:
-    from photosim.hardware.analog import AnalogLayer
-
-FLOAT32_EXACT = 1 << 24  # float32 tile sums are exact below this
 INT32_EXACT = 1 << 31  # int32 ones below this
 STREAM_VALUES = 4 << 32  # values one sample's Philox stream holds (2^32 counters of 4)
 # Output block of one program (BLOCK_O shrinks to O's next power of 2, at least 16): 32 x 32 was the fastest of
 # 32..128 on an H200 (a 3x3 conv, 64 -> 128 channels, 32 samples of 14 x 14, L = 64).
 BLOCK_M, BLOCK_O = 32, 32
 OperandPath = Literal["int8", "float32"]
-
-
-@dataclass(frozen=True)
-class Readout:
-    """The readout settings of one layer (AnalogLayer's properties of the same meaning)."""
-
-    tile: int  # L, products per tile sum
-    full_scale: float  # FS = L * Xmax * Wmax, bounds every |tile sum|
-    step: float  # ADC step in product units (1: the integer grid)
-    adc_bits: int | None  # None: ideal readout, no clipping
-    dtype: torch.dtype  # the tile values' dtype (AnalogLayer.tile_dtype): float32 or float64
-    acc_bits: int = 32
-    overflow: Literal["wrap", "saturate", "none"] = "none"
-    bias_at: Literal["start", "end"] = "start"
-    sigma_output: float = 0.0  # output noise std / FS (0: off)
-    sigma_shot: float = 0.0  # shot-noise coefficient (0: off)
-    seed: int = 0
-    repeat: int = 0
-    layer: int = 0  # the layer index keying the noise streams
-
-    @classmethod
-    def of(cls, layer: AnalogLayer) -> Readout:
-        """The settings of an AnalogLayer; ValueError for what the kernel does not model (the torch path does):
-        weight error, custom noise, ADC range calibration."""
-        noise = layer.hw.noise
-        if noise.weight_static.sigma or noise.weight_read.sigma or noise.custom.function or layer.calibration:
-            raise ValueError(f"layer {layer.name!r} has weight error, custom noise or a calibrating ADC, which only "
-                             "the torch path models")
-        cfg = layer.hw.accumulator
-        return cls(layer.tile, layer.full_scale, layer.step, layer.adc_bits, layer.tile_dtype, cfg.bits, cfg.overflow,
-                   cfg.bias_at, noise.output.resolved_sigma, noise.shot.sigma, layer.seed, layer.repeat, layer.index)
 
 
 @dataclass(frozen=True)
@@ -141,7 +107,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout:
     import triton  # imported with the kernel, only when one runs
     from triton.runtime.interpreter import InterpretedFunction
 
-    from photosim.hardware import triton_tile
+    from photosim.engine import triton_tile
 
     interpreted = isinstance(triton_tile.tile_step_kernel, InterpretedFunction)
     if interpreted != (a.device.type == "cpu"):
@@ -154,8 +120,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > 0xFFFFFFFF):
         raise ValueError("sample indices must lie in [0, 2^32)")
     fs, step = readout.full_scale, readout.step
-    params = torch.tensor([readout.sigma_output * fs, readout.sigma_shot, fs, step], dtype=torch.float64,
-                          device=a.device)
+    sigma_output, sigma_shot = readout.tile_noise.get("output", 0.0), readout.tile_noise.get("shot", 0.0)
+    params = torch.tensor([sigma_output * fs, sigma_shot, fs, step], dtype=torch.float64, device=a.device)
     out_key = rng.key(readout.seed, readout.repeat, "output", readout.layer)
     shot_key = rng.key(readout.seed, readout.repeat, "shot", readout.layer)
     acc_lo, acc_hi = int_range(readout.acc_bits, signed=True)
@@ -172,7 +138,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout:
         acc if sums is None else sums, counts,
         m, k, o, math.ceil(k / readout.tile), readout.tile, m // len(ids),
         *a.stride(), *w.stride(), *out_key, *shot_key, max_int(readout.adc_bits or 2, signed=True), acc_lo, acc_hi,
-        OUTPUT=bool(readout.sigma_output), SHOT=bool(readout.sigma_shot), DIVIDE=step != 1.0,
+        OUTPUT=bool(sigma_output), SHOT=bool(sigma_shot), DIVIDE=step != 1.0,
         CLIP=readout.adc_bits is not None, BIAS_AT="none" if bias is None else readout.bias_at, OVERFLOW=overflow,
         F64=readout.dtype == torch.float64, EXACT=sums is not None, INT8=int8, SHIFT=shift is not None,
         ALIGNED=o % 4 == 0,

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from photosim.hardware import philox
+from photosim.hardware import philox, rng
+from photosim.hardware.readout import Readout
 
 ROUNDS = 10
 MASK32 = np.int64(philox.MASK32)
@@ -279,27 +280,29 @@ def _readout(p: np.ndarray, shift: np.ndarray, coefs: np.ndarray, sample_ids: np
         float_stats[blk, 1] = error.sum()
 
 
-def readout(p: torch.Tensor, sample_ids: torch.Tensor, work: torch.dtype,
-            noise: dict[str, tuple[tuple[int, int], float]], full_scale: float, step: float, adc_bits: int | None,
-            accumulator: tuple[int, str, str],
-            bias: torch.Tensor | None, bias_codes: torch.Tensor | None, exact: torch.Tensor | None,
-            diagnostics: bool, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, Counts]:
+def readout(p: torch.Tensor, sample_ids: torch.Tensor, settings: Readout, bias: torch.Tensor | None,
+            bias_codes: torch.Tensor | None, exact: torch.Tensor | None, diagnostics: bool,
+            shift: torch.Tensor | None = None) -> tuple[torch.Tensor, Counts]:
     """Tile values p (G, T, M, O) on the CPU -> accumulators (G, M, O) int64 and the diagnostics, in one pass.
 
-    work: the dtype of the noise and ADC arithmetic (AnalogLayer.tile_dtype); noise: stream name ("output",
-    "shot") -> (Philox key, coefficient: sigma * FS for output noise, sigma for shot noise), absent streams add
-    nothing; accumulator: (bits, overflow mode, bias_at); bias (G, O) int64 in product units and bias_codes its
-    ADC codes (both None: no bias); exact (G, M, O): the exact accumulator (None: the tile sums of p);
-    diagnostics: also the signal and error powers; shift (G, T, O) int64 is added to every tile value (int8 GEMMs
-    leave out offset * weight sums, see kernels.MatmulPlan). Uses torch's intra-op thread count.
+    settings: the layer's readout (its output and shot noise, ADC, accumulator; the noise and ADC arithmetic in
+    its dtype); bias (G, O) int64 in product units and bias_codes its ADC codes (both None: no bias); exact
+    (G, M, O): the exact accumulator (None: the tile sums of p); diagnostics: also the signal and error powers;
+    shift (G, T, O) int64 is added to every tile value (int8 GEMMs leave out offset * weight sums, see
+    kernels.MatmulPlan). Uses torch's intra-op thread count.
     """
+    work, full_scale, step, adc_bits = settings.dtype, settings.full_scale, settings.step, settings.adc_bits
+    coefficients = {"output": settings.tile_noise.get("output", 0.0) * full_scale,
+                    "shot": settings.tile_noise.get("shot", 0.0)}
+    noise = {name: (rng.key(settings.seed, settings.repeat, name, settings.layer), c)
+             for name, c in coefficients.items() if c}
     if p.dtype not in (torch.int32, torch.float32, torch.float64) or work not in (torch.float32, torch.float64):
         raise ValueError(f"tile values must be int32, float32 or float64 (got {p.dtype}, work dtype {work})")
     ids = sample_ids.to(torch.int64).contiguous().numpy()
     if ids.size and (ids.min() < 0 or ids.max() > philox.MASK32):
         raise ValueError("sample indices must lie in [0, 2^32)")
     n_g, _, n_m, n_o = p.shape
-    bits, overflow, bias_at = accumulator
+    bits, overflow, bias_at = settings.acc_bits, settings.overflow, settings.bias_at
     keys = np.zeros((2, ROUNDS, 2), dtype=np.int64)
     noisy = np.zeros(2, dtype=np.bool_)
     for s, name in enumerate(("output", "shot")):

@@ -1,0 +1,102 @@
+"""One layer's readout, described once: what an optical core sums and how its sums become accumulator codes.
+
+Built from a layer's resolved settings (photosim.hardware.plan) and its geometry, before anything runs. Every
+execution backend (photosim.engine.backends) reads this one frozen object: tile length, full scale, ADC step and
+bits, accumulator, and the noise coefficients by effect name (the effects of hardware.config.NOISE_EFFECTS).
+The model and its sources: docs/hardware.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from photosim.hardware.adc import adc_step
+from photosim.hardware.config import LayerHardware
+
+FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this
+
+
+def tile_length(k: int, tile: int | None) -> int:
+    """L, the products one optical core sums: the ``tile`` setting, at most K (None: one tile of K)."""
+    return min(tile or k, k)
+
+
+@dataclass(frozen=True)
+class Readout:
+    """The tile step of one conv/linear: tiles of L products, analog noise, per-tile ADC, finite accumulator."""
+
+    layer: int  # the layer's position in the graph: keys its random streams
+    k: int  # dot-product length K (per group)
+    tile: int  # L = tile_length(K, the tile setting)
+    x_max: int  # largest |x - z_in| the input clamp range allows
+    w_max: int  # largest |weight code|: 2^(w_bits-1)
+    adc_bits: int | None = None  # None: ideal readout (integer grid), also while the ADC range is being measured
+    adc_range: float | None = None  # +-range in product units (None: full scale)
+    acc_bits: int = 32
+    overflow: Literal["wrap", "saturate", "none"] = "none"
+    bias_at: Literal["start", "end"] = "start"
+    tile_noise: dict[str, float] = field(default_factory=dict)  # effect on -> sigma (output: of FS; shot: coef.)
+    weight_noise: dict[str, tuple[str, float]] = field(default_factory=dict)  # effect on -> (kind, sigma)
+    custom: str | None = None  # the user's noise function (module:function or file.py:function)
+    seed: int = 0
+    repeat: int = 0  # the simulated chip
+    calibrating: bool = False  # the tile values are being recorded to measure the ADC range
+
+    @classmethod
+    def of(cls, settings: LayerHardware, k: int, x_max: int, w_max: int, *, layer: int, seed: int = 0,
+           repeat: int = 0, measured_range: float | None = None, calibrating: bool = False) -> Readout:
+        """The readout of a layer with these resolved settings. ``measured_range``: the calibrated ADC's +-range
+        (product units), required for ``adc.range: calibrated`` unless ``calibrating``."""
+        tile = tile_length(k, settings.tile)
+        adc, acc = settings.adc, settings.accumulator
+        adc_range = None
+        if calibrating:
+            adc_bits = None
+        else:
+            adc_bits = adc.bits
+            if isinstance(adc.range, float):
+                adc_range = adc.range * float(tile * x_max * w_max)
+            elif settings.calibrated_adc:
+                if measured_range is None:
+                    raise ValueError("a calibrated ADC range was not measured")
+                adc_range = measured_range
+        effects = settings.noise.effects()
+        tile_noise = {name: e.strength for name, e in effects.items() if e.acts_on == "tile" and e.on}
+        weight_noise = {name: (e.kind, e.strength) for name, e in effects.items() if e.acts_on == "weight" and e.on}
+        return cls(layer, k, tile, x_max, w_max, adc_bits, adc_range, acc.bits, acc.overflow, acc.bias_at,
+                   tile_noise, weight_noise, settings.noise.custom.function, seed, repeat, calibrating)
+
+    @property
+    def tiles(self) -> int:
+        """T = ceil(K / L)."""
+        return math.ceil(self.k / self.tile)
+
+    @property
+    def full_scale(self) -> float:
+        """FS = L * Xmax * Wmax: the largest |tile value| the codes allow."""
+        return float(self.tile * self.x_max * self.w_max)
+
+    @property
+    def step(self) -> float:
+        """ADC step in product units (1 for the ideal readout)."""
+        if self.adc_bits is None:
+            return 1.0
+        return adc_step(self.full_scale if self.adc_range is None else self.adc_range, self.adc_bits)
+
+    @property
+    def exact_weights(self) -> bool:
+        """No weight error: the tile sums are the exact integer ones."""
+        return not self.weight_noise
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tile values' working dtype: float32 under tile noise (whose std swamps float32's rounding of the
+        noisy values) when every tile value is an integer below 2^24 (exact weights, FS < 2^24), so exact in
+        float32; else float64 (custom noise functions get float64, as documented). It depends on the settings
+        only, never on the matmul a machine picks, so every CPU and GPU computes the same numbers."""
+        exact32 = self.exact_weights and self.full_scale < FLOAT32_EXACT
+        return torch.float32 if self.tile_noise and not self.custom and exact32 else torch.float64
