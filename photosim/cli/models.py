@@ -12,6 +12,7 @@ from photosim._files import reject_directory, spec_file
 from photosim.cli.common import (
     ABitsOpt,
     ActivationRangeOpt,
+    BackendOpt,
     BatchOpt,
     BiasBitsOpt,
     CalibOpt,
@@ -109,13 +110,25 @@ def quantize_cmd(
 
 @app.command()
 @handles_errors
-def inspect(path: Annotated[Path, typer.Argument(help="Integer model file.")]) -> None:
-    """Per-layer table of an integer model: op, shapes, bits, scales, MACs, worst-case accumulator bits."""
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Integer model file.")],
+    hw: Annotated[Path | None, typer.Option(
+        "--hw", help="Also show how each conv/linear would run under this hardware YAML or preset: its settings, "
+                     "the execution backend chosen for --device and why faster ones decline it.")] = None,
+    device: Annotated[str, typer.Option(help="Device the execution plan is for (cpu, cuda).")] = "cpu",
+    backend: BackendOpt = None,
+) -> None:
+    """Per-layer table of an integer model: op, shapes, bits, scales, MACs, worst-case accumulator bits; with --hw
+    the execution plan (backend per layer)."""
+    from photosim.engine.executor import execution_plan
+    from photosim.hardware.config import load_hardware
     from photosim.ir.format import load
     from photosim.ir.summary import layer_table
 
     reject_directory(path, "model file")
+    preflight({}, {"MODEL_FILE": path, "--hw": hw})
     qmodel = load(path)
+    plan = None if hw is None else execution_plan(qmodel, load_hardware(hw), device=device, backend=backend or ())
     q = qmodel.input_q
     console.print(f"{path}: input {'x'.join(map(str, qmodel.input_shape))}, {q.bits}-bit "
                   f"{'signed' if q.signed else 'unsigned'} (scale {q.scale:.4g}, zero point {q.zero_point}); "
@@ -133,6 +146,9 @@ def inspect(path: Annotated[Path, typer.Argument(help="Integer model file.")]) -
     })
     print_table("layers (acc bits: worst case from bit widths, see docs/format.md)", compact)
     console.print(f"total MACs per sample: {int(table['macs'].sum()):,}")
+    if plan is not None:
+        print_table(f"execution on {device} under {hw} (declined: faster backends and why)",
+                    pd.DataFrame(plan).fillna(""))
 
 
 @app.command("import-torch")

@@ -83,11 +83,9 @@ class Choice:
     backend: str
     declined: dict[str, str] = field(default_factory=dict)  # backend -> reason, in order of preference
 
-    def summary(self) -> str:
-        """``name`` or ``name (a: reason; b: reason)``."""
-        if not self.declined:
-            return self.backend
-        return f"{self.backend} ({'; '.join(f'{name}: {why}' for name, why in self.declined.items())})"
+    def as_row(self) -> dict[str, str]:
+        """The choice as report columns: ``backend`` and ``declined`` (``name: reason; ...``)."""
+        return {"backend": self.backend, "declined": "; ".join(f"{n}: {why}" for n, why in self.declined.items())}
 
 
 def check_names(names: Sequence[str]) -> None:
@@ -105,10 +103,9 @@ def choose(plan: LayerPlan, device: torch.device, required: Sequence[str] = ()) 
     forced = [b for b in candidates if b.name in required]
     declined = {}
     for backend in forced or candidates:
-        if not forced and device.type in backend.on_request:
-            declined[backend.name] = f"runs on {device.type} only when required by name"
-            continue
         reason = backend.supports(plan, device)
+        if reason is None and not forced and device.type in backend.on_request:
+            reason = f"runs on {device.type} only when required by name"
         if reason is None:
             return Choice(backend.name, declined)
         declined[backend.name] = reason
@@ -245,7 +242,7 @@ class FBGEMMBackend(Backend):
 
     def supports(self, plan: LayerPlan, device: torch.device) -> str | None:
         if not plan.pair_saturation:
-            return "no pair sum of this layer saturates: its sums are the exact ones"
+            return "only for layers whose PyTorch kernel saturates pair sums (none of this layer's can)"
         return None
 
     def prepare(self, plan: LayerPlan, device: torch.device, *, diagnostics: bool = True) -> LayerRunner:

@@ -19,7 +19,7 @@ import torch
 from photosim.engine import backends, kernels
 from photosim.engine.analog import AnalogLayer
 from photosim.engine.backends import Choice, LayerRunner
-from photosim.engine.plan import LayerPlan, plan_layer
+from photosim.engine.plan import LayerPlan, describe, plan_layer
 from photosim.engine.requant import REQUANT_MODES, RequantMode
 from photosim.errors import PhotosimError
 from photosim.hardware.config import HardwareConfig, LayerHardware
@@ -252,6 +252,22 @@ class Engine:
     @kernel("reshape")
     def _reshape(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         return xs[0].reshape(xs[0].shape[0], *node.attrs["shape"])
+
+
+def execution_plan(qmodel: QuantizedModel, hw: HardwareSpec = None, *, device: str | torch.device = "cpu",
+                   backend: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Which backend would run each conv/linear under ``hw`` on ``device``, and why the faster ones decline it,
+    without running anything: one row per layer (photosim.engine.plan.describe plus ``backend``, ``declined``).
+
+    Example:
+        >>> rows = execution_plan(qmodel, "photonic-8bit")  # [{"layer": "conv1", ..., "backend": "fused-cpu"}, ...]
+    """
+    validate(qmodel)
+    hw_plan, parsed = HardwarePlan.resolve(qmodel, hw), check_device(str(device))
+    backends.check_names(backend)
+    ranges = dict.fromkeys(hw_plan.layers, 1.0)  # a calibrated ADC's range, measured at run time, changes no choice
+    plans = plan_layers(qmodel, hw_plan, parsed, adc_ranges=ranges)
+    return [{**describe(plan), **backends.choose(plan, parsed, backend).as_row()} for plan in plans.values()]
 
 
 def in_chunks(fn: Callable[[torch.Tensor, int], torch.Tensor], inputs: torch.Tensor, batch_size: int

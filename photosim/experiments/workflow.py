@@ -129,7 +129,6 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
     for name, layer in engine.analog.items():
         node, st, readout, settings = engine.model.node(name), layer.stats, layer.readout, engine.settings[name]
         snr = snr_db(st.signal_power, st.error_power) if layer.diagnostics else math.nan
-        choice = engine.backends[name]
         row = {
             "repeat": repeat, "layer": name, "tile": layer.tile, "tiles": layer.tiles,
             "full_scale": layer.full_scale, "output_sigma": readout.tile_noise.get("output", 0.0),
@@ -139,8 +138,7 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
             "acc_bits_worst_case": worst_case_acc_bits(node.input_q[0].bits, node.w_bits, dot_length(node)),
             "acc_bits_observed": math.ceil(math.log2(st.max_abs_acc + 1)) + 1,
             "acc_bits": readout.acc_bits,
-            "backend": choice.backend,
-            "declined": "; ".join(f"{b}: {why}" for b, why in choice.declined.items()),
+            **engine.backends[name].as_row(),
         }
         if settings.photonics is not None:
             row["snr_db_budget"] = budget_snr_db(st.signal_power / max(st.outputs, 1), layer)
