@@ -72,6 +72,19 @@ def test_run_file_reports_float_fake_quant_integer_and_hardware(model_file: Path
     assert "output noise sigma used" in result.output
     per_layer = pd.read_csv(layers)
     assert set(per_layer["layer"]) == {"conv1", "conv2", "fc1", "fc2"} and set(per_layer["repeat"]) == {0, 1}
+    assert set(per_layer["backend"]) == {"fused-cpu"} and per_layer["declined"].str.contains("fused-triton").all()
+
+
+def test_inspect_hw_shows_each_layers_backend_and_a_required_backend_is_checked(model_file: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(model_file), "--hw", "photonic-8bit"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│ conv1 ") and "analog" in line]
+    assert len(rows) == 1 and "fused-cpu" in rows[0]
+    result = invoke("run", model_file, "--backend", "onednn", "--limit", "20")
+    assert result.exit_code == 2 and "layer 'fc1' cannot run on the required backend (onednn: runs convolutions " \
+                                      "only)" in " ".join(result.output.split())
+    result = invoke("run", model_file, "--tile", "16", "--backend", "torch", "--limit", "20")
+    assert result.exit_code == 0 and "fused-cpu" not in result.output
 
 
 def test_run_with_no_arguments_is_the_demo() -> None:

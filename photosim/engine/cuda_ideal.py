@@ -6,7 +6,8 @@ of photosim.engine.triton_requant turns them into int32 codes. The epilogue writ
 NHWC buffer returned as a channels_last (N, O, OH, OW) view: no permute, and the next layer's patch kernel
 reads it as it is. torch's version (photosim.engine.kernels.conv2d_acc, then FloatRequant) moves about
 140 bytes per output element through int64 and float64 temporaries; this one about 35, most of them the
-GEMM's. Applies to the ``float`` requant mode and one group; the results are the same codes bit for bit.
+GEMM's. Applies to the ``float`` requant mode and one group (photosim.engine.backends' cuda-ideal backend says
+when); the results are the same codes bit for bit.
 
 Imports Triton: the engine imports this module only for CUDA devices where Triton is installed.
 """
@@ -24,12 +25,6 @@ from photosim.ir.format import QParams
 from photosim.ir.ops import conv_output_size
 
 add_codes = triton_requant.add_codes  # FloatRequant.add in one pass, for the engine's add nodes
-
-
-def applies(weights: IntegerWeights, groups: int) -> bool:
-    """Whether a layer's matmul plan runs here: one group, and int_mm or a float matmul in one exact chunk."""
-    plan = weights.plan
-    return groups == 1 and (plan.path == "int_mm" or (plan.path in ("float32", "float64") and plan.chunk >= weights.k))
 
 
 @dataclass(frozen=True)
