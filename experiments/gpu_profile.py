@@ -2,7 +2,7 @@
 
 Builds the benchmark model (photosim.experiments.bench: CIFAR ResNet-18, random weights, calibrated BatchNorm),
 quantizes it as ``photosim bench`` does, times float eval, the engine, and the engine with the fused CUDA
-path switched off (torch kernels only, for comparison) at one batch size, then profiles one engine batch.
+path switched off (the torch backend only, for comparison) at one batch size, then profiles one engine batch.
 Finishes in well under a minute on an H100.
 
     python experiments/gpu_profile.py [--bits 8] [--batch 1024] [--device cuda]
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -20,13 +19,6 @@ from torch.profiler import ProfilerActivity, profile
 from photosim.engine.executor import Engine
 from photosim.experiments.bench import _float_predictor, build_model, synthetic, time_interleaved
 from photosim.frontend.ptq import quantize
-
-
-def torch_kernels_only(engine: Engine) -> Engine:
-    """The same engine with the fused CUDA path (photosim.engine.cuda_ideal) switched off."""
-    engine._cuda_ideal = None
-    engine.layers = {name: replace(layer, fused=None) for name, layer in engine.layers.items()}
-    return engine
 
 
 def main() -> None:
@@ -43,14 +35,14 @@ def main() -> None:
     model, shape = build_model(args.model, 0)
     qmodel = quantize(model, synthetic(shape, args.calibration, 2), {"w_bits": args.bits, "a_bits": args.bits})
     engine = Engine(qmodel, device=device, diagnostics=False)
-    fused = sum(layer.fused is not None for layer in engine.layers.values())
+    fused = sum(choice.backend == "cuda-ideal" for choice in engine.backends.values())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} W{args.bits}A{args.bits}, batch {args.batch}, {where}: "
           f"{fused} of {len(engine.layers)} conv/linear layers on the fused path")
     predictors = {
         "float eval": _float_predictor(model, device),
         "engine": engine,
-        "engine, torch kernels": torch_kernels_only(Engine(qmodel, device=device, diagnostics=False)),
+        "engine, torch kernels": Engine(qmodel, device=device, diagnostics=False, backend=["torch", "fbgemm"]),
     }
     x = synthetic(shape, args.batch, 1)
     times = time_interleaved(predictors, x, args.runs, warmup=2, device=device)

@@ -131,9 +131,12 @@ class Engine:
             for name, plan in self.layer_plans.items()}
         self.analog: dict[str, AnalogLayer] = {name: layer for name, layer in self.layers.items()
                                                if isinstance(layer, AnalogLayer)}
-        # CUDA with Triton: adds in the float mode run as one fused kernel (photosim.engine.cuda_ideal)
+        # CUDA with Triton: adds in the float mode run as one fused kernel of the cuda-ideal backend
+        # (photosim.engine.cuda_ideal), unless ``backend`` requires other ideal backends
         self._cuda_add = None
-        if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        cuda_ideal_allowed = not backend or "cuda-ideal" in backend or not any(
+            "ideal" in backends.BACKENDS[name].kinds for name in backend)
+        if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None and cuda_ideal_allowed:
             from photosim.engine import cuda_ideal
 
             self._cuda_add = cuda_ideal.add_codes
