@@ -1,7 +1,7 @@
 """The analog readout of one layer as one compiled, parallel CPU pass (numba): tile values -> Philox noise ->
 ADC -> finite accumulator -> accumulators and diagnostics, without the per-tile temporaries of the torch path.
 
-It computes exactly what ``AnalogLayer._readout``'s torch path computes (the reference, still used for custom
+It computes exactly what the torch backend's readout (``AnalogLayer._readout_torch``, the reference, used for custom
 noise, calibration and other devices), bit for bit: the noise is the same Philox4x32-10 stream element
 (``photosim.hardware.philox.normal``), its Box-Muller transform repeats philox.py's fixed sequence of float32
 operations (no fused multiply-add: the functions compile with ``fastmath=False``), and the noise law, ADC
@@ -136,7 +136,7 @@ def _noisy(p: np.ndarray, shift: np.ndarray, e_out: np.ndarray, e_shot: np.ndarr
     dtype; the normals of element o are e_*[lane + o] (zeros: no such noise, which adds exactly 0)."""
     sigma_out, sigma_shot, full_scale = coefs[0], coefs[1], coefs[2]
     for o in range(values.size):
-        values[o] = p[o] + shift[o]  # the working dtype's rounding, as (p + shift).to(tile_dtype)
+        values[o] = p[o] + shift[o]  # the working dtype's rounding, as (p + shift).to(Readout.dtype)
         v = values[o]
         v = v + sigma_out * e_out[lane + o]
         values[o] = v + (sigma_shot * np.sqrt(np.abs(v) * full_scale)) * e_shot[lane + o]
