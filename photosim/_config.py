@@ -29,6 +29,7 @@ from photosim.errors import PhotosimError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 PRESETS_DIR = Path(__file__).with_name("configs")  # shipped presets: configs/<kind>/<name>.yaml
+MAX_REPEATS = 10_000  # Monte Carlo chips of one run: far more than a 95% CI needs; each keeps its result rows
 
 
 class StrictModel(BaseModel):

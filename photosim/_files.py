@@ -3,8 +3,9 @@
 Outputs are replaced atomically (temp file in the same folder, fsync, ``os.replace``), so a crash or a full
 disk leaves the old or the new version, never half a file. New files get ``0o666 & ~umask`` like any
 program's; a replaced file keeps its mode. Commands check every output before they start computing: it
-must be a writable file path (not a folder, not in a missing folder, not a device), and no output may be an
-input of the same command.
+must be a writable file path (not a folder, not in a missing folder, not a device, not a symlink loop), and no
+output may be an input of the same command. Inputs are checked before they are read: a regular file, not under
+/proc or /sys (whose sizes say nothing about their content), at most MAX_INPUT_BYTES.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 from photosim.errors import PhotosimError
 
 Paths = Mapping[str, "str | Path | None"]
+MAX_INPUT_BYTES = 16 << 30  # largest file photosim reads or hashes (weights, model files, results)
+PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"))  # kernel files: "regular" files whose size is not their content
 
 
 def _umask() -> int:
@@ -89,13 +92,29 @@ def reject_directory(path: str | Path, what: str) -> None:
         raise PhotosimError(f"{what} {str(path)!r} is a directory, not a file; give a file path.")
 
 
-def require_file(path: str | Path, what: str, hint: str) -> None:
-    """``path`` must be an existing file; ``hint`` says how to fix the message's culprit."""
+def reject_special(path: str | Path, what: str) -> None:
+    """An existing ``path`` that is not a regular file, or lies under /proc or /sys: refuse it before reading (a
+    pipe or device can block forever, /proc/self/pagemap claims hundreds of GB)."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise PhotosimError(f"{what} {str(path)!r} is not a regular file (a device or a pipe); give a file.")
+    real = Path(os.path.realpath(path))
+    system = next((root for root in PSEUDO_FILESYSTEMS if real.is_relative_to(root)), None)
+    if system is not None:
+        raise PhotosimError(f"{what} {str(path)!r} is a kernel file under {system}, not data; give a file.")
+
+
+def require_file(path: str | Path, what: str, hint: str, limit: int = MAX_INPUT_BYTES) -> None:
+    """``path`` must be an existing regular file of at most ``limit`` bytes, outside /proc and /sys, checked
+    before anything reads it; ``hint`` says how to fix the message's culprit."""
     reject_directory(path, what)
-    if Path(path).exists() and not Path(path).is_file():
-        raise PhotosimError(f"{what} {str(path)!r} is not a regular file (a device or a pipe); {hint}.")
+    reject_special(path, what)
     if not Path(path).is_file():
         raise PhotosimError(f"{what} {str(path)!r} does not exist; {hint}.")
+    size = Path(path).stat().st_size
+    if size > limit:
+        raise PhotosimError(f"{what} {str(path)!r} is {size / 2**30:.1f} GiB, over photosim's limit of "
+                            f"{limit / 2**30:g} GiB for a file it reads; {hint}.")
 
 
 def check_writable(path: str | Path, what: str) -> None:
@@ -105,6 +124,7 @@ def check_writable(path: str | Path, what: str) -> None:
     mounts and /proc as root); an existing ``path`` must be a regular file, not a folder or a device.
     """
     path = Path(path)
+    reject_symlink_loop(path, what)
     folder = Path(os.path.realpath(path)).parent
     if path.is_dir():
         raise PhotosimError(f"{what} {str(path)!r} is a directory; give a file path inside it.")
@@ -117,6 +137,38 @@ def check_writable(path: str | Path, what: str) -> None:
     except OSError as exc:
         raise PhotosimError(f"{what} {str(path)!r} cannot be written: folder {str(path.parent)!r} refuses new files "
                             f"({exc.strerror}); choose another folder.") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def reject_symlink_loop(path: Path, what: str) -> None:
+    """A symlink that leads back to itself (or too deep): refuse it, as nothing can be written through it."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PhotosimError(f"{what} {str(path)!r} is a symlink loop (it leads back to itself); give a file "
+                                "path, or fix the link.") from None
+
+
+def make_output_dir(path: str | Path, what: str) -> None:
+    """Create (when missing) an output folder and check it holds new files, before any work; refuse an existing
+    file, a symlink loop, a kernel folder (/proc, /sys), or a folder that cannot be created or refuses a probe
+    file (read-only, immutable, not ours)."""
+    path = Path(path)
+    reject_symlink_loop(path, what)
+    if path.exists() and not path.is_dir():
+        raise PhotosimError(f"{what} {str(path)!r} is a file, not a folder; give a folder (it is created when "
+                            "missing).")
+    real = Path(os.path.realpath(path))
+    if any(real.is_relative_to(root) for root in PSEUDO_FILESYSTEMS):
+        raise PhotosimError(f"{what} {str(path)!r} lies in a kernel folder ({real}); choose a folder on a disk.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".photosim.", suffix=".probe")
+    except OSError as exc:
+        raise PhotosimError(f"{what} {str(path)!r} cannot hold new files ({exc.strerror}); choose another "
+                            "folder.") from None
     os.close(fd)
     os.unlink(probe)
 

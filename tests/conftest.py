@@ -112,3 +112,20 @@ def analog_layer(hw: dict[str, Any], weights: IntegerWeights, bias: torch.Tensor
     plan = LayerPlan(node, index, torch.empty(0), REQUANT_MODES[settings.requant], None, weights.plan,  # type: ignore
                      False, readout)
     return AnalogLayer(plan, weights, bias, tile_step, diagnostics)
+
+
+def make_cnn_ops_net() -> QuantizedModel:
+    """A small graph of the ops make_conv_net does not use: slice, table, mul, concat, permute, mean."""
+    from photosim.ir.fakequant import lookup_table
+
+    q = qp(0.05, 16, 8)
+    m = ModelBuilder((4, 6, 6), q)
+    m.add("gate_in", "slice", ["x"], dim=1, start=0, stop=2)
+    m.add("value", "slice", ["x"], dim=1, start=2, stop=4)
+    m.add("gate", "table", ["gate_in"], qp(1 / 255, 0, 8), function="sigmoid")
+    m.tensors["gate.table"] = lookup_table(m.nodes[-1])
+    m.add("gated", "mul", ["gate", "value"], qp(0.04, 20, 8))
+    m.add("both", "concat", ["gated", "x"], qp(0.05, 18, 8), dim=1)
+    m.add("turned", "permute", ["both"], dims=[0, 1, 3, 2])
+    m.add("rows", "mean", ["turned"], dims=[2], keepdim=False)
+    return m.build()

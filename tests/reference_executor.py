@@ -1,7 +1,8 @@
 """An independent interpreter of photosim's integer model file, written from docs/format.md and
 docs/integer-semantics.md alone: numpy int64, one function per op, requant modes ``float``,
 ``fixedpoint`` and ``pytorch`` (every CPU family; float32 steps as numpy float32 operations, fused
-multiply-adds exact).
+multiply-adds exact; ``concat``, ``mul``, ``mean`` and ``table`` have no ``pytorch`` rule and raise
+``Unsupported`` there, as the engine refuses them).
 
 It imports nothing from photosim: it parses the safetensors header itself and reads the tensors with
 ``safetensors.numpy``. Being short and literal is the point; it is slow and meant for small tensors.
@@ -468,10 +469,88 @@ def reshape(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.nda
     return x.reshape(x.shape[0], *node["shape"])
 
 
+# -- concat, mul, mean -----------------------------------------------------------------------------
+
+def requant_scalar(v: np.ndarray, m_real: float, out: Q, mode: str) -> np.ndarray:
+    """Exact integers ``v`` times one real multiplier -> output codes: ``rne(f64(v * m_real))`` (float) or
+    MultiplyByQuantizedMultiplier (fixedpoint), then ``+ z_out`` and the output clamp."""
+    if mode == "float":
+        return clamp(rne(v.astype(np.float64) * m_real) + out.zero_point, out)
+    return clamp(mbqm(v, *quantize_multiplier(m_real)) + out.zero_point, out)
+
+
+def concat(model: Model, node: dict[str, Any], xs: list[np.ndarray], r: Run) -> np.ndarray:
+    """Each input rescaled to the output quantization, then concatenated along ``dim`` (batch = 0)."""
+    out = output_q(node)
+    parts = []
+    for i, x in enumerate(xs):
+        qi = input_q(node, i)
+        parts.append(requant_scalar(x.astype(np.int64) - qi.zero_point, qi.scale / out.scale, out, r.mode))
+    return np.concatenate(parts, axis=int(node["dim"]))
+
+
+def broadcast_per_sample(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy broadcasting of the per-sample shapes: the batch stays first, the shorter per-sample shape gets
+    leading 1s after it."""
+    rank = max(a.ndim, b.ndim)
+    a = a.reshape(a.shape[0], *(1,) * (rank - a.ndim), *a.shape[1:])
+    b = b.reshape(b.shape[0], *(1,) * (rank - b.ndim), *b.shape[1:])
+    return a, b
+
+
+def mul(model: Model, node: dict[str, Any], xs: list[np.ndarray], r: Run) -> np.ndarray:
+    qa, qb, out = input_q(node, 0), input_q(node, 1), output_q(node)
+    a, b = broadcast_per_sample(xs[0].astype(np.int64) - qa.zero_point, xs[1].astype(np.int64) - qb.zero_point)
+    p = a * b  # exact int64
+    if r.mode == "fixedpoint" and p.size and (p.min() < INT32_MIN or p.max() > INT32_MAX):
+        raise OverflowError("product outside int32")
+    return requant_scalar(p, (qa.scale * qb.scale) / out.scale, out, r.mode)
+
+
+def mean(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
+    """S = sum of (x - z_in) over ``dims`` (batch = 0), D = the number of elements summed; then as the
+    average pools."""
+    dims = tuple(int(d) for d in node["dims"])
+    qi = input_q(node, 0)
+    s = (x.astype(np.int64) - qi.zero_point).sum(axis=dims, keepdims=bool(node["keepdim"]))
+    d = np.full((1,) * s.ndim, math.prod(x.shape[k] for k in dims), dtype=np.int64)
+    return average(s, d, qi, output_q(node), r.mode)
+
+
+# -- permute, slice, table ------------------------------------------------------------------------
+
+def permute(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
+    dims = [int(d) for d in node["dims"]]
+    assert dims[0] == 0 and sorted(dims) == list(range(x.ndim))
+    return x.transpose(dims)
+
+
+def slice_op(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
+    dim, start, stop = int(node["dim"]), int(node["start"]), int(node["stop"])
+    assert dim >= 1 and 0 <= start < stop <= x.shape[dim]
+    return np.take(x, np.arange(start, stop), axis=dim)
+
+
+def table(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
+    """``q = table[x - lo]``, lo the lowest storage code of the input (0, or -2^(bits-1) signed)."""
+    bits, signed = int(node["input_bits"][0]), bool(node["input_signed"][0])
+    t = model.tensors[f"{node['name']}.table"]
+    assert t.dtype == np.int32 and t.shape == (1 << bits,)
+    lo = -(1 << (bits - 1)) if signed else 0
+    return t.astype(np.int64)[x.astype(np.int64) - lo]
+
+
 OPS = {
     "conv2d": conv2d, "linear": linear, "clamp": clamp_op, "maxpool2d": maxpool2d, "avgpool2d": avgpool2d,
-    "adaptive_avgpool2d": adaptive_avgpool2d, "flatten": flatten, "reshape": reshape,
+    "adaptive_avgpool2d": adaptive_avgpool2d, "flatten": flatten, "reshape": reshape, "mean": mean,
+    "permute": permute, "slice": slice_op, "table": table,
 }
+MULTI_INPUT_OPS = {"add": lambda model, node, xs, r: add(model, node, xs[0], xs[1], r), "concat": concat, "mul": mul}
+NO_PYTORCH_RULE = ("concat", "mul", "mean", "table")  # the pytorch mode refuses these (integer-semantics.md)
+
+
+class Unsupported(ValueError):
+    """An op the requested mode does not define (the engine refuses the model)."""
 
 
 def run(model: Model, x: np.ndarray, mode: str = "float", *, cpu: str = "avx512-vnni", threads: int = 1,
@@ -487,9 +566,12 @@ def run(model: Model, x: np.ndarray, mode: str = "float", *, cpu: str = "avx512-
     r = Run(mode, cpu, threads, tuple(torch_version))
     values = {model.doc["input"]["name"]: quantize_input(np.asarray(x), model.input_q)}
     for node in model.doc["nodes"]:
+        if mode == "pytorch" and node["op"] in NO_PYTORCH_RULE:
+            raise Unsupported(f"node {node['name']!r}: {node['op']} has no pytorch-mode rule")
         xs = [values[name] for name in node["inputs"]]
-        if node["op"] == "add":
-            values[node["name"]] = add(model, node, xs[0], xs[1], r)
+        if node["op"] in MULTI_INPUT_OPS:
+            values[node["name"]] = MULTI_INPUT_OPS[node["op"]](model, node, xs, r)
         else:
+            assert len(xs) == 1, node["name"]
             values[node["name"]] = OPS[node["op"]](model, node, xs[0], r)
     return values

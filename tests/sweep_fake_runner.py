@@ -8,8 +8,10 @@ Accuracy falls with fewer bits and with fixed-point requantization, plus seeded 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 FLOAT_TOP1 = 0.97
@@ -32,3 +34,11 @@ def fake_run_point(point: dict[str, Any], cache: dict[Any, Any]) -> list[dict[st
                      "drop_vs_float": FLOAT_TOP1 - top1, "drop_vs_ideal": ideal - top1, "overflow_rate": 0.0,
                      "built_cache": int(built and repeat == 0)})
     return rows
+
+
+def sleeping_run_point(point: dict[str, Any], cache: dict[Any, Any]) -> list[dict[str, Any]]:
+    """Record this worker's pid in the folder $PHOTOSIM_TEST_PIDS, then run for ten minutes: a point still
+    running when its sweep is killed."""
+    Path(os.environ["PHOTOSIM_TEST_PIDS"], str(os.getpid())).touch()
+    time.sleep(600)
+    return []

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_conv_net
+from conftest import make_cnn_ops_net, make_conv_net
 
 from photosim.engine.executor import KERNELS, kernel
 from photosim.frontend.capture import SUPPORTED
@@ -57,14 +57,19 @@ def test_readme_supported_layers_and_capture_message_name_every_op() -> None:
 
 
 def test_inferred_shapes_match_the_executed_reference() -> None:
-    """Every node of a graph that uses every op: the formula's shape is the shape torch computes."""
-    model = make_conv_net()
-    assert {n.op for n in model.nodes} == set(OPS) - {"reshape"}
-    shapes = infer_shapes(model.input_name, model.input_shape, model.nodes)
-    values = {model.input_name: torch.zeros(2, *model.input_shape, dtype=torch.float64)}
-    for node in model.nodes:
-        values[node.name] = run_node(model, node, *(values[i] for i in node.inputs))
-        assert tuple(values[node.name].shape[1:]) == shapes[node.name], node.name
+    """Every node of two graphs that together use every op: the formula's shape is the shape torch computes."""
+    model, extra = make_conv_net(), make_cnn_ops_net()
+    assert {n.op for n in model.nodes + extra.nodes} == set(OPS) - {"reshape"}
+    inferred = {}
+    for graph in (extra, model):
+        shapes = inferred[graph.nodes[0].name] = infer_shapes(graph.input_name, graph.input_shape, graph.nodes)
+        values = {graph.input_name: torch.zeros(2, *graph.input_shape, dtype=torch.float64)}
+        for node in graph.nodes:
+            values[node.name] = run_node(graph, node, *(values[i] for i in node.inputs))
+            assert tuple(values[node.name].shape[1:]) == shapes[node.name], node.name
+    # by hand: 2 gated + 4 input channels of 6x6, transposed, averaged over one spatial dimension
+    assert inferred["gate_in"]["both"] == (6, 6, 6) and inferred["gate_in"]["rows"] == (6, 6)
+    shapes = inferred["conv1"]
     # hand-computed: 12x12, conv pad 1 -> 12x12; maxpool 3/2 pad 1 ceil -> 7x7; avgpool 3/2 pad 1 ceil -> 4x4
     assert shapes["conv1"] == (8, 12, 12) and shapes["pool1"] == (8, 7, 7) and shapes["avg"] == (8, 4, 4)
     assert shapes["flat"] == (8,) and shapes["fc"] == (10,)

@@ -128,7 +128,11 @@ def digits_cnn() -> tuple[object, torch.Tensor]:
 
 def test_infinite_power_is_the_ideal_engine_bit_for_bit(digits_cnn) -> None:
     qm, x = digits_cnn
-    hw = {"tile": 16, "photonics": {"laser_power_mw": 1e15, "extinction_ratio_db": None}}
+    unbounded = PhotonicsConfig.model_construct(**{**PhotonicsConfig().model_dump(), "laser_power_mw": 1e15,
+                                                   "extinction_ratio_db": None})  # past the schema's physical watt
+    budget = link_budget(unbounded, 16)
+    assert budget.sigma_weight == 0 and 0 < budget.sigma_output < 1e-9
+    hw = {"tile": 16, "noise": {"output": {"sigma": budget.sigma_output}}}  # what with_link_budget sets
     assert torch.equal(simulate_codes(qm, x, hw), simulate_codes(qm, x))
 
 

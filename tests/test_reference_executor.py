@@ -221,6 +221,8 @@ def graphs(draw, pt: bool = False):
     m = ModelBuilder(shape, _act(draw, pt=pt), input_name="x")
     src = "x"
     choices = ["conv", "clamp", "add", "maxpool", "avgpool", "adaptive", "reshape"] + (["dwconv"] * 2 if pt else [])
+    if not pt:  # the pytorch mode has no rule for concat, mul, mean and table
+        choices += ["concat", "mul", "mean", "permute", "slice", "table"]
     ops = draw(st.lists(st.sampled_from(choices), min_size=1, max_size=6))
     for i, op in enumerate(ops):
         name = f"n{i}_{op}"
@@ -272,6 +274,51 @@ def graphs(draw, pt: bool = False):
             new = draw(st.sampled_from([[c, w, h], [c * h, w, 1], [-1, h, w], [c, -1, 1]]))
             m.add(name, "reshape", [src], shape=new)
             shape = np.empty(shape).reshape(new).shape
+        elif op in ("concat", "mul"):  # with a 1x1 conv of the current tensor: another quantization
+            other = _conv(draw, m, f"{name}_branch", src, shape, g, same_shape=True)
+            if other != shape:
+                src, shape = f"{name}_branch", other
+                continue
+            branch = f"{name}_branch"
+            if op == "concat":
+                dim = draw(st.integers(1, 3))
+                parts = draw(st.sampled_from([[src, branch], [branch, src, src], [src], [branch, src]]))
+                q = _act(draw, spread=max(_spread(m.qparams(p)) for p in parts))
+                m.add(name, "concat", parts, q, dim=dim)
+                shape = tuple(n * len(parts) if i == dim - 1 else n for i, n in enumerate(shape))
+            else:
+                if draw(st.booleans()):  # a squeeze-excite gate: (N, C, H, W) * (N, C, 1, 1)
+                    m.add(f"{name}_gate", "mean", [branch], dims=[2, 3], keepdim=True)
+                    branch = f"{name}_gate"
+                pair_ = draw(st.sampled_from([[src, branch], [branch, src], [src, src]]))
+                spread = _spread(m.qparams(pair_[0])) * _spread(m.qparams(pair_[1]))
+                m.add(name, "mul", pair_, _act(draw, spread=spread))
+        elif op == "mean":
+            dims = draw(st.sampled_from([[1], [2], [3], [2, 3], [1, 3], [1, 2, 3]]))
+            keepdim = draw(st.booleans())
+            q_in = m.qparams(src)
+            out_q = q_in if draw(st.booleans()) else _act(draw, spread=_spread(q_in))
+            m.add(name, "mean", [src], out_q, dims=dims, keepdim=keepdim)
+            shape = tuple(1 if i + 1 in dims else n for i, n in enumerate(shape))
+            if not keepdim:  # back to (C, H, W) for the ops that follow
+                m.add(f"{name}_3d", "reshape", [name], shape=list(shape))
+                name = f"{name}_3d"
+        elif op == "permute":
+            perm = draw(st.permutations([1, 2, 3]))
+            m.add(name, "permute", [src], dims=[0, *perm])
+            shape = tuple(shape[d - 1] for d in perm)
+        elif op == "slice":
+            dim = draw(st.integers(1, 3))
+            start = draw(st.integers(0, shape[dim - 1] - 1))
+            stop = draw(st.integers(start + 1, shape[dim - 1]))
+            m.add(name, "slice", [src], dim=dim, start=start, stop=stop)
+            shape = tuple(stop - start if i == dim - 1 else n for i, n in enumerate(shape))
+        elif op == "table":  # random output codes within the output clamp: the stored table is the semantics
+            q_in = m.qparams(src)
+            out_q = _act(draw)
+            m.add(name, "table", [src], out_q, function=draw(st.sampled_from(["sigmoid", "tanh", "gelu"])))
+            m.tensors[f"{name}.table"] = torch.randint(out_q.qmin, out_q.qmax + 1, (1 << q_in.bits,), generator=g,
+                                                       dtype=torch.int32)
         src = name
     m.add("flat", "flatten", [src], start_dim=1)
     features = math.prod(shape)

@@ -64,8 +64,8 @@ def test_force_deletes_only_what_photosim_wrote(sweep_file: Path, tmp_path: Path
     (out / "top1_vs_old.png").write_text("an old plot")
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["sweep_hash"] = "0" * 16  # another sweep's folder, whose manifest lists files photosim never wrote
-    manifest["plots"] = ["../sentinel.txt", str(outside), "../top1_vs_x.png", "notes.txt", "sub/top1_vs_y.png",
-                         "top1_vs_link.png", "top1_vs_old.png", ".", "..", ""]
+    manifest["plots"] += ["../sentinel.txt", str(outside), "../top1_vs_x.png", "notes.txt", "sub/top1_vs_y.png",
+                          "top1_vs_link.png", "top1_vs_old.png", ".", "..", ""]  # with the plots it did write
     (out / MANIFEST).write_text(json.dumps(manifest))
 
     result = sweep_cli(sweep_file, out, "--force")

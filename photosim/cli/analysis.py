@@ -8,6 +8,7 @@ from typing import Annotated
 import pandas as pd
 import typer
 
+from photosim._config import MAX_REPEATS
 from photosim.cli.common import (
     ABitsOpt,
     BatchOpt,
@@ -52,7 +53,7 @@ def sensitivity(
     hw: Annotated[Path | None, typer.Option(
         "--hw", help="Hardware YAML or preset given to the probed layer alone (the others stay ideal).")] = None,
     metric: MetricOpt = "agreement", test: TestOpt = False,
-    repeats: Annotated[int, typer.Option(min=1, help="Monte Carlo repeats when --hw is noisy.")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, max=MAX_REPEATS, help="Monte Carlo repeats when --hw is noisy.")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="Seed of every noise stream.")] = 0,
     batch_size: BatchOpt = 256,
     report: Annotated[Path | None, typer.Option(help="Write the ranking as CSV.")] = None,
@@ -63,12 +64,15 @@ def sensitivity(
     The base configuration is --config and the quantization flags (default W8A8); the drops are against it,
     on the calibration images, label-free; --test adds test-split accuracy.
     """
+    from photosim.experiments.plot import plot_format
     from photosim.experiments.report import write_csv_atomic
     from photosim.experiments.sensitivity import layer_sensitivity, plot_sensitivity
     from photosim.experiments.workflow import DataSpec
     from photosim.frontend.models import load_model
 
     preflight({"--report": report, "--plot": plot}, {"--hw": hw, **model_inputs(model, weights, config)})
+    if plot:
+        plot_format(plot)  # an unknown format is refused before the work
     parts = {"both": ("w_bits", "a_bits"), "weights": ("w_bits",), "activations": ("a_bits",)}
     if bits_of not in parts:
         raise PhotosimError(f"--bits-of must be both, weights or activations, not {bits_of!r}.")

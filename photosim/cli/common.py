@@ -3,6 +3,7 @@ tables."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from photosim._config import load_config, with_overrides
-from photosim._files import Paths, check_outputs, reject_directory, spec_file
+from photosim._config import load_config, resolve_preset, with_overrides
+from photosim._files import Paths, check_outputs, reject_directory, reject_special, spec_file
 from photosim.errors import PhotosimError
 
 app = typer.Typer(
@@ -73,11 +74,52 @@ def handles_errors(command: F) -> F:
 
 
 def preflight(outputs: Paths, inputs: Paths) -> None:
-    """Before any work: input files are not folders, outputs are writable and overwrite no input."""
+    """Before any work: input files are not folders or special files, outputs are writable and overwrite no
+    input, including the files the inputs lead to (``indirect_inputs``)."""
     for flag, path in inputs.items():
         if path is not None:
             reject_directory(path, flag)
-    check_outputs(outputs, inputs)
+            reject_special(path, flag)
+    check_outputs(outputs, {**inputs, **indirect_inputs(inputs)})
+
+
+def indirect_inputs(inputs: Paths) -> dict[str, Path]:
+    """Files a command reads through its inputs, keyed by a description naming the input: the shipped preset
+    a --hw or --config name resolves to, and the weights file a MODEL_FILE's provenance records (``run`` reads
+    it for the float baseline)."""
+    from photosim.frontend.qconfig import QuantSpec
+    from photosim.hardware.config import HardwareConfig
+
+    kinds = {"--hw": HardwareConfig.preset_kind, "--config": QuantSpec.preset_kind}
+    found = {}
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        if flag in kinds:
+            with contextlib.suppress(PhotosimError):  # neither a file nor a preset: the command says so later
+                found[f"the shipped preset of {flag} {str(path)!r}"] = resolve_preset(path, kinds[flag])
+        if flag == "MODEL_FILE" and (weights := recorded_weights(Path(path))) is not None:
+            found[f"the weights recorded in {flag} {str(path)!r}"] = weights
+    return found
+
+
+def recorded_weights(model_file: Path) -> Path | None:
+    """The weights file named in a model file's provenance (read from the header only), else None: no such
+    entry, the shipped weights, or not a readable model file (loading it says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    from photosim.ir.format import METADATA_KEY, read_json
+
+    if not model_file.is_file():
+        return None
+    try:
+        with safe_open(str(model_file), framework="pt") as handle:
+            doc = read_json((handle.metadata() or {}).get(METADATA_KEY, "{}"), str(model_file))
+    except (SafetensorError, OSError, ValueError, PhotosimError):
+        return None
+    provenance = doc.get("provenance") if isinstance(doc, dict) else None
+    weights = provenance.get("weights") if isinstance(provenance, dict) else None
+    return Path(weights) if isinstance(weights, str) and weights and weights != "builtin" else None
 
 
 def model_inputs(model: str | None, weights: Path | None, config: Path | None = None) -> dict[str, Path | None]:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import pandas as pd
 import typer
 
+from photosim._config import MAX_REPEATS
 from photosim._files import spec_file
 from photosim.cli.common import (
     ABitsOpt,
@@ -46,6 +47,7 @@ from photosim.errors import PhotosimError
 @app.command()
 @handles_errors
 def run(
+    ctx: typer.Context,
     model_file: Annotated[Path | None, typer.Argument(help="Integer model file; omit to quantize --model.")] = None,
     model: ModelOpt = "digits-resnet", weights: WeightsOpt = None, num_classes: NumClassesOpt = None,
     cifar_stem: CifarStemOpt = False, data: DataOpt = "digits", data_root: DataRootOpt = None,
@@ -60,7 +62,7 @@ def run(
     adc_bits: Annotated[int | None, typer.Option(help="Per-tile ADC bits.")] = None,
     acc_bits: Annotated[int | None, typer.Option(help="Accumulator bits.")] = None,
     overflow: Annotated[str | None, typer.Option(help="Accumulator overflow: wrap, saturate or none.")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Monte Carlo repeats (simulated chips).")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, max=MAX_REPEATS, help="Monte Carlo repeats (simulated chips).")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="Seed of every noise stream.")] = 0,
     batch_size: BatchOpt = 256,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -81,6 +83,7 @@ def run(
     from photosim.engine.executor import check_device
     from photosim.experiments.report import write_csv_atomic
     from photosim.experiments.workflow import (
+        RUN_SETTINGS,
         DataSpec,
         baselines,
         comparison_rows,
@@ -94,6 +97,8 @@ def run(
     if float_model is not None and model_file is None:
         raise PhotosimError(f"--float-model {float_model!r} needs a model file (photosim run FILE --float-model "
                             "...); without one, --model is quantized and is itself the float baseline.")
+    if model_file is not None:
+        _refuse_quantization_flags(ctx, model_file, float_model is not None)
     preflight({"--report": report, "--layer-report": layer_report},
               {"MODEL_FILE": model_file, "--hw": hw, "--float-model": spec_file(float_model),
                **model_inputs(model, weights, config)})
@@ -116,18 +121,18 @@ def run(
         float_module, source = loaded.module, f"{model} W{spec.w_bits}A{spec.a_bits}"
     test = data_spec.split("test", qmodel.input_shape)
     calibration = data_spec.split("calibration", qmodel.input_shape)
-    base = baselines(qmodel, test, hw_config.requant, float_module, batch_size=batch_size, device=device,
+    base = baselines(qmodel, test, hw_config, float_module, batch_size=batch_size, device=device,
                      progress=True, backend=backend or ())
     hw_run = run_hardware(qmodel, test, hw_config, calibration=calibration, repeats=repeats, seed=seed,
                           batch_size=batch_size, device=device, progress=True, backend=backend or ())
-    table = accuracy_table(base, hw_run, comparison_rows(base, hw_run), hw_config.requant)
+    table = accuracy_table(base, hw_run, comparison_rows(base, hw_run), hw_config.requant, batch_size)
     console.print(f"{source} on {data} test ({base.fake_quant.n} images), {repeats} repeat(s), seed {seed}")
     if float_module is None:
         console.print(f"float baseline skipped: {source} was not quantized from a built-in or torchvision: model "
                       "with its recorded weights, and photosim never runs code named in a model file; give "
                       "--float-model path.py:Net --weights w.pt to compare with the float model.")
     _print_sigmas(hw_run.layers)
-    print_table("accuracy (top-1; drops in points)", table)
+    print_table("accuracy (top-1; drops in points)", table.drop(columns=["batch_size", *RUN_SETTINGS]))
     if not hw_run.layers.empty:
         grouped = hw_run.layers.drop(columns="repeat").groupby("layer", sort=False)
         mean = grouped.mean(numeric_only=True).join(grouped["backend"].first()).reset_index()
@@ -138,6 +143,25 @@ def run(
         write_csv_atomic(table, report)
     if layer_report:
         write_csv_atomic(hw_run.layers, layer_report)
+
+
+QUANTIZATION_FLAGS = {"model": "--model", "config": "--config", "w_bits": "--w-bits", "a_bits": "--a-bits",
+                      "bias_bits": "--bias-bits", "observer": "--observer", "percentile": "--percentile",
+                      "per_tensor": "--per-tensor", "calib_samples": "--calib-samples", "ptq": "--ptq",
+                      "activation_range": "--activation-range", "output_bits": "--output-bits"}  # quantize --model
+FLOAT_MODEL_FLAGS = {"weights": "--weights", "num_classes": "--num-classes", "cifar_stem": "--cifar-stem"}
+
+
+def _refuse_quantization_flags(ctx: typer.Context, model_file: Path, float_model: bool) -> None:
+    """Refuse, by name, the flags given with MODEL_FILE that only shape a model ``run`` quantizes itself (and
+    without --float-model those of the float model), instead of ignoring them."""
+    given = [flag for name, flag in {**QUANTIZATION_FLAGS, **({} if float_model else FLOAT_MODEL_FLAGS)}.items()
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]  # typer's own click
+    if given:
+        raise PhotosimError(f"{', '.join(given)} do(es) not apply to MODEL_FILE {str(model_file)!r}: the file is "
+                            "already quantized, so the quantization flags (and without --float-model, --weights, "
+                            "--num-classes and --cifar-stem) would be ignored. Drop them, quantize again with "
+                            "`photosim quantize`, or give --float-model for the float baseline's flags.")
 
 
 def _file_float_model(qmodel: Any, spec: str | None, weights: Path | None, num_classes: int | None,
@@ -151,9 +175,11 @@ def _file_float_model(qmodel: Any, spec: str | None, weights: Path | None, num_c
     return load_model(spec, weights, num_classes, cifar_stem).module
 
 
-def accuracy_table(base: Any, hw_run: Any, rows: list[dict[str, Any]], requant: str) -> pd.DataFrame:
-    """The run table: one row per stage with top-1 (mean, std, 95% CI over repeats) and the drops."""
+def accuracy_table(base: Any, hw_run: Any, rows: list[dict[str, Any]], requant: str, batch_size: int) -> pd.DataFrame:
+    """The run table: one row per stage with top-1 (mean, std, 95% CI over repeats) and the drops, each row with
+    the settings the integer codes depend on (batch size and photosim.experiments.workflow.run_settings)."""
     from photosim.experiments.report import summarize
+    from photosim.experiments.workflow import RUN_SETTINGS
 
     flt = base.float.top1 if base.float else float("nan")
     stages = [("float", base.float), ("fake-quant", base.fake_quant), (f"integer ({requant})", base.ideal)]
@@ -166,7 +192,7 @@ def accuracy_table(base: Any, hw_run: Any, rows: list[dict[str, Any]], requant: 
         table.append({"stage": f"hardware ({int(s['n'])} repeats)", "top1": s["top1_mean"], "std": s["top1_std"],
                       "ci95": s["top1_ci95"], "drop_vs_float": s["drop_vs_float_mean"],
                       "drop_vs_ideal": s["drop_vs_ideal_mean"], **energy})
-    frame = pd.DataFrame(table)
+    frame = pd.DataFrame(table).assign(batch_size=batch_size, **{k: hw_run.repeats[0][k] for k in RUN_SETTINGS})
     percent = ["top1", "std", "ci95", "drop_vs_float", "drop_vs_ideal"]
     frame[percent] = frame[percent].astype(float) * 100
     return frame

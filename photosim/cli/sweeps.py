@@ -46,7 +46,8 @@ def sweep(
 
     An empty file is refused; a file with only `base` is one point. --dry-run makes every check of a real
     run. While a run writes into a directory, a second run into it is refused; --force deletes only the
-    files photosim wrote there.
+    files the directory's sweep.json records as photosim's, and a file photosim would write that it does not
+    record (a folder that was never a sweep's: every such file) stops the run, even with --force.
     """
     from photosim.experiments.sweep import load_sweep, run_sweep, runnable_points, summary_view
 
@@ -79,18 +80,21 @@ def plot(
     y: Annotated[str, typer.Option(help="Numeric column, averaged over repeats with 95% CI bars.")] = "top1",
     hue: Annotated[list[str] | None, typer.Option(help="Column splitting the data into lines (repeatable).")] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="PNG to write, or a folder for the default name "
-                                                         "<y>_vs_<x>.png (default: beside the CSV).")
+        Path | None, typer.Option("--output", "-o", help="Plot file to write (its suffix names the format: png, "
+                                                         "pdf, svg, ...), or an existing folder for the default "
+                                                         "name <y>_vs_<x>.png (default: beside the CSV).")
     ] = None,
     pareto: Annotated[bool, typer.Option(help="Mark the Pareto front: lowest x for the highest y (e.g. --x "
                                               "energy_per_inference_J).")] = False,
     log_x: Annotated[bool, typer.Option(help="Log scale on the x axis.")] = False,
 ) -> None:
     """Plot any view of a sweep's results.csv: mean y vs x, one line per hue value, float baseline dashed."""
-    from photosim.experiments.plot import plot_path, plot_results
+    from photosim.experiments.plot import plot_format, plot_path, plot_results
 
-    preflight({"--output": plot_path(results, x, y, hue, output)}, {"RESULTS": results})
-    console.print(f"wrote {plot_results(results, x, y, hue, output, pareto=pareto, log_x=log_x)}")
+    path = plot_path(results, x, y, hue, output)
+    preflight({"--output": path}, {"RESULTS": results})
+    fmt = plot_format(path)
+    console.print(f"wrote {plot_results(results, x, y, hue, output, pareto=pareto, log_x=log_x)} ({fmt.upper()})")
 
 
 @app.command()

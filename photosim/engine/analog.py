@@ -324,6 +324,9 @@ def _custom_noise(spec: str, layer: str, p: torch.Tensor, context: dict[str, Any
         got = tuple(noisy.shape) if isinstance(noisy, torch.Tensor) else type(noisy).__name__
         raise PhotosimError(f"custom noise function {spec} returned {got} on layer {layer!r}; it must return a "
                             f"tensor of the tile values' shape {tuple(p.shape)}.")
+    if noisy.is_floating_point() and not bool(torch.isfinite(noisy).all()):
+        raise PhotosimError(f"custom noise function {spec} returned NaN or infinite tile values on layer {layer!r}; "
+                            "it must return finite numbers (the readout rounds them to integers).")
     return noisy
 
 

@@ -24,7 +24,7 @@ from photosim.engine.requant import REQUANT_MODES, RequantMode
 from photosim.errors import PhotosimError
 from photosim.hardware.config import HardwareConfig, LayerHardware
 from photosim.hardware.plan import HardwarePlan, HardwareSpec
-from photosim.ir.format import Node, QuantizedModel, validate
+from photosim.ir.format import Node, QParams, QuantizedModel, validate
 from photosim.ir.ops import OPS, infer_shapes
 
 # On the CPU a batch runs through the graph in sub-batches whose largest tensor has about this many
@@ -38,6 +38,8 @@ def check_device(device: str) -> torch.device:
         parsed = torch.device(device)
     except RuntimeError:
         raise PhotosimError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise PhotosimError(f"unknown device {device!r}; use cpu, cuda or cuda:N.")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise PhotosimError(f"device {device!r} was requested but no CUDA GPU is available; use --device cpu.")
     if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
@@ -120,6 +122,11 @@ class Engine:
         self.settings: dict[str, LayerHardware] = self.plan.layers
         self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.settings[n.name].requant]
                                               for n in qmodel.nodes}
+        for node in qmodel.nodes:
+            if node.op in self.modes[node.name].unsupported:
+                raise PhotosimError(f"node {node.name!r} ({node.op}) has no rule in the "
+                                    f"{self.modes[node.name].name!r} requant mode; use requant float or fixedpoint "
+                                    "for it (a per-layer override can set it for this node alone).")
         self.device = check_device(str(device))
         backends.check_names(backend)
         self.layer_plans = plan_layers(qmodel, self.plan, self.device, seed=seed, repeat=repeat,
@@ -140,6 +147,8 @@ class Engine:
             from photosim.engine import cuda_ideal
 
             self._cuda_add = cuda_ideal.add_codes
+        self._tables = {n.name: qmodel.tensors[f"{n.name}.table"].to(self.device) for n in qmodel.nodes
+                        if OPS[n.op].tabled}  # output code per input storage code, from the lowest
         self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
         self.sub_batch = self._sub_batch()
 
@@ -255,6 +264,37 @@ class Engine:
     @kernel("reshape")
     def _reshape(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         return xs[0].reshape(xs[0].shape[0], *node.attrs["shape"])
+
+    @kernel("concat")
+    def _concat(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        mode = self.modes[node.name]
+        return torch.cat([mode.rescale(x, q, node.output_q) for x, q in zip(xs, node.input_q)], node.attrs["dim"])
+
+    @kernel("mul")
+    def _mul(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        return self.modes[node.name].multiply(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q, node.name)
+
+    @kernel("mean")
+    def _mean(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        dims, q_in = node.attrs["dims"], node.input_q[0]
+        sums = (xs[0].to(torch.int64) - q_in.zero_point).sum(dim=dims, keepdim=True)  # exact
+        count = torch.tensor(math.prod(xs[0].shape[d] for d in dims), dtype=torch.int64, device=sums.device)
+        codes = self.modes[node.name].average(sums, count, q_in, node.output_q)
+        return codes if node.attrs["keepdim"] else codes.squeeze(tuple(dims))
+
+    @kernel("permute")
+    def _permute(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        return xs[0].permute(*node.attrs["dims"])
+
+    @kernel("slice")
+    def _slice(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        a = node.attrs
+        return xs[0].narrow(a["dim"], a["start"], a["stop"] - a["start"])
+
+    @kernel("table")
+    def _table(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        table = self._tables[node.name]
+        return table[(xs[0] - QParams.storage_range(node.input_q[0].bits, node.input_q[0].signed)[0]).long()]
 
 
 def execution_plan(qmodel: QuantizedModel, hw: HardwareSpec = None, *, device: str | torch.device = "cpu",

@@ -40,6 +40,7 @@ class RequantMode(Protocol):
     name: str
     integer_bias: bool  # True: the engine adds the integer bias into the accumulator before requantize
     float_accumulators: bool  # True: requantize also takes float64 tensors holding the integer accumulators
+    unsupported: frozenset[str]  # ops of photosim.ir.ops this mode has no rule for (refused when the engine is built)
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         """int64 accumulators (N, O, *spatial) -> int32 output codes clamped to p.output.qmin..qmax."""
@@ -52,6 +53,15 @@ class RequantMode(Protocol):
     def average(self, sums: torch.Tensor, counts: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
         """Average pooling: window sums of (code - z_in) (N, C, OH, OW) and divisors broadcastable to them
         (int64, (1, 1, OH, OW)) -> int32 output codes."""
+        ...
+
+    def rescale(self, x: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
+        """Codes of ``qin`` -> the same values as codes of ``out`` (concat's inputs)."""
+        ...
+
+    def multiply(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
+                 node: str = "") -> torch.Tensor:
+        """Element-wise product of two code tensors (broadcasting) -> int32 output codes (``node``: for errors)."""
         ...
 
 
@@ -86,6 +96,7 @@ class FloatRequant:
     name = "float"
     integer_bias = True
     float_accumulators = True
+    unsupported: frozenset[str] = frozenset()
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         """In place when ``acc`` is already a float64 tensor holding integers (less memory traffic)."""
@@ -100,6 +111,16 @@ class FloatRequant:
     def average(self, sums: torch.Tensor, counts: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
         y = torch.round(sums.double() * (qin.scale / out.scale) / counts.double())
         return _clamp_codes(y.to(torch.int64) + out.zero_point, out)
+
+    def rescale(self, x: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
+        y = x.double().sub_(qin.zero_point).mul_(qin.scale / out.scale)
+        return y.round_().add_(out.zero_point).clamp_(out.qmin, out.qmax).to(torch.int32)
+
+    def multiply(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
+                 node: str = "") -> torch.Tensor:
+        product = (a.to(torch.int64) - qa.zero_point) * (b.to(torch.int64) - qb.zero_point)  # exact
+        y = product.double().mul_(qa.scale * qb.scale / out.scale)
+        return y.round_().add_(out.zero_point).clamp_(out.qmin, out.qmax).to(torch.int32)
 
 
 register_requant(FloatRequant())
@@ -177,6 +198,7 @@ class FixedPointRequant:
     name = "fixedpoint"
     integer_bias = True
     float_accumulators = False  # int32 bit arithmetic
+    unsupported: frozenset[str] = frozenset()
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         _check_int32(acc, p.node)
@@ -206,6 +228,21 @@ class FixedPointRequant:
         counts = counts.to(device=sums.device, dtype=torch.int64)
         # Round the mean in the output code domain, as TFLite (which averages raw codes) does.
         return _clamp_codes(_round_half_away_div(sums + counts * out.zero_point, counts), out)
+
+    def rescale(self, x: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
+        """TFLite's requantize: MultiplyByQuantizedMultiplier(x - z_in, QuantizeMultiplier(s_in / s_out)) + z_out."""
+        multiplier, exponent = _scalar_multiplier(qin.scale / out.scale, x.device)
+        y = multiply_by_quantized_multiplier(x.to(torch.int64) - qin.zero_point, multiplier, exponent)
+        return _clamp_codes(y + out.zero_point, out)
+
+    def multiply(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
+                 node: str = "") -> torch.Tensor:
+        """TFLite's int8 mul: MultiplyByQuantizedMultiplier((a - z_a)(b - z_b), QuantizeMultiplier(s_a s_b / s_out))
+        + z_out, the product in int32."""
+        product = (a.to(torch.int64) - qa.zero_point) * (b.to(torch.int64) - qb.zero_point)
+        _check_int32(product, node)
+        multiplier, exponent = _scalar_multiplier(qa.scale * qb.scale / out.scale, a.device)
+        return _clamp_codes(multiply_by_quantized_multiplier(product, multiplier, exponent) + out.zero_point, out)
 
 
 register_requant(FixedPointRequant())

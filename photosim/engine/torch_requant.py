@@ -194,6 +194,8 @@ class PytorchRequant:
     name = "pytorch"
     integer_bias = False
     float_accumulators = True
+    # PyTorch's own quantized kernels for these are not emulated yet (their rescale and rounding differ)
+    unsupported = frozenset({"concat", "mul", "mean", "table"})
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         if p.kernel not in KERNELS:

@@ -50,7 +50,7 @@ def layer_budget(node: Node, out_shape: tuple[int, ...], hw: LayerHardware) -> d
     tile = tile_length(k, hw.tile)
     x_max, w_max = operand_max(node)
     full_scale = float(tile * x_max * w_max)
-    link = link_budget(cfg, tile)
+    link = link_budget(cfg, tile, node.name)
     groups = node.attrs.get("groups", 1)
     counts = LayerCounts.of(math.prod(out_shape[1:]), groups, out_shape[0] // groups, k, tile, cfg.fan_out)
     energy = layer_energy(cfg, counts, adc_bits_for_energy(hw, full_scale))

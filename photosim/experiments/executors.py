@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from photosim.errors import PhotosimError
 
 EXECUTORS = ("local", "ray")
 RAY_CONNECT_TIMEOUT_S = 10.0  # ray.init waits forever for an address that does not answer
+PARENT_POLL_S = 0.5  # how often a local worker checks that the sweep's process still runs
 Runner = Callable[[dict[str, Any], dict[Any, Any]], list[dict[str, Any]]]
 Group = list[tuple[int, dict[str, Any]]]  # (point index, runner input) pairs sharing a quantized model; the
 # runner input holds a point's fields by name, its quant and hw as validated QuantSpec and HardwareConfig
@@ -44,10 +46,14 @@ def check_executor(executor: str, workers: int | None, address: str | None) -> N
 
 
 def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """Refuse a ``host:port`` (or ``ray://host:port``) Ray address that does not accept a connection in time."""
+    """Refuse a ``host:port`` (or ``ray://host:port``) Ray address without a valid port, or that does not accept a
+    connection in time."""
     host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not colon or not port.isdigit():
+    if not colon:
         return  # "auto" and other forms: Ray resolves them and fails fast itself
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host.strip("[]"):
+        raise PhotosimError(f"--address {address!r} is not HOST:PORT (a host name or IP address, then a port "
+                            "1..65535, e.g. 127.0.0.1:6379); fix it, or leave --address out to start a local Ray.")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
@@ -87,9 +93,11 @@ def _in_this_process(groups: list[Group], runner: Runner) -> Iterator[Finished]:
             yield run_timed(runner, index, point, cache)
 
 
-def _init_process(queue: Any, threads: int, gpus: list[str], workers: int) -> None:
-    """Worker start-up: where to send finished points, a fair share of the CPU threads and of the memory of
-    each GPU the points use (the workers share it: each may allocate 1/workers of it, so none starves)."""
+def _init_process(queue: Any, threads: int, gpus: list[str], workers: int, parent: int) -> None:
+    """Worker start-up: exit with the sweep's process ``parent``, where to send finished points, a fair share of
+    the CPU threads and of the memory of each GPU the points use (the workers share it: each may allocate
+    1/workers of it, so none starves)."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="photosim-parent-watch", daemon=True).start()
     _worker["queue"] = queue
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if gpus:
@@ -97,6 +105,15 @@ def _init_process(queue: Any, threads: int, gpus: list[str], workers: int) -> No
 
         for gpu in gpus:
             torch.cuda.set_per_process_memory_fraction(1.0 / workers, torch.device(gpu))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker within PARENT_POLL_S once ``parent`` is gone (killed, even by SIGKILL, which nothing can
+    catch): its pid is then no longer this process's parent. Without this, workers of a killed sweep hold
+    their memory forever under PID 1, and so does multiprocessing's resource tracker, which waits for them."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def gpus_used(groups: list[Group]) -> list[str]:
@@ -117,7 +134,7 @@ def _in_processes(groups: list[Group], runner: Runner, workers: int) -> Iterator
     threads = max(1, (os.cpu_count() or 1) // workers)
     workers = min(workers, len(groups))
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_process,
-                               initargs=(queue, threads, gpus_used(groups), workers))
+                               initargs=(queue, threads, gpus_used(groups), workers, os.getpid()))
     try:
         futures = [pool.submit(_run_group, runner, group) for group in groups]
         for _ in range(sum(map(len, groups))):

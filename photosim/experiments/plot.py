@@ -2,8 +2,8 @@
 per-layer bar charts.
 
 Each sweep marker is the mean over repeats with its 95% CI as error bar; the float baseline (``float_<y>``
-when the table has it) is drawn dashed. Figures are rendered with the Agg backend straight to PNG, without
-pyplot, so plotting never touches the caller's matplotlib state.
+when the table has it) is drawn dashed. Figures are rendered with the Agg backend straight to the file, in the
+format its suffix names (PLOT_FORMATS), without pyplot, so plotting never touches the caller's matplotlib state.
 """
 
 from __future__ import annotations
@@ -20,6 +20,20 @@ from matplotlib.figure import Figure
 from photosim._files import atomic_path, require_file
 from photosim.errors import PhotosimError
 from photosim.experiments.report import summarize
+
+PLOT_FORMATS = sorted(set(FigureCanvasAgg.get_supported_filetypes()) - {"pgf"})  # pgf needs a LaTeX installation
+
+
+def plot_format(path: str | Path) -> str:
+    """The format a plot at ``path`` is written in, named by its suffix; a missing or unknown one is refused (a
+    PNG written to ``plot.xyz`` would be a file nothing opens by its name)."""
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix not in PLOT_FORMATS:
+        problem = f"its suffix .{suffix} is no image format" if suffix else "it has no suffix naming a format"
+        raise PhotosimError(f"cannot write a plot to {str(path)!r}: {problem}; end the file name with one of "
+                            f"{', '.join('.' + f for f in PLOT_FORMATS)} (what matplotlib writes), or give an "
+                            "existing folder for the default name.")
+    return suffix
 
 
 def _check_columns(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str]) -> None:
@@ -49,7 +63,7 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
 
 def draw(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str], out: str | Path, *, xlabel: str | None = None,
          title: str | None = None, pareto: bool = False, log_x: bool = False) -> Path:
-    """Plot mean ``y`` (95% CI bars) against ``x``, one line per combination of the ``hue`` columns; save PNG.
+    """Plot mean ``y`` (95% CI bars) against ``x``, one line per combination of the ``hue`` columns; save it.
 
     ``pareto`` marks the points of the front (lowest x for the highest mean y, e.g. energy against accuracy)
     over all lines; ``log_x`` draws x on a log scale (both need a numeric x)."""
@@ -94,7 +108,7 @@ def draw(frame: pd.DataFrame, x: str, y: str, hue: Sequence[str], out: str | Pat
 
 def draw_bars(labels: Sequence[str], values: Sequence[float], ylabel: str, out: str | Path, *,
               title: str | None = None) -> Path:
-    """One bar per label (in the given order, labels slanted when many), saved as PNG at ``out``."""
+    """One bar per label (in the given order, labels slanted when many), saved at ``out`` (format by suffix)."""
     ax = _axes(max(6.4, 0.45 * len(labels) + 2))
     ax.bar(range(len(labels)), values, color="tab:blue")
     ax.set_xticks(range(len(labels)), list(labels), rotation=45 if len(labels) > 4 else 0,
@@ -115,10 +129,11 @@ def _axes(width: float) -> Axes:
 
 
 def _save(ax: Axes, out: str | Path) -> Path:
-    """Write the axes' figure as a 150-dpi PNG at ``out``, atomically."""
+    """Write the axes' figure at 150 dpi at ``out``, atomically, in the format its suffix names."""
     out = Path(out)
+    fmt = plot_format(out)
     with atomic_path(out) as tmp:
-        ax.figure.savefig(tmp, dpi=150, format="png")
+        ax.figure.savefig(tmp, dpi=150, format=fmt)
     return out
 
 
@@ -149,8 +164,13 @@ def default_plots(results: pd.DataFrame, axes: list[list[str]], out_dir: str | P
         others = [*hue, *(other[0] for other in axes if other is not axis)]
         varying = [h for h in others if results[h].nunique(dropna=False) > 1]
         xlabel = x if len(axis) == 1 else f"{x} (zipped with {', '.join(axis[1:])})"
-        paths.append(draw(results, x, y, varying, Path(out_dir) / f"{y}_vs_{x}.png", xlabel=xlabel))
+        paths.append(draw(results, x, y, varying, Path(out_dir) / default_plot_name(x, y), xlabel=xlabel))
     return paths
+
+
+def default_plot_name(x: str, y: str = "top1") -> str:
+    """File name of the default plot of ``y`` against ``x`` in a sweep's results directory."""
+    return f"{y}_vs_{x}.png"
 
 
 def plot_path(csv: str | Path, x: str, y: str = "top1", hue: Sequence[str] | None = None,
@@ -165,10 +185,10 @@ def plot_path(csv: str | Path, x: str, y: str = "top1", hue: Sequence[str] | Non
 
 def plot_results(csv: str | Path, x: str, y: str = "top1", hue: Sequence[str] | None = None,
                  out: str | Path | None = None, *, pareto: bool = False, log_x: bool = False) -> Path:
-    """Any view of a results CSV: mean ``y`` vs ``x`` per ``hue`` combination; returns the PNG path.
+    """Any view of a results CSV: mean ``y`` vs ``x`` per ``hue`` combination; returns the plot's path.
 
-    ``out`` is the PNG file, or a folder to write the default name ``<y>_vs_<x>[_by_<hue>].png`` into; it
-    defaults to the CSV's folder.
+    ``out`` is the plot file (its suffix names the format: PLOT_FORMATS), or a folder to write the default name
+    ``<y>_vs_<x>[_by_<hue>].png`` into; it defaults to the CSV's folder.
     """
     csv = Path(csv)
     require_file(csv, "results file", "give the results.csv a sweep wrote")

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
-from photosim._config import StrictModel
+from photosim._config import MAX_REPEATS, StrictModel
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import HardwareConfig
 
@@ -37,7 +37,7 @@ class BaseSection(StrictModel):
                              json_schema_extra=DETERMINES_MODEL)
     hw: HardwareConfig = Field(default_factory=HardwareConfig,
                                description="Hardware settings (keys of HardwareConfig).")
-    repeats: int = Field(1, ge=1, description="Repeated evaluations (noise draws) per point.")
+    repeats: int = Field(1, ge=1, le=MAX_REPEATS, description="Repeated evaluations (noise draws) per point.")
     seed: int = Field(0, ge=0, description="Base seed of the point's random draws.")
     batch_size: int = Field(256, ge=1, description="Images per batch.")
     device: str = Field("cpu", description="Torch device of the simulation (cpu, cuda, cuda:1, ...).")

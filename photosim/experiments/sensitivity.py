@@ -25,7 +25,7 @@ from photosim.experiments.plot import draw_bars
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import HardwareConfig, load_hardware
-from photosim.hardware.plan import HardwareSpec
+from photosim.hardware.plan import HardwarePlan, HardwareSpec
 from photosim.ir.format import QuantizedModel
 from photosim.ir.ops import OPS
 from photosim.ir.ranges import MAX_BITS, MIN_BITS
@@ -63,7 +63,7 @@ class Probe:
 
     def base_hardware(self) -> HardwareConfig | None:
         """The hardware of the base model: the ideal engine with the probe hardware's requantization."""
-        return None if self.hw is None else HardwareConfig(requant=self.hw.requant, pytorch_cpu=self.hw.pytorch_cpu)
+        return None if self.hw is None else self.hw.ideal()
 
     def hardware(self, layer: str) -> HardwareConfig | None:
         """The base hardware with this probe's hardware settings on ``layer`` alone."""
@@ -117,6 +117,8 @@ def layer_sensitivity(model: nn.Module, calibration: Any, spec: QuantSpec | dict
     spec = load_config(QuantSpec, spec)
     reference = FloatReference(model, calibration, spec.calibration_samples, test)
     base_model = quantize(model, reference.inputs, spec)
+    if probe.hw is not None:
+        HardwarePlan.resolve(base_model, probe.hw)  # as a run would: overrides match layers, link budgets compute
 
     def score(qmodel: QuantizedModel, hardware: HardwareConfig | None) -> Score:
         return reference.score(qmodel, hardware, repeats=repeats, seed=seed, batch_size=batch_size)

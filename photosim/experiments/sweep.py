@@ -14,11 +14,14 @@ A results directory holds ``sweep.json`` (the sweep's hash and config), ``points
 one line per finished point, appended and fsynced), ``results.csv`` and ``summary.csv`` (rebuilt
 atomically from the log when a run ends or is interrupted), the default plots and ``.lock`` (held while a
 run writes, naming its process). Points are keyed by a hash of their complete configuration, so running
-the same sweep again skips the finished ones.
+the same sweep again skips the finished ones. ``sweep.json`` records the plots before they are drawn; with
+``force`` another sweep's recorded files are replaced, and a file this sweep would write that no manifest
+records (a user's ``results.csv`` in a folder that was never a sweep's) stops the run instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -47,7 +50,7 @@ from photosim._config import (
     section_models,
     validation_problems,
 )
-from photosim._files import write_text_atomic
+from photosim._files import make_output_dir, write_text_atomic
 from photosim._version import __version__
 from photosim.errors import PhotosimError
 from photosim.experiments.executors import Group, Runner, check_executor, execute
@@ -298,45 +301,79 @@ class ResultStore:
     def __init__(self, out_dir: str | Path, sweep: Sweep, force: bool = False) -> None:
         self.dir, self.sweep = Path(out_dir), sweep
         self.index = {p.hash: p.index for p in sweep.points}
-        if not force:
-            self._refuse_foreign()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_foreign(force)
+        self._created = not self.dir.exists()
+        make_output_dir(self.dir, "sweep output -o")
         self._lock = _take_lock(self.dir)
+        self.records: dict[str, dict[str, Any]] = {}
         try:
             self._claim(force)
             self.records = self._read_log()
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
     def __enter__(self) -> ResultStore:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        self.close(failed=kind is not None)
 
-    def close(self) -> None:
-        """Release the directory's lock."""
+    def close(self, failed: bool = False) -> None:
+        """Release the directory's lock; a directory this run created and that holds no finished point after a
+        failure (an unreachable cluster, a bad point) is removed, so no empty results folder is left behind."""
+        if failed and self._created and not self.records:
+            for name in (MANIFEST, LOCK):
+                (self.dir / name).unlink(missing_ok=True)
+            self._lock.close()
+            with contextlib.suppress(OSError):  # something else was written into it meanwhile: keep it
+                self.dir.rmdir()
+            return
         self._lock.close()
 
-    def _refuse_foreign(self) -> None:
-        """Refuse a non-empty directory without a manifest: it is not a sweep's results directory."""
-        if self.dir.is_dir() and not (self.dir / MANIFEST).exists() and any(
-                p.name != LOCK for p in self.dir.iterdir()):
+    def _refuse_foreign(self, force: bool) -> None:
+        """Refuse a non-empty directory without a manifest (not a sweep's results directory) unless ``force``, and
+        even then when it holds a file this sweep would write; checked before the lock is taken, so a refused
+        folder is left exactly as it was."""
+        if not self.dir.is_dir() or (self.dir / MANIFEST).exists():
+            return
+        if not force and any(p.name != LOCK for p in self.dir.iterdir()):
             raise PhotosimError(f"{self.dir} is not empty and holds no {MANIFEST}, so it is not a sweep's results "
                                 "directory; choose another -o directory or pass --force to write into it anyway.")
+        self._refuse_unrecorded(None)
 
     def _claim(self, force: bool) -> None:
-        """Make the directory this sweep's, replacing another sweep's results only with ``force``."""
+        """Make the directory this sweep's, replacing another sweep's results only with ``force``; refuse (even
+        with ``force``) when a file this run would write is there but not recorded as photosim's."""
         old = self._read_manifest()
+        if old is not None and old.sweep_hash != self.sweep.hash and not force:
+            raise PhotosimError(
+                f"{self.dir} holds the results of a different sweep ({old.source}, hash {old.sweep_hash}); "
+                "choose another -o directory or pass --force to replace them."
+            )
+        self._refuse_unrecorded(old)
         if old is not None and old.sweep_hash != self.sweep.hash:
-            if not force:
-                raise PhotosimError(
-                    f"{self.dir} holds the results of a different sweep ({old.source}, hash {old.sweep_hash}); "
-                    "choose another -o directory or pass --force to replace them."
-                )
             self._remove_old_results(old.plots)
-        self.write_manifest([])
+        self.write_manifest(self.planned_plots())
+
+    def _refuse_unrecorded(self, old: _Manifest | None) -> None:
+        """Refuse a directory holding a file this sweep would write that its manifest ``old`` does not record as
+        photosim's (every such file when there is no manifest): --force must never replace a user's file that
+        merely has one of photosim's names."""
+        recorded = set() if old is None else {LOG, RESULTS, SUMMARY, *old.plots}
+        foreign = [name for name in [LOG, RESULTS, SUMMARY, *self.planned_plots()]
+                   if name not in recorded and ((self.dir / name).exists() or (self.dir / name).is_symlink())]
+        if foreign:
+            whose = f"its {MANIFEST} does not list them" if old else f"the folder has no {MANIFEST}"
+            raise PhotosimError(f"{self.dir} holds {', '.join(foreign)}, which this sweep would write but photosim "
+                                f"did not write there ({whose}); --force replaces only files a sweep recorded as "
+                                "its own. Move them away or choose another -o directory.")
+
+    def planned_plots(self) -> list[str]:
+        """File names of the default plots this sweep writes into the directory (recorded before they exist)."""
+        from photosim.experiments.plot import default_plot_name
+
+        return [default_plot_name(axis[0]) for axis in plot_axes(self.sweep.config)]
 
     def _read_manifest(self) -> _Manifest | None:
         """The directory's sweep.json, if any; a corrupt one is a PhotosimError saying how to recover."""
@@ -354,10 +391,10 @@ class ResultStore:
             if path.is_file() and not path.is_symlink():
                 path.unlink()
 
-    def write_manifest(self, plots: list[Path]) -> None:
-        """sweep.json: what this directory belongs to, and the plot files written into it."""
+    def write_manifest(self, plots: list[str]) -> None:
+        """sweep.json: what this directory belongs to, and the plot files (names) photosim writes into it."""
         manifest = {"sweep_hash": self.sweep.hash, "source": self.sweep.source, "points": len(self.sweep.points),
-                    "photosim_version": __version__, "plots": [p.name for p in plots],
+                    "photosim_version": __version__, "plots": plots,
                     "config": self.sweep.config.model_dump(mode="json")}
         write_text_atomic(self.dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
@@ -414,11 +451,19 @@ class ResultStore:
         """One row per point: its parameters, ``n`` and mean / std / 95% CI of every numeric runner metric."""
         if results.empty:
             return results
-        runner_keys = {k for r in self.records.values() for row in r["rows"] for k in row} - {"repeat"}
+        from photosim.experiments.workflow import RUN_SETTINGS
+
+        runner_keys = {k for r in self.records.values() for row in r["rows"] for k in row} - {"repeat",
+                                                                                              *RUN_SETTINGS}
         metrics = [c for c in results if c in runner_keys and pd.api.types.is_numeric_dtype(results[c])]
         fixed = [c for c in results if c not in runner_keys and c != "repeat"]
         per_point = results[fixed].drop_duplicates("point")
         return per_point.merge(summarize(results, ["point"], metrics), on="point")
+
+
+def plot_axes(config: SweepConfig) -> list[list[str]]:
+    """The x axes of a sweep's default plots: each swept axis, or the variants of a sweep without axes."""
+    return config.axes or ([["variant"]] if config.variants else [])
 
 
 def _checked_json(data: bytes, model: type[ModelT], where: str, fix: str) -> ModelT:
@@ -473,11 +518,14 @@ def runnable_points(sweep: Sweep, variants: Sequence[str] | None = None, executo
 
 
 def _preflight(points: list[Point]) -> None:
-    """Cheap checks of what the runner would only find later: model and dataset names, weight files."""
+    """Cheap checks of what the runner would only find later: model and dataset names, weight files, and each
+    point's device, custom noise function and hardware overrides (workflow.check_point)."""
+    from photosim.experiments.workflow import check_point
     from photosim.frontend.data import dataset_names
     from photosim.frontend.models import list_models
 
     builtins = {m.name for m in list_models()}
+    layer_names: dict[str, list[str]] = {}  # model -> its layer names, traced once
     for p in points:
         c, where = p.config, f"point {p.index} ({p.label})"
         if c.model not in builtins and not c.model.startswith("torchvision:") and ".py:" not in c.model:
@@ -488,6 +536,7 @@ def _preflight(points: list[Point]) -> None:
         if c.weights is not None and not Path(c.weights).is_file():
             hint = " or run only the variants you have files for (--variant NAME)" if p.variant else ""
             raise PhotosimError(f"{where}: weights file {c.weights!r} does not exist; fix the path{hint}.")
+        check_point(c, where, layer_names)
 
 
 @contextmanager
@@ -546,8 +595,6 @@ def run_sweep(config: Sweep | SweepConfig | dict[str, Any] | str | Path, out_dir
                     advance(by_index[index].label)
         finally:
             results, summary = store.write_tables()
-        axes = sweep.config.axes or ([["variant"]] if sweep.config.variants else [])
         hue = ["variant"] if sweep.config.variants and sweep.config.axes else []
-        plots = default_plots(results, axes, store.dir, hue=hue) if not results.empty else []
-        store.write_manifest(plots)
+        plots = default_plots(results, plot_axes(sweep.config), store.dir, hue=hue) if not results.empty else []
     return SweepResult(store.dir, results, summary, plots, len(todo), len(selected) - len(todo))

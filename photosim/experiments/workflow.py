@@ -14,18 +14,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from photosim._config import load_config
+from photosim._config import MAX_REPEATS, load_config
+from photosim._files import require_file
+from photosim._imports import load_object
 from photosim.engine.analog import AnalogLayer
-from photosim.engine.executor import Engine
+from photosim.engine.executor import Engine, check_device
+from photosim.engine.torch_requant import resolve_cpu_family
 from photosim.errors import PhotosimError
 from photosim.experiments.accuracy import EvalResult, accuracy, evaluate
 from photosim.experiments.budget import budget_table, energy_totals
-from photosim.experiments.point import MODEL_KEYS
+from photosim.experiments.point import MODEL_KEYS, BaseSection
+from photosim.frontend.capture import capture
 from photosim.frontend.data import calibration_batches, load_dataset
 from photosim.frontend.models import LoadedModel, list_models, load_model
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
-from photosim.hardware.config import load_hardware
+from photosim.hardware.config import HardwareConfig, load_hardware
 from photosim.hardware.noise import enob, snr_db
 from photosim.hardware.plan import HardwarePlan, HardwareSpec
 from photosim.ir.fakequant import fake_quant_forward
@@ -98,7 +102,11 @@ def _recorded_weights(prov: dict[str, Any]) -> bool:
     weights = prov.get("weights")
     if weights in (None, "builtin"):
         return True
-    return isinstance(weights, str) and Path(weights).is_file() and file_sha256(weights) == prov.get("weights_sha256")
+    if not isinstance(weights, str) or not Path(weights).is_file():
+        return False
+    require_file(weights, "weights file named in the model file's provenance", "give the float model with "
+                 "--float-model (and --weights) instead")
+    return file_sha256(weights) == prov.get("weights_sha256")
 
 
 def float_accuracy(module: nn.Module, test: Any, batch_size: int = 256, progress: bool = False) -> EvalResult:
@@ -118,7 +126,8 @@ class HardwareRun:
     """Accuracy and diagnostics of the simulated hardware, one entry per Monte Carlo repeat."""
 
     repeats: list[dict[str, Any]]  # repeat, top1, top5, overflow_rate, adc_clip_rate, snr_db (worst layer),
-    # and with a photonics section the energy columns of photosim.experiments.budget.energy_totals
+    # the run_settings columns, and with a photonics section the energy columns of
+    # photosim.experiments.budget.energy_totals
     layers: pd.DataFrame  # one row per (repeat, analog layer)
 
 
@@ -191,8 +200,12 @@ def run_hardware(qmodel: QuantizedModel, test: Any, hw: HardwareSpec = None, *, 
     ``backend``: required execution backends (photosim.engine.backends).
 
     Layers with a calibrated ADC get their ranges from ``calibration`` (per chip, noise-free tile values).
-    Without any randomness the hardware is deterministic, so it is simulated once and the result repeated.
+    Without any randomness the hardware is deterministic, so it is simulated once and the result repeated
+    (at most MAX_REPEATS rows per layer, refused above that before any work).
     """
+    if not 1 <= repeats <= MAX_REPEATS:
+        raise PhotosimError(f"repeats must be between 1 and {MAX_REPEATS:,}, got {repeats:,}: every repeat is a "
+                            "simulated chip with its own rows of results; a 95% CI needs far fewer.")
     plan = HardwarePlan.resolve(qmodel, hw)
     energy = energy_totals(budget_table(qmodel, plan))
     runs = plan.chips(repeats)
@@ -210,10 +223,24 @@ def run_hardware(qmodel: QuantizedModel, test: Any, hw: HardwareSpec = None, *, 
             "overflow_rate": sum(s.overflowed for s in stats) / max(sum(s.outputs for s in stats), 1),
             "adc_clip_rate": sum(s.clipped for s in stats) / max(sum(s.tile_values for s in stats), 1),
             "snr_db": min((r["snr_db"] for r in rows), default=math.inf), **energy,
+            **run_settings(plan, engine, batch_size),
         })
     results += [dict(results[0], repeat=r) for r in range(runs, repeats)]
     layers += [dict(row, repeat=r) for r in range(runs, repeats) for row in layers if row["repeat"] == 0]
     return HardwareRun(results, pd.DataFrame(layers))
+
+
+RUN_SETTINGS = ("torch_version", "pytorch_cpu_family", "torch_threads", "samples_per_pass")  # run_settings' keys
+
+
+def run_settings(plan: HardwarePlan, engine: Engine, batch_size: int) -> dict[str, Any]:
+    """What the codes of ``requant: pytorch`` depend on besides the model and config (docs/integer-semantics.md),
+    recorded in every row: torch version, the CPU family pytorch_cpu resolves to, threads, and the samples the
+    engine takes per pass (its chunking of each batch)."""
+    families = sorted({resolve_cpu_family(settings.pytorch_cpu) for settings in plan.layers.values()})
+    return {"torch_version": torch.__version__, "pytorch_cpu_family": "+".join(families),
+            "torch_threads": torch.get_num_threads(),
+            "samples_per_pass": min(batch_size, engine.sub_batch or batch_size)}
 
 
 @dataclass
@@ -225,15 +252,16 @@ class Baselines:
     ideal: EvalResult  # the ideal integer engine with the same requantization mode
 
 
-def baselines(qmodel: QuantizedModel, test: Any, requant: str, float_model: nn.Module | None, *,
+def baselines(qmodel: QuantizedModel, test: Any, hw: HardwareConfig, float_model: nn.Module | None, *,
               batch_size: int = 256, device: str = "cpu", progress: bool = False,
               backend: Sequence[str] = ()) -> Baselines:
-    """Float (when the source model is known), fake-quant and ideal-integer accuracy (``backend``: required
-    execution backends, see photosim.engine.backends)."""
+    """Float (when the source model is known), fake-quant and ideal-integer accuracy, the ideal engine rounding as
+    ``hw`` does (HardwareConfig.ideal: requant and pytorch_cpu); ``backend``: required execution backends, see
+    photosim.engine.backends."""
     return Baselines(
         float=None if float_model is None else float_accuracy(float_model, test, batch_size, progress),
         fake_quant=fake_quant_accuracy(qmodel, test, batch_size, progress),
-        ideal=evaluate(qmodel, test, {"requant": requant}, batch_size=batch_size, device=device, progress=progress,
+        ideal=evaluate(qmodel, test, hw.ideal(), batch_size=batch_size, device=device, progress=progress,
                        backend=backend),
     )
 
@@ -245,10 +273,38 @@ def comparison_rows(base: Baselines, run: HardwareRun) -> list[dict[str, Any]]:
              "drop_vs_float": flt - r["top1"], "drop_vs_ideal": base.ideal.top1 - r["top1"]} for r in run.repeats]
 
 
+def check_point(config: BaseSection, where: str, layer_names: dict[str, list[str]]) -> None:
+    """The checks of a sweep point that only its run would make otherwise (for ``sweep --dry-run``): the device
+    exists, every custom noise function loads and is callable, and the hardware's per-layer overrides match layers
+    of the point's model (built without weights or data and traced; ``layer_names`` keeps each model's names
+    across points). A model file that declares no input shape leaves the overrides to the run."""
+    try:
+        check_device(config.device)
+    except PhotosimError as exc:
+        raise PhotosimError(f"{where}: {exc}") from None
+    hw = config.hw
+    for spec in {s.noise.custom.function for s in (hw, *hw.layers) if s.noise is not None} - {None}:
+        if not callable(load_object(spec, "custom noise")):
+            raise PhotosimError(f"{where}: custom noise function {spec!r} is not callable; name a function "
+                                "f(p, context) -> perturbed p.")
+    if not hw.layers:
+        return
+    key = json.dumps([config.model, config.num_classes, config.cifar_stem])
+    if key not in layer_names:
+        loaded = load_model(config.model, None, config.num_classes, config.cifar_stem)
+        shape = loaded.input_shape
+        layer_names[key] = [] if shape is None else [n.name for n in capture(loaded.module,
+                                                                            torch.zeros(1, *shape)).nodes]
+    unmatched = hw.unmatched_overrides(layer_names[key]) if layer_names[key] else []
+    if unmatched:
+        raise PhotosimError(f"{where}: hardware layer override(s) {unmatched} match no layer of {config.model}; "
+                            f"layers: {', '.join(layer_names[key])}.")
+
+
 def run_point(point: dict[str, Any], cache: dict[str, Any]) -> list[dict[str, Any]]:
     """One sweep point (see photosim.experiments.sweep) -> one row per repeat. ``cache`` keeps, across the
     points of a worker, the quantized model of each MODEL_KEYS combination (the sweep groups points by the
-    same keys) and the test split and baselines of each ``limit`` and requant mode."""
+    same keys) and the test split and baselines of each ``limit`` and requantization (HardwareConfig.ideal)."""
     key = json.dumps({k: point[k] for k in MODEL_KEYS}, sort_keys=True, default=str)
     if key not in cache:
         loaded = load_model(point["model"], point["weights"], point["num_classes"], point["cifar_stem"])
@@ -262,9 +318,10 @@ def run_point(point: dict[str, Any], cache: dict[str, Any]) -> list[dict[str, An
     if limit not in entry["tests"]:
         entry["tests"][limit] = replace(entry["data"], limit=limit).split("test", entry["loaded"].input_shape)
     test = entry["tests"][limit]
-    if (limit, hw.requant) not in entry["baselines"]:
-        entry["baselines"][limit, hw.requant] = baselines(entry["qmodel"], test, hw.requant, entry["loaded"].module,
-                                                          batch_size=point["batch_size"], device=point["device"])
+    rounding = hw.ideal().model_dump_json()
+    if (limit, rounding) not in entry["baselines"]:
+        entry["baselines"][limit, rounding] = baselines(entry["qmodel"], test, hw, entry["loaded"].module,
+                                                        batch_size=point["batch_size"], device=point["device"])
     run = run_hardware(entry["qmodel"], test, hw, calibration=entry["calibration"], repeats=point["repeats"],
                        seed=point["seed"], batch_size=point["batch_size"], device=point["device"])
-    return comparison_rows(entry["baselines"][limit, hw.requant], run)
+    return comparison_rows(entry["baselines"][limit, rounding], run)

@@ -21,8 +21,8 @@ from photosim.errors import PhotosimError
 from photosim.ir.ops import OPS, weighted_ops
 
 SUPPORTED = ", ".join(layer for op in OPS.values() for layer in op.layers) + (
-    "; BatchNorm1d/2d after a conv/linear (folded); Dropout and Identity (removed in eval). Conv2d needs zeros "
-    "padding, clamp constant bounds"
+    "; BatchNorm1d/2d after a conv/linear (folded), BatchNorm2d elsewhere (a depthwise 1x1 conv); Dropout and "
+    "Identity (removed in eval). Conv2d needs zeros padding, clamp constant bounds"
 )
 _ACTIVATION_FUSABLE = tuple(name for name, op in OPS.items() if op.observed)  # a ReLU narrows their clamp range
 _BATCHNORM_FUSABLE = weighted_ops()
@@ -171,10 +171,15 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         producer = nodes.get(src(arg))
         return producer if producer is not None and producer.op in ops and producer.name not in shared else None
 
+    splits: dict[str, fx.Node] = {}  # chunk / split nodes: their pieces become slices where read
+
     for node in gm.graph.nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
         target = node.target
         args = node.args
+        if node.op in ("call_function", "call_method") and target in SPLIT_CALLS:
+            splits[node.name] = node
+            continue
         if node.op == "placeholder":
             if alias:
                 unsupported.append(f"{node.name} (second graph input; photosim models take one input tensor)")
@@ -192,7 +197,8 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         tensor_args = [a for a in args if isinstance(a, fx.Node) and is_tensor(a)]
         bounds = activation_bounds(target, module, args, node.kwargs)
         new: FloatNode | None = None
-        if isinstance(module, PASS_THROUGH_MODULES) or (node.op != "call_module" and target in PASS_THROUGH_CALLS):
+        if isinstance(module, PASS_THROUGH_MODULES) or (node.op != "call_module" and target in PASS_THROUGH_CALLS) \
+                or (_is_stochastic_depth(target) and not _arg(args, node.kwargs, 3, "training", True)):
             bind(node, src(args[0]))
             continue
         if bounds is not None:
@@ -212,11 +218,14 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             producer = fusable(args[0], _BATCHNORM_FUSABLE)
             if producer is None or producer.act is not None:
-                unsupported.append(f"{name} (BatchNorm not directly after a conv/linear) at {_source_line(node)}")
+                if not isinstance(module, nn.BatchNorm2d):
+                    unsupported.append(f"{name} (BatchNorm1d not directly after a linear) at {_source_line(node)}")
+                    continue
+                new = _batchnorm_as_conv(name, src(args[0]), module)
+            else:
+                _fold_batchnorm(producer, module)
+                bind(node, producer.name)
                 continue
-            _fold_batchnorm(producer, module)
-            bind(node, producer.name)
-            continue
         elif target in (operator.add, torch.add, "add") and len(tensor_args) == 2 and len(args) == 2 \
                 and not node.kwargs:
             new = FloatNode(name, "add", [src(a) for a in tensor_args])
@@ -230,6 +239,24 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                             {"output_size": [int(out_shape[2]), int(out_shape[3])]})
         elif isinstance(module, nn.Flatten) or target in (torch.flatten, "flatten", "view", "reshape"):
             new = reshape_node(name, src(args[0]), node)
+        elif (function := table_function(target, module, node.kwargs)) is not None:
+            new = FloatNode(name, "table", [src(args[0])], {"function": function})
+        elif target in (operator.mul, torch.mul, "mul") and len(tensor_args) == 2 and len(args) == 2 \
+                and not node.kwargs and len({len(a.meta["tensor_meta"].shape) for a in tensor_args}) == 1:
+            new = FloatNode(name, "mul", [src(a) for a in tensor_args])  # equal ranks: no broadcast over the batch
+        elif target in (torch.cat, torch.concat, torch.concatenate):
+            pieces = _arg(args, node.kwargs, 0, "tensors", ())
+            new = FloatNode(name, "concat", [src(a) for a in pieces], {"dim": _data_dim(node, _arg(
+                args, node.kwargs, 1, "dim", 0), name)})
+        elif target in (torch.mean, "mean"):
+            new = mean_node(name, src(args[0]), node)
+        elif target in (torch.permute, "permute", torch.transpose, "transpose"):
+            new = permute_node(name, src(args[0]), node)
+        elif target is operator.getitem and isinstance(args[0], fx.Node) and args[0].name in splits:
+            split = splits[args[0].name]
+            new = split_piece(name, src(split.args[0]), split, args[1])
+        elif target is operator.getitem and is_tensor(args[0]):
+            new = slice_node(name, src(args[0]), node)
         if new is None:
             what = type(module).__name__ if module is not None else getattr(target, "__name__", str(target))
             unsupported.append(f"{name} ({node.op} {what}) at {_source_line(node)}")
@@ -243,6 +270,111 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             "(photosim never falls back to float silently)."
         )
     return FloatGraph(list(nodes.values()), output or "input", tuple(example.shape[1:]))
+
+
+TABLE_MODULES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.Hardswish: "hardswish",
+                 nn.Tanh: "tanh"}
+TABLE_CALLS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid", F.hardsigmoid: "hardsigmoid",
+               F.silu: "silu", F.hardswish: "hardswish", torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh",
+               torch.exp: "exp", "exp": "exp"}
+SPLIT_CALLS = {torch.chunk, "chunk", torch.split, "split"}
+
+
+def _is_stochastic_depth(target: Any) -> bool:
+    """torchvision.ops.stochastic_depth (an identity in eval mode), recognised without importing torchvision."""
+    return getattr(target, "__name__", None) == "stochastic_depth" and "torchvision" in getattr(target, "__module__",
+                                                                                                "")
+
+
+def table_function(target: Any, module: nn.Module | None, kwargs: dict) -> str | None:
+    """The TABLE_FUNCTIONS name of a unary nonlinearity (photosim.ir.ops.Table), or None."""
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if module is not None:
+        return TABLE_MODULES.get(type(module))
+    if target is F.gelu:
+        return "gelu_tanh" if kwargs.get("approximate") == "tanh" else "gelu"
+    try:
+        return TABLE_CALLS.get(target)
+    except TypeError:  # unhashable targets are not table functions
+        return None
+
+
+def _data_dim(node: fx.Node, dim: Any, name: str) -> int:
+    """A dimension argument as a nonnegative index of the node's first input; the batch dimension refused."""
+    ndim = len(node.all_input_nodes[0].meta["tensor_meta"].shape)
+    if not isinstance(dim, int) or not -ndim <= dim < ndim or dim % ndim == 0:
+        raise PhotosimError(f"{name}: dimension {dim!r} is not a fixed non-batch dimension of a {ndim}-d input; "
+                            "photosim keeps dimension 0 as the batch.")
+    return dim % ndim
+
+
+def mean_node(name: str, source: str, node: fx.Node) -> FloatNode:
+    """torch.mean / x.mean over fixed non-batch dimensions."""
+    dims = _arg(node.args, node.kwargs, 1, "dim", None)
+    if dims is None:
+        raise PhotosimError(f"{name}: a mean over every dimension includes the batch; give the dimensions.")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    keepdim = bool(_arg(node.args, node.kwargs, 2, "keepdim", False))
+    return FloatNode(name, "mean", [source], {"dims": sorted(_data_dim(node, d, name) for d in dims),
+                                              "keepdim": keepdim})
+
+
+def permute_node(name: str, source: str, node: fx.Node) -> FloatNode:
+    """permute / transpose as a permutation that keeps the batch dimension first."""
+    ndim = len(node.all_input_nodes[0].meta["tensor_meta"].shape)
+    rest = node.args[1:]
+    if node.target in (torch.transpose, "transpose"):
+        a, b = (_data_dim(node, d, name) for d in rest[:2])
+        dims = list(range(ndim))
+        dims[a], dims[b] = dims[b], dims[a]
+    else:
+        given = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        dims = [d % ndim for d in given]
+        if dims[0] != 0:
+            raise PhotosimError(f"{name}: permutation {given} moves the batch dimension; keep dimension 0 first.")
+    return FloatNode(name, "permute", [source], {"dims": dims})
+
+
+def split_piece(name: str, source: str, split: fx.Node, index: Any) -> FloatNode:
+    """Piece ``index`` of a chunk / split of a fixed non-batch dimension, as a slice."""
+    sizes = _arg(split.args, split.kwargs, 1, "split_size_or_sections" if split.target in (torch.split, "split")
+                 else "chunks", None)
+    dim = _data_dim(split, _arg(split.args, split.kwargs, 2, "dim", 0), name)
+    length = split.all_input_nodes[0].meta["tensor_meta"].shape[dim]
+    positions = torch.arange(length)
+    pieces = positions.chunk(sizes) if split.target in (torch.chunk, "chunk") else positions.split(sizes)
+    if not isinstance(index, int) or not -len(pieces) <= index < len(pieces):
+        raise PhotosimError(f"{name}: piece {index!r} of a split into {len(pieces)} is not a fixed index.")
+    piece = pieces[index]
+    return FloatNode(name, "slice", [source], {"dim": dim, "start": int(piece[0]), "stop": int(piece[-1]) + 1})
+
+
+def slice_node(name: str, source: str, node: fx.Node) -> FloatNode | None:
+    """``x[:, ..., a:b]``: a contiguous slice of one non-batch dimension (None for other indexing)."""
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    shape = getattr(node.args[0].meta["tensor_meta"], "shape", None)
+    if shape is None:  # an item of a tuple (a module returning several values)
+        return None
+    cut = [(d, s) for d, s in enumerate(index) if s != slice(None)]
+    if len(cut) != 1 or not isinstance(cut[0][1], slice) or cut[0][0] == 0 or cut[0][1].step not in (None, 1):
+        return None
+    d, s = cut[0]
+    start, stop, _ = s.indices(shape[d])
+    if not (isinstance(start, int) and isinstance(stop, int)) or stop <= start:
+        return None
+    return FloatNode(name, "slice", [source], {"dim": d, "start": start, "stop": stop})
+
+
+def _batchnorm_as_conv(name: str, source: str, bn: nn.BatchNorm2d) -> FloatNode:
+    """A BatchNorm2d with no conv before it (pre-activation blocks), as the depthwise 1x1 conv it equals."""
+    channels = bn.num_features
+    node = FloatNode(name, "conv2d", [source], {"in_channels": channels, "out_channels": channels, "kernel": [1, 1],
+                                                "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1],
+                                                "groups": channels},
+                     torch.ones(channels, 1, 1, 1), torch.zeros(channels))
+    _fold_batchnorm(node, bn)
+    return node
 
 
 def _bias(m: nn.Module) -> torch.Tensor:

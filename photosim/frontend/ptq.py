@@ -28,6 +28,7 @@ from photosim.frontend.capture import FloatGraph, FloatNode, capture
 from photosim.frontend.data import calibration_batches
 from photosim.frontend.lockstep import LockstepRun
 from photosim.frontend.qconfig import LayerSettings, QuantSpec
+from photosim.ir.fakequant import lookup_table
 from photosim.ir.format import Node, QParams, QuantizedModel, bias_dtype, weight_dtype
 from photosim.ir.observers import ActivationObserver, affine_params, quantize_weight, weight_scale
 from photosim.ir.ops import OPS
@@ -168,7 +169,7 @@ def _quantize(model: nn.Module, batches: list[torch.Tensor], spec: QuantSpec, pr
         input_q = [qparams[i] for i in fnode.inputs]
         if OPS[fnode.op].observed:
             output_q = _activation_qparams(observers[fnode.name], s, fnode.act, unsigned=fnode.act is not None)
-        else:  # clamp, pools, flatten, reshape keep their input's quantization
+        else:  # clamp, pools, mean, flatten, reshape, permute, slice keep their input's quantization
             output_q = _with_clamp(input_q[0], fnode.act)
         qparams[fnode.name] = output_q
         node = Node(fnode.name, fnode.op, fnode.inputs, input_q, output_q, dict(fnode.attrs))
@@ -177,6 +178,8 @@ def _quantize(model: nn.Module, batches: list[torch.Tensor], spec: QuantSpec, pr
             count = _weighted_node(fnode, s, input_q[0], tensors, algorithms, run.layer(fnode) if run else None)
             if count:
                 saturated[fnode.name] = count
+        if OPS[fnode.op].tabled:
+            tensors[f"{fnode.name}.table"] = lookup_table(node)
         nodes.append(node)
         if run is not None:
             run.advance(fnode, node, qmodel)

@@ -172,6 +172,7 @@ class AccumulatorConfig(StrictModel):
 # The engine's requantization modes (photosim.engine.requant.REQUANT_MODES registers them; a test keeps the two
 # equal): named here so that the configuration does not depend on the engine.
 RequantMode = Literal["float", "fixedpoint", "pytorch"]
+REQUANT_KEYS = ("requant", "pytorch_cpu")  # the settings that decide how a layer rounds
 
 
 class LayerHardware(StrictModel):
@@ -241,6 +242,14 @@ class HardwareConfig(LayerHardware, PerLayer):
     layer_settings: ClassVar[type[StrictModel]] = LayerHardware
     layers: list[HardwareOverride] = Field(  # type: ignore[valid-type]
         default_factory=list, description="Per-layer overrides by glob.")
+
+    def ideal(self) -> HardwareConfig:
+        """The ideal engine with this config's requantization (REQUANT_KEYS, per-layer overrides included): the
+        integer baseline the hardware is compared against must round as the hardware does."""
+        layers = [{"match": o.match, **{k: getattr(o, k) for k in REQUANT_KEYS if getattr(o, k) is not None}}
+                  for o in self.layers]
+        return HardwareConfig.model_validate({**{k: getattr(self, k) for k in REQUANT_KEYS},
+                                              "layers": [entry for entry in layers if len(entry) > 1]})
 
 
 def load_hardware(hw: HardwareConfig | dict | str | Path | None) -> HardwareConfig:

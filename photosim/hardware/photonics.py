@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from photosim.errors import PhotosimError
 from photosim.hardware.config import LayerHardware, OutputNoise, StaticWeightNoise
 from photosim.hardware.photonic_config import DEFAULT_LOAD_OHM, PhotonicsConfig
 
 Q_E = 1.602176634e-19  # elementary charge, C
 K_B = 1.380649e-23  # Boltzmann constant, J/K
 MW, NA, GHZ, PA = 1e-3, 1e-9, 1e9, 1e-12  # unit -> SI factors
+MAX_SIGMA = 1e6  # tile noise beyond a million full scales: no signal is left, and the readout's numbers overflow
 
 
 def db_loss(db: float) -> float:
@@ -102,8 +104,30 @@ class LinkBudget:
         return math.sqrt(self.sigma_shot ** 2 + self.sigma_thermal ** 2 + self.sigma_rin ** 2)
 
 
-def link_budget(cfg: PhotonicsConfig, tile: int) -> LinkBudget:
-    """The link budget of a tile of ``tile`` channels (docs/photonics.md, section Link budget)."""
+def link_budget(cfg: PhotonicsConfig, tile: int, layer: str | None = None) -> LinkBudget:
+    """The link budget of a tile of ``tile`` channels (docs/photonics.md, section Link budget); a budget that
+    leaves the range of floating-point numbers (no light left at the detector, noise beyond MAX_SIGMA full scales)
+    is a PhotosimError naming ``layer`` and the settings that cause it."""
+    try:
+        budget = _link_budget(cfg, tile)
+    except (ZeroDivisionError, OverflowError):
+        budget = None
+    if budget is None or not all(math.isfinite(v) for v in (budget.detector_power_w, budget.offset_fs,
+                                                           budget.sigma_output, budget.sigma_weight)) \
+            or budget.sigma_output > MAX_SIGMA:
+        where = f"layer {layer!r}" if layer else "a layer"
+        raise PhotosimError(
+            f"the link budget of {where} (tiles of L={tile} channels) leaves the range photosim can compute: "
+            f"{path_loss_db(cfg, tile):.4g} dB from laser to detector leave "
+            f"{cfg.laser_power_mw * db_loss(path_loss_db(cfg, tile)):.3g} mW of the {cfg.laser_power_mw:g} mW per "
+            f"channel, so the noise would exceed {MAX_SIGMA:g} times the tile's full scale or not be a finite "
+            "number: no signal is left. Raise laser_power_mw or lower the losses (coupling_loss_db, waveguide_loss_db, "
+            "device_loss_db times L, fan_out), or shorten the tile; docs/photonics.md gives every formula.")
+    return budget
+
+
+def _link_budget(cfg: PhotonicsConfig, tile: int) -> LinkBudget:
+    """The link budget's formulas, unchecked (link_budget checks the result)."""
     b, r = bandwidth_hz(cfg), cfg.responsivity_a_per_w
     loss = path_loss_db(cfg, tile)
     p_det = cfg.laser_power_mw * MW * db_loss(loss)
@@ -131,12 +155,13 @@ def link_budget(cfg: PhotonicsConfig, tile: int) -> LinkBudget:
     )
 
 
-def with_link_budget(hw: LayerHardware, tile: int) -> LayerHardware:
+def with_link_budget(hw: LayerHardware, tile: int, layer: str | None = None) -> LayerHardware:
     """``hw`` with noise.output and noise.weight_static (additive) set from its photonics section for tiles of
-    ``tile`` channels; unchanged without one. The engine then runs its existing kernels."""
+    ``tile`` channels (of ``layer``, named in errors); unchanged without one. The engine then runs its existing
+    kernels."""
     if hw.photonics is None:
         return hw
-    budget = link_budget(hw.photonics, tile)
+    budget = link_budget(hw.photonics, tile, layer)
     noise = hw.noise.model_copy(update={"output": OutputNoise(sigma=budget.sigma_output),
                                         "weight_static": StaticWeightNoise(sigma=budget.sigma_weight, kind="additive")})
     return hw.model_copy(update={"noise": noise})

@@ -65,4 +65,4 @@ def _physical(hw: LayerHardware, node: Node) -> LayerHardware:
     """A layer's settings with the noise its photonics section implies (photosim.hardware.photonics)."""
     if hw.photonics is None or not OPS[node.op].weighted:
         return hw
-    return with_link_budget(hw, tile_length(OPS[node.op].dot_length(node.attrs), hw.tile))
+    return with_link_budget(hw, tile_length(OPS[node.op].dot_length(node.attrs), hw.tile), node.name)

@@ -29,6 +29,17 @@ def dequantized_params(model: QuantizedModel, node: Node) -> tuple[torch.Tensor,
     return weight, bias
 
 
+def lookup_table(node: Node) -> torch.Tensor:
+    """A table node's ``<node>.table``: the fake-quantized function at every input storage code, lowest first
+    (int32): ``clamp(rne(f((c - z_in) s_in) / s_out) + z_out, qmin, qmax)`` in float64."""
+    q_in = node.input_q[0]
+    lo, hi = QParams.storage_range(q_in.bits, q_in.signed)
+    x = (torch.arange(lo, hi + 1, dtype=torch.float64) - q_in.zero_point) * q_in.scale
+    y = OPS[node.op].reference(node.attrs, [x])
+    codes = torch.round(y / node.output_q.scale) + node.output_q.zero_point
+    return codes.clamp(node.output_q.qmin, node.output_q.qmax).to(torch.int32)
+
+
 def run_node(model: QuantizedModel, node: Node, *inputs: torch.Tensor) -> torch.Tensor:
     """One node on dequantized float64 inputs -> its fake-quantized float64 output."""
     op = OPS[node.op]

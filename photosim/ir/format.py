@@ -1,7 +1,8 @@
 """The portable integer model file: integer weights, integer bias, scales and zero points.
 
 One ``.safetensors`` file readable by any safetensors reader. Tensors are named ``<node>.weight``,
-``<node>.bias``, ``<node>.weight_scale`` (and, for models imported from PyTorch, ``<node>.bias_float``);
+``<node>.bias``, ``<node>.weight_scale`` (and, for models imported from PyTorch, ``<node>.bias_float``;
+for lookup-table ops ``<node>.table``);
 the metadata key ``photosim`` holds a JSON document with the graph. ``docs/format.md`` is the spec.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from photosim._files import require_file
 from photosim.errors import PhotosimError
-from photosim.ir.ops import OPS, AttrError, infer_shapes, weighted_ops
+from photosim.ir.ops import MAX_TABLE_BITS, OPS, AttrError, infer_shapes, weighted_ops
 from photosim.ir.ranges import MAX_BIAS_BITS, MAX_BITS, MIN_BITS, int_range, smallest_int_dtype
 
 FORMAT_VERSION = 1
 METADATA_KEY = "photosim"
 WEIGHTED_OPS = weighted_ops()
 _FIX = "Re-export the model (photosim quantize / import-torch) or correct the file."
+MAX_JSON_DEPTH = 32  # nesting a reader accepts (the document, nodes, a node, an attribute list, provenance sections)
+MAX_INT_DIGITS = 20  # decimal digits of a 64-bit integer
 
 
 @dataclass(frozen=True)
@@ -176,12 +180,13 @@ def load(path: str | Path) -> QuantizedModel:
     path = Path(path)
     if not path.is_file():
         raise PhotosimError(f"{path}: no such file. Create one with `photosim quantize ... -o {path}`.")
+    require_file(path, "model file", "give a photosim integer model file")
     try:
         tensors = load_file(str(path))
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+            header = read_json(f.read(header_len), f"{path}: the safetensors header")
+    except (SafetensorError, OSError, ValueError) as exc:
         raise PhotosimError(
             f"{path} is not a readable safetensors file ({exc}). It may be truncated or corrupt; "
             "quantize the model again."
@@ -193,7 +198,7 @@ def load(path: str | Path) -> QuantizedModel:
             "metadata). Create one with `photosim quantize` or `photosim import-torch`."
         )
     try:
-        doc = json.loads(meta[METADATA_KEY])
+        doc = read_json(meta[METADATA_KEY], f"{path}: the {METADATA_KEY!r} metadata")
     except json.JSONDecodeError as exc:
         raise PhotosimError(f"{path}: the {METADATA_KEY!r} metadata is not valid JSON ({exc}).") from None
     version = doc.get("format_version") if isinstance(doc, dict) else None
@@ -206,8 +211,58 @@ def load(path: str | Path) -> QuantizedModel:
         model = _from_json(doc, tensors)
     except (KeyError, TypeError, IndexError) as exc:
         raise PhotosimError(f"{path}: the graph description is missing or has a malformed key: {exc}.") from None
+    _keep_input_sizes(model, str(path))
     validate(model, source=str(path))
     return model
+
+
+def _keep_input_sizes(model: QuantizedModel, source: str) -> None:
+    """Replace each null entry of an ``adaptive_avgpool2d`` output size by that input dimension (docs/format.md:
+    a null entry keeps that input size), so every reader after ``load`` sees two integers. The nodes before it
+    are validated first; a node whose input is not an earlier tensor is left to ``validate`` to name."""
+    for index, node in enumerate(model.nodes):
+        size = node.attrs.get("output_size")
+        if node.op != "adaptive_avgpool2d" or not isinstance(size, list) or len(size) != 2 or None not in size:
+            continue
+        earlier = model.nodes[:index]
+        if not node.inputs or node.inputs[0] not in {model.input_name, *(n.name for n in earlier)}:
+            continue
+        validate(replace(model, nodes=earlier, output=node.inputs[0]), source)
+        shape = infer_shapes(model.input_name, model.input_shape, earlier)[node.inputs[0]]
+        if len(shape) == 3:
+            node.attrs["output_size"] = [shape[1 + axis] if kept is None else kept for axis, kept in enumerate(size)]
+
+
+def read_json(text: str | bytes, where: str) -> Any:
+    """Parse JSON whose nesting and integers stay within what a model file holds (MAX_JSON_DEPTH levels, integers
+    of at most MAX_INT_DIGITS digits), so a crafted file is a PhotosimError, not a RecursionError or a huge int."""
+    def bounded_int(literal: str) -> int:
+        if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+            raise PhotosimError(f"{where} holds an integer of {len(literal.lstrip('-'))} digits; the format's "
+                                f"integers have at most {MAX_INT_DIGITS} (64 bits). {_FIX}")
+        return int(literal)
+
+    try:
+        doc = json.loads(text, parse_int=bounded_int)
+        too_deep = _json_depth(doc) > MAX_JSON_DEPTH
+    except RecursionError:
+        too_deep = True
+    if too_deep:
+        raise PhotosimError(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep; a model file needs a "
+                            f"handful. {_FIX}")
+    return doc
+
+
+def _json_depth(doc: Any) -> int:
+    """Levels of lists and objects in a parsed JSON value (0 for a number or string), without recursion."""
+    deepest, stack = 0, [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            if depth + 1 <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def weight_dtype(w_bits: int) -> torch.dtype:
@@ -275,9 +330,10 @@ def validate(model: QuantizedModel, source: str = "model") -> None:
         except AttrError as exc:
             raise _refuse(where, str(exc)) from None
         unknown_inputs = [i for i in n.inputs if not isinstance(i, str) or i not in produced]
-        if unknown_inputs or len(n.inputs) != len(n.input_q) or len(n.inputs) != op.inputs:
+        count_ok = len(n.inputs) >= 1 if op.inputs == 0 else len(n.inputs) == op.inputs
+        if unknown_inputs or len(n.inputs) != len(n.input_q) or not count_ok:
             raise _refuse(where, f"inputs {n.inputs} are not all produced by earlier nodes, or are not "
-                                 f"{op.inputs} with one quantization each")
+                                 f"{op.inputs or 'one or more'} with one quantization each")
         for i, (name, q) in enumerate(zip(n.inputs, n.input_q)):
             if q != produced[name]:
                 raise _refuse(where, f"input {i} quantization (scale {q.scale}, zero point {q.zero_point}) differs "
@@ -289,6 +345,8 @@ def validate(model: QuantizedModel, source: str = "model") -> None:
                                  f"input's {_storage(n.input_q[0])}; this op keeps its input's quantization")
         if op.weighted:
             _validate_weights(model, n, where)
+        if op.tabled:
+            _validate_table(model, n, where)
         produced[n.name] = n.output_q
     if model.output not in produced:
         raise PhotosimError(f"{source}: graph output {model.output!r} is not produced by any node.")
@@ -332,6 +390,26 @@ def _validate_weights(model: QuantizedModel, n: Node, where: str) -> None:
     _check_range(f"{where} bias", b, *int_range(n.bias_bits, True))
 
 
+def table_size(q: QParams) -> int:
+    """Entries of a lookup table indexed by the codes of ``q``'s storage range: 2^bits."""
+    return 1 << q.bits
+
+
+def _validate_table(model: QuantizedModel, n: Node, where: str) -> None:
+    """``<node>.table``: int32, one output code (within the output clamp range) per input storage code."""
+    key = f"{n.name}.table"
+    t = model.tensors.get(key)
+    q_in = n.input_q[0]
+    if q_in.bits > MAX_TABLE_BITS:
+        raise _refuse(where, f"a lookup table over {q_in.bits}-bit inputs; tables take inputs of at most "
+                             f"{MAX_TABLE_BITS} bits")
+    size = table_size(q_in)
+    if t is None or t.dtype != torch.int32 or tuple(t.shape) != (size,):
+        got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+        raise _refuse(where, f"tensor {key!r} is {got}; it must be int32 of shape ({size},)")
+    _check_range(f"{where}: tensor {key!r}", t, n.output_q.qmin, n.output_q.qmax)
+
+
 def weights_scale(model: QuantizedModel, node: Node) -> torch.Tensor:
     """Per-output-channel weight scales as float64, shape (out_channels,)."""
     s = model.tensors[f"{node.name}.weight_scale"].double()
@@ -340,7 +418,8 @@ def weights_scale(model: QuantizedModel, node: Node) -> torch.Tensor:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (provenance of weights files)."""
+    """Hex SHA-256 of a file's bytes (provenance of weights files); special and absurdly large files refused."""
+    require_file(path, "hashed file", "give a regular file")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -31,8 +31,9 @@ class Attr:
     """One attribute of an op's JSON node: ``kind`` fixes its type, ``minimum`` bounds its integers."""
 
     name: str
-    kind: Literal["int", "pair", "bool", "optional_int", "shape"]
+    kind: Literal["int", "pair", "bool", "optional_int", "shape", "dims", "choice"]
     minimum: int = 1
+    choices: tuple[str, ...] = ()  # the allowed strings of a ``choice``
 
     def check(self, value: Any) -> None:
         """Raise AttrError unless ``value`` has this attribute's type and bounds."""
@@ -42,6 +43,8 @@ class Attr:
             "bool": "true or false",
             "optional_int": f"null or an integer >= {self.minimum}",
             "shape": "a non-empty list of integers >= 1 (at most one -1)",
+            "dims": f"a non-empty list of distinct integers >= {self.minimum}",
+            "choice": f"one of {', '.join(self.choices)}",
         }[self.kind]
         if not self._valid(value):
             raise AttrError(f"attribute {self.name!r} is {value!r}; it must be {expected}")
@@ -49,6 +52,8 @@ class Attr:
     def _valid(self, v: Any) -> bool:
         if self.kind == "bool":
             return isinstance(v, bool)
+        if self.kind == "choice":
+            return isinstance(v, str) and v in self.choices
         if self.kind == "int" or (self.kind == "optional_int" and v is not None):
             return _is_int(v) and v >= self.minimum
         if self.kind == "optional_int":
@@ -57,6 +62,8 @@ class Attr:
             return False
         if self.kind == "pair":
             return len(v) == 2 and min(v) >= self.minimum
+        if self.kind == "dims":
+            return len(v) >= 1 and min(v) >= self.minimum and len(set(v)) == len(v)
         return len(v) >= 1 and all(d >= 1 or d == -1 for d in v) and list(v).count(-1) <= 1
 
 
@@ -71,8 +78,9 @@ class Op:
     description: ClassVar[str]  # one line for docs
     layers: ClassVar[tuple[str, ...]]  # the PyTorch layers captured as this op, as the README names them
     attrs: ClassVar[tuple[Attr, ...]] = ()
-    inputs: ClassVar[int] = 1
+    inputs: ClassVar[int] = 1  # 0: one or more (concat)
     weighted: ClassVar[bool] = False  # has <node>.weight / .bias / .weight_scale tensors
+    tabled: ClassVar[bool] = False  # has <node>.table: output code per input code (lookup-table ops)
     observed: ClassVar[bool] = False  # its output gets its own scale and zero point; else the input's
     keeps_quantization: ClassVar[bool] = False  # output scale, zero point and bits are the input's
     moves_codes: ClassVar[bool] = False  # output codes are input codes moved, never recomputed
@@ -354,6 +362,150 @@ class Reshape(Op):
         if math.prod(target) != elements:
             raise AttrError(f"cannot reshape the input {shapes[0]} ({elements} elements) to {list(a['shape'])}")
         return tuple(target)
+
+
+@register_op
+class Concat(Op):
+    name = "concat"
+    description = "concatenation of tensors along one dimension, each requantized to the output's scale"
+    layers = ("torch.cat",)
+    attrs = (Attr("dim", "int"),)
+    inputs = 0
+    observed = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat(list(xs), a["dim"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        d = a["dim"] - 1  # per-sample shapes have no batch dimension
+        if any(len(s) != len(shapes[0]) or d >= len(s) for s in shapes):
+            raise AttrError(f"inputs {list(shapes)} do not all have dimension {a['dim']} (counting the batch)")
+        if any(s[:d] + s[d + 1:] != shapes[0][:d] + shapes[0][d + 1:] for s in shapes):
+            raise AttrError(f"inputs {list(shapes)} differ outside dimension {a['dim']}")
+        return (*shapes[0][:d], sum(s[d] for s in shapes), *shapes[0][d + 1:])
+
+
+def broadcast_shape(a: Shape, b: Shape) -> Shape:
+    """numpy broadcasting of two per-sample shapes; AttrError when they do not broadcast."""
+    try:
+        return tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        raise AttrError(f"inputs of shapes {a} and {b} do not broadcast") from None
+
+
+@register_op
+class Mul(Op):
+    name = "mul"
+    description = "element-wise product of two tensors of one rank, broadcasting (squeeze-excite, gating), requantized"
+    layers = ("x * y / torch.mul",)
+    inputs = 2
+    observed = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return xs[0] * xs[1]
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        if len(shapes[0]) != len(shapes[1]):
+            raise AttrError(f"inputs of shapes {shapes[0]} and {shapes[1]} differ in rank; broadcasting them would "
+                            "pair the batch with a data dimension: give both the same rank (size-1 dimensions)")
+        return broadcast_shape(shapes[0], shapes[1])
+
+
+@register_op
+class Mean(Op):
+    name = "mean"
+    description = "mean over the given dimensions (global pooling, token mean), requantized like an average pool"
+    layers = ("torch.mean",)
+    attrs = (Attr("dims", "dims"), Attr("keepdim", "bool"))
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return xs[0].mean(dim=a["dims"], keepdim=a["keepdim"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        shape = shapes[0]
+        if max(a["dims"]) > len(shape):
+            raise AttrError(f"dims {a['dims']} reach past the input's {len(shape)} dimensions (after the batch)")
+        reduced = {d - 1 for d in a["dims"]}
+        if a["keepdim"]:
+            return tuple(1 if i in reduced else n for i, n in enumerate(shape))
+        return tuple(n for i, n in enumerate(shape) if i not in reduced)
+
+
+@register_op
+class Permute(Op):
+    name = "permute"
+    description = "permutation of the non-batch dimensions (transpose, channel shuffle); codes unchanged"
+    layers = ("permute", "transpose")
+    attrs = (Attr("dims", "dims", minimum=0),)
+    keeps_quantization = moves_codes = True
+
+    def check_attrs(self, a: Attrs) -> None:
+        super().check_attrs(a)
+        if a["dims"][0] != 0 or sorted(a["dims"]) != list(range(len(a["dims"]))):
+            raise AttrError(f"dims {a['dims']} must be a permutation of 0..{len(a['dims']) - 1} keeping the batch "
+                            "dimension 0 first")
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return xs[0].permute(*a["dims"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        if len(a["dims"]) != len(shapes[0]) + 1:
+            raise AttrError(f"dims {a['dims']} do not permute an input of {len(shapes[0]) + 1} dimensions")
+        return tuple(shapes[0][d - 1] for d in a["dims"][1:])
+
+
+@register_op
+class Slice(Op):
+    name = "slice"
+    description = "the elements start..stop-1 of one non-batch dimension (split, chunk, x[:, a:b]); codes unchanged"
+    layers = ("split", "chunk", "x[:, a:b]")
+    attrs = (Attr("dim", "int"), Attr("start", "int", minimum=0), Attr("stop", "int"))
+    keeps_quantization = moves_codes = True
+
+    def check_attrs(self, a: Attrs) -> None:
+        super().check_attrs(a)
+        if a["stop"] <= a["start"]:
+            raise AttrError(f"stop {a['stop']} must be larger than start {a['start']}")
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return xs[0].narrow(a["dim"], a["start"], a["stop"] - a["start"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        shape, d = shapes[0], a["dim"] - 1
+        if d >= len(shape) or a["stop"] > shape[d]:
+            raise AttrError(f"slice {a['start']}:{a['stop']} of dimension {a['dim']} does not fit the input {shape}")
+        return (*shape[:d], a["stop"] - a["start"], *shape[d + 1:])
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# name -> the float function a lookup table samples (float64 in, float64 out)
+TABLE_FUNCTIONS: dict[str, Any] = {
+    "sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid, "silu": F.silu, "hardswish": F.hardswish,
+    "tanh": torch.tanh, "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "exp": torch.exp,
+}
+MAX_TABLE_BITS = 16  # a table of 2^16 entries at most
+
+
+@register_op
+class Table(Op):
+    name = "table"
+    description = ("a unary nonlinearity as a lookup table from input code to output code, stored with the node "
+                   "(sigmoid, hard-sigmoid, SiLU, hardswish, tanh, GELU, exp)")
+    layers = ("Sigmoid", "Hardsigmoid", "SiLU", "Hardswish", "Tanh", "GELU")
+    attrs = (Attr("function", "choice", choices=tuple(TABLE_FUNCTIONS)),)
+    observed = tabled = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return TABLE_FUNCTIONS[a["function"]](xs[0])
 
 
 class GraphNode(Protocol):

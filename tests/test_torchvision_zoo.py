@@ -1,0 +1,46 @@
+"""torchvision's classifiers: the small model of every CNN family quantizes at W8A8 and runs on the engine,
+ideal (agreeing with the fake-quant reference) and with a hardware config; transformers are refused by name.
+
+Random weights and synthetic 64x64 inputs (every family but Inception takes them): the point is coverage of
+the ops and their integer semantics, not accuracy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import photosim
+from photosim.errors import PhotosimError
+from photosim.frontend.capture import capture
+from photosim.ir.fakequant import fake_quant_forward
+
+SMALL = ["mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "efficientnet_b0",
+         "regnet_y_400mf", "googlenet"]  # one per family whose ops this file is about
+HARDWARE = {"tile": 64, "adc": {"bits": 8}, "noise": {"output": {"sigma": 0.001}}}
+
+
+def build(name: str) -> torch.nn.Module:
+    extra = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    return torchvision.models.get_model(name, weights=None, **extra).eval()
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_small_cnns_run_on_integers(name: str) -> None:
+    torch.manual_seed(0)
+    calibration, x = torch.randn(8, 3, 64, 64), torch.randn(16, 3, 64, 64)
+    qm = photosim.quantize(build(name), calibration, {"w_bits": 8, "a_bits": 8})
+    reference = fake_quant_forward(qm, x)
+    ideal = photosim.simulate(qm, x, batch_size=8)
+    # one-LSB roundings (float mode against float64) grow through a deep net: a small fraction of the range
+    assert (ideal - reference).abs().max() <= 0.1 * reference.abs().max()
+    assert (ideal.argmax(1) == reference.argmax(1)).float().mean() >= 0.9  # random logits have near-ties
+    chip = photosim.simulate(qm, x[:4], HARDWARE, batch_size=4)
+    assert chip.shape == (4, 1000) and torch.isfinite(chip).all()
+
+
+def test_transformers_are_refused_by_name() -> None:
+    model = build("vit_b_32")
+    with pytest.raises(PhotosimError, match="class_token .get_attr class_token."):
+        capture(model, torch.randn(1, 3, 224, 224))
