@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and shuffling")
     parser.add_argument("--epochs", type=int, default=60, help="training epochs per model")
     parser.add_argument("--out", type=Path, default=Path("photosim/frontend/weights"), help="output folder")
+    parser.add_argument("--models", nargs="*", default=None, help="built-in names to train (default: all)")
     args = parser.parse_args()
 
     os.environ.update(PINNED_KERNELS)
@@ -65,6 +66,8 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)
     for info in list_models():
+        if args.models and info.name not in args.models:
+            continue
         start = time.perf_counter()
         torch.manual_seed(args.seed)
         module = info.factory()

@@ -155,3 +155,17 @@ def test_unsupported_indexing_is_refused_by_name() -> None:
         capture(Strided(), torch.randn(1, 4))
     with pytest.raises(PhotosimError, match="cat: dimension 0 is not a fixed non-batch dimension"):
         capture(BatchCat(), torch.randn(1, 4))
+
+
+@pytest.mark.parametrize(("bits", "allowed_drop"), [(8, 0.005), (6, 0.015)])
+def test_digits_mbconv_keeps_its_float_accuracy(bits: int, allowed_drop: float) -> None:
+    """The built-in model of these ops (concat stem, hardswish, squeeze-excite, mean) at W8A8 / W6A6 on the
+    integer engine: within 0.5 / 1.5 points of float on the digits test split."""
+    from photosim.experiments.accuracy import evaluate
+    from photosim.experiments.workflow import DataSpec, quantize_loaded
+    from photosim.frontend.models import list_models, load_model
+
+    loaded, data = load_model("digits-mbconv"), DataSpec("digits")
+    qm = quantize_loaded(loaded, data, photosim.QuantSpec(w_bits=bits, a_bits=bits))
+    float_top1 = next(m.float_accuracy for m in list_models() if m.name == "digits-mbconv")
+    assert evaluate(qm, data.split("test", loaded.input_shape)).top1 >= float_top1 - allowed_drop

@@ -211,6 +211,68 @@ class DigitsMobileNet(nn.Module):
         return self.fc(x)
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excite: global average, a SiLU bottleneck of 1x1 convs, a hard-sigmoid gate multiplying x."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+        self.act = nn.SiLU()
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean([2, 3], keepdim=True)
+        return x * self.gate(self.expand(self.act(self.reduce(s))))
+
+
+class MBConv(nn.Module):
+    """MobileNetV3 / EfficientNet block: 1x1 expand, depthwise 3x3 (optionally strided), squeeze-excite, 1x1
+    project (each conv with BN; hardswish after the first two), residual add when the shape is kept."""
+
+    def __init__(self, in_channels: int, out_channels: int, expand: int, stride: int = 1) -> None:
+        super().__init__()
+        hidden = in_channels * expand
+        self.expand = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                                    nn.Hardswish())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.Hardswish())
+        self.se = SqueezeExcite(hidden, max(4, hidden // 4))
+        self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.se(self.depthwise(self.expand(x))))
+        return x + y if self.residual else y
+
+
+@register_model(
+    "digits-mbconv",
+    input_shape=(1, 8, 8),
+    num_classes=10,
+    float_accuracy=0.9888888888888889,
+    description="mobile CNN of today's ops: an Inception-style concat stem (SiLU), MBConv blocks with hardswish "
+                "and squeeze-excite, mean pooling, for the 8x8 sklearn digits",
+)
+class DigitsMBConv(nn.Module):
+    """Two stem branches (1x1 and 3x3 conv, BN, SiLU) concatenated, three MBConv blocks (16->24 strided,
+    24->24 residual, 24->32), a channel mean and a linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch1 = nn.Sequential(nn.Conv2d(1, 8, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.branch3 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.block1 = MBConv(16, 24, expand=2, stride=2)
+        self.block2 = MBConv(24, 24, expand=2)
+        self.block3 = MBConv(24, 32, expand=2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.branch1(x), self.branch3(x)], dim=1)
+        x = self.block3(self.block2(self.block1(x)))
+        return self.fc(x.mean([2, 3]))
+
+
 def load_model(
     spec: str, weights: str | Path | None = None, num_classes: int | None = None, cifar_stem: bool = False
 ) -> LoadedModel:
