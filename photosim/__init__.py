@@ -23,6 +23,7 @@ from photosim._version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "Curve": "photosim.frontend.nonlinearity",
     "Engine": "photosim.engine.executor",
     "simulate": "photosim.engine.executor",
     "PhotosimError": "photosim.errors",
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from photosim.experiments.workflow import run_hardware as run_hardware
     from photosim.frontend.data import load_dataset as load_dataset
     from photosim.frontend.models import load_model as load_model
+    from photosim.frontend.nonlinearity import Curve as Curve
     from photosim.frontend.ptq import quantize as quantize
     from photosim.frontend.qconfig import QuantSpec as QuantSpec
     from photosim.frontend.torch_import import from_torch as from_torch

@@ -169,3 +169,33 @@ def test_digits_mbconv_keeps_its_float_accuracy(bits: int, allowed_drop: float) 
     qm = quantize_loaded(loaded, data, photosim.QuantSpec(w_bits=bits, a_bits=bits))
     float_top1 = next(m.float_accuracy for m in list_models() if m.name == "digits-mbconv")
     assert evaluate(qm, data.split("test", loaded.input_shape)).top1 >= float_top1 - allowed_drop
+
+
+def test_a_curve_of_points_is_a_table_node_written_with_its_points(tmp_path) -> None:
+    """A measured nonlinearity (photosim.Curve): captured as one table node whose points travel in the file; the
+    table holds the piecewise-linear curve at every input code, and the engine equals the fake-quant reference."""
+    curve = photosim.Curve([-1.0, 0.0, 0.5, 2.0], [0.0, 0.0, 0.75, 1.0])
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), curve, nn.Flatten(), nn.Linear(128, 3)).eval()
+    x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    qm = photosim.quantize(model, x, {"w_bits": 8, "a_bits": 8})
+    node = qm.node("1")
+    assert node.op == "table" and node.attrs == {"function": "curve", "x": [-1.0, 0.0, 0.5, 2.0],
+                                                 "y": [0.0, 0.0, 0.75, 1.0]}
+    q_in, q_out, table = node.input_q[0], node.output_q, qm.tensors["1.table"]
+    for code in (q_in.zero_point, q_in.qmax, q_in.zero_point + 3):
+        v = (code - q_in.zero_point) * q_in.scale
+        y = 0.0 if v <= 0 else 1.5 * v if v <= 0.5 else 0.75 + (min(v, 2.0) - 0.5) / 1.5 * 0.25  # by hand
+        assert table[code - q_in.qmin] == min(max(round(y / q_out.scale) + q_out.zero_point, q_out.qmin), q_out.qmax)
+    path = tmp_path / "curve.safetensors"
+    qm.save(path)
+    loaded = load(path)
+    assert loaded.node("1").attrs == node.attrs
+    assert torch.equal(photosim.simulate(loaded, x), fake_quant_forward(qm, x).float())
+
+
+@pytest.mark.parametrize(("x", "y", "message"), [([0.0, 0.0], [1.0, 2.0], "strictly increasing"),
+                                                 ([0.0], [1.0], "2 to 65536"), ([0.0, 1.0], [1.0], "same length"),
+                                                 ([0.0, float("nan")], [0.0, 1.0], "finite")])
+def test_bad_curves_are_refused(x: list[float], y: list[float], message: str) -> None:
+    with pytest.raises(PhotosimError, match=message):
+        photosim.Curve(x, y)

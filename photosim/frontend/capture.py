@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from photosim.errors import PhotosimError
+from photosim.frontend.nonlinearity import Curve
 from photosim.ir.ops import OPS, weighted_ops
 
 SUPPORTED = ", ".join(layer for op in OPS.values() for layer in op.layers) + (
@@ -116,11 +117,14 @@ def activation_bounds(target: Any, module: nn.Module | None, args: tuple, kwargs
 
 
 class _Tracer(fx.Tracer):
-    """symbolic_trace with source lines recorded, for error messages."""
+    """symbolic_trace with source lines recorded, for error messages; photosim's Curve is one node."""
 
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, Curve) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -239,6 +243,8 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                             {"output_size": [int(out_shape[2]), int(out_shape[3])]})
         elif isinstance(module, nn.Flatten) or target in (torch.flatten, "flatten", "view", "reshape"):
             new = reshape_node(name, src(args[0]), node)
+        elif isinstance(module, Curve):
+            new = FloatNode(name, "table", [src(args[0])], {"function": "curve", "x": module.x, "y": module.y})
         elif (function := table_function(target, module, node.kwargs)) is not None:
             new = FloatNode(name, "table", [src(args[0])], {"function": function})
         elif target in (operator.mul, torch.mul, "mul") and len(tensor_args) == 2 and len(args) == 2 \

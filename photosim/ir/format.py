@@ -155,7 +155,8 @@ def _from_json(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Quantiz
             QParams(**{k: entry[f"input_{k}"][i] for k in _Q_KEYS}) for i in range(n_inputs)
         ]
         output_q = QParams(**{k: entry[f"output_{k}"] for k in _Q_KEYS})
-        attrs = {k: entry[k] for k in OPS[op].attr_names if k in entry}  # validate() names missing ones
+        attrs = {k: entry[k] for k in (*OPS[op].attr_names, *OPS[op].optional_attrs)
+                 if k in entry}  # validate() names missing ones
         nodes.append(
             Node(entry["name"], op, list(entry["inputs"]), input_q, output_q, attrs,
                  entry.get("w_bits"), entry.get("bias_bits"))

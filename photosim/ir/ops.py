@@ -78,6 +78,7 @@ class Op:
     description: ClassVar[str]  # one line for docs
     layers: ClassVar[tuple[str, ...]]  # the PyTorch layers captured as this op, as the README names them
     attrs: ClassVar[tuple[Attr, ...]] = ()
+    optional_attrs: ClassVar[tuple[str, ...]] = ()  # further keys some nodes carry (check_attrs checks them)
     inputs: ClassVar[int] = 1  # 0: one or more (concat)
     weighted: ClassVar[bool] = False  # has <node>.weight / .bias / .weight_scale tensors
     tabled: ClassVar[bool] = False  # has <node>.table: output code per input code (lookup-table ops)
@@ -498,14 +499,50 @@ MAX_TABLE_BITS = 16  # a table of 2^16 entries at most
 class Table(Op):
     name = "table"
     description = ("a unary nonlinearity as a lookup table from input code to output code, stored with the node "
-                   "(sigmoid, hard-sigmoid, SiLU, hardswish, tanh, GELU, exp)")
-    layers = ("Sigmoid", "Hardsigmoid", "SiLU", "Hardswish", "Tanh", "GELU")
-    attrs = (Attr("function", "choice", choices=tuple(TABLE_FUNCTIONS)),)
+                   "(sigmoid, hard-sigmoid, SiLU, hardswish, tanh, GELU, exp, or a curve of points: a measured "
+                   "optical or electro-optic response)")
+    layers = ("Sigmoid", "Hardsigmoid", "SiLU", "Hardswish", "Tanh", "GELU", "photosim.Curve")
+    attrs = (Attr("function", "choice", choices=(*TABLE_FUNCTIONS, "curve")),)
+    optional_attrs = ("x", "y")  # a curve's points
     observed = tabled = True
+
+    def check_attrs(self, a: Attrs) -> None:
+        super().check_attrs(a)
+        if a["function"] == "curve":
+            check_curve(a.get("x"), a.get("y"))
 
     def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        if a["function"] == "curve":
+            return interpolate(xs[0], a["x"], a["y"])
         return TABLE_FUNCTIONS[a["function"]](xs[0])
+
+
+MAX_CURVE_POINTS = 1 << 16
+
+
+def check_curve(x: Any, y: Any) -> None:
+    """A curve's points: two lists of 2 .. 2^16 finite numbers, x strictly increasing; AttrError otherwise."""
+    def numbers(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(p, (int, float)) and not isinstance(p, bool)
+                                           and math.isfinite(p) for p in v)
+
+    if not (numbers(x) and numbers(y) and 2 <= len(x) == len(y) <= MAX_CURVE_POINTS):
+        raise AttrError(f"a curve needs attributes 'x' and 'y': lists of the same length, 2 to {MAX_CURVE_POINTS} "
+                        "finite numbers")
+    if any(b <= a for a, b in zip(x, x[1:])):
+        raise AttrError("a curve's 'x' must be strictly increasing")
+
+
+def interpolate(x: torch.Tensor, xp: Sequence[float], fp: Sequence[float]) -> torch.Tensor:
+    """Piecewise-linear y(x) through the points (xp, fp), constant beyond the ends, in x's dtype:
+    ``f[i-1] + (x - x[i-1]) / (x[i] - x[i-1]) * (f[i] - f[i-1])`` on the segment holding x."""
+    xs = torch.tensor(xp, dtype=x.dtype, device=x.device)
+    fs = torch.tensor(fp, dtype=x.dtype, device=x.device)
+    clamped = x.clamp(xs[0], xs[-1])
+    i = torch.searchsorted(xs, clamped.contiguous(), right=True).clamp(1, len(xs) - 1)
+    x0, x1, f0, f1 = xs[i - 1], xs[i], fs[i - 1], fs[i]
+    return f0 + (clamped - x0) / (x1 - x0) * (f1 - f0)
 
 
 class GraphNode(Protocol):
