@@ -3,6 +3,11 @@
 This runs the user's code, by design. A relative file path must lie inside the current folder and an
 absolute one is taken as the user's own; a module name must be importable (installed or on sys.path).
 Model files never reach this module: `photosim run` rebuilds float models from built-in and torchvision: names.
+
+A file is imported as ``python file.py`` would run it: its own folder goes first on sys.path, so it imports
+the modules beside it. Each user file's folder is remembered, so that an exception raised in the user's code
+(here or later, e.g. in a model's forward or a noise function) can be reported with the user's file and line
+(``user_code_location``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import sysconfig
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +36,52 @@ def import_file(path: Path) -> Any:
         raise PhotosimError(f"cannot import {str(path)!r} as a Python module; give a .py file.")
     user_module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = user_module
+    folder = str(path.resolve().parent)
+    _USER_FOLDERS.add(Path(folder))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # as `python file.py` does: the file imports the modules beside it
     try:
         module_spec.loader.exec_module(user_module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise PhotosimError(f"importing {str(path)!r} failed ({type(exc).__name__}: {exc}); fix the file.") from exc
+        where = user_code_location(exc)
+        raise PhotosimError(f"importing {str(path)!r} failed ({type(exc).__name__}: {exc})"
+                            f"{f' {where}' if where else ''}; fix the file.") from exc
     return user_module
+
+
+_USER_FOLDERS: set[Path] = set()  # folders of the user files and modules imported here (resolved)
+_OWN_FOLDERS = tuple(Path(p).resolve() for p in {Path(__file__).parent, sysconfig.get_paths()["purelib"],
+                                                  sysconfig.get_paths()["stdlib"]})
+
+
+def _user_file(filename: str) -> bool:
+    """True for a file in the folder of user code imported here (photosim, the standard library and installed
+    packages excluded, even inside such a folder)."""
+    path = Path(filename)
+    if not path.is_absolute() or path.suffix != ".py":
+        return False
+    path = path.resolve()
+    if any(path.is_relative_to(own) for own in _OWN_FOLDERS) or {"site-packages", "dist-packages"} & set(path.parts):
+        return False
+    return any(path.is_relative_to(folder) for folder in _USER_FOLDERS)
+
+
+def user_code_location(exc: BaseException) -> str | None:
+    """``at FILE, line N: CODE``: the innermost frame in user code of ``exc``'s traceback or of the exceptions
+    it was raised from (a SyntaxError: its own file and line); None when the user's code is not involved."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, SyntaxError) and current.filename and _user_file(current.filename):
+            return f"at {current.filename}, line {current.lineno}: {(current.text or '').strip()}"
+        frames = [f for f in traceback.extract_tb(current.__traceback__) if _user_file(f.filename)]
+        if frames:
+            frame = frames[-1]
+            return f"at {frame.filename}, line {frame.lineno}" + (f": {frame.line.strip()}" if frame.line else "")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _check_own_file(path: Path, spec: str, what: str) -> None:
@@ -66,6 +113,8 @@ def load_object(spec: str, what: str) -> Any:
             module = importlib.import_module(source)
         except ImportError as exc:
             raise PhotosimError(f"{what} {spec!r}: cannot import module {source!r} ({exc}).") from None
+        if getattr(module, "__file__", None):
+            _USER_FOLDERS.add(Path(module.__file__).resolve().parent)
     obj = getattr(module, name, None)
     if obj is None:
         raise PhotosimError(f"{what} {spec!r}: {source!r} defines no {name!r}.")
@@ -83,7 +132,8 @@ def call_object(spec: str, what: str, needs: str) -> Any:
     try:
         return function()
     except Exception as exc:
+        where = user_code_location(exc)
         raise PhotosimError(
-            f"calling {spec} failed ({type(exc).__name__}: {exc}); it must return {needs} when called with no "
-            "arguments."
+            f"calling {spec} failed ({type(exc).__name__}: {exc}){f' {where}' if where else ''}; it must return "
+            f"{needs} when called with no arguments."
         ) from exc

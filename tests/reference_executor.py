@@ -568,6 +568,9 @@ def run(model: Model, x: np.ndarray, mode: str = "float", *, cpu: str = "avx512-
     for node in model.doc["nodes"]:
         if mode == "pytorch" and node["op"] in NO_PYTORCH_RULE:
             raise Unsupported(f"node {node['name']!r}: {node['op']} has no pytorch-mode rule")
+        widest = max([*node["input_bits"], node["output_bits"], node.get("w_bits") or 0])
+        if mode == "pytorch" and widest > 8:
+            raise Unsupported(f"node {node['name']!r}: {widest}-bit codes; PyTorch's kernels take at most 8 bits")
         xs = [values[name] for name in node["inputs"]]
         if node["op"] in MULTI_INPUT_OPS:
             values[node["name"]] = MULTI_INPUT_OPS[node["op"]](model, node, xs, r)

@@ -96,7 +96,7 @@ def test_run_with_no_arguments_is_the_demo() -> None:
 def test_run_with_a_hardware_preset_and_snr() -> None:
     result = invoke("run", "--model", "digits-cnn", "--hw", "photonic-8bit", "--limit", "60")
     assert result.exit_code == 0, result.output
-    assert "hardware (1 repeats)" in result.output and "0.00319" in result.output  # enob 8 -> sigma
+    assert "hardware (1 repeat)" in result.output and "0.00319" in result.output  # enob 8 -> sigma
 
 
 @pytest.mark.parametrize(
@@ -135,5 +135,5 @@ def test_real_sweep_rows_match_the_run_workflow(tmp_path: Path) -> None:
     rows = pd.read_csv(tmp_path / "out" / "results.csv")
     assert result.ran == 2 and len(rows) == 4
     ideal = rows[rows["hw.noise.output.sigma"] == 0]
-    assert (ideal["top1"] == ideal["ideal_top1"]).all() and (ideal["drop_vs_ideal"] == 0).all()
-    assert rows["float_top1"].iloc[0] == pytest.approx(79 / 80)  # digits-cnn on the first 80 test images
+    assert (ideal["top1_pct"] == ideal["ideal_top1_pct"]).all() and (ideal["drop_vs_ideal_pts"] == 0).all()
+    assert rows["float_top1_pct"].iloc[0] == pytest.approx(100 * 79 / 80)  # digits-cnn on the first 80 test images

@@ -201,19 +201,18 @@ def test_photonic_presets_cite_sources_and_give_a_budget(name) -> None:
 
 
 def test_energy_experiment_variants_are_the_presets() -> None:
-    """experiments/energy.yaml copies two presets key by key (a sweep's hw cannot name a preset): keep them equal."""
+    """experiments/energy.yaml names two presets in its variants; its grid sets the laser power inside them."""
     from pathlib import Path
 
-    from photosim._config import merge_settings
-    from photosim._yaml import read_yaml
-    from photosim.hardware.config import HardwareConfig
+    from photosim.experiments.sweep import load_sweep
 
-    sweep = read_yaml(Path(__file__).parents[1] / "experiments" / "energy.yaml")
-    for name, overrides in sweep["variants"].items():
-        hw = merge_settings(HardwareConfig, {}, {k.removeprefix("hw."): v for k, v in overrides.items()})
-        preset = load_hardware(name).model_dump()
-        preset["photonics"].pop("laser_power_mw")
-        assert load_hardware(hw).model_dump(exclude={"photonics": {"laser_power_mw"}}) == preset
+    sweep = load_sweep(Path(__file__).parents[1] / "experiments" / "energy.yaml")
+    assert {name: overrides for name, overrides in sweep.config.variants.items()} == {
+        name: {"hw": name} for name in ("microring-weight-bank", "coherent-homodyne")}
+    for point in sweep.points:
+        preset = load_hardware(point.variant).model_dump()
+        preset["photonics"]["laser_power_mw"] = point.settings["hw.photonics.laser_power_mw"]
+        assert point.config.hw.model_dump() == preset
 
 
 def test_the_worked_example_of_the_docs() -> None:

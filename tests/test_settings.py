@@ -261,7 +261,7 @@ def test_a_sweep_with_only_base_is_one_point(tmp_path: Path) -> None:
     sweep = load_sweep(path)
     assert [(p.index, p.label) for p in sweep.points] == [(0, "base")]
     result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"])
-    assert result.exit_code == 0 and "1 point(s)" in result.output
+    assert result.exit_code == 0 and "1 point of" in result.output
 
 
 def test_dry_run_checks_executor_options_too(tmp_path: Path) -> None:

@@ -166,11 +166,16 @@ def test_run_writes_results_summary_manifest_and_plots(tmp_path: Path) -> None:
     results = pd.read_csv(tmp_path / RESULTS)
     assert len(results) == ROWS and result.ran == POINTS and result.skipped == 0
     assert {"point", "point_hash", "variant", "quant.w_bits", "quant.a_bits", "hw.requant", "hw.noise.output.sigma",
-            "repeat", "top1", "float_top1", "ideal_top1", "drop_vs_float", "point_wall_s"} <= set(results)
+            "repeat", "top1_pct", "float_top1_pct", "ideal_top1_pct", "drop_vs_float_pts",
+            "point_wall_s"} <= set(results)
+    assert not {"top1", "float_top1", "drop_vs_float"} & set(results)  # one unit: percent, named so
+    assert results["float_top1_pct"].iloc[0] == pytest.approx(97.0)  # the runner's fraction 0.97
+    assert results["drop_vs_float_pts"].to_numpy() == pytest.approx(
+        (results["float_top1_pct"] - results["top1_pct"]).to_numpy())
     assert list(results["point"]) == sorted(results["point"])
     summary = pd.read_csv(tmp_path / SUMMARY)
     assert len(summary) == POINTS and (summary["n"] == 2).all()
-    assert {"top1_mean", "top1_std", "top1_ci95", "quant.w_bits"} <= set(summary)
+    assert {"top1_pct_mean", "top1_pct_std", "top1_pct_ci95", "quant.w_bits"} <= set(summary)
     assert "repeat" not in summary and "repeat_mean" not in summary
     # the quantized model of each (model, quant) pair was built once and reused by both hardware points
     assert (results.groupby(["variant", "quant.w_bits"])["built_cache"].sum() == 1).all()
@@ -296,8 +301,8 @@ def test_cli_runs_resumes_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     args = ["sweep", str(path), "-o", str(tmp_path / "out"), "--no-progress"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert f"ran {POINTS} point(s)" in words(first.output) and "resnet" in first.output  # summary table
+    assert f"ran {POINTS} points" in words(first.output) and "resnet" in first.output  # summary table
     again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0 and f"ran 0 point(s), {POINTS} already finished" in words(again.output)
+    assert again.exit_code == 0 and f"ran 0 points, {POINTS} already finished" in words(again.output)
     listing = CliRunner().invoke(app, ["sweep", str(path), "--dry-run", "--variant", "cnn"])
-    assert listing.exit_code == 0 and f"{POINTS // 2} point(s)" in listing.output
+    assert listing.exit_code == 0 and f"{POINTS // 2} points" in listing.output

@@ -63,7 +63,8 @@ def test_force_deletes_only_what_photosim_wrote(sweep_file: Path, tmp_path: Path
     (out / "top1_vs_link.png").symlink_to(outside)
     (out / "top1_vs_old.png").write_text("an old plot")
     manifest = json.loads((out / MANIFEST).read_text())
-    manifest["sweep_hash"] = "0" * 16  # another sweep's folder, whose manifest lists files photosim never wrote
+    manifest["sweep_hash"] = manifest["base_hash"] = "0" * 16  # another sweep's folder (another base), whose
+    manifest["config"] = None  # manifest lists files photosim never wrote
     manifest["plots"] += ["../sentinel.txt", str(outside), "../top1_vs_x.png", "notes.txt", "sub/top1_vs_y.png",
                           "top1_vs_link.png", "top1_vs_old.png", ".", "..", ""]  # with the plots it did write
     (out / MANIFEST).write_text(json.dumps(manifest))
@@ -119,7 +120,7 @@ def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(sweep_file
                    "choose another -o directory")
     assert f"pid {os.getpid()}" in (out / LOCK).read_text()
     again = sweep_cli(sweep_file, out)  # the lock ended with the first run
-    assert again.exit_code == 0 and f"ran 0 point(s), {POINTS} already finished" in words(again.output)
+    assert again.exit_code == 0 and f"ran 0 points, {POINTS} already finished" in words(again.output)
 
 
 def test_the_lock_file_alone_does_not_make_a_folder_foreign(sweep_file: Path, tmp_path: Path) -> None:
@@ -128,7 +129,7 @@ def test_the_lock_file_alone_does_not_make_a_folder_foreign(sweep_file: Path, tm
     (out / LOCK).write_text("pid 1 on elsewhere, started long ago\n")  # left by a run killed before its manifest
     result = sweep_cli(sweep_file, out)
     assert result.exit_code == 0, result.output
-    assert f"ran {POINTS} point(s)" in words(result.output)
+    assert f"ran {POINTS} points" in words(result.output)
 
 
 def test_csvs_are_written_once_per_run_not_per_point(sweep_file: Path, tmp_path: Path,

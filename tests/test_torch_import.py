@@ -302,7 +302,9 @@ def test_add_matches_quantized_add_body_and_tail(monkeypatch: pytest.MonkeyPatch
     if len(shape) == 4:  # quantized convs write channels_last; the add walks memory in that order
         ta, tb = (t.contiguous(memory_format=torch.channels_last) for t in (ta, tb))
     op = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
-    theirs = op(ta, tb, out.scale, out.zero_point).int_repr().int()
+    one_at_a_time = len(shape) == 4  # dim 0 indexes samples, which the mode adds as PyTorch at batch size 1
+    pieces = zip(ta.split(1), tb.split(1)) if one_at_a_time else [(ta, tb)]
+    theirs = torch.cat([op(x, y, out.scale, out.zero_point).int_repr().int() for x, y in pieces])
     ours = MODE.add(a, b, qa, qb, out)
     assert torch.equal(ours, theirs), f"{int((ours != theirs).sum())} of {ours.numel()} codes differ"
 
@@ -487,7 +489,13 @@ def convert(model: nn.Module, qconfig: str, x: torch.Tensor) -> fx.GraphModule:
 
 
 def torch_codes(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every quantized intermediate of the PyTorch model, keyed as from_torch names nodes."""
+    """Every quantized intermediate of the PyTorch model run one sample at a time (the batch size the `pytorch`
+    mode reproduces), keyed as from_torch names nodes."""
+    runs = [_torch_codes(gm, x[i:i + 1]) for i in range(len(x))]
+    return {name: torch.cat([run[name] for run in runs]) for name in runs[0]}
+
+
+def _torch_codes(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
     codes: dict[str, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):
@@ -539,8 +547,19 @@ def test_the_importer_handles_every_op_of_the_table() -> None:
 def test_add_over_32768_elements_split_across_threads_is_bit_exact() -> None:
     torch.manual_seed(1)
     torch.set_num_threads(2)
-    x = torch.randn(5, 3, 32, 32)  # 5 * 8 * 32 * 32 = 40960 elements: two parallel chunks, each with a tail
-    assert_bit_exact(convert(Add(False), "x86", x), (3, 32, 32), x)
+    x = torch.randn(3, 3, 72, 72)  # 8 * 72 * 72 = 41472 elements a sample: two parallel chunks, each with a tail
+    assert_bit_exact(convert(Add(False), "x86", x), (3, 72, 72), x)
+
+
+def test_pytorch_mode_codes_do_not_depend_on_the_batch_size() -> None:
+    """Adds are PyTorch's at batch size 1, so chunking a run differently changes no code (issue: 8,128 codes of a
+    1000-sample add moved with batch_size=7)."""
+    torch.manual_seed(2)
+    x = torch.randn(21, 3, 12, 12)
+    qm = from_torch(convert(Add(False), "x86", x), (3, 12, 12))
+    whole = simulate_codes(qm, x, HW, batch_size=21)
+    for batch_size in (1, 4, 7):
+        assert torch.equal(simulate_codes(qm, x, HW, batch_size=batch_size), whole)
 
 
 def test_imported_model_records_pytorch_numbers_and_survives_save_load(tmp_path: Path) -> None:

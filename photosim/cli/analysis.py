@@ -33,6 +33,7 @@ from photosim.cli.common import (
     console,
     handles_errors,
     model_inputs,
+    plural,
     preflight,
     print_table,
     quant_spec,
@@ -151,7 +152,7 @@ def mixed_precision(
         ["layer", "op", "macs", "in_bits", "w_bits", "a_bits"]])
     w, a = bits_per_mac(result.qmodel)
     console.print(f"agreement {100 * result.score.agreement:.2f}% (target {100 * target:.2f}%) at {w:.2f} weight and "
-                  f"{a:.2f} input bits per MAC (from {result.base_cost:.2f}); {result.trials} trial(s)"
+                  f"{a:.2f} input bits per MAC (from {result.base_cost:.2f}); {plural(result.trials, 'trial')}"
                   + (f"; test top-1 {100 * result.score.test_top1:.2f}% (at {max(widths)} bits "
                      f"{100 * result.base.test_top1:.2f}%)" if result.score.test_top1 is not None else ""))
     console.print(f"wrote {output}; use it with `photosim quantize --model {model} --config {output} -o m.safetensors`")

@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import pandas as pd
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 from rich.text import Text
 
@@ -25,9 +25,28 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
 )
+PLAIN_WIDTH = 4096  # the layout width of output that is not a terminal: no line of photosim's reaches it
+
+
+class PlainWhenPiped(Console):
+    """A rich console that, writing to anything but a terminal (a pipe, a file, a test runner), lays out for
+    PLAIN_WIDTH columns (and ignores $COLUMNS): tables and lines keep every name and number whole instead of
+    cutting them to "features…" at 80 columns. On a terminal it is rich's console, at the terminal's width."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if not self.is_terminal:
+            return ConsoleDimensions(PLAIN_WIDTH, 25)
+        return super().size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
 # markup off: file names, model specs and messages are user text, and "[/x]" must print as itself
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+console = PlainWhenPiped(markup=False)
+err_console = PlainWhenPiped(stderr=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, torchvision:NAME or path/file.py:NAME.")]
@@ -36,8 +55,22 @@ WeightsOpt = Annotated[
 ]
 NumClassesOpt = Annotated[int | None, typer.Option(help="Number of classes of a torchvision model.")]
 CifarStemOpt = Annotated[bool, typer.Option(help="Give a torchvision ResNet the 3x3 stride-1 stem for 32x32 inputs.")]
+SYNTHETIC_WARNING = ("warning: --data synthetic draws random inputs with random labels, so every accuracy below "
+                     "(float, quantized, hardware) is chance level and its drops are noise; use it to time or "
+                     "test the pipeline, not to judge a model (photosim data lists the real datasets).")
+
+
+def _warn_synthetic(value: str) -> str:
+    """--data's callback: warn once that synthetic accuracies mean nothing."""
+    if value == "synthetic":
+        err_console.print(SYNTHETIC_WARNING, soft_wrap=True, highlight=False)
+    return value
+
+
 DataOpt = Annotated[
-    str, typer.Option(help="digits, mnist, fashion-mnist, cifar10, imagefolder:PATH or synthetic.")
+    str, typer.Option(callback=_warn_synthetic, help="digits, mnist, fashion-mnist, cifar10, imagefolder:PATH or "
+                      "synthetic (random labels: accuracy is meaningless); `photosim data` says which images "
+                      "form each split.")
 ]
 DataRootOpt = Annotated[str | None, typer.Option(help="Folder holding torchvision datasets.")]
 DownloadOpt = Annotated[bool, typer.Option(help="Download a torchvision dataset when missing.")]
@@ -60,14 +93,27 @@ BatchOpt = Annotated[int, typer.Option(min=1, help="Images per batch (bounds mem
 
 
 def handles_errors(command: F) -> F:
-    """Turn PhotosimError into a one-paragraph message on stderr and exit code 2."""
+    """Turn PhotosimError into a one-paragraph message on stderr and exit code 2; so too any exception raised
+    inside the user's own code (a file.py:NAME model, an import script, a custom noise function), each named
+    with the user's file and line."""
+    from photosim._imports import user_code_location
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except PhotosimError as exc:
-            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
+            message, where = str(exc), user_code_location(exc)
+            if where and where not in message:
+                message += f" (raised {where})"
+            err_console.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except Exception as exc:
+            where = user_code_location(exc)
+            if where is None:
+                raise  # photosim's own failure: exit 1 with the traceback
+            err_console.print(Text.assemble(("error:", "bold red"), f" your code raised {type(exc).__name__}: {exc} "
+                                            f"({where}); fix it there."), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -138,8 +184,9 @@ def quant_spec(config: Path | None, per_tensor: bool, **flags: Any) -> Any:
 def print_table(title: str, frame: pd.DataFrame) -> None:
     """Render a DataFrame as a rich table (floats to 4 significant digits)."""
     table = Table(title=title, title_justify="left")
-    for col in frame.columns:
-        table.add_column(str(col), justify="right" if pd.api.types.is_numeric_dtype(frame[col]) else "left")
+    for col in frame.columns:  # fold, never cut: a narrow terminal wraps a long name rather than ending it in "…"
+        table.add_column(str(col), justify="right" if pd.api.types.is_numeric_dtype(frame[col]) else "left",
+                         overflow="fold")
     for row in frame.itertuples(index=False):
         table.add_row(*("" if v is None or (isinstance(v, float) and pd.isna(v)) else
                         f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
@@ -150,6 +197,11 @@ def percent(result: Any) -> str:
     return f"{100 * result.top1:.2f}%"
 
 
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """``1 repeat``, ``2 repeats`` (``many``: an irregular plural)."""
+    return f"{count:,} {noun if count == 1 else many or noun + 's'}"
+
+
 HwOpt = Annotated[Path | None, typer.Option(
     "--hw", help="Hardware YAML file, or a shipped preset by name (photonic-8bit, ...); the flags below override it.")]
 BackendOpt = Annotated[list[str] | None, typer.Option(
@@ -158,4 +210,8 @@ BackendOpt = Annotated[list[str] | None, typer.Option(
                       "onednn, fused-cpu, torch (the reference). Default: the fastest that supports each layer.")]
 MetricOpt = Annotated[str, typer.Option(help="Rank by agreement (top-1 agreement with the float model on the "
                                             "calibration images) or snr (output SNR vs the float logits).")]
+AdcRangeOpt = Annotated[str | None, typer.Option(
+    help="ADC range: full (+-the tile's full scale L*Xmax*Wmax: the worst case, nothing clips; the default), "
+         "calibrated (the adc.percentile of each layer's |tile values| on the calibration split) or a fraction of "
+         "full scale in (0, 1], e.g. 0.25. Needs ADC bits (--adc-bits or --hw).")]
 TestOpt = Annotated[bool, typer.Option("--test", help="Also score accuracy on the test split (needs labels).")]

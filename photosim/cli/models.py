@@ -40,6 +40,7 @@ from photosim.cli.common import (
     print_table,
     quant_spec,
 )
+from photosim.errors import PhotosimError
 
 
 @app.command()
@@ -55,6 +56,44 @@ def models() -> None:
         for m in list_models()
     ])
     print_table("built-in models (digits test split)", frame)
+
+
+@app.command()
+@handles_errors
+def data(
+    name: Annotated[str | None, typer.Argument(
+        help="Only this dataset (digits, mnist, ..., imagefolder:PATH).")] = None,
+    split: Annotated[str | None, typer.Option(help="With --indices: train, calibration or test.")] = None,
+    indices: Annotated[bool, typer.Option(
+        help="Print the indices of NAME's --split images in its source set (digits: rows of sklearn's "
+             "load_digits(); torchvision sets: the official train or test set), one line, comma-separated.")] = False,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Which images form each split (train, calibration, test) of each dataset, and their preprocessing.
+
+    Calibration never overlaps test; the cut is fixed (seed 0) on every machine. A model you trained yourself
+    must not have seen photosim's test images: --indices lists them.
+    """
+    from photosim.frontend.data import SPLITS, describe_datasets, split_indices
+
+    if indices:
+        if name is None or split is None:
+            raise PhotosimError("--indices needs a dataset and a split: photosim data digits --split test --indices.")
+        if split not in SPLITS:
+            raise PhotosimError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+        console.print(",".join(map(str, split_indices(name, split, root=data_root))), soft_wrap=True)
+        return
+    rows = describe_datasets()
+    if name is not None:
+        base = name.partition(":")[0]
+        rows = [r for r in rows if r["dataset"].partition(":")[0] == base]
+        if not rows:
+            names = sorted({r["dataset"] for r in describe_datasets()})
+            raise PhotosimError(f"unknown dataset {name!r}; use one of {', '.join(names)}.")
+    frame = pd.DataFrame(rows)
+    print_table("dataset splits (--data; --limit N keeps the first N test images)", frame.drop(columns="preprocessing"))
+    for dataset, text in dict(zip(frame["dataset"], frame["preprocessing"])).items():
+        console.print(f"{dataset} preprocessing: {text}", soft_wrap=True)
 
 
 @app.command("eval")

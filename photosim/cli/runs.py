@@ -13,6 +13,7 @@ from photosim._files import spec_file
 from photosim.cli.common import (
     ABitsOpt,
     ActivationRangeOpt,
+    AdcRangeOpt,
     BackendOpt,
     BatchOpt,
     BiasBitsOpt,
@@ -37,6 +38,7 @@ from photosim.cli.common import (
     console,
     handles_errors,
     model_inputs,
+    plural,
     preflight,
     print_table,
     quant_spec,
@@ -59,7 +61,8 @@ def run(
     requant: Annotated[str | None, typer.Option(help="Requantization: float, fixedpoint or pytorch.")] = None,
     noise: Annotated[float | None, typer.Option(help="Output (detector) noise sigma, fraction of full scale.")] = None,
     tile: Annotated[int | None, typer.Option(help="Dot-product length L of one optical core.")] = None,
-    adc_bits: Annotated[int | None, typer.Option(help="Per-tile ADC bits.")] = None,
+    adc_bits: Annotated[int | None, typer.Option(help="Per-tile ADC bits (default: none, an ideal readout).")] = None,
+    adc_range: AdcRangeOpt = None,
     acc_bits: Annotated[int | None, typer.Option(help="Accumulator bits.")] = None,
     overflow: Annotated[str | None, typer.Option(help="Accumulator overflow: wrap, saturate or none.")] = None,
     repeats: Annotated[int, typer.Option(min=1, max=MAX_REPEATS, help="Monte Carlo repeats (simulated chips).")] = 1,
@@ -105,7 +108,7 @@ def run(
     check_device(device)
     check_names(backend or [])
     hw_config = hardware_with_flags(load_hardware(hw), requant=requant, noise=noise, tile=tile, adc_bits=adc_bits,
-                                    acc_bits=acc_bits, overflow=overflow)
+                                    adc_range=adc_range, acc_bits=acc_bits, overflow=overflow)
     data_spec = DataSpec(data, data_root, download, limit)
     if model_file is not None:
         qmodel = load(model_file)
@@ -126,7 +129,8 @@ def run(
     hw_run = run_hardware(qmodel, test, hw_config, calibration=calibration, repeats=repeats, seed=seed,
                           batch_size=batch_size, device=device, progress=True, backend=backend or ())
     table = accuracy_table(base, hw_run, comparison_rows(base, hw_run), hw_config.requant, batch_size)
-    console.print(f"{source} on {data} test ({base.fake_quant.n} images), {repeats} repeat(s), seed {seed}")
+    console.print(f"{source} on {data} test ({plural(base.fake_quant.n, 'image')}), {plural(repeats, 'repeat')}, "
+                  f"seed {seed}; ADC: {adc_header(hw_config, hw_run.layers)}")
     if float_module is None:
         console.print(f"float baseline skipped: {source} was not quantized from a built-in or torchvision: model "
                       "with its recorded weights, and photosim never runs code named in a model file; give "
@@ -135,9 +139,10 @@ def run(
     print_table("accuracy (top-1; drops in points)", table.drop(columns=["batch_size", *RUN_SETTINGS]))
     if not hw_run.layers.empty:
         grouped = hw_run.layers.drop(columns="repeat").groupby("layer", sort=False)
-        mean = grouped.mean(numeric_only=True).join(grouped["backend"].first()).reset_index()
-        columns = ["layer", "overflow_rate", "adc_clip_rate", "snr_db", "snr_db_budget", "enob", "acc_bits_worst_case",
-                   "acc_bits_observed", "backend"]
+        first = grouped[[c for c in ("adc_bits", "adc_range", "backend") if c in hw_run.layers]].first()
+        mean = grouped.mean(numeric_only=True).drop(columns=list(first), errors="ignore").join(first).reset_index()
+        columns = ["layer", "adc_bits", "adc_range", "adc_range_fraction", "overflow_rate", "adc_clip_rate", "snr_db",
+                   "snr_db_budget", "enob", "acc_bits_worst_case", "acc_bits_observed", "backend"]
         print_table("per layer, mean over repeats", mean[[c for c in columns if c in mean]])
     if report:
         write_csv_atomic(table, report)
@@ -189,13 +194,27 @@ def accuracy_table(base: Any, hw_run: Any, rows: list[dict[str, Any]], requant: 
         frame = pd.DataFrame(rows).assign(stage="hardware")
         s = summarize(frame, ["stage"], ["top1", "drop_vs_float", "drop_vs_ideal"]).iloc[0]
         energy = {k: rows[0][k] for k in ("energy_per_inference_J", "energy_per_mac_J") if k in rows[0]}
-        table.append({"stage": f"hardware ({int(s['n'])} repeats)", "top1": s["top1_mean"], "std": s["top1_std"],
-                      "ci95": s["top1_ci95"], "drop_vs_float": s["drop_vs_float_mean"],
+        table.append({"stage": f"hardware ({plural(int(s['n']), 'repeat')})", "top1": s["top1_mean"],
+                      "std": s["top1_std"], "ci95": s["top1_ci95"], "drop_vs_float": s["drop_vs_float_mean"],
                       "drop_vs_ideal": s["drop_vs_ideal_mean"], **energy})
     frame = pd.DataFrame(table).assign(batch_size=batch_size, **{k: hw_run.repeats[0][k] for k in RUN_SETTINGS})
     percent = ["top1", "std", "ci95", "drop_vs_float", "drop_vs_ideal"]
     frame[percent] = frame[percent].astype(float) * 100
     return frame
+
+
+def adc_header(hw: Any, layers: pd.DataFrame) -> str:
+    """The ADC the run simulated, for the header line: bits and range of the global settings, with the modes of
+    layers whose overrides differ, and how to change it."""
+    from photosim.hardware.config import ADC_RANGE_DEFAULT, describe_adc
+
+    text = describe_adc(hw.adc)
+    modes = list(dict.fromkeys(layers["adc_range"])) if not layers.empty and "adc_range" in layers else []
+    if hw.layers and len(modes) > 1:
+        text += f" (per-layer overrides: ranges {', '.join(modes)})"
+    if hw.adc.bits is not None and hw.adc.range == ADC_RANGE_DEFAULT:
+        text += "; --adc-range calibrated or a fraction of full scale narrows it"
+    return text
 
 
 def _print_sigmas(layers: pd.DataFrame) -> None:

@@ -20,6 +20,7 @@ import torch
 from photosim._imports import load_object
 from photosim.engine import fused_triton, kernels, onednn
 from photosim.engine.plan import LayerPlan
+from photosim.engine.requant import real_bias
 from photosim.errors import PhotosimError
 from photosim.hardware import rng
 from photosim.hardware.accumulator import accumulate
@@ -144,8 +145,14 @@ class AnalogLayer:
         return self._requantize(self.linear_acc(x, sample_ids))
 
     def _requantize(self, acc: torch.Tensor) -> torch.Tensor:
-        """Accumulators in ADC steps (bias included) -> codes: the multiplier absorbs the step."""
+        """Accumulators in ADC steps (bias included) -> codes: the multiplier absorbs the step.
+
+        A mode that adds a real-valued bias after the accumulator (``pytorch``) gets it fixed before the step
+        scales ``input_scale``: the integer bias is in units of the unscaled ``input_scale * weight_scale``, so
+        deriving it from the scaled one would multiply the bias by the step."""
         params = self.plan.requant
+        if not self.plan.mode.integer_bias and params.bias_float is None:
+            params = replace(params, bias_float=real_bias(params))
         acc = acc if self.plan.mode.float_accumulators else acc.to(torch.int64)
         return self.plan.mode.requantize(acc, replace(params, input_scale=params.input_scale * self.step))
 

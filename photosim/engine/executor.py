@@ -91,6 +91,20 @@ def plan_layers(qmodel: QuantizedModel, hw: HardwarePlan, device: torch.device, 
     return plans
 
 
+def _check_bits(node: Node, mode: RequantMode) -> None:
+    """Refuse a node whose codes are wider than ``mode`` has a rule for (``pytorch``: PyTorch's 8-bit kernels)."""
+    if mode.max_bits is None:
+        return
+    widths = {"input": max(q.bits for q in node.input_q), "output": node.output_q.bits, "weight": node.w_bits or 0}
+    wide = {what: bits for what, bits in widths.items() if bits > mode.max_bits}
+    if wide:
+        found = ", ".join(f"{bits}-bit {what}" for what, bits in wide.items())
+        raise PhotosimError(f"node {node.name!r} ({node.op}) has {found} codes; the {mode.name!r} requant mode "
+                            f"reproduces PyTorch's quantized kernels, which take codes of at most {mode.max_bits} "
+                            "bits (there is no PyTorch kernel to follow for wider ones). Use requant float or "
+                            f"fixedpoint, or quantize with at most {mode.max_bits} bits.")
+
+
 class Engine:
     """A quantized model prepared for simulation under one hardware config on one device.
 
@@ -127,6 +141,7 @@ class Engine:
                 raise PhotosimError(f"node {node.name!r} ({node.op}) has no rule in the "
                                     f"{self.modes[node.name].name!r} requant mode; use requant float or fixedpoint "
                                     "for it (a per-layer override can set it for this node alone).")
+            _check_bits(node, self.modes[node.name])
         self.device = check_device(str(device))
         backends.check_names(backend)
         self.layer_plans = plan_layers(qmodel, self.plan, self.device, seed=seed, repeat=repeat,
@@ -154,8 +169,9 @@ class Engine:
 
     def _sub_batch(self) -> int | None:
         """Samples per pass through the graph (None: the whole batch). Not on GPUs, which want large
-        batches, nor under ``pytorch`` requant, whose adds depend on the tensor size as PyTorch's do."""
-        if self.device.type != "cpu" or any(mode.name == "pytorch" for mode in self.modes.values()):
+        batches. Every op computes each sample alone (``pytorch`` adds as PyTorch at batch size 1), so the
+        passes change no code."""
+        if self.device.type != "cpu":
             return None
         shapes = infer_shapes(self.model.input_name, self.model.input_shape, self.model.nodes)
         largest = max(math.prod(shape) for shape in shapes.values())
@@ -307,6 +323,8 @@ def execution_plan(qmodel: QuantizedModel, hw: HardwareSpec = None, *, device: s
     """
     validate(qmodel)
     hw_plan, parsed = HardwarePlan.resolve(qmodel, hw), check_device(str(device))
+    for node in qmodel.nodes:
+        _check_bits(node, REQUANT_MODES[hw_plan.layers[node.name].requant])
     backends.check_names(backend)
     ranges = dict.fromkeys(hw_plan.layers, 1.0)  # a calibrated ADC's range, measured at run time, changes no choice
     plans = plan_layers(qmodel, hw_plan, parsed, adc_ranges=ranges)

@@ -41,6 +41,7 @@ class RequantMode(Protocol):
     integer_bias: bool  # True: the engine adds the integer bias into the accumulator before requantize
     float_accumulators: bool  # True: requantize also takes float64 tensors holding the integer accumulators
     unsupported: frozenset[str]  # ops of photosim.ir.ops this mode has no rule for (refused when the engine is built)
+    max_bits: int | None  # widest codes (activations and weights) the mode has a rule for; None: any
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         """int64 accumulators (N, O, *spatial) -> int32 output codes clamped to p.output.qmin..qmax."""
@@ -85,6 +86,14 @@ def channel_view(t: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, *([1] * (acc.dim() - 2)))
 
 
+def real_bias(p: RequantParams) -> torch.Tensor:
+    """The bias as a real value, float32 (O,): the file's ``bias_float``, else the integer bias times
+    ``input_scale * weight_scale`` (what a mode without an integer bias adds after the accumulator)."""
+    if p.bias_float is not None:
+        return p.bias_float.float()
+    return (p.bias.double() * p.input_scale * p.weight_scale.double()).float()
+
+
 def float_multiplier(p: RequantParams) -> torch.Tensor:
     """The float mode's per-channel multiplier ``M = s_in * s_w / s_out``: (O,) float64, on the scales' device."""
     return p.input_scale * p.weight_scale / p.output.scale
@@ -97,6 +106,7 @@ class FloatRequant:
     integer_bias = True
     float_accumulators = True
     unsupported: frozenset[str] = frozenset()
+    max_bits: int | None = None
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         """In place when ``acc`` is already a float64 tensor holding integers (less memory traffic)."""
@@ -199,6 +209,7 @@ class FixedPointRequant:
     integer_bias = True
     float_accumulators = False  # int32 bit arithmetic
     unsupported: frozenset[str] = frozenset()
+    max_bits: int | None = None
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         _check_int32(acc, p.node)

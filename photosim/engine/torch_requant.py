@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from photosim.engine.requant import RequantParams, channel_view, register_requant
+from photosim.engine.requant import RequantParams, channel_view, real_bias, register_requant
 from photosim.ir.format import Node, QParams
 
 GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: TensorIterator splits larger loops over threads
@@ -196,21 +196,23 @@ class PytorchRequant:
     float_accumulators = True
     # PyTorch's own quantized kernels for these are not emulated yet (their rescale and rounding differ)
     unsupported = frozenset({"concat", "mul", "mean", "table"})
+    # PyTorch's quantized CPU kernels take quint8 / qint8 codes only: no kernel, and no pair saturation, to follow
+    # for wider ones
+    max_bits = 8
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:
         if p.kernel not in KERNELS:
             raise ValueError(f"unknown PyTorch kernel {p.kernel!r} for {p.node!r}; expected one of {KERNELS}")
-        if p.bias_float is not None:
-            bias = p.bias_float.float()
-        else:
-            bias = (p.bias.double() * p.input_scale * p.weight_scale.double()).float()
         kernel = _onednn if p.kernel.startswith("onednn") else _fbgemm
-        return kernel(acc, p, bias.to(acc.device))
+        return kernel(acc, p, real_bias(p).to(acc.device))
 
     def add(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
-        """``quantized::add``: dequantize both (fma in the vectorised body, multiply in the scalar tail),
-        add in float32, multiply by ``f32(1 / s_out)``. A fused ReLU is the output clamp at z_out."""
-        body = vectorised_mask(tuple(a.shape), a.device)
+        """``quantized::add`` of each sample alone (dim 0 indexes samples; a 1-D tensor is one sample): PyTorch
+        at batch size 1, so the codes never depend on how a run batches its inputs. Dequantize both (fma in the
+        vectorised body, multiply in the scalar tail), add in float32, multiply by ``f32(1 / s_out)``. A fused
+        ReLU is the output clamp at z_out."""
+        one = (1, *a.shape[1:]) if a.dim() > 1 else tuple(a.shape)
+        body = vectorised_mask(one, a.device).expand(a.shape)
         c = self._dequantize(a, qa, body) + self._dequantize(b, qb, body)
         return _codes(c * (_f32(1.0, a.device) / _f32(out.scale, a.device)), out)
 

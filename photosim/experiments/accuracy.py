@@ -10,6 +10,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from photosim._progress import progress_options
 from photosim.engine.executor import Engine
 from photosim.errors import PhotosimError
 from photosim.hardware.plan import HardwareSpec
@@ -64,7 +65,7 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], data: Any, *, batc
     correct1 = correct5 = n = 0
     classes = 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True, disable=not progress) as bar:
+                  **progress_options(progress)) as bar:
         task = bar.add_task(description or "evaluating", total=total)
         for x, y in batches:
             with torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
@@ -96,7 +97,10 @@ def _in_this_process(groups: list[Group], runner: Runner) -> Iterator[Finished]:
 def _init_process(queue: Any, threads: int, gpus: list[str], workers: int, parent: int) -> None:
     """Worker start-up: exit with the sweep's process ``parent``, where to send finished points, a fair share of
     the CPU threads and of the memory of each GPU the points use (the workers share it: each may allocate
-    1/workers of it, so none starves)."""
+    1/workers of it, so none starves). Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the
+    sweep's process alone handles it (it stops the workers and says how to resume), so no worker prints a
+    KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="photosim-parent-watch", daemon=True).start()
     _worker["queue"] = queue
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
@@ -139,8 +143,19 @@ def _in_processes(groups: list[Group], runner: Runner, workers: int) -> Iterator
         futures = [pool.submit(_run_group, runner, group) for group in groups]
         for _ in range(sum(map(len, groups))):
             yield _next_result(queue, futures)
+    except BaseException:  # Ctrl-C, a failed point, or the driver closing the stream: stop the running points
+        _stop_workers(pool)
+        raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's workers now: they ignore SIGINT, and a running point would otherwise finish (and its
+    group go on) after the sweep stopped. Finished points are already saved by the driver."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
 
 
 def _next_result(queue: Any, futures: list[Future]) -> Finished:

@@ -19,6 +19,7 @@ from rich.progress import track
 from torch import nn
 
 from photosim._config import load_config, with_layer_overrides
+from photosim._progress import progress_options
 from photosim.errors import PhotosimError
 from photosim.experiments.fidelity import FloatReference, Score
 from photosim.experiments.plot import draw_bars
@@ -127,8 +128,8 @@ def layer_sensitivity(model: nn.Module, calibration: Any, spec: QuantSpec | dict
     facts = layer_table(base_model)
     macs = dict(zip(facts["layer"], facts["macs"]))
     rows = []
-    for layer in track(probe.layers(base_model), description="probing layers", disable=not progress,
-                       transient=True):
+    for layer in track(probe.layers(base_model), description="probing layers",
+                       **progress_options(progress)):
         layer_spec = probe.spec(spec, layer, base_model)
         qmodel = base_model if layer_spec is spec else quantize(model, reference.inputs, layer_spec)
         rows.append(_row(qmodel, layer, macs.get(layer, 0), score(qmodel, probe.hardware(layer)), base))

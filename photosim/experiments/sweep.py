@@ -4,19 +4,24 @@ A sweep file has a ``base`` section (one point's settings) and axes that vary it
 product over dotted keys such as ``quant.w_bits`` or ``hw.noise.output.sigma``), ``zip`` (lists varied
 together) and named ``variants`` (hand-written overrides). Points are ``variants x zip x grid``; an axis
 or variant value is merged at its key by ``photosim._config.merge_settings`` (it replaces the value there;
-setting ``sigma`` drops a ``snr_db`` or ``enob`` of the base). ``base.quant`` and ``base.hw`` may name a
-preset or YAML file instead, as ``--quant`` and ``--hw`` do. Every point is validated before anything runs,
-into a typed ``BaseSection``. An empty file is refused; a file with only ``base`` is one point.
+setting ``sigma`` drops a ``snr_db`` or ``enob`` of the base). ``quant`` and ``hw`` may name a preset or YAML
+file instead of a mapping, as ``--quant`` and ``--hw`` do: in ``base``, as a value of an axis over the whole
+section, or in a variant (whose axes may then set keys inside it: variants are merged first, axes last). Every
+point is validated before anything runs, into a typed ``BaseSection``. An empty file is refused; a file with only
+``base`` is one point.
 
 A sweep file is a program: a custom noise function it names runs that code, as a Python script would.
 
-A results directory holds ``sweep.json`` (the sweep's hash and config), ``points.jsonl`` (the durable log:
-one line per finished point, appended and fsynced), ``results.csv`` and ``summary.csv`` (rebuilt
-atomically from the log when a run ends or is interrupted), the default plots and ``.lock`` (held while a
-run writes, naming its process). Points are keyed by a hash of their complete configuration, so running
-the same sweep again skips the finished ones. ``sweep.json`` records the plots before they are drawn; with
-``force`` another sweep's recorded files are replaced, and a file this sweep would write that no manifest
-records (a user's ``results.csv`` in a folder that was never a sweep's) stops the run instead.
+A results directory holds ``sweep.json`` (the hashes of the sweep and of its base, and its config),
+``points.jsonl`` (the durable log: one line per finished point, appended and fsynced), ``results.csv`` and
+``summary.csv`` (rebuilt atomically from the log when a run ends or is interrupted; accuracy in percent, drops
+in points: report.PERCENT_COLUMNS), the default plots and ``.lock`` (held while a run writes, naming its
+process). Points are keyed by a hash of their complete configuration, so running the same sweep again skips
+the finished ones, and so does a grown, shrunk or reordered grid (or new variants): every point whose settings
+are unchanged is reused. What makes a directory another sweep's is its ``base`` (complete settings, presets
+resolved): a changed base is refused without ``force``. ``sweep.json`` records the plots before they are
+drawn; with ``force`` another sweep's recorded files are replaced, and a file this sweep would write that no
+manifest records (a user's ``results.csv`` in a folder that was never a sweep's) stops the run instead.
 """
 
 from __future__ import annotations
@@ -40,22 +45,23 @@ import pandas as pd
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 from rich import progress as bars
-from rich.console import Console
 
 from photosim._config import (
     StrictModel,
     describe_validation_error,
+    dotted,
     load_config,
     merge_settings,
     section_models,
     validation_problems,
 )
 from photosim._files import make_output_dir, write_text_atomic
+from photosim._progress import progress_options
 from photosim._version import __version__
 from photosim.errors import PhotosimError
 from photosim.experiments.executors import Group, Runner, check_executor, execute
 from photosim.experiments.point import MODEL_KEYS, BaseSection
-from photosim.experiments.report import summarize, write_csv_atomic
+from photosim.experiments.report import PERCENT_COLUMNS, in_percent, summarize, write_csv_atomic
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import HardwareConfig
 
@@ -133,6 +139,11 @@ class Sweep:
     def hash(self) -> str:
         """Identity of the sweep's points (base, axes, variants; not its name or description)."""
         return config_hash(self.config.model_dump(mode="json", exclude={"name", "description"}))
+
+    @property
+    def base_hash(self) -> str:
+        """Identity of the experiment a results directory holds: the base's complete settings (base_identity)."""
+        return config_hash(base_identity(self.config.base))
 
     def select(self, variants: Sequence[str] | None) -> list[Point]:
         """The points of the named variants (all points when None)."""
@@ -216,8 +227,8 @@ def _check_axes(config: SweepConfig, source: str) -> None:
     for name, overrides in config.variants.items():
         for key in overrides:
             check_key(key, f"{source}: variant {name!r}")
-            clash = next((a for a in axis_keys if a == key or a.startswith(f"{key}.") or key.startswith(f"{a}.")),
-                         None)
+            # a variant may set a whole section (``hw: PRESET``) inside which an axis sets keys: axes merge last
+            clash = next((a for a in axis_keys if a == key or key.startswith(f"{a}.")), None)
             if clash:
                 raise PhotosimError(f"{source}: variant {name!r} sets {key!r}, which the axis {clash!r} also "
                                     "sets; remove it from one of them.")
@@ -242,6 +253,30 @@ def _base_settings(base: BaseModel) -> dict[str, Any]:
     return settings
 
 
+def base_identity(base: BaseModel) -> dict[str, Any]:
+    """A sweep's base as what it means: complete settings with defaults filled in and presets resolved (a preset
+    named or pasted, a default written out or left out: the same base); the settings as written, presets
+    resolved, when the base alone is not a valid point (its axes complete it)."""
+    settings = _base_settings(base)
+    try:
+        return BaseSection.model_validate(settings).model_dump(mode="json")
+    except ValidationError:
+        return json.loads(json.dumps(settings, default=str))
+
+
+def _sections_resolved(updates: dict[str, Any], where: str) -> dict[str, Any]:
+    """Axis or variant values setting a whole ``quant`` or ``hw`` section: a preset name or YAML file replaced by
+    its settings (as in ``base``)."""
+    resolved = dict(updates)
+    for key, cls in SECTIONS.items():
+        if isinstance(resolved.get(key), str):
+            try:
+                resolved[key] = load_config(cls, resolved[key]).model_dump()
+            except PhotosimError as exc:
+                raise PhotosimError(f"{where}: {exc}") from None
+    return resolved
+
+
 def load_sweep(source: SweepConfig | dict[str, Any] | str | Path) -> Sweep:
     """Validate a sweep (file, dict or config) and expand it into points; nothing runs."""
     config = load_config(SweepConfig, source)
@@ -250,11 +285,13 @@ def load_sweep(source: SweepConfig | dict[str, Any] | str | Path) -> Sweep:
     base = _base_settings(config.base)
     points, seen = [], {}
     for index, (variant, overrides, settings) in enumerate(_combinations(config)):
-        tree = merge_settings(BaseSection, base, {**overrides, **settings})
+        label = point_label(variant, settings)
+        updates = {**_sections_resolved(overrides, f"{where}: variant {variant!r}"),
+                   **_sections_resolved(settings, f"{where}, point {index} ({label})")}
+        tree = merge_settings(BaseSection, base, updates)
         try:
             point_config = BaseSection.model_validate(tree)
         except ValidationError as exc:
-            label = point_label(variant, settings)
             raise PhotosimError(describe_validation_error(exc, f"{where}, point {index} ({label})")) from None
         point = Point(index, variant, settings, point_config, config_hash(point_config.model_dump(mode="json")))
         if point.hash in seen:
@@ -280,6 +317,8 @@ class _Manifest(BaseModel):
     sweep_hash: str
     source: str
     plots: list[str]
+    base_hash: str | None = None  # absent in the manifests of photosim versions before grids could grow
+    config: dict[str, Any] | None = None
 
 
 class _LogRecord(BaseModel):
@@ -346,15 +385,42 @@ class ResultStore:
         """Make the directory this sweep's, replacing another sweep's results only with ``force``; refuse (even
         with ``force``) when a file this run would write is there but not recorded as photosim's."""
         old = self._read_manifest()
-        if old is not None and old.sweep_hash != self.sweep.hash and not force:
+        other = old is not None and not self._same_base(old)
+        if other and not force:
+            assert old is not None
             raise PhotosimError(
-                f"{self.dir} holds the results of a different sweep ({old.source}, hash {old.sweep_hash}); "
+                f"{self.dir} holds the results of a different sweep ({old.source}): {self._base_change(old)}. A "
+                "grown or reordered grid reuses the finished points, but a changed base is another experiment; "
                 "choose another -o directory or pass --force to replace them."
             )
         self._refuse_unrecorded(old)
-        if old is not None and old.sweep_hash != self.sweep.hash:
+        if other:
+            assert old is not None
             self._remove_old_results(old.plots)
-        self.write_manifest(self.planned_plots())
+        kept = [] if old is None or other else [p for p in old.plots if PLOT_NAME.fullmatch(p)]
+        self.write_manifest(list(dict.fromkeys([*self.planned_plots(), *kept])))  # earlier plots stay recorded
+
+    def _same_base(self, old: _Manifest) -> bool:
+        """Whether the directory's sweep has this sweep's base (a manifest without a base hash: the one its config
+        gives, or the same whole sweep)."""
+        if old.sweep_hash == self.sweep.hash:
+            return True
+        old_base = old.base_hash or _written_base_hash(old.config)
+        return old_base == self.sweep.base_hash
+
+    def _base_change(self, old: _Manifest) -> str:
+        """What differs between the directory's base and this sweep's: the changed keys when the manifest says."""
+        try:
+            before = dotted(base_identity(load_config(SweepConfig, old.config).base)) if old.config else None
+        except (PhotosimError, ValidationError):
+            before = None
+        if before is None:
+            return f"its base (hash {old.base_hash or old.sweep_hash}) is not this sweep's"
+        after = dotted(base_identity(self.sweep.config.base))
+        changed = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                   if before.get(k) != after.get(k)]
+        return f"its base differs in {'; '.join(changed[:8])}" + (f" and {len(changed) - 8} more" if len(changed) > 8
+                                                                     else "")
 
     def _refuse_unrecorded(self, old: _Manifest | None) -> None:
         """Refuse a directory holding a file this sweep would write that its manifest ``old`` does not record as
@@ -393,7 +459,8 @@ class ResultStore:
 
     def write_manifest(self, plots: list[str]) -> None:
         """sweep.json: what this directory belongs to, and the plot files (names) photosim writes into it."""
-        manifest = {"sweep_hash": self.sweep.hash, "source": self.sweep.source, "points": len(self.sweep.points),
+        manifest = {"sweep_hash": self.sweep.hash, "base_hash": self.sweep.base_hash, "source": self.sweep.source,
+                    "points": len(self.sweep.points),
                     "photosim_version": __version__, "plots": plots,
                     "config": self.sweep.config.model_dump(mode="json")}
         write_text_atomic(self.dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -436,16 +503,23 @@ class ResultStore:
         return results, summary
 
     def results(self) -> pd.DataFrame:
-        """One row per (point, repeat), in point order: ids, parameters, runner metrics, point wall time."""
+        """One row per (point, repeat), in point order: ids, parameters, runner metrics, point wall time.
+
+        An axis over a whole section (``hw: [PRESET, ...]``, ``hw.noise: [{...}]``) has a column of its own holding
+        the value as written (a preset name, or JSON text). Accuracy is in percent and drops in points (the log
+        keeps the runner's fractions: report.in_percent converts here)."""
+        points = {p.hash: p for p in self.sweep.points}
         rows = []
         for record in sorted((r for r in self.records.values() if r["hash"] in self.index),
                              key=lambda r: self.index[r["hash"]]):
             ids = {"point": self.index[record["hash"]], "point_hash": record["hash"]}
             if self.sweep.config.variants:
                 ids["variant"] = record["variant"]
-            rows += [{**ids, **record["params"], **row, "point_wall_s": record["point_wall_s"]}
+            axes = {k: v if isinstance(v, str) else json.dumps(v)
+                    for k, v in points[record["hash"]].settings.items() if k not in record["params"]}
+            rows += [{**ids, **axes, **record["params"], **row, "point_wall_s": record["point_wall_s"]}
                      for row in record["rows"]]
-        return pd.DataFrame(rows)
+        return in_percent(pd.DataFrame(rows))
 
     def summary(self, results: pd.DataFrame) -> pd.DataFrame:
         """One row per point: its parameters, ``n`` and mean / std / 95% CI of every numeric runner metric."""
@@ -453,12 +527,22 @@ class ResultStore:
             return results
         from photosim.experiments.workflow import RUN_SETTINGS
 
-        runner_keys = {k for r in self.records.values() for row in r["rows"] for k in row} - {"repeat",
-                                                                                              *RUN_SETTINGS}
+        runner_keys = {PERCENT_COLUMNS.get(k, k) for r in self.records.values() for row in r["rows"]
+                       for k in row} - {"repeat", *RUN_SETTINGS}
         metrics = [c for c in results if c in runner_keys and pd.api.types.is_numeric_dtype(results[c])]
         fixed = [c for c in results if c not in runner_keys and c != "repeat"]
         per_point = results[fixed].drop_duplicates("point")
         return per_point.merge(summarize(results, ["point"], metrics), on="point")
+
+
+def _written_base_hash(config: dict[str, Any] | None) -> str | None:
+    """The base hash of a sweep config as a manifest recorded it; None when it does not validate any more."""
+    if config is None:
+        return None
+    try:
+        return config_hash(base_identity(load_config(SweepConfig, config).base))
+    except (PhotosimError, ValidationError):
+        return None
 
 
 def plot_axes(config: SweepConfig) -> list[list[str]]:
@@ -545,25 +629,33 @@ def _progress(enabled: bool, total: int, skipped: int, out_dir: Path) -> Iterato
     if not enabled:
         yield lambda label: None
         return
-    console = Console(stderr=True)
+    options = progress_options(True)
     if skipped:
-        console.print(f"resuming {out_dir}: {skipped} point(s) already finished, {total} to run")
+        options["console"].print(f"resuming {out_dir}: {skipped} point{'s' if skipped != 1 else ''} already "
+                                 f"finished, {total} to run")
     columns = (bars.TextColumn("{task.description}"), bars.BarColumn(), bars.MofNCompleteColumn(),
                bars.TimeElapsedColumn(), bars.TextColumn("ETA"), bars.TimeRemainingColumn())
-    with bars.Progress(*columns, console=console) as bar:
+    with bars.Progress(*columns, **options) as bar:
         task = bar.add_task("points", total=total)
-        yield lambda label: bar.update(task, advance=1, description=label[:60])
+        yield lambda label: bar.update(task, advance=1, description=label)
+
+
+SUMMARY_ENERGY = {"energy_per_inference_J_mean": "J / inference", "energy_per_mac_J_mean": "J / MAC"}
 
 
 def summary_view(summary: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
-    """A compact table for the terminal: variant, axis values, n, top-1 with 95% CI, drop vs float, time."""
+    """A compact table for the terminal: variant, axis values, n, top-1 % with 95% CI, drop vs float in points,
+    energy per inference and per MAC (with a photonics section), time."""
     keys = (["variant"] if sweep.config.variants else []) + [k for axis in sweep.config.axes for k in axis]
     view = summary[[c for c in [*keys, "n"] if c in summary]].copy()
-    if "top1_mean" in summary:
-        view["top1 (95% CI)"] = [f"{m:.4f}" + ("" if pd.isna(c) else f" ± {c:.4f}")
-                                 for m, c in zip(summary["top1_mean"], summary["top1_ci95"])]
-    if "drop_vs_float_mean" in summary:
-        view["drop vs float"] = summary["drop_vs_float_mean"]
+    if "top1_pct_mean" in summary:
+        view["top-1 % (95% CI)"] = [f"{m:.2f}" + ("" if pd.isna(c) else f" ± {c:.2f}")
+                                    for m, c in zip(summary["top1_pct_mean"], summary["top1_pct_ci95"])]
+    if "drop_vs_float_pts_mean" in summary:
+        view["drop vs float (points)"] = summary["drop_vs_float_pts_mean"].map(lambda v: f"{v:.2f}")
+    for column, title in SUMMARY_ENERGY.items():
+        if column in summary and summary[column].notna().any():
+            view[title] = summary[column].map(lambda v: f"{v:.3g}")
     if "point_wall_s" in summary:
         view["seconds"] = summary["point_wall_s"]
     return view

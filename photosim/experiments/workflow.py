@@ -29,7 +29,7 @@ from photosim.frontend.data import calibration_batches, load_dataset
 from photosim.frontend.models import LoadedModel, list_models, load_model
 from photosim.frontend.ptq import quantize
 from photosim.frontend.qconfig import QuantSpec
-from photosim.hardware.config import HardwareConfig, load_hardware
+from photosim.hardware.config import HardwareConfig, LayerHardware, load_hardware
 from photosim.hardware.noise import enob, snr_db
 from photosim.hardware.plan import HardwarePlan, HardwareSpec
 from photosim.ir.fakequant import fake_quant_forward
@@ -130,6 +130,26 @@ class HardwareRun:
     # photosim.experiments.budget.energy_totals
     layers: pd.DataFrame  # one row per (repeat, analog layer)
 
+    def summary(self, metrics: Sequence[str] = ("top1", "top5")) -> pd.DataFrame:
+        """Mean, std and 95% CI half-width (Student t) over the repeats of each metric: one row with ``n`` and
+        ``<metric>_mean``, ``_std``, ``_ci95`` (fractions, like the per-repeat values; std and CI are NaN for
+        one repeat). A metric that is missing or None in every repeat (top5 under 5 classes) is left out.
+
+        Example:
+            >>> run = run_hardware(qmodel, test, "photonic-8bit", calibration=calib, repeats=5)
+            >>> row = run.summary().iloc[0]; row["top1_mean"], row["top1_ci95"]
+        """
+        from photosim.experiments.report import summarize
+
+        frame = pd.DataFrame(self.repeats).assign(run="hardware")
+        kept = [m for m in metrics if m in frame and frame[m].notna().any()]
+        unknown = [m for m in metrics if m not in frame]
+        if unknown:
+            raise PhotosimError(f"no metric {', '.join(map(repr, unknown))} in the repeats; numeric columns: "
+                                f"{', '.join(c for c in frame if pd.api.types.is_numeric_dtype(frame[c]))}.")
+        frame[kept] = frame[kept].astype(float)
+        return summarize(frame, ["run"], kept).drop(columns="run")
+
 
 def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
     """Per-layer diagnostics of one repeat (docs/hardware.md, Diagnostics; snr_db_budget: docs/photonics.md), with
@@ -141,7 +161,7 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
         row = {
             "repeat": repeat, "layer": name, "tile": layer.tile, "tiles": layer.tiles,
             "full_scale": layer.full_scale, "output_sigma": readout.tile_noise.get("output", 0.0),
-            "adc_bits": layer.adc_bits, "adc_step": layer.step,
+            "adc_bits": layer.adc_bits, **adc_range_columns(settings, readout), "adc_step": layer.step,
             "overflow_rate": st.overflowed / max(st.outputs, 1), "adc_clip_rate": st.clipped / max(st.tile_values, 1),
             "snr_db": snr, "enob": enob(snr),
             "acc_bits_worst_case": worst_case_acc_bits(node.input_q[0].bits, node.w_bits, dot_length(node)),
@@ -153,6 +173,30 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
             row["snr_db_budget"] = budget_snr_db(st.signal_power / max(st.outputs, 1), layer)
         rows.append(row)
     return rows
+
+
+def adc_range_mode(settings: LayerHardware) -> str:
+    """A layer's ADC range as reported: ``full``, ``calibrated`` or ``fraction`` (of full scale); ``ideal``
+    without ADC bits (the readout keeps the exact integer sums)."""
+    if settings.adc.bits is None:
+        return "ideal"
+    return settings.adc.range if isinstance(settings.adc.range, str) else "fraction"
+
+
+def adc_range_columns(settings: LayerHardware, readout: Any) -> dict[str, Any]:
+    """``adc_range`` (adc_range_mode), the +-range the ADC digitizes in product units (``adc_range_value``) and
+    as a fraction of the tile's full scale FS (``adc_range_fraction``: 1 for ``full``, the measured range / FS
+    for ``calibrated``); NaN without an ADC."""
+    mode = adc_range_mode(settings)
+    if mode == "ideal":
+        return {"adc_range": mode, "adc_range_value": math.nan, "adc_range_fraction": math.nan}
+    value = readout.full_scale if readout.adc_range is None else float(readout.adc_range)
+    return {"adc_range": mode, "adc_range_value": value, "adc_range_fraction": value / readout.full_scale}
+
+
+def adc_range_summary(modes: Sequence[str]) -> str:
+    """The ADC ranges of a model's layers in one word: the distinct modes in order, joined by ``+``."""
+    return "+".join(dict.fromkeys(modes)) or "ideal"
 
 
 def budget_snr_db(signal_power: float, layer: AnalogLayer) -> float:
@@ -230,17 +274,20 @@ def run_hardware(qmodel: QuantizedModel, test: Any, hw: HardwareSpec = None, *, 
     return HardwareRun(results, pd.DataFrame(layers))
 
 
-RUN_SETTINGS = ("torch_version", "pytorch_cpu_family", "torch_threads", "samples_per_pass")  # run_settings' keys
+RUN_SETTINGS = ("torch_version", "pytorch_cpu_family", "torch_threads", "samples_per_pass",
+                "adc_range")  # run_settings' keys
 
 
 def run_settings(plan: HardwarePlan, engine: Engine, batch_size: int) -> dict[str, Any]:
     """What the codes of ``requant: pytorch`` depend on besides the model and config (docs/integer-semantics.md),
     recorded in every row: torch version, the CPU family pytorch_cpu resolves to, threads, and the samples the
-    engine takes per pass (its chunking of each batch)."""
+    engine takes per pass (its chunking of each batch); and the ADC range the layers use (``adc_range``: full,
+    calibrated, fraction or ideal, ``+``-joined when layers differ; per layer values: the layer rows)."""
     families = sorted({resolve_cpu_family(settings.pytorch_cpu) for settings in plan.layers.values()})
     return {"torch_version": torch.__version__, "pytorch_cpu_family": "+".join(families),
             "torch_threads": torch.get_num_threads(),
-            "samples_per_pass": min(batch_size, engine.sub_batch or batch_size)}
+            "samples_per_pass": min(batch_size, engine.sub_batch or batch_size),
+            "adc_range": adc_range_summary([adc_range_mode(engine.settings[name]) for name in engine.analog])}
 
 
 @dataclass

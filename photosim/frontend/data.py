@@ -1,7 +1,8 @@
 """Datasets for calibration and evaluation, by name, each with train / calibration / test splits.
 
 Splits are fixed (seeded, independent of the run's seed) so that calibration never overlaps test and
-results are comparable across runs; only ``synthetic`` data depends on ``seed``.
+results are comparable across runs; only ``synthetic`` data depends on ``seed``. Which images form each split
+and how they are preprocessed: :func:`describe_datasets` (``photosim data``), the indices: :func:`split_indices`.
 """
 
 from __future__ import annotations
@@ -272,6 +273,62 @@ def _synthetic(request: DatasetRequest) -> Dataset:
     x = torch.randn((SYNTHETIC_SIZE, *request.input_shape), generator=generator)
     y = torch.randint(0, SYNTHETIC_CLASSES, (SYNTHETIC_SIZE,), generator=generator)
     return _IntLabelTensorDataset(x, y)
+
+
+def describe_datasets() -> list[dict[str, str]]:
+    """Which images form each split of each built-in dataset, and their preprocessing: one row per (dataset,
+    split) with ``dataset``, ``split``, ``images`` (the count, or how it is found) and ``which`` (how the split is
+    cut), and one ``preprocessing`` text per dataset. ``photosim data`` prints it; README's data section says
+    the same. The exact indices: :func:`split_indices`."""
+    perm = f"numpy.random.default_rng({SPLIT_SEED}).permutation(N)"
+    digits_pre = "pixel values 0..16 divided by 16 (range [0, 1]), shape 1x8x8, no mean/std normalization"
+    rows = [
+        ("digits", "test", str(DIGITS_TEST_SIZE), f"sklearn.datasets.load_digits() (N = 1797, bundled: no download) "
+         f"in the order of {perm}: positions 0..{DIGITS_TEST_SIZE - 1}", digits_pre),
+        ("digits", "calibration", str(DIGITS_CALIBRATION_SIZE), f"the same order, positions {DIGITS_TEST_SIZE}.."
+         f"{DIGITS_TEST_SIZE + DIGITS_CALIBRATION_SIZE - 1}", digits_pre),
+        ("digits", "train", str(1797 - DIGITS_TEST_SIZE - DIGITS_CALIBRATION_SIZE), "the same order, positions "
+         f"{DIGITS_TEST_SIZE + DIGITS_CALIBRATION_SIZE}..1796 (the built-in models were trained on these only)",
+         digits_pre),
+    ]
+    sizes = {"mnist": (60_000, 10_000), "fashion-mnist": (60_000, 10_000), "cifar10": (50_000, 10_000)}
+    for name, spec in _TORCHVISION_DATASETS.items():
+        train_n, test_n = sizes[name]
+        pre = (f"torchvision ToTensor (range [0, 1]) then Normalize(mean={spec.mean}, std={spec.std}); "
+               f"{'1x28x28' if name != 'cifar10' else '3x32x32'}, no resizing")
+        rows += [
+            (name, "test", f"{test_n:,}", f"the official {spec.cls_name} test set, in its file order", pre),
+            (name, "calibration", f"{CALIBRATION_SIZE:,}", f"the official train set (N = {train_n:,}) in the order "
+             f"of {perm}: positions 0..{CALIBRATION_SIZE - 1}", pre),
+            (name, "train", f"{train_n - CALIBRATION_SIZE:,}", "the rest of the official train set", pre),
+        ]
+    folder_pre = ("resize the shorter side to the model's min(H, W), center-crop to H x W, ToTensor, ImageNet "
+                  f"Normalize(mean={IMAGENET_MEAN}, std={IMAGENET_STD}); RGB only")
+    rows += [
+        ("imagefolder:PATH", "test", "N/10 or |val|", f"with PATH/train and PATH/val (or test): all of val/ in the "
+         f"order of {perm}; otherwise the first N // 10 of PATH's N images in that order", folder_pre),
+        ("imagefolder:PATH", "calibration", "N/10 or 1,000", f"with train/: the first {CALIBRATION_SIZE:,} of "
+         "train/ in that order; otherwise the next N // 10 of PATH", folder_pre),
+        ("imagefolder:PATH", "train", "the rest", "the remaining images of train/ (or of PATH)", folder_pre),
+        ("synthetic", "each", f"{SYNTHETIC_SIZE:,}", "standard-normal inputs of the model's shape with uniform "
+         f"random labels 0..{SYNTHETIC_CLASSES - 1}, drawn from (seed, split): the labels are random, so any "
+         "accuracy is chance level and meaningless", "none"),
+    ]
+    keys = ("dataset", "split", "images", "which", "preprocessing")
+    return [dict(zip(keys, row)) for row in rows]
+
+
+def split_indices(name: str, split: str, *, root: str | Path | None = None, download: bool = False) -> list[int]:
+    """The indices, into the dataset's source set, of the images that form ``split`` (in the split's order):
+    for ``digits`` the rows of ``sklearn.datasets.load_digits()``, for mnist / fashion-mnist / cifar10 the
+    official train set (calibration, train) or test set (test), for ``imagefolder`` the images as torchvision's
+    ImageFolder lists them. Use them to keep your own training images out of photosim's test split."""
+    if name.partition(":")[0] == "synthetic":
+        raise PhotosimError("synthetic data has no source images: it is drawn at random (with random labels).")
+    dataset = load_dataset(name, split, root=root, download=download, input_shape=None)
+    if isinstance(dataset, Subset):
+        return [int(i) for i in dataset.indices]
+    return list(range(len(dataset)))
 
 
 CALIBRATION_BATCH = 128

@@ -19,6 +19,7 @@ from rich.progress import track
 from torch import nn
 
 from photosim._config import load_config
+from photosim._progress import progress_options
 from photosim._version import __version__
 from photosim.errors import PhotosimError
 from photosim.frontend.algorithms import Selection
@@ -71,7 +72,7 @@ def _observe(graph: FloatGraph, batches: list[torch.Tensor], progress: bool) -> 
             observers[name].update(y)
 
     with torch.no_grad():
-        for x in track(batches, description="calibrating", disable=not progress, transient=True):
+        for x in track(batches, description="calibrating", **progress_options(progress)):
             graph.run(x.float(), observe)
     return observers
 

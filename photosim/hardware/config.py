@@ -5,6 +5,7 @@ overrides. Every field is documented where it is defined; ``photosim.simulate(..
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -17,6 +18,7 @@ from pydantic import (
 )
 
 from photosim._config import LayerOverride, PerLayer, StrictModel, load_config, override_model, with_settings
+from photosim.errors import PhotosimError
 from photosim.hardware.noise import sigma_from_enob, sigma_from_snr_db
 from photosim.hardware.photonic_config import PhotonicsConfig
 
@@ -257,11 +259,57 @@ def load_hardware(hw: HardwareConfig | dict | str | Path | None) -> HardwareConf
     return load_config(HardwareConfig, hw)
 
 
-FLAG_KEYS = {"noise": "noise.output.sigma", "tile": "tile", "adc_bits": "adc.bits", "acc_bits": "accumulator.bits",
-             "overflow": "accumulator.overflow", "requant": "requant"}  # CLI knob -> the setting it sets
+FLAG_KEYS = {"noise": "noise.output.sigma", "tile": "tile", "adc_bits": "adc.bits", "adc_range": "adc.range",
+             "acc_bits": "accumulator.bits", "overflow": "accumulator.overflow",
+             "requant": "requant"}  # CLI knob -> the setting it sets
+ADC_RANGE_DEFAULT = "full"  # ADCConfig.range's default: +-FS, the worst case (nothing clips)
+
+
+def parse_adc_range(value: str | float | None) -> Literal["full", "calibrated"] | float | None:
+    """``--adc-range``: ``full``, ``calibrated`` or a fraction of full scale in (0, 1] (None: not given)."""
+    if value is None or isinstance(value, float):
+        return value
+    text = str(value).strip().lower()
+    if text in ("full", "calibrated"):
+        return text  # type: ignore[return-value]
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction <= 1:  # also NaN
+        raise PhotosimError(f"--adc-range {value!r}: give full (+-full scale, the worst case), calibrated (the "
+                            "adc.percentile of each layer's tile values on the calibration split) or a fraction "
+                            "of full scale in (0, 1], e.g. 0.25.")
+    return fraction
 
 
 def hardware_with_flags(hw: HardwareConfig, **flags: Any) -> HardwareConfig:
-    """Apply the CLI's common knobs (noise, tile, adc_bits, acc_bits, overflow, requant) over a config."""
-    return with_settings(hw, {FLAG_KEYS[flag]: value for flag, value in flags.items()},
-                         "command-line hardware options")
+    """Apply the CLI's common knobs (noise, tile, adc_bits, adc_range, acc_bits, overflow, requant) over a config.
+
+    ``adc_range`` (``full``, ``calibrated`` or a fraction, as text or a number) applies to an ADC only: given
+    while no layer has ADC bits, it is refused rather than ignored."""
+    if "adc_range" in flags:
+        flags["adc_range"] = parse_adc_range(flags["adc_range"])
+    config = with_settings(hw, {FLAG_KEYS[flag]: value for flag, value in flags.items()},
+                           "command-line hardware options")
+    if flags.get("adc_range") is not None and not has_adc(config):
+        raise PhotosimError(f"--adc-range {flags['adc_range']} sets the range of an ADC, but no layer has one "
+                            "(adc.bits is unset: the readout is ideal); add --adc-bits N or a --hw preset with "
+                            "an ADC.")
+    return config
+
+
+def has_adc(hw: HardwareConfig) -> bool:
+    """True when the global settings or a per-layer override give ADC bits."""
+    return hw.adc.bits is not None or any(o.adc is not None and o.adc.bits is not None for o in hw.layers)
+
+
+def describe_adc(adc: ADCConfig) -> str:
+    """One phrase for a (resolved) ADC: its bits and range, e.g. ``8-bit, full-scale range (worst case)``."""
+    if adc.bits is None:
+        return "ideal readout (no ADC)"
+    if adc.range == "full":
+        return f"{adc.bits}-bit, full-scale range (worst case)"
+    if adc.range == "calibrated":
+        return f"{adc.bits}-bit, calibrated range ({adc.percentile:g}th percentile of |tile value|)"
+    return f"{adc.bits}-bit, range {adc.range:g} of full scale"

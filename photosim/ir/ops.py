@@ -20,6 +20,9 @@ import torch.nn.functional as F
 Shape = tuple[int, ...]
 Attrs = dict[str, Any]
 MAX_ELEMENTS = 1 << 31  # per sample and tensor: more is a corrupt or absurd file, not a model to simulate
+MAX_INT32 = (1 << 31) - 1  # integer attributes fit int32, the index type of PyTorch's and oneDNN's kernels
+MAX_WINDOW = 1 << 20  # kernel, stride, padding and dilation: a stride of 2^31 breaks oneDNN's memory descriptors
+MAX_INPUTS = 1024  # inputs of one node (concat): DenseNet's widest concatenates about 50
 
 
 class AttrError(ValueError):
@@ -34,16 +37,18 @@ class Attr:
     kind: Literal["int", "pair", "bool", "optional_int", "shape", "dims", "choice"]
     minimum: int = 1
     choices: tuple[str, ...] = ()  # the allowed strings of a ``choice``
+    maximum: int = MAX_INT32  # every integer fits int32, the index type of oneDNN's and PyTorch's kernels
 
     def check(self, value: Any) -> None:
         """Raise AttrError unless ``value`` has this attribute's type and bounds."""
+        bounds = f">= {self.minimum} and <= {self.maximum}"
         expected = {
-            "int": f"an integer >= {self.minimum}",
-            "pair": f"a list of two integers >= {self.minimum}",
+            "int": f"an integer {bounds}",
+            "pair": f"a list of two integers {bounds}",
             "bool": "true or false",
-            "optional_int": f"null or an integer >= {self.minimum}",
-            "shape": "a non-empty list of integers >= 1 (at most one -1)",
-            "dims": f"a non-empty list of distinct integers >= {self.minimum}",
+            "optional_int": f"null or an integer {bounds}",
+            "shape": f"a non-empty list of integers >= 1 and <= {self.maximum} (at most one -1)",
+            "dims": f"a non-empty list of distinct integers {bounds}",
             "choice": f"one of {', '.join(self.choices)}",
         }[self.kind]
         if not self._valid(value):
@@ -55,10 +60,10 @@ class Attr:
         if self.kind == "choice":
             return isinstance(v, str) and v in self.choices
         if self.kind == "int" or (self.kind == "optional_int" and v is not None):
-            return _is_int(v) and v >= self.minimum
+            return _is_int(v) and self.minimum <= v <= self.maximum
         if self.kind == "optional_int":
             return True
-        if not isinstance(v, (list, tuple)) or not all(_is_int(d) for d in v):
+        if not isinstance(v, (list, tuple)) or not all(_is_int(d) and d <= self.maximum for d in v):
             return False
         if self.kind == "pair":
             return len(v) == 2 and min(v) >= self.minimum
@@ -165,13 +170,30 @@ def _windowed(shape: Shape, a: Attrs, dilation: Sequence[int], ceil_mode: bool) 
     return out  # type: ignore[return-value]
 
 
+def _check_conv_work(shape: Shape, a: Attrs, out: tuple[int, int]) -> None:
+    """The engine's conv works on the zero-padded input and on its im2col patches, (OH * OW) rows of
+    kh * kw * C / groups per group: AttrError when either holds more than MAX_ELEMENTS per sample (padding 8188
+    on a 7x7 input is 193 GB of patches in a 9 KiB file)."""
+    c, h, w = shape
+    (ph, pw), (kh, kw) = a["padding"], a["kernel"]
+    padded = c * (h + 2 * ph) * (w + 2 * pw)
+    patches = out[0] * out[1] * kh * kw * c
+    for what, elements in (("zero-padded input", padded), ("im2col patches", patches)):
+        if elements > MAX_ELEMENTS:
+            raise AttrError(f"kernel {list(a['kernel'])}, stride {list(a['stride'])} and padding {list(a['padding'])} "
+                            f"on the input {shape} make {elements:.3g} elements of {what} per sample, more than "
+                            f"photosim's limit of {MAX_ELEMENTS} (2^31)")
+
+
 def _check_pool_padding(a: Attrs) -> None:
     """PyTorch's pools pad at most half the kernel."""
     if any(p > k // 2 for p, k in zip(a["padding"], a["kernel"])):
         raise AttrError(f"padding {list(a['padding'])} exceeds half the kernel {list(a['kernel'])}")
 
 
-_PAIR_ATTRS = (Attr("kernel", "pair"), Attr("stride", "pair"), Attr("padding", "pair", minimum=0))
+_PAIR_ATTRS = (Attr("kernel", "pair", maximum=MAX_WINDOW), Attr("stride", "pair", maximum=MAX_WINDOW),
+               Attr("padding", "pair", minimum=0, maximum=MAX_WINDOW))
+_DILATION = Attr("dilation", "pair", maximum=MAX_WINDOW)
 
 
 @register_op
@@ -179,7 +201,7 @@ class Conv2d(Op):
     name = "conv2d"
     description = "2-D convolution (stride, zero padding, dilation, groups) of integer codes with integer weights"
     layers = ("Conv2d",)
-    attrs = (Attr("in_channels", "int"), Attr("out_channels", "int"), *_PAIR_ATTRS, Attr("dilation", "pair"),
+    attrs = (Attr("in_channels", "int"), Attr("out_channels", "int"), *_PAIR_ATTRS, _DILATION,
              Attr("groups", "int"))
     weighted = observed = True
 
@@ -195,7 +217,9 @@ class Conv2d(Op):
 
     def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
         shape = _image(shapes[0], a["in_channels"])
-        return (a["out_channels"], *_windowed(shape, a, a["dilation"], False))
+        out = _windowed(shape, a, a["dilation"], False)
+        _check_conv_work(shape, a, out)
+        return (a["out_channels"], *out)
 
     def weight_shape(self, a: Attrs) -> Shape:
         return (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel"])
@@ -277,7 +301,7 @@ class MaxPool2d(_Pool2d):
     name = "maxpool2d"
     description = "max over each window of the codes (PyTorch's windows; padding never wins)"
     layers = ("MaxPool2d",)
-    attrs = (*_PAIR_ATTRS, Attr("dilation", "pair"), Attr("ceil_mode", "bool"))
+    attrs = (*_PAIR_ATTRS, _DILATION, Attr("ceil_mode", "bool"))
     keeps_quantization = moves_codes = True
 
     def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
@@ -379,6 +403,8 @@ class Concat(Op):
         return torch.cat(list(xs), a["dim"])
 
     def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        if len(shapes) > MAX_INPUTS:
+            raise AttrError(f"{len(shapes)} inputs; photosim concatenates at most {MAX_INPUTS}")
         d = a["dim"] - 1  # per-sample shapes have no batch dimension
         if any(len(s) != len(shapes[0]) or d >= len(s) for s in shapes):
             raise AttrError(f"inputs {list(shapes)} do not all have dimension {a['dim']} (counting the batch)")
