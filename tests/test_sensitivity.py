@@ -127,7 +127,8 @@ def test_cli_sensitivity_writes_csv_and_plot(tmp_path: Path) -> None:
                     "--limit", "90", "--report", report, "--plot", plot)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(report)
-    assert list(table["rank"]) == [1, 2, 3, 4] and {"agreement_drop", "snr_loss_db", "test_drop"} <= set(table)
+    assert list(table["rank"]) == [1, 2, 3, 4] and {"agreement_drop_pts", "snr_loss_db", "test_drop_pts"} <= set(table)
+    assert table["agreement_pct"].between(0, 100).all() and table["agreement_pct"].max() > 1  # percent, not 0-1
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 

@@ -66,7 +66,7 @@ def sensitivity(
     on the calibration images, label-free; --test adds test-split accuracy.
     """
     from photosim.experiments.plot import plot_format
-    from photosim.experiments.report import write_csv_atomic
+    from photosim.experiments.report import in_percent, write_csv_atomic
     from photosim.experiments.sensitivity import layer_sensitivity, plot_sensitivity
     from photosim.experiments.workflow import DataSpec
     from photosim.frontend.models import load_model
@@ -94,7 +94,7 @@ def sensitivity(
     print_table(f"layers by {metric} drop (agreement and test top-1 drops in points, SNR loss in dB)",
                 _sensitivity_view(result.layers))
     if report:
-        write_csv_atomic(result.layers, report)
+        write_csv_atomic(in_percent(result.layers), report)
     if plot:
         console.print(f"wrote {plot_sensitivity(result, metric, plot, title=f'{model}: each layer alone with {what}')}")
 

@@ -22,7 +22,9 @@ __all__ = ["PERCENT_COLUMNS", "ci95_half_width", "column_name", "in_percent", "s
 # two percentages) are percentage points.
 PERCENT_COLUMNS = {"top1": "top1_pct", "top5": "top5_pct", "float_top1": "float_top1_pct",
                    "fake_quant_top1": "fake_quant_top1_pct", "ideal_top1": "ideal_top1_pct",
-                   "drop_vs_float": "drop_vs_float_pts", "drop_vs_ideal": "drop_vs_ideal_pts"}
+                   "drop_vs_float": "drop_vs_float_pts", "drop_vs_ideal": "drop_vs_ideal_pts",
+                   "agreement": "agreement_pct", "agreement_drop": "agreement_drop_pts",  # sensitivity rankings
+                   "test_top1": "test_top1_pct", "test_drop": "test_drop_pts"}
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
