@@ -238,7 +238,9 @@ class Engine:
 
     @kernel("linear")
     def _linear(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
-        return self.layers[node.name].linear(xs[0], sample_ids)
+        x = xs[0]  # (N, ..., K): every position of a sample (a token) is a row, rows sample-major
+        out = self.layers[node.name].linear(x.reshape(-1, x.shape[-1]), sample_ids)  # (N * positions, O)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @kernel("add")
     def _add(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:

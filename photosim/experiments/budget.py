@@ -52,7 +52,10 @@ def layer_budget(node: Node, out_shape: tuple[int, ...], hw: LayerHardware) -> d
     full_scale = float(tile * x_max * w_max)
     link = link_budget(cfg, tile, node.name)
     groups = node.attrs.get("groups", 1)
-    counts = LayerCounts.of(math.prod(out_shape[1:]), groups, out_shape[0] // groups, k, tile, cfg.fan_out)
+    # output positions and channels: a conv's (O, H, W), a linear's (..., O) (tokens)
+    positions, channels = ((math.prod(out_shape[:-1]), out_shape[-1]) if node.op == "linear"
+                           else (math.prod(out_shape[1:]), out_shape[0]))
+    counts = LayerCounts.of(positions, groups, channels // groups, k, tile, cfg.fan_out)
     energy = layer_energy(cfg, counts, adc_bits_for_energy(hw, full_scale))
     sigmas = {"shot": link.sigma_shot, "thermal": link.sigma_thermal, "rin": link.sigma_rin,
               "adc": adc_sigma(hw, full_scale), "weight": link.sigma_weight / math.sqrt(tile)}

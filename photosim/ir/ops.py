@@ -231,7 +231,8 @@ class Conv2d(Op):
 @register_op
 class Linear(Op):
     name = "linear"
-    description = "fully connected layer on (N, features) codes with integer weights"
+    description = ("fully connected layer on the last dimension of (N, ..., features) codes with integer weights "
+                   "(tokens: each position alone)")
     layers = ("Linear",)
     attrs = (Attr("in_features", "int"), Attr("out_features", "int"))
     weighted = observed = True
@@ -241,12 +242,10 @@ class Linear(Op):
         return F.linear(xs[0], weight, bias)
 
     def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
-        if len(shapes[0]) != 1:
-            raise AttrError(f"input of shape {shapes[0]} is not flat; linear layers take (N, features): "
-                            "flatten the input first")
-        if shapes[0][0] != a["in_features"]:
-            raise AttrError(f"input has {shapes[0][0]} features but in_features is {a['in_features']}")
-        return (a["out_features"],)
+        if shapes[0][-1] != a["in_features"]:
+            raise AttrError(f"input of shape {shapes[0]} has {shapes[0][-1]} features in its last dimension but "
+                            f"in_features is {a['in_features']}")
+        return (*shapes[0][:-1], a["out_features"])
 
     def weight_shape(self, a: Attrs) -> Shape:
         return a["out_features"], a["in_features"]

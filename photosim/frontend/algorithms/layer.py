@@ -44,7 +44,7 @@ class LayerData:
         """Input patches of a batch, per group: (groups, patches, K), float64."""
         x = x.double()
         if self.node.op == "linear":
-            return x.reshape(1, len(x), -1)
+            return x.reshape(1, -1, x.shape[-1])  # every position (token) of every sample is a patch
         a = self.node.attrs
         cols = F.unfold(x, a["kernel"], a["dilation"], a["padding"], a["stride"])  # (N, C * kh * kw, L)
         n, length = cols.shape[0], cols.shape[2]
