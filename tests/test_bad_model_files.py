@@ -68,7 +68,8 @@ def _concat_of(count: int) -> Callable[[Doc, Tensors], None]:
 CORRUPTIONS: list[tuple[str, Callable[[Doc, Tensors], None], str, str]] = [
     # (id, edit, culprit named in the message, what the message says)
     ("conv-in-channels", _input_shape([4, 12, 12]), "'conv1'", "4 channels but in_channels is 3"),
-    ("linear-in-features", _set("gap", output_size=[2, 2]), "'fc'", "32 features in its last dimension but in_features is 8"),
+    ("linear-in-features", _set("gap", output_size=[2, 2]), "'fc'",
+     "32 features in its last dimension but in_features is 8"),
     ("add-shapes", _set("grouped", stride=[2, 2]), "'res'", "different shapes"),
     ("reshape-elements", _flatten_to_reshape, "'flat'", "cannot reshape"),
     ("pool-kernel-too-large", _set("avg", kernel=[11, 11]), "'avg'", "larger than the padded input"),
