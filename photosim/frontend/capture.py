@@ -22,8 +22,9 @@ from photosim.frontend.nonlinearity import Curve
 from photosim.ir.ops import OPS, weighted_ops
 
 SUPPORTED = ", ".join(layer for op in OPS.values() for layer in op.layers) + (
-    "; BatchNorm1d/2d after a conv/linear (folded), BatchNorm2d elsewhere (a depthwise 1x1 conv); Dropout and "
-    "Identity (removed in eval). Conv2d needs zeros padding, clamp constant bounds"
+    "; BatchNorm1d/2d after a conv/linear (folded), BatchNorm2d elsewhere (a depthwise 1x1 conv); Conv1d, "
+    "MaxPool1d, AvgPool1d, AdaptiveAvgPool1d (as their 2-D ops on (N, C, 1, L)); Dropout and Identity (removed in "
+    "eval). Convs need zeros padding, clamp constant bounds"
 )
 _ACTIVATION_FUSABLE = tuple(name for name, op in OPS.items() if op.observed)  # a ReLU narrows their clamp range
 _BATCHNORM_FUSABLE = weighted_ops()
@@ -74,9 +75,19 @@ def _pair(v: Any) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [int(v), int(v)]
 
 
-def conv_attrs(m: nn.Conv2d, name: str) -> dict[str, Any]:
+def _single(v: Any) -> int:
+    return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
+
+
+def conv_attrs(m: nn.Conv1d | nn.Conv2d, name: str) -> dict[str, Any]:
+    """A Conv2d's attributes, or a Conv1d's as the conv2d of kernel 1 x k it equals on (N, C, 1, L)."""
     if m.padding_mode != "zeros":
         raise PhotosimError(f"layer {name!r}: padding_mode {m.padding_mode!r} is not supported (only 'zeros').")
+    if isinstance(m, nn.Conv1d):
+        padding = m.padding if isinstance(m.padding, str) else (0, _single(m.padding))
+        return conv_attrs(nn.Conv2d(m.in_channels, m.out_channels, (1, _single(m.kernel_size)),
+                                    (1, _single(m.stride)), padding, (1, _single(m.dilation)), m.groups,
+                                    bias=False, device="meta"), name)
     padding = m.padding
     if isinstance(padding, str):  # 'same' / 'valid'
         padding = [0, 0] if padding == "valid" else [d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation)]
@@ -171,9 +182,25 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         if len(fx_node.users) > 1:
             shared.add(float_name)
 
+    one_d: dict[str, str] = {}  # the reshape back to (C, L) after a 1-D layer run as 2-D -> that 2-D node
+
     def fusable(arg: Any, ops: tuple[str, ...]) -> FloatNode | None:
-        producer = nodes.get(src(arg))
-        return producer if producer is not None and producer.op in ops and producer.name not in shared else None
+        """The op producing ``arg`` (through a 1-D layer's reshape back) when a BN or clamp may fold into it."""
+        producer = nodes.get(one_d.get(src(arg), src(arg)))
+        ok = producer is not None and producer.op in ops and src(arg) not in shared and producer.name not in shared
+        return producer if ok else None
+
+    def as_2d(fx_node: fx.Node, name: str, op: str, attrs: dict[str, Any], weight: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None) -> FloatNode:
+        """A 1-D layer on (N, C, L) as its 2-D op (keeping the layer's name) on (N, C, 1, L) between two reshapes
+        (codes unchanged by either); adds the first two nodes and returns the reshape back to (N, C', L')."""
+        c, length = (int(d) for d in fx_node.args[0].meta["tensor_meta"].shape[1:])
+        nodes[f"{name}.as_2d"] = FloatNode(f"{name}.as_2d", "reshape", [src(fx_node.args[0])],
+                                           {"shape": [c, 1, length]})
+        nodes[name] = FloatNode(name, op, [f"{name}.as_2d"], attrs, weight, bias)
+        one_d[f"{name}.as_1d"] = name
+        return FloatNode(f"{name}.as_1d", "reshape", [name],
+                         {"shape": [int(d) for d in fx_node.meta["tensor_meta"].shape[1:]]})
 
     splits: dict[str, fx.Node] = {}  # chunk / split nodes: their pieces become slices where read
 
@@ -210,7 +237,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             if producer is not None:
                 lo, hi = producer.act or (float("-inf"), float("inf"))
                 producer.act = (max(lo, bounds[0]), min(hi, bounds[1]))
-                bind(node, producer.name)
+                bind(node, src(args[0]))  # the producer, or a 1-D layer's reshape back of it
                 continue
             new = FloatNode(name, "clamp", [src(args[0])], act=bounds)
         elif isinstance(module, nn.Conv2d):
@@ -223,13 +250,32 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             producer = fusable(args[0], _BATCHNORM_FUSABLE)
             if producer is None or producer.act is not None:
                 if not isinstance(module, nn.BatchNorm2d):
-                    unsupported.append(f"{name} (BatchNorm1d not directly after a linear) at {_source_line(node)}")
+                    unsupported.append(f"{name} (BatchNorm1d not directly after a linear or Conv1d) at "
+                                       f"{_source_line(node)}")
                     continue
                 new = _batchnorm_as_conv(name, src(args[0]), module)
             else:
                 _fold_batchnorm(producer, module)
-                bind(node, producer.name)
+                bind(node, src(args[0]))  # the producer, or a Conv1d's reshape back of it
                 continue
+        elif isinstance(module, nn.Conv1d):
+            new = as_2d(node, name, "conv2d", conv_attrs(module, name), module.weight.detach().unsqueeze(2).clone(),
+                        _bias(module))
+        elif isinstance(module, nn.MaxPool1d):
+            attrs = maxpool_attrs(None, (None, [1, _single(module.kernel_size)],
+                                         [1, _single(module.stride or module.kernel_size)],
+                                         [0, _single(module.padding)], [1, _single(module.dilation)],
+                                         module.ceil_mode), {})
+            new = as_2d(node, name, "maxpool2d", attrs)
+        elif isinstance(module, nn.AvgPool1d):
+            attrs = avgpool_attrs(None, (None, [1, _single(module.kernel_size)],
+                                         [1, _single(module.stride or module.kernel_size)],
+                                         [0, _single(module.padding)], module.ceil_mode, module.count_include_pad),
+                                  {})
+            new = as_2d(node, name, "avgpool2d", attrs)
+        elif isinstance(module, nn.AdaptiveAvgPool1d):
+            new = as_2d(node, name, "adaptive_avgpool2d",
+                        {"output_size": [1, int(node.meta["tensor_meta"].shape[2])]})
         elif target in (operator.add, torch.add, "add") and len(tensor_args) == 2 and len(args) == 2 \
                 and not node.kwargs:
             new = FloatNode(name, "add", [src(a) for a in tensor_args])
