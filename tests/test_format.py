@@ -26,6 +26,7 @@ class EveryOp(nn.Module):
         self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
         self.avg = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
         self.gap = nn.AdaptiveAvgPool2d((2, 2))
+        self.ln = nn.LayerNorm(4)
         self.fc = nn.Linear(24, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ class EveryOp(nn.Module):
         y = self.avg(y) + self.dw(y)
         y = torch.cat([torch.sigmoid(y[:, :2]) * y[:, 2:], y], dim=1)  # slice, table, mul, concat: 6 channels
         y = y.permute(0, 1, 3, 2).mean(3, keepdim=True)  # (N, 6, 4, 1)
-        y = self.gap(y).reshape(y.shape[0], 6, 4)
+        y = self.ln(self.gap(y).reshape(y.shape[0], 6, 4))
         return self.fc(torch.flatten(y, 1))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cnn_ops_net, make_conv_net
+from conftest import ModelBuilder, make_cnn_ops_net, make_conv_net, qp
 
 from photosim.engine.executor import KERNELS, kernel
 from photosim.frontend.capture import SUPPORTED
@@ -59,9 +59,13 @@ def test_readme_supported_layers_and_capture_message_name_every_op() -> None:
 def test_inferred_shapes_match_the_executed_reference() -> None:
     """Every node of two graphs that together use every op: the formula's shape is the shape torch computes."""
     model, extra = make_conv_net(), make_cnn_ops_net()
-    assert {n.op for n in model.nodes + extra.nodes} == set(OPS) - {"reshape"}
+    norm = ModelBuilder((5, 6), qp(0.05, 16, 8))
+    norm.add("norm", "layer_norm", ["x"], qp(0.02, 128, 8), eps=1e-5)
+    norm.tensors["norm.gamma"], norm.tensors["norm.beta"] = torch.linspace(0.5, 1.5, 6), torch.zeros(6)
+    norm = norm.build()
+    assert {n.op for n in model.nodes + extra.nodes + norm.nodes} == set(OPS) - {"reshape"}
     inferred = {}
-    for graph in (extra, model):
+    for graph in (norm, extra, model):
         shapes = inferred[graph.nodes[0].name] = infer_shapes(graph.input_name, graph.input_shape, graph.nodes)
         values = {graph.input_name: torch.zeros(2, *graph.input_shape, dtype=torch.float64)}
         for node in graph.nodes:

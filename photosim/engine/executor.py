@@ -164,6 +164,8 @@ class Engine:
             self._cuda_add = cuda_ideal.add_codes
         self._tables = {n.name: qmodel.tensors[f"{n.name}.table"].to(self.device) for n in qmodel.nodes
                         if OPS[n.op].tabled}  # output code per input storage code, from the lowest
+        self._affine = {n.name: tuple(qmodel.tensors[f"{n.name}.{k}"].to(self.device, torch.float64)
+                                      for k in ("gamma", "beta")) for n in qmodel.nodes if OPS[n.op].affine}
         self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
         self.sub_batch = self._sub_batch()
 
@@ -308,6 +310,19 @@ class Engine:
     def _slice(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         a = node.attrs
         return xs[0].narrow(a["dim"], a["start"], a["stop"] - a["start"])
+
+    @kernel("layer_norm")
+    def _layer_norm(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        """docs/integer-semantics.md, layer_norm: exact integer sums, then one float64 formula per element."""
+        q, out = node.input_q[0], node.output_q
+        gamma, beta = self._affine[node.name]
+        d = xs[0].to(torch.int64) - q.zero_point
+        c = d.shape[-1]
+        u = c * d - d.sum(-1, keepdim=True)  # C * (x - mean), exact
+        v = (u * u).sum(-1, keepdim=True)  # exact: load refuses C^3 * 2^(2 bits) >= 2^63
+        den = torch.sqrt(v.double() / c + node.attrs["eps"] * c * c / (q.scale * q.scale))
+        y = u.double() / den * gamma + beta
+        return (torch.round(y / out.scale) + out.zero_point).clamp(out.qmin, out.qmax).to(torch.int32)
 
     @kernel("table")
     def _table(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:

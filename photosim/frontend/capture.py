@@ -258,6 +258,11 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                 _fold_batchnorm(producer, module)
                 bind(node, src(args[0]))  # the producer, or a Conv1d's reshape back of it
                 continue
+        elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+            c = module.normalized_shape[0]
+            gamma = module.weight.detach().clone() if module.weight is not None else torch.ones(c)
+            beta = module.bias.detach().clone() if module.bias is not None else torch.zeros(c)
+            new = FloatNode(name, "layer_norm", [src(args[0])], {"eps": float(module.eps)}, gamma, beta)
         elif isinstance(module, nn.Conv1d):
             new = as_2d(node, name, "conv2d", conv_attrs(module, name), module.weight.detach().unsqueeze(2).clone(),
                         _bias(module))

@@ -181,6 +181,8 @@ def _quantize(model: nn.Module, batches: list[torch.Tensor], spec: QuantSpec, pr
                 saturated[fnode.name] = count
         if OPS[fnode.op].tabled:
             tensors[f"{fnode.name}.table"] = lookup_table(node)
+        if OPS[fnode.op].affine:
+            tensors[f"{fnode.name}.gamma"], tensors[f"{fnode.name}.beta"] = fnode.weight.float(), fnode.bias.float()
         nodes.append(node)
         if run is not None:
             run.advance(fnode, node, qmodel)

@@ -44,6 +44,8 @@ def run_node(model: QuantizedModel, node: Node, *inputs: torch.Tensor) -> torch.
     """One node on dequantized float64 inputs -> its fake-quantized float64 output."""
     op = OPS[node.op]
     weight, bias = dequantized_params(model, node) if op.weighted else (None, None)
+    if op.affine:
+        weight, bias = (model.tensors[f"{node.name}.{k}"].double() for k in ("gamma", "beta"))
     y = op.reference(node.attrs, inputs, weight, bias)
     return y if op.moves_codes else fake_quantize(y, node.output_q)
 

@@ -352,9 +352,12 @@ def validate(model: QuantizedModel, source: str = "model") -> None:
     if model.output not in produced:
         raise PhotosimError(f"{source}: graph output {model.output!r} is not produced by any node.")
     try:
-        infer_shapes(model.input_name, model.input_shape, model.nodes)
+        shapes = infer_shapes(model.input_name, model.input_shape, model.nodes)
     except AttrError as exc:
         raise _refuse(source, str(exc)) from None
+    for n in model.nodes:
+        if OPS[n.op].affine:
+            _validate_affine(model, n, shapes[n.inputs[0]][-1], f"{source}: node {n.name!r} ({n.op})")
 
 
 def _storage(q: QParams) -> tuple[float, int, int, bool]:
@@ -389,6 +392,20 @@ def _validate_weights(model: QuantizedModel, n: Node, where: str) -> None:
         raise PhotosimError(f"{where}: weight_scale must be positive, a scalar or one per output channel.")
     _check_range(f"{where} weight", w, *int_range(n.w_bits, True))
     _check_range(f"{where} bias", b, *int_range(n.bias_bits, True))
+
+
+def _validate_affine(model: QuantizedModel, n: Node, channels: int, where: str) -> None:
+    """``<node>.gamma`` and ``<node>.beta``: float32, finite, one per channel of the last dimension; and the exact
+    int64 sums of a layer norm must fit (C^3 * 2^(2 bits) < 2^63, docs/integer-semantics.md)."""
+    for suffix in ("gamma", "beta"):
+        key = f"{n.name}.{suffix}"
+        t = model.tensors.get(key)
+        if t is None or t.dtype != torch.float32 or tuple(t.shape) != (channels,) or not bool(torch.isfinite(t).all()):
+            got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+            raise _refuse(where, f"tensor {key!r} is {got}; it must be finite float32 of shape ({channels},)")
+    if channels ** 3 * (1 << (2 * n.input_q[0].bits)) >= 1 << 63:
+        raise _refuse(where, f"{channels} channels of {n.input_q[0].bits}-bit codes: the exact sum of squares could "
+                             "leave int64; use fewer bits or channels")
 
 
 def table_size(q: QParams) -> int:

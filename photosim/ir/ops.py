@@ -34,7 +34,7 @@ class Attr:
     """One attribute of an op's JSON node: ``kind`` fixes its type, ``minimum`` bounds its integers."""
 
     name: str
-    kind: Literal["int", "pair", "bool", "optional_int", "shape", "dims", "choice"]
+    kind: Literal["int", "pair", "bool", "optional_int", "shape", "dims", "choice", "float"]
     minimum: int = 1
     choices: tuple[str, ...] = ()  # the allowed strings of a ``choice``
     maximum: int = MAX_INT32  # every integer fits int32, the index type of oneDNN's and PyTorch's kernels
@@ -50,6 +50,7 @@ class Attr:
             "shape": f"a non-empty list of integers >= 1 and <= {self.maximum} (at most one -1)",
             "dims": f"a non-empty list of distinct integers {bounds}",
             "choice": f"one of {', '.join(self.choices)}",
+            "float": "a finite number >= 0",
         }[self.kind]
         if not self._valid(value):
             raise AttrError(f"attribute {self.name!r} is {value!r}; it must be {expected}")
@@ -59,6 +60,8 @@ class Attr:
             return isinstance(v, bool)
         if self.kind == "choice":
             return isinstance(v, str) and v in self.choices
+        if self.kind == "float":
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
         if self.kind == "int" or (self.kind == "optional_int" and v is not None):
             return _is_int(v) and self.minimum <= v <= self.maximum
         if self.kind == "optional_int":
@@ -87,6 +90,7 @@ class Op:
     inputs: ClassVar[int] = 1  # 0: one or more (concat)
     weighted: ClassVar[bool] = False  # has <node>.weight / .bias / .weight_scale tensors
     tabled: ClassVar[bool] = False  # has <node>.table: output code per input code (lookup-table ops)
+    affine: ClassVar[bool] = False  # has float32 <node>.gamma and <node>.beta over the last dimension (norms)
     observed: ClassVar[bool] = False  # its output gets its own scale and zero point; else the input's
     keeps_quantization: ClassVar[bool] = False  # output scale, zero point and bits are the input's
     moves_codes: ClassVar[bool] = False  # output codes are input codes moved, never recomputed
@@ -541,6 +545,20 @@ class Table(Op):
         if a["function"] == "curve":
             return interpolate(xs[0], a["x"], a["y"])
         return TABLE_FUNCTIONS[a["function"]](xs[0])
+
+
+@register_op
+class LayerNorm(Op):
+    name = "layer_norm"
+    description = ("normalization over the last dimension (transformers), from exact integer sums, scaled by gamma "
+                   "and shifted by beta, requantized")
+    layers = ("LayerNorm",)
+    attrs = (Attr("eps", "float"),)
+    observed = affine = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.layer_norm(xs[0], (xs[0].shape[-1],), weight, bias, a["eps"])
 
 
 MAX_CURVE_POINTS = 1 << 16
