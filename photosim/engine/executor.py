@@ -91,6 +91,17 @@ def plan_layers(qmodel: QuantizedModel, hw: HardwarePlan, device: torch.device, 
     return plans
 
 
+def check_modes(qmodel: QuantizedModel, hw: HardwarePlan) -> None:
+    """Refuse a node its requant mode has no rule for: an op it does not emulate, or codes wider than it takes."""
+    for node in qmodel.nodes:
+        mode = REQUANT_MODES[hw.layers[node.name].requant]
+        if node.op in mode.unsupported:
+            raise PhotosimError(f"node {node.name!r} ({node.op}) has no rule in the {mode.name!r} requant mode; use "
+                                "requant float or fixedpoint for it (a per-layer override can set it for this node "
+                                "alone).")
+        _check_bits(node, mode)
+
+
 def _check_bits(node: Node, mode: RequantMode) -> None:
     """Refuse a node whose codes are wider than ``mode`` has a rule for (``pytorch``: PyTorch's 8-bit kernels)."""
     if mode.max_bits is None:
@@ -136,12 +147,7 @@ class Engine:
         self.settings: dict[str, LayerHardware] = self.plan.layers
         self.modes: dict[str, RequantMode] = {n.name: REQUANT_MODES[self.settings[n.name].requant]
                                               for n in qmodel.nodes}
-        for node in qmodel.nodes:
-            if node.op in self.modes[node.name].unsupported:
-                raise PhotosimError(f"node {node.name!r} ({node.op}) has no rule in the "
-                                    f"{self.modes[node.name].name!r} requant mode; use requant float or fixedpoint "
-                                    "for it (a per-layer override can set it for this node alone).")
-            _check_bits(node, self.modes[node.name])
+        check_modes(qmodel, self.plan)
         self.device = check_device(str(device))
         backends.check_names(backend)
         self.layer_plans = plan_layers(qmodel, self.plan, self.device, seed=seed, repeat=repeat,
@@ -340,8 +346,7 @@ def execution_plan(qmodel: QuantizedModel, hw: HardwareSpec = None, *, device: s
     """
     validate(qmodel)
     hw_plan, parsed = HardwarePlan.resolve(qmodel, hw), check_device(str(device))
-    for node in qmodel.nodes:
-        _check_bits(node, REQUANT_MODES[hw_plan.layers[node.name].requant])
+    check_modes(qmodel, hw_plan)
     backends.check_names(backend)
     ranges = dict.fromkeys(hw_plan.layers, 1.0)  # a calibrated ADC's range, measured at run time, changes no choice
     plans = plan_layers(qmodel, hw_plan, parsed, adc_ranges=ranges)
