@@ -37,6 +37,7 @@ _EXPORTS = {
     "from_torch": "photosim.frontend.torch_import",
     "evaluate": "photosim.experiments.accuracy",
     "calibrate_adc_ranges": "photosim.experiments.workflow",
+    "finetune": "photosim.experiments.finetune",
     "cheapest": "photosim.experiments.query",
     "run_hardware": "photosim.experiments.workflow",
     "run_sweep": "photosim.experiments.sweep",
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from photosim.engine.executor import simulate as simulate
     from photosim.errors import PhotosimError as PhotosimError
     from photosim.experiments.accuracy import evaluate as evaluate
+    from photosim.experiments.finetune import finetune as finetune
     from photosim.experiments.mixed_precision import search_mixed_precision as search_mixed_precision
     from photosim.experiments.query import cheapest as cheapest
     from photosim.experiments.sensitivity import layer_sensitivity as layer_sensitivity
