@@ -35,6 +35,7 @@ class EveryOp(nn.Module):
         y = torch.cat([torch.sigmoid(y[:, :2]) * y[:, 2:], y], dim=1)  # slice, table, mul, concat: 6 channels
         y = y.permute(0, 1, 3, 2).mean(3, keepdim=True)  # (N, 6, 4, 1)
         y = self.ln(self.gap(y).reshape(y.shape[0], 6, 4))
+        y = torch.softmax(y @ y.transpose(1, 2) * 0.5, dim=-1) @ y  # matmul, scale, softmax
         return self.fc(torch.flatten(y, 1))
 
 
@@ -86,7 +87,7 @@ def _rewrite(path, tmp_path, edit) -> str:
     ("edit", "message"),
     [
         (lambda d, t: d.update(format_version=99), "format_version 99"),
-        (lambda d, t: d["nodes"][0].update(op="softmax"), "op 'softmax'"),
+        (lambda d, t: d["nodes"][0].update(op="einsum"), "op 'einsum'"),
         (lambda d, t: d["nodes"][0].update(w_bits=17), "17 bits cannot be represented"),
         (lambda d, t: t.update({"conv.weight": t["conv.weight"] * 0 + 40}), r"outside \[-32, 31\]"),
         (lambda d, t: t.update({"conv.bias": t["conv.bias"].float()}), "integer"),

@@ -12,7 +12,7 @@ from conftest import ModelBuilder, make_cnn_ops_net, make_conv_net, qp
 
 from photosim.engine.executor import KERNELS, kernel
 from photosim.frontend.capture import SUPPORTED
-from photosim.ir.fakequant import run_node
+from photosim.ir.fakequant import exp_table, run_node
 from photosim.ir.ops import OPS, AttrError, Op, conv_output_size, infer_shapes, register_op
 from photosim.ir.ranges import int_range, max_int, max_magnitude, min_int, narrow_range, smallest_int_dtype
 
@@ -62,6 +62,11 @@ def test_inferred_shapes_match_the_executed_reference() -> None:
     norm = ModelBuilder((5, 6), qp(0.05, 16, 8))
     norm.add("norm", "layer_norm", ["x"], qp(0.02, 128, 8), eps=1e-5)
     norm.tensors["norm.gamma"], norm.tensors["norm.beta"] = torch.linspace(0.5, 1.5, 6), torch.zeros(6)
+    norm.add("keys", "permute", ["norm"], dims=[0, 2, 1])
+    norm.add("scores", "matmul", ["norm", "keys"], qp(0.05, 128, 8))  # (5, 5)
+    norm.add("scaled", "scale", ["scores"], qp(0.02, 128, 8), factor=0.5)
+    norm.add("weights", "softmax", ["scaled"], qp(1 / 255, 0, 8))
+    norm.tensors["weights.exp"] = exp_table(norm.nodes[-1])
     norm = norm.build()
     assert {n.op for n in model.nodes + extra.nodes + norm.nodes} == set(OPS) - {"reshape"}
     inferred = {}

@@ -170,6 +170,8 @@ class Engine:
             self._cuda_add = cuda_ideal.add_codes
         self._tables = {n.name: qmodel.tensors[f"{n.name}.table"].to(self.device) for n in qmodel.nodes
                         if OPS[n.op].tabled}  # output code per input storage code, from the lowest
+        self._exp = {n.name: qmodel.tensors[f"{n.name}.exp"].to(self.device, torch.int64) for n in qmodel.nodes
+                     if OPS[n.op].exp_tabled}  # softmax: round(2^30 exp(-k s_in)) for k = 0 ..
         self._affine = {n.name: tuple(qmodel.tensors[f"{n.name}.{k}"].to(self.device, torch.float64)
                                       for k in ("gamma", "beta")) for n in qmodel.nodes if OPS[n.op].affine}
         self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
@@ -298,7 +300,9 @@ class Engine:
 
     @kernel("mul")
     def _mul(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
-        return self.modes[node.name].multiply(xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q, node.name)
+        qa, qb = node.input_q
+        products = (xs[0].to(torch.int64) - qa.zero_point) * (xs[1].to(torch.int64) - qb.zero_point)  # exact
+        return self.modes[node.name].requantize_products(products, qa, qb, node.output_q, node.name)
 
     @kernel("mean")
     def _mean(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
@@ -316,6 +320,36 @@ class Engine:
     def _slice(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         a = node.attrs
         return xs[0].narrow(a["dim"], a["start"], a["stop"] - a["start"])
+
+    @kernel("matmul")
+    def _matmul(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        """Exact sums of products of a - z_a and b - z_b (float64 where below 2^53, else int64 on the CPU)."""
+        qa, qb = node.input_q
+        a, b = xs[0].to(torch.int64) - qa.zero_point, xs[1].to(torch.int64) - qb.zero_point
+        bound = a.shape[-1] * max(abs(qa.qmin - qa.zero_point), abs(qa.qmax - qa.zero_point)) * max(
+            abs(qb.qmin - qb.zero_point), abs(qb.qmax - qb.zero_point))
+        if bound < 1 << 53:
+            products = torch.matmul(a.double(), b.double()).to(torch.int64)
+        elif a.device.type == "cpu":
+            products = torch.matmul(a, b)
+        else:
+            raise PhotosimError(f"node {node.name!r} (matmul): sums of products up to {bound:.3g} are exact only in "
+                                "int64 on the CPU; run it with --device cpu or with fewer bits.")
+        return self.modes[node.name].requantize_products(products, qa, qb, node.output_q, node.name)
+
+    @kernel("scale")
+    def _scale(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        q = node.input_q[0]  # x * factor: the codes of q, read at scale s_in * factor, rescaled to the output
+        scaled = QParams(q.scale * node.attrs["factor"], q.zero_point, q.bits, q.signed, q.qmin, q.qmax)
+        return self.modes[node.name].rescale(xs[0], scaled, node.output_q)
+
+    @kernel("softmax")
+    def _softmax(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        """docs/integer-semantics.md, softmax: integer max subtraction, the stored exp table, exact sums."""
+        x, out = xs[0].to(torch.int64), node.output_q
+        e = self._exp[node.name][x.amax(-1, keepdim=True) - x]  # (..., C) int64, exp(-(max - x) s_in) * 2^30
+        y = e.double() / e.sum(-1, keepdim=True).double()  # the sum is exact: below C * 2^30 < 2^53
+        return (torch.round(y / out.scale) + out.zero_point).clamp(out.qmin, out.qmax).to(torch.int32)
 
     @kernel("layer_norm")
     def _layer_norm(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,10 @@ class RequantMode(Protocol):
         """Codes of ``qin`` -> the same values as codes of ``out`` (concat's inputs)."""
         ...
 
-    def multiply(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
-                 node: str = "") -> torch.Tensor:
-        """Element-wise product of two code tensors (broadcasting) -> int32 output codes (``node``: for errors)."""
+    def requantize_products(self, products: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
+                            node: str = "") -> torch.Tensor:
+        """Exact int64 products (or sums of products) of ``a - z_a`` and ``b - z_b`` (mul, matmul of two
+        activations) -> int32 output codes (``node``: for errors)."""
         ...
 
 
@@ -126,10 +127,9 @@ class FloatRequant:
         y = x.double().sub_(qin.zero_point).mul_(qin.scale / out.scale)
         return y.round_().add_(out.zero_point).clamp_(out.qmin, out.qmax).to(torch.int32)
 
-    def multiply(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
-                 node: str = "") -> torch.Tensor:
-        product = (a.to(torch.int64) - qa.zero_point) * (b.to(torch.int64) - qb.zero_point)  # exact
-        y = product.double().mul_(qa.scale * qb.scale / out.scale)
+    def requantize_products(self, products: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
+                            node: str = "") -> torch.Tensor:
+        y = products.double().mul_(qa.scale * qb.scale / out.scale)
         return y.round_().add_(out.zero_point).clamp_(out.qmin, out.qmax).to(torch.int32)
 
 
@@ -246,14 +246,13 @@ class FixedPointRequant:
         y = multiply_by_quantized_multiplier(x.to(torch.int64) - qin.zero_point, multiplier, exponent)
         return _clamp_codes(y + out.zero_point, out)
 
-    def multiply(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
-                 node: str = "") -> torch.Tensor:
-        """TFLite's int8 mul: MultiplyByQuantizedMultiplier((a - z_a)(b - z_b), QuantizeMultiplier(s_a s_b / s_out))
-        + z_out, the product in int32."""
-        product = (a.to(torch.int64) - qa.zero_point) * (b.to(torch.int64) - qb.zero_point)
-        _check_int32(product, node)
-        multiplier, exponent = _scalar_multiplier(qa.scale * qb.scale / out.scale, a.device)
-        return _clamp_codes(multiply_by_quantized_multiplier(product, multiplier, exponent) + out.zero_point, out)
+    def requantize_products(self, products: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
+                            node: str = "") -> torch.Tensor:
+        """TFLite's int8 mul (and batch matmul): MultiplyByQuantizedMultiplier(P, QuantizeMultiplier(s_a s_b /
+        s_out)) + z_out, the products P in int32."""
+        _check_int32(products, node)
+        multiplier, exponent = _scalar_multiplier(qa.scale * qb.scale / out.scale, products.device)
+        return _clamp_codes(multiply_by_quantized_multiplier(products, multiplier, exponent) + out.zero_point, out)
 
 
 register_requant(FixedPointRequant())

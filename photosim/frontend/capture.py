@@ -301,6 +301,18 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         elif target in (operator.mul, torch.mul, "mul") and len(tensor_args) == 2 and len(args) == 2 \
                 and not node.kwargs and len({len(a.meta["tensor_meta"].shape) for a in tensor_args}) == 1:
             new = FloatNode(name, "mul", [src(a) for a in tensor_args])  # equal ranks: no broadcast over the batch
+        elif (factor := constant_factor(target, args, tensor_args, node.kwargs)) is not None:
+            new = FloatNode(name, "scale", [src(tensor_args[0])], {"factor": factor})
+        elif target in (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm") and len(tensor_args) == 2 \
+                and len({len(a.meta["tensor_meta"].shape) for a in tensor_args}) == 1:
+            new = FloatNode(name, "matmul", [src(a) for a in tensor_args])
+        elif isinstance(module, nn.Softmax) or target in (torch.softmax, F.softmax, "softmax"):
+            dim = module.dim if module is not None else _arg(args, node.kwargs, 1, "dim", None)
+            ndim = len(node.meta["tensor_meta"].shape)
+            if dim is None or dim % ndim != ndim - 1:
+                raise PhotosimError(f"{name}: softmax over dimension {dim!r}; photosim runs softmax over the last "
+                                    "dimension (permute the tensor first).")
+            new = FloatNode(name, "softmax", [src(args[0])])
         elif target in (torch.cat, torch.concat, torch.concatenate):
             pieces = _arg(args, node.kwargs, 0, "tensors", ())
             new = FloatNode(name, "concat", [src(a) for a in pieces], {"dim": _data_dim(node, _arg(
@@ -355,6 +367,22 @@ def table_function(target: Any, module: nn.Module | None, kwargs: dict) -> str |
         return TABLE_CALLS.get(target)
     except TypeError:  # unhashable targets are not table functions
         return None
+
+
+def constant_factor(target: Any, args: tuple, tensor_args: list, kwargs: dict) -> float | None:
+    """The positive factor of ``x * c``, ``c * x`` or ``x / c`` with a Python number c (None: not such a node)."""
+    if len(args) != 2 or len(tensor_args) != 1 or kwargs:
+        return None
+    other = args[1] if args[0] is tensor_args[0] else args[0]
+    if isinstance(other, bool) or not isinstance(other, (int, float)):
+        return None
+    if target in (operator.mul, torch.mul, "mul"):
+        factor = float(other)
+    elif target in (operator.truediv, torch.div, "div") and args[0] is tensor_args[0] and other:
+        factor = 1.0 / other
+    else:
+        return None
+    return factor if factor > 0 else None
 
 
 def _data_dim(node: fx.Node, dim: Any, name: str) -> int:

@@ -29,7 +29,7 @@ from photosim.frontend.capture import FloatGraph, FloatNode, capture
 from photosim.frontend.data import calibration_batches
 from photosim.frontend.lockstep import LockstepRun
 from photosim.frontend.qconfig import LayerSettings, QuantSpec
-from photosim.ir.fakequant import lookup_table
+from photosim.ir.fakequant import exp_table, lookup_table
 from photosim.ir.format import Node, QParams, QuantizedModel, bias_dtype, weight_dtype
 from photosim.ir.observers import ActivationObserver, affine_params, quantize_weight, weight_scale
 from photosim.ir.ops import OPS
@@ -181,6 +181,8 @@ def _quantize(model: nn.Module, batches: list[torch.Tensor], spec: QuantSpec, pr
                 saturated[fnode.name] = count
         if OPS[fnode.op].tabled:
             tensors[f"{fnode.name}.table"] = lookup_table(node)
+        if OPS[fnode.op].exp_tabled:
+            tensors[f"{fnode.name}.exp"] = exp_table(node)
         if OPS[fnode.op].affine:
             tensors[f"{fnode.name}.gamma"], tensors[f"{fnode.name}.beta"] = fnode.weight.float(), fnode.bias.float()
         nodes.append(node)

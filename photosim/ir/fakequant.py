@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from photosim.ir.format import Node, QParams, QuantizedModel, weights_scale
-from photosim.ir.ops import OPS
+from photosim.ir.ops import EXP_ONE, OPS
 
 
 def fake_quantize(x: torch.Tensor, q: QParams) -> torch.Tensor:
@@ -38,6 +38,12 @@ def lookup_table(node: Node) -> torch.Tensor:
     y = OPS[node.op].reference(node.attrs, [x])
     codes = torch.round(y / node.output_q.scale) + node.output_q.zero_point
     return codes.clamp(node.output_q.qmin, node.output_q.qmax).to(torch.int32)
+
+
+def exp_table(node: Node) -> torch.Tensor:
+    """A softmax node's ``<node>.exp``: ``rne(2^30 exp(-k s_in))`` for k = 0 .. 2^bits - 1 (int32, float64 exp)."""
+    k = torch.arange(1 << node.input_q[0].bits, dtype=torch.float64)
+    return torch.round(EXP_ONE * torch.exp(-k * node.input_q[0].scale)).to(torch.int32)
 
 
 def run_node(model: QuantizedModel, node: Node, *inputs: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from photosim._files import require_file
 from photosim.errors import PhotosimError
-from photosim.ir.ops import MAX_TABLE_BITS, OPS, AttrError, infer_shapes, weighted_ops
+from photosim.ir.ops import EXP_ONE, MAX_TABLE_BITS, OPS, AttrError, infer_shapes, weighted_ops
 from photosim.ir.ranges import MAX_BIAS_BITS, MAX_BITS, MIN_BITS, int_range, smallest_int_dtype
 
 FORMAT_VERSION = 1
@@ -348,6 +348,8 @@ def validate(model: QuantizedModel, source: str = "model") -> None:
             _validate_weights(model, n, where)
         if op.tabled:
             _validate_table(model, n, where)
+        if op.exp_tabled:
+            _validate_exp_table(model, n, where)
         produced[n.name] = n.output_q
     if model.output not in produced:
         raise PhotosimError(f"{source}: graph output {model.output!r} is not produced by any node.")
@@ -392,6 +394,18 @@ def _validate_weights(model: QuantizedModel, n: Node, where: str) -> None:
         raise PhotosimError(f"{where}: weight_scale must be positive, a scalar or one per output channel.")
     _check_range(f"{where} weight", w, *int_range(n.w_bits, True))
     _check_range(f"{where} bias", b, *int_range(n.bias_bits, True))
+
+
+def _validate_exp_table(model: QuantizedModel, n: Node, where: str) -> None:
+    """``<node>.exp``: int32, 2^input_bits entries, from 2^30 down (non-increasing), none negative."""
+    key, size = f"{n.name}.exp", table_size(n.input_q[0])
+    t = model.tensors.get(key)
+    if n.input_q[0].bits > MAX_TABLE_BITS or t is None or t.dtype != torch.int32 or tuple(t.shape) != (size,):
+        got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+        raise _refuse(where, f"tensor {key!r} is {got}; it must be int32 of shape ({size},) (inputs of at most "
+                             f"{MAX_TABLE_BITS} bits)")
+    if int(t[0]) != EXP_ONE or bool((t < 0).any()) or bool((t[1:] > t[:-1]).any()):
+        raise _refuse(where, f"tensor {key!r} must start at 2^30 and never increase or go below 0")
 
 
 def _validate_affine(model: QuantizedModel, n: Node, channels: int, where: str) -> None:

@@ -91,6 +91,7 @@ class Op:
     weighted: ClassVar[bool] = False  # has <node>.weight / .bias / .weight_scale tensors
     tabled: ClassVar[bool] = False  # has <node>.table: output code per input code (lookup-table ops)
     affine: ClassVar[bool] = False  # has float32 <node>.gamma and <node>.beta over the last dimension (norms)
+    exp_tabled: ClassVar[bool] = False  # has int32 <node>.exp: round(2^30 exp(-k s_in)) for k = 0 .. 2^bits - 1
     observed: ClassVar[bool] = False  # its output gets its own scale and zero point; else the input's
     keeps_quantization: ClassVar[bool] = False  # output scale, zero point and bits are the input's
     moves_codes: ClassVar[bool] = False  # output codes are input codes moved, never recomputed
@@ -545,6 +546,61 @@ class Table(Op):
         if a["function"] == "curve":
             return interpolate(xs[0], a["x"], a["y"])
         return TABLE_FUNCTIONS[a["function"]](xs[0])
+
+
+@register_op
+class MatMul(Op):
+    name = "matmul"
+    description = ("matrix product of two activations (attention's Q K^T and A V), batched over the leading "
+                   "dimensions, from exact integer sums, requantized like mul")
+    layers = ("torch.matmul / @",)
+    inputs = 2
+    observed = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.matmul(xs[0], xs[1])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        left, right = shapes
+        if len(left) != len(right) or len(left) < 2 or left[:-2] != right[:-2] or left[-1] != right[-2]:
+            raise AttrError(f"inputs of shapes {left} and {right} are not (..., M, K) and (..., K, P) with the same "
+                            "leading dimensions")
+        return (*left[:-1], right[-1])
+
+
+@register_op
+class Scale(Op):
+    name = "scale"
+    description = "multiplication by a positive constant (attention's 1 / sqrt(d)), requantized"
+    layers = ("x * constant", "x / constant")
+    attrs = (Attr("factor", "float"),)
+    observed = True
+
+    def check_attrs(self, a: Attrs) -> None:
+        super().check_attrs(a)
+        if not a["factor"] > 0:
+            raise AttrError(f"factor {a['factor']} must be positive")
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return xs[0] * a["factor"]
+
+
+EXP_ONE = 1 << 30  # softmax's exp table holds round(2^30 exp(-k s_in))
+
+
+@register_op
+class Softmax(Op):
+    name = "softmax"
+    description = ("softmax over the last dimension: integer max subtraction, an exp table stored with the node, "
+                   "exact integer sums, one division per element")
+    layers = ("Softmax",)
+    observed = exp_tabled = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.softmax(xs[0], dim=-1)
 
 
 @register_op
