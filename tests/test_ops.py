@@ -67,6 +67,9 @@ def test_inferred_shapes_match_the_executed_reference() -> None:
     norm.add("scaled", "scale", ["scores"], qp(0.02, 128, 8), factor=0.5)
     norm.add("weights", "softmax", ["scaled"], qp(1 / 255, 0, 8))
     norm.tensors["weights.exp"] = exp_table(norm.nodes[-1])
+    norm.add("token", "constant", ["x"], qp(0.01, 128, 8), shape=[1, 6])
+    norm.tensors["token.value"] = torch.linspace(-1, 1, 6).reshape(1, 6)
+    norm.add("tokens", "concat", ["token", "norm"], qp(0.02, 128, 8), dim=1)  # (6, 6)
     norm = norm.build()
     assert {n.op for n in model.nodes + extra.nodes + norm.nodes} == set(OPS) - {"reshape"}
     inferred = {}

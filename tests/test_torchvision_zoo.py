@@ -40,7 +40,19 @@ def test_small_cnns_run_on_integers(name: str) -> None:
     assert chip.shape == (4, 1000) and torch.isfinite(chip).all()
 
 
-def test_transformers_are_refused_by_name() -> None:
-    model = build("vit_b_32")
-    with pytest.raises(PhotosimError, match="class_token .get_attr class_token."):
-        capture(model, torch.randn(1, 3, 224, 224))
+def test_vision_transformers_run_on_integers() -> None:
+    """torchvision's ViT (class token, position embedding, MultiheadAttention, GELU MLP, LayerNorm), at 64x64."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("vit_b_32", weights=None, image_size=64).eval()
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.02)  # torchvision starts the head at zero
+    calibration, x = torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64)
+    qm = photosim.quantize(model, calibration, {"w_bits": 8, "a_bits": 8})
+    ideal, reference = photosim.simulate(qm, x), fake_quant_forward(qm, x)
+    assert (ideal.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
+    assert (ideal - reference).abs().max() <= 0.1 * reference.abs().max()
+
+
+def test_swin_is_refused_by_name() -> None:
+    with pytest.raises(PhotosimError, match="relative_position_bias_table"):
+        capture(build("swin_t"), torch.randn(1, 3, 224, 224))

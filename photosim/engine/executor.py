@@ -91,6 +91,11 @@ def plan_layers(qmodel: QuantizedModel, hw: HardwarePlan, device: torch.device, 
     return plans
 
 
+def _constant_codes(value: torch.Tensor, q: QParams) -> torch.Tensor:
+    """A constant's codes: clamp(rne(f64(value) / s_out) + z_out, qmin, qmax) (docs/format.md, constant)."""
+    return (torch.round(value.double() / q.scale) + q.zero_point).clamp(q.qmin, q.qmax).to(torch.int32)
+
+
 def check_modes(qmodel: QuantizedModel, hw: HardwarePlan) -> None:
     """Refuse a node its requant mode has no rule for: an op it does not emulate, or codes wider than it takes."""
     for node in qmodel.nodes:
@@ -170,6 +175,8 @@ class Engine:
             self._cuda_add = cuda_ideal.add_codes
         self._tables = {n.name: qmodel.tensors[f"{n.name}.table"].to(self.device) for n in qmodel.nodes
                         if OPS[n.op].tabled}  # output code per input storage code, from the lowest
+        self._constants = {n.name: _constant_codes(qmodel.tensors[f"{n.name}.value"].to(self.device), n.output_q)
+                           for n in qmodel.nodes if OPS[n.op].valued}
         self._exp = {n.name: qmodel.tensors[f"{n.name}.exp"].to(self.device, torch.int64) for n in qmodel.nodes
                      if OPS[n.op].exp_tabled}  # softmax: round(2^30 exp(-k s_in)) for k = 0 ..
         self._affine = {n.name: tuple(qmodel.tensors[f"{n.name}.{k}"].to(self.device, torch.float64)
@@ -320,6 +327,11 @@ class Engine:
     def _slice(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         a = node.attrs
         return xs[0].narrow(a["dim"], a["start"], a["stop"] - a["start"])
+
+    @kernel("constant")
+    def _constant(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        codes = self._constants[node.name]  # clamp(rne(value / s_out) + z_out), computed once
+        return codes.expand(xs[0].shape[0], *codes.shape)
 
     @kernel("matmul")
     def _matmul(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:

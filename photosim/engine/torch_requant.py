@@ -195,7 +195,8 @@ class PytorchRequant:
     integer_bias = False
     float_accumulators = True
     # PyTorch's own quantized kernels for these are not emulated yet (their rescale and rounding differ)
-    unsupported = frozenset({"concat", "mul", "mean", "table", "layer_norm", "matmul", "scale", "softmax"})
+    unsupported = frozenset({"concat", "mul", "mean", "table", "layer_norm", "matmul", "scale", "softmax",
+                             "constant"})
     # PyTorch's quantized CPU kernels take quint8 / qint8 codes only: no kernel, and no pair saturation, to follow
     # for wider ones
     max_bits = 8

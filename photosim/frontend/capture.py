@@ -7,6 +7,7 @@ itself in float, which is what calibration observes.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from dataclasses import dataclass, field
@@ -203,6 +204,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                          {"shape": [int(d) for d in fx_node.meta["tensor_meta"].shape[1:]]})
 
     splits: dict[str, fx.Node] = {}  # chunk / split nodes: their pieces become slices where read
+    attentions: dict[str, str] = {}  # MultiheadAttention calls -> the name of their output node
 
     for node in gm.graph.nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
@@ -222,10 +224,32 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             else:
                 output = src(args[0])
             continue
+        if isinstance(module, nn.MultiheadAttention):
+            for attention_node in attention_nodes(str(target), node, src):
+                nodes[attention_node.name] = attention_node
+            attentions[node.name] = str(target)
+            continue
+        if target is operator.getitem and isinstance(args[0], fx.Node) and args[0].name in attentions:
+            if args[1] == 0:
+                bind(node, attentions[args[0].name])  # the output; item 1, the weights, is not asked for
+            continue
         if not is_tensor(node):
             continue  # shape arithmetic (x.size(0) ...) feeding a view/reshape
         name = str(target) if node.op == "call_module" else node.name
         tensor_args = [a for a in args if isinstance(a, fx.Node) and is_tensor(a)]
+        if node.op == "get_attr":
+            value = operator.attrgetter(str(target))(gm).detach()
+            if value.dim() == 0 or value.shape[0] != 1:
+                unsupported.append(f"{name} (a parameter read as a tensor whose first dimension is not 1: not one "
+                                   f"constant for every sample) at {_source_line(node)}")
+                continue
+            nodes[name] = FloatNode(name, "constant", ["input"], {"shape": list(value.shape[1:])}, value[0].clone())
+            bind(node, name)
+            continue
+        if target == "expand" and nodes.get(src(args[0])) is not None and nodes[src(args[0])].op == "constant" \
+                and all(d == -1 for d in args[2:]):
+            bind(node, src(args[0]))  # a constant over the batch: every sample reads the same value
+            continue
         bounds = activation_bounds(target, module, args, node.kwargs)
         new: FloatNode | None = None
         if isinstance(module, PASS_THROUGH_MODULES) or (node.op != "call_module" and target in PASS_THROUGH_CALLS) \
@@ -324,6 +348,10 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         elif target is operator.getitem and isinstance(args[0], fx.Node) and args[0].name in splits:
             split = splits[args[0].name]
             new = split_piece(name, src(split.args[0]), split, args[1])
+        elif target is operator.getitem and is_tensor(args[0]) and (picked := pick_node(name, src(args[0]), node)):
+            nodes[picked.name] = picked  # x[:, i]: the slice i:i+1, then the dimension dropped
+            new = FloatNode(name, "reshape", [picked.name],
+                            {"shape": [int(d) for d in node.meta["tensor_meta"].shape[1:]]})
         elif target is operator.getitem and is_tensor(args[0]):
             new = slice_node(name, src(args[0]), node)
         if new is None:
@@ -449,6 +477,63 @@ def slice_node(name: str, source: str, node: fx.Node) -> FloatNode | None:
     if not (isinstance(start, int) and isinstance(stop, int)) or stop <= start:
         return None
     return FloatNode(name, "slice", [source], {"dim": d, "start": start, "stop": stop})
+
+
+def pick_node(name: str, source: str, node: fx.Node) -> FloatNode | None:
+    """``x[:, i]`` (an integer index of one non-batch dimension, the others whole): the slice i:i+1 (None for other
+    indexing); the caller drops the dimension with a reshape."""
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    shape = getattr(node.args[0].meta["tensor_meta"], "shape", None)
+    picks = [(d, i) for d, i in enumerate(index) if i != slice(None)]
+    if shape is None or len(picks) != 1 or picks[0][0] == 0 or isinstance(picks[0][1], bool) \
+            or not isinstance(picks[0][1], int) or Ellipsis in index:
+        return None
+    d, i = picks[0]
+    i %= shape[d]
+    return FloatNode(f"{name}.pick", "slice", [source], {"dim": d, "start": i, "stop": i + 1})
+
+
+def attention_nodes(name: str, call: fx.Node, src: Any) -> list[FloatNode]:
+    """nn.MultiheadAttention as self-attention on (N, T, C) tokens (batch_first, no masks): the input projection,
+    per-head q, k, v (slices, reshapes, permutes), scores q k^T, the 1/sqrt(d) scale, softmax, the weighted sum
+    of v, heads merged, and the output projection (named as the module, holding its output)."""
+    mha: nn.MultiheadAttention = call.graph.owning_module.get_submodule(str(call.target))
+    query, key, value = (call.kwargs.get(k, a) for k, a in zip(("query", "key", "value"), (*call.args, None, None)))
+    masks = [k for k in ("key_padding_mask", "attn_mask") if call.kwargs.get(k) is not None] + (
+        ["attn_mask"] if len(call.args) > 5 and call.args[5] is not None else [])
+    if not (mha.batch_first and query is key is value and mha._qkv_same_embed_dim and mha.bias_k is None
+            and not mha.add_zero_attn and not masks):
+        raise PhotosimError(f"{name}: MultiheadAttention is supported as unmasked self-attention with "
+                            "batch_first=True (query, key and value the same tensor, no bias_k / add_zero_attn); "
+                            "rewrite it with Linear, matmul and softmax.")
+    tokens, channels = (int(d) for d in query.meta["tensor_meta"].shape[1:])
+    heads = mha.num_heads
+    dim = channels // heads
+    zeros = torch.zeros(3 * channels)
+    in_bias = mha.in_proj_bias.detach().clone() if mha.in_proj_bias is not None else zeros
+    out_bias = mha.out_proj.bias.detach().clone() if mha.out_proj.bias is not None else zeros[:channels]
+
+    def linear(suffix: str, source: str, weight: torch.Tensor, bias: torch.Tensor) -> FloatNode:
+        return FloatNode(f"{name}{suffix}", "linear", [source], {"in_features": weight.shape[1],
+                                                                 "out_features": weight.shape[0]}, weight, bias)
+
+    out = [linear(".in_proj", src(query), mha.in_proj_weight.detach().clone(), in_bias)]
+    for i, part in enumerate("qkv"):
+        out.append(FloatNode(f"{name}.{part}", "slice", [f"{name}.in_proj"],
+                             {"dim": 2, "start": i * channels, "stop": (i + 1) * channels}))
+        out.append(FloatNode(f"{name}.{part}_heads", "reshape", [f"{name}.{part}"], {"shape": [tokens, heads, dim]}))
+        order = [0, 2, 3, 1] if part == "k" else [0, 2, 1, 3]  # k as (heads, d, T): the scores are q @ k
+        out.append(FloatNode(f"{name}.{part}_t", "permute", [f"{name}.{part}_heads"], {"dims": order}))
+    out += [
+        FloatNode(f"{name}.scores", "matmul", [f"{name}.q_t", f"{name}.k_t"]),
+        FloatNode(f"{name}.scaled", "scale", [f"{name}.scores"], {"factor": 1 / math.sqrt(dim)}),
+        FloatNode(f"{name}.weights", "softmax", [f"{name}.scaled"]),
+        FloatNode(f"{name}.context", "matmul", [f"{name}.weights", f"{name}.v_t"]),
+        FloatNode(f"{name}.merged", "permute", [f"{name}.context"], {"dims": [0, 2, 1, 3]}),
+        FloatNode(f"{name}.tokens", "reshape", [f"{name}.merged"], {"shape": [tokens, channels]}),
+        linear("", f"{name}.tokens", mha.out_proj.weight.detach().clone(), out_bias),
+    ]
+    return out
 
 
 def _batchnorm_as_conv(name: str, source: str, bn: nn.BatchNorm2d) -> FloatNode:

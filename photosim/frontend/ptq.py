@@ -181,6 +181,8 @@ def _quantize(model: nn.Module, batches: list[torch.Tensor], spec: QuantSpec, pr
                 saturated[fnode.name] = count
         if OPS[fnode.op].tabled:
             tensors[f"{fnode.name}.table"] = lookup_table(node)
+        if OPS[fnode.op].valued:
+            tensors[f"{fnode.name}.value"] = fnode.weight.float()
         if OPS[fnode.op].exp_tabled:
             tensors[f"{fnode.name}.exp"] = exp_table(node)
         if OPS[fnode.op].affine:

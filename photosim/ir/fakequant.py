@@ -52,6 +52,8 @@ def run_node(model: QuantizedModel, node: Node, *inputs: torch.Tensor) -> torch.
     weight, bias = dequantized_params(model, node) if op.weighted else (None, None)
     if op.affine:
         weight, bias = (model.tensors[f"{node.name}.{k}"].double() for k in ("gamma", "beta"))
+    if op.valued:
+        weight = model.tensors[f"{node.name}.value"].double()
     y = op.reference(node.attrs, inputs, weight, bias)
     return y if op.moves_codes else fake_quantize(y, node.output_q)
 

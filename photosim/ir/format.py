@@ -350,6 +350,12 @@ def validate(model: QuantizedModel, source: str = "model") -> None:
             _validate_table(model, n, where)
         if op.exp_tabled:
             _validate_exp_table(model, n, where)
+        if op.valued:
+            key, t = f"{n.name}.value", model.tensors.get(f"{n.name}.value")
+            if t is None or t.dtype != torch.float32 or list(t.shape) != list(n.attrs["shape"]) or not bool(
+                    torch.isfinite(t).all()):
+                got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+                raise _refuse(where, f"tensor {key!r} is {got}; it must be finite float32 of shape {n.attrs['shape']}")
         produced[n.name] = n.output_q
     if model.output not in produced:
         raise PhotosimError(f"{source}: graph output {model.output!r} is not produced by any node.")

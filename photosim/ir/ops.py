@@ -92,6 +92,7 @@ class Op:
     tabled: ClassVar[bool] = False  # has <node>.table: output code per input code (lookup-table ops)
     affine: ClassVar[bool] = False  # has float32 <node>.gamma and <node>.beta over the last dimension (norms)
     exp_tabled: ClassVar[bool] = False  # has int32 <node>.exp: round(2^30 exp(-k s_in)) for k = 0 .. 2^bits - 1
+    valued: ClassVar[bool] = False  # has float32 <node>.value: a learned constant (class token, position embedding)
     observed: ClassVar[bool] = False  # its output gets its own scale and zero point; else the input's
     keeps_quantization: ClassVar[bool] = False  # output scale, zero point and bits are the input's
     moves_codes: ClassVar[bool] = False  # output codes are input codes moved, never recomputed
@@ -546,6 +547,26 @@ class Table(Op):
         if a["function"] == "curve":
             return interpolate(xs[0], a["x"], a["y"])
         return TABLE_FUNCTIONS[a["function"]](xs[0])
+
+
+@register_op
+class Constant(Op):
+    name = "constant"
+    description = ("a learned constant of the model (class token, position embedding), the same for every sample; "
+                   "its input only gives the batch size")
+    layers = ("class token / position embedding parameters",)
+    attrs = (Attr("shape", "shape"),)
+    observed = valued = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        assert weight is not None
+        return weight.to(xs[0].dtype).expand(xs[0].shape[0], *weight.shape)
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        if -1 in a["shape"]:
+            raise AttrError(f"shape {a['shape']} must be explicit")
+        return tuple(a["shape"])
 
 
 @register_op
