@@ -273,6 +273,50 @@ class DigitsMBConv(nn.Module):
         return self.fc(x.mean([2, 3]))
 
 
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: LayerNorm, multi-head self-attention, residual; LayerNorm, GELU MLP,
+    residual."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.attention(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+@register_model(
+    "digits-vit",
+    input_shape=(1, 8, 8),
+    num_classes=10,
+    float_accuracy=0.9638888888888889,
+    description="vision transformer: 2x2 patch embedding, class token, position embedding, 2 pre-norm blocks of "
+                "4-head self-attention and a GELU MLP, for the 8x8 sklearn digits",
+)
+class DigitsViT(nn.Module):
+    """16 patches of 2x2 embedded to 32 channels (a strided conv), a class token and learned position
+    embeddings, two pre-norm encoder blocks, a final LayerNorm and a linear head on the class token."""
+
+    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, dim, 2, stride=2)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, 2 * dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)  # (N, 16, dim) patch tokens
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
 def load_model(
     spec: str, weights: str | Path | None = None, num_classes: int | None = None, cifar_stem: bool = False
 ) -> LoadedModel:

@@ -19,7 +19,8 @@ def mean_output_error(layer: LayerData, weight: torch.Tensor, bias: torch.Tensor
     """Per-channel mean of float minus quantized pre-activation outputs, (O,) float64."""
     error = layer.outputs(layer.node.weight, layer.node.bias, quantized_input=False) - layer.outputs(
         weight, bias, quantized_input=True)
-    return error.transpose(0, 1).reshape(error.shape[1], -1).mean(dim=1)
+    channels = -1 if layer.node.op == "linear" else 1  # a linear's outputs are its last dimension (tokens too)
+    return error.movedim(channels, 0).reshape(error.shape[channels], -1).mean(dim=1)
 
 
 def corrected_bias(layer: LayerData, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
