@@ -106,3 +106,39 @@ def test_bad_exp_tables_and_shapes_are_refused(attention) -> None:
     m.add("mm", "matmul", ["x", "x"], qp())
     with pytest.raises(PhotosimError, match=r"not \(\.\.\., M, K\) and \(\.\.\., K, P\)"):
         Engine(m.build())
+
+
+def test_noise_free_optical_matmuls_give_the_ideal_codes(attention) -> None:
+    """Non-ideal settings that change no value (a saturating accumulator that never saturates, a 24-bit ADC) put the
+    two matmuls on the tile step, with each sample's second operand as its weights: the codes stay the ideal ones."""
+    qm, x, _ = attention
+    ideal = Engine(qm).node_outputs(x)
+    for hw in ({"tile": 2, "accumulator": {"bits": 32, "overflow": "saturate"}}, {"tile": 3, "adc": {"bits": 24}}):
+        engine = Engine(qm, hw)
+        assert {"matmul", "matmul_1"} <= set(engine.analog) and engine.backends["matmul"].backend == "torch"
+        got = engine.node_outputs(x)
+        assert [name for name in ideal if not torch.equal(ideal[name], got[name])] == []
+
+
+def test_matmul_output_noise_has_the_tile_statistics() -> None:
+    """One matmul of constant operands on tiles of 4 over K = 16: the accumulator error has std sigma * FS *
+    sqrt(T) (T = 4 tiles, FS = L * max|a - z_a| * max|b - z_b|), and the draws do not depend on the batch."""
+    m = ModelBuilder((2, 16), qp(1.0, 0, 8))
+    m.add("t", "permute", ["x"], dims=[0, 2, 1])  # (16, 2)
+    m.add("mm", "matmul", ["x", "t"], qp(64.0, 0, 16, signed=True))
+    model = m.build()
+    engine = Engine(model, {"tile": 4, "noise": {"output": {"sigma": 0.001}}}, seed=3)
+    layer = engine.analog["mm"]
+    a = torch.full((400, 2, 16), 100, dtype=torch.int64)
+    acc = layer.matmul_acc(a, a.transpose(1, 2), torch.arange(400))  # (400, 2, 2)
+    error = acc.double() * layer.step - 16 * 100 * 100
+    assert layer.full_scale == 4 * 255 * 255
+    assert error.std().item() == pytest.approx(0.001 * layer.full_scale * 2, rel=0.1)
+    first = layer.matmul_acc(a[:7], a[:7].transpose(1, 2), torch.arange(7))
+    assert torch.equal(first, acc[:7])
+
+
+def test_weight_error_on_a_matmul_of_activations_is_refused(attention) -> None:
+    qm, _, _ = attention
+    with pytest.raises(PhotosimError, match="node 'matmul' .matmul.: weight error is a property of programmed"):
+        Engine(qm, {"tile": 2, "noise": {"weight_read": {"sigma": 0.01}}})

@@ -85,6 +85,30 @@ class AnalogLayer:
         calibration = ActivationObserver(seed=plan.index) if readout.calibrating else None
         return cls(plan, weights, bias, tile_step, diagnostics, conv, calibration)
 
+    @classmethod
+    def for_matmul(cls, plan: LayerPlan, diagnostics: bool = True) -> AnalogLayer:
+        """The tile step of a matmul of two activations: the second operand is loaded per sample as the weights
+        (the plan's weight is empty; ``matmul_acc`` takes both operands)."""
+        readout = plan.readout
+        assert readout is not None
+        if readout.weight_noise:
+            raise PhotosimError(f"node {plan.name!r} (matmul): weight error is a property of programmed weights; a "
+                                "matmul of two activations loads both per input. Set noise.weight_static and "
+                                "noise.weight_read to 0 for it (a per-layer override).")
+        calibration = ActivationObserver(seed=plan.index) if readout.calibrating else None
+        empty = kernels.IntegerWeights(plan.matmul, torch.empty(0, 0, 0), None, readout.k, 0)
+        return cls(plan, empty, None, "torch", diagnostics, None, calibration)
+
+    def matmul_acc(self, a: torch.Tensor, b: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        """Operands a - z_a (N, ..., M, K) and b - z_b (N, ..., K, P), int64 -> accumulators (N, ..., M, P) int64
+        in ADC steps: each sample's b is that sample's weights, the leading dimensions its groups."""
+        n, lead, (m, k), p = a.shape[0], a.shape[1:-2], a.shape[-2:], b.shape[-1]
+        g = math.prod(lead)
+        rows = a.reshape(n, g, m, k).permute(1, 0, 2, 3).reshape(g, n * m, k).double()  # (G, N*M, K) sample-major
+        tiles = _tile_sums(rows, b.reshape(n, g, k, p).double(), self.tile, n)  # (G, T, N*M, P)
+        acc = self._readout_torch(tiles, sample_ids, None)  # (G, N*M, P)
+        return acc.view(g, n, m, p).permute(1, 0, 2, 3).reshape(n, *lead, m, p)
+
     @property
     def name(self) -> str:
         return self.plan.name

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from photosim.engine.requant import REQUANT_MODES, RequantMode
 from photosim.errors import PhotosimError
 from photosim.hardware.config import HardwareConfig, LayerHardware
 from photosim.hardware.plan import HardwarePlan, HardwareSpec
+from photosim.hardware.readout import Readout
 from photosim.ir.format import Node, QParams, QuantizedModel, validate
 from photosim.ir.ops import OPS, infer_shapes
 
@@ -78,13 +80,7 @@ def plan_layers(qmodel: QuantizedModel, hw: HardwarePlan, device: torch.device, 
             continue
         settings = hw.layers[node.name]
         calibrating = calibrate_adc and settings.calibrated_adc
-        measured = (adc_ranges or {}).get(node.name)
-        if settings.calibrated_adc and not calibrating and measured is None:
-            raise PhotosimError(
-                f"layer {node.name!r} uses a calibrated ADC range but none was measured; calibrate on the "
-                "calibration split (photosim run does; in Python use calibrate_adc_ranges) or set adc.range "
-                "to `full` or a fraction of full scale."
-            )
+        measured = _measured_range(node, settings, adc_ranges, calibrating)
         plans[node.name] = plan_layer(qmodel, index, settings, device, seed=seed, repeat=repeat,
                                       measured_range=measured, analog=not settings.is_ideal or calibrating,
                                       calibrating=calibrating)
@@ -105,6 +101,42 @@ def check_modes(qmodel: QuantizedModel, hw: HardwarePlan) -> None:
                                 "requant float or fixedpoint for it (a per-layer override can set it for this node "
                                 "alone).")
         _check_bits(node, mode)
+
+
+def _measured_range(node: Node, settings: LayerHardware, adc_ranges: dict[str, float] | None,
+                    calibrating: bool) -> float | None:
+    """A layer's measured ADC range; PhotosimError when its ADC is calibrated but was not measured."""
+    measured = (adc_ranges or {}).get(node.name)
+    if settings.calibrated_adc and not calibrating and measured is None:
+        raise PhotosimError(
+            f"layer {node.name!r} uses a calibrated ADC range but none was measured; calibrate on the calibration "
+            "split (photosim run does; in Python use calibrate_adc_ranges) or set adc.range to `full` or a "
+            "fraction of full scale."
+        )
+    return measured
+
+
+def analog_matmuls(qmodel: QuantizedModel, hw: HardwarePlan, *, seed: int = 0, repeat: int = 0,
+                   adc_ranges: dict[str, float] | None = None, calibrate_adc: bool = False) -> dict[str, LayerPlan]:
+    """The matmuls of two activations whose settings are not ideal (or whose ADC range is being measured): their
+    plans, with the readout of a tile step over K = the operands' inner dimension."""
+    shapes = infer_shapes(qmodel.input_name, qmodel.input_shape, qmodel.nodes)
+    plans = {}
+    for index, node in enumerate(qmodel.nodes):
+        settings = hw.layers[node.name]
+        calibrating = calibrate_adc and settings.calibrated_adc
+        if node.op != "matmul" or (settings.is_ideal and not calibrating):
+            continue
+        qa, qb = node.input_q
+        k = shapes[node.inputs[0]][-1]
+        x_max = max(abs(qa.qmin - qa.zero_point), abs(qa.qmax - qa.zero_point))
+        w_max = max(abs(qb.qmin - qb.zero_point), abs(qb.qmax - qb.zero_point))
+        readout = Readout.of(settings, k, x_max, w_max, layer=index, seed=seed, repeat=repeat,
+                             measured_range=_measured_range(node, settings, adc_ranges, calibrating),
+                             calibrating=calibrating)
+        plans[node.name] = LayerPlan(node, index, torch.empty(0), REQUANT_MODES[settings.requant], None,  # type: ignore
+                                     kernels.MatmulPlan("float64", k), False, readout)
+    return plans
 
 
 def _check_bits(node: Node, mode: RequantMode) -> None:
@@ -164,6 +196,10 @@ class Engine:
             for name, plan in self.layer_plans.items()}
         self.analog: dict[str, AnalogLayer] = {name: layer for name, layer in self.layers.items()
                                                if isinstance(layer, AnalogLayer)}
+        for name, plan in analog_matmuls(qmodel, self.plan, seed=seed, repeat=repeat, adc_ranges=adc_ranges,
+                                         calibrate_adc=calibrate_adc).items():
+            self.analog[name] = AnalogLayer.for_matmul(plan, diagnostics)
+            self.backends[name] = Choice("torch")  # the torch tile step: the only one with per-sample weights
         # CUDA with Triton: adds in the float mode run as one fused kernel of the cuda-ideal backend
         # (photosim.engine.cuda_ideal), unless ``backend`` requires other ideal backends
         self._cuda_add = None
@@ -340,7 +376,11 @@ class Engine:
         a, b = xs[0].to(torch.int64) - qa.zero_point, xs[1].to(torch.int64) - qb.zero_point
         bound = a.shape[-1] * max(abs(qa.qmin - qa.zero_point), abs(qa.qmax - qa.zero_point)) * max(
             abs(qb.qmin - qb.zero_point), abs(qb.qmax - qb.zero_point))
-        if bound < 1 << 53:
+        if node.name in self.analog:  # on the optical engine: sums in ADC steps, the multiplier absorbs the step
+            layer = self.analog[node.name]
+            products = layer.matmul_acc(a, b, sample_ids)
+            qa = replace(qa, scale=qa.scale * layer.step)
+        elif bound < 1 << 53:
             products = torch.matmul(a.double(), b.double()).to(torch.int64)
         elif a.device.type == "cpu":
             products = torch.matmul(a, b)

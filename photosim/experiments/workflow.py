@@ -34,7 +34,7 @@ from photosim.hardware.noise import enob, snr_db
 from photosim.hardware.plan import HardwarePlan, HardwareSpec
 from photosim.ir.fakequant import fake_quant_forward
 from photosim.ir.format import QuantizedModel, file_sha256
-from photosim.ir.summary import dot_length, worst_case_acc_bits
+from photosim.ir.summary import worst_case_acc_bits
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,8 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
             "adc_bits": layer.adc_bits, **adc_range_columns(settings, readout), "adc_step": layer.step,
             "overflow_rate": st.overflowed / max(st.outputs, 1), "adc_clip_rate": st.clipped / max(st.tile_values, 1),
             "snr_db": snr, "enob": enob(snr),
-            "acc_bits_worst_case": worst_case_acc_bits(node.input_q[0].bits, node.w_bits, dot_length(node)),
+            "acc_bits_worst_case": worst_case_acc_bits(node.input_q[0].bits, node.w_bits or node.input_q[1].bits,
+                                                       readout.k),  # a matmul's "weights" are its second input
             "acc_bits_observed": math.ceil(math.log2(st.max_abs_acc + 1)) + 1,
             "acc_bits": readout.acc_bits,
             **engine.backends[name].as_row(),
