@@ -85,7 +85,8 @@ class BenchSettings:
 
 
 def build_model(spec: str, seed: int = 0, calibrate_bn: bool = True) -> tuple[nn.Module, tuple[int, ...]]:
-    """The float model (torchvision: 10 classes, CIFAR stem) in eval mode and its per-sample input shape.
+    """The float model (torchvision: 10 classes; ResNets with the CIFAR stem on 32x32, other architectures at their
+    own input size) in eval mode and its per-sample input shape.
 
     ``calibrate_bn`` measures the BatchNorm statistics on random data, so that activations are distributed
     as in a trained net rather than growing layer after layer.
@@ -93,8 +94,9 @@ def build_model(spec: str, seed: int = 0, calibrate_bn: bool = True) -> tuple[nn
     from photosim.frontend.models import load_model
 
     torchvision = spec.startswith("torchvision:")
+    cifar_stem = torchvision and spec.removeprefix("torchvision:").startswith(("resnet", "resnext", "wide_resnet"))
     torch.manual_seed(seed)
-    loaded = load_model(spec, None, CIFAR_CLASSES if torchvision else None, cifar_stem=torchvision)
+    loaded = load_model(spec, None, CIFAR_CLASSES if torchvision else None, cifar_stem=cifar_stem)
     model, shape = loaded.module, tuple(loaded.input_shape)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if norms and calibrate_bn:
