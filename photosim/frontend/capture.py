@@ -1,16 +1,13 @@
-"""Float graph capture with torch.fx: the supported ops, BatchNorm folding and activation fusion.
+"""Float graph capture with torch.fx: the walk over the traced graph, BatchNorm folding and activation fusion.
 
-The captured ``FloatGraph`` has the same node vocabulary as the integer file (conv2d, linear, add,
-clamp, pools, flatten, reshape) so quantization is a node-by-node translation. It also executes
-itself in float, which is what calibration observes.
+The captured FloatGraph (photosim.frontend.graph) has the node vocabulary of the integer file, so quantization is
+a node-by-node translation; how each PyTorch pattern becomes nodes is in photosim.frontend.patterns.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +16,31 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from photosim.errors import PhotosimError
+from photosim.frontend.graph import FloatGraph, FloatNode
 from photosim.frontend.nonlinearity import Curve
+from photosim.frontend.patterns import (
+    SPLIT_CALLS,
+    activation_bounds,
+    arg,
+    attention_nodes,
+    avgpool_attrs,
+    batchnorm_as_conv,
+    bias_of,
+    constant_factor,
+    conv_attrs,
+    data_dim,
+    fold_batchnorm,
+    is_stochastic_depth,
+    maxpool_attrs,
+    mean_node,
+    permute_node,
+    pick_node,
+    reshape_node,
+    single,
+    slice_node,
+    split_piece,
+    table_function,
+)
 from photosim.ir.ops import OPS, weighted_ops
 
 SUPPORTED = ", ".join(layer for op in OPS.values() for layer in op.layers) + (
@@ -27,105 +48,21 @@ SUPPORTED = ", ".join(layer for op in OPS.values() for layer in op.layers) + (
     "MaxPool1d, AvgPool1d, AdaptiveAvgPool1d (as their 2-D ops on (N, C, 1, L)); Dropout and Identity (removed in "
     "eval). Convs need zeros padding, clamp constant bounds"
 )
+
+
 _ACTIVATION_FUSABLE = tuple(name for name, op in OPS.items() if op.observed)  # a ReLU narrows their clamp range
+
+
 _BATCHNORM_FUSABLE = weighted_ops()
+
+
 PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
 PASS_THROUGH_CALLS = {F.dropout, "contiguous", "clone", "detach"}
+
+
 _SHAPE_CALLS = {"size", getattr, operator.getitem, operator.mul, operator.floordiv}
-
-
-@dataclass
-class FloatNode:
-    """One float op; ``act`` is the (lo, hi) clamp fused into its output (ReLU = (0, inf))."""
-
-    name: str
-    op: str
-    inputs: list[str]
-    attrs: dict[str, Any] = field(default_factory=dict)
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    act: tuple[float, float] | None = None
-
-    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """The op on float inputs, with the fused clamp applied."""
-        y = OPS[self.op].reference(self.attrs, inputs, self.weight, self.bias)
-        return y if self.act is None else y.clamp(self.act[0], self.act[1])
-
-
-@dataclass
-class FloatGraph:
-    """Nodes in topological order; the graph input is named ``input``."""
-
-    nodes: list[FloatNode]
-    output: str
-    input_shape: tuple[int, ...]
-
-    def run(self, x: torch.Tensor, observe: Any = None) -> torch.Tensor:
-        """Execute in float; ``observe(name, tensor)`` is called for the input and every node output."""
-        values = {"input": x}
-        if observe:
-            observe("input", x)
-        for node in self.nodes:
-            values[node.name] = y = node.forward([values[i] for i in node.inputs])
-            if observe:
-                observe(node.name, y)
-        return values[self.output]
-
-
-def _pair(v: Any) -> list[int]:
-    return list(v) if isinstance(v, (tuple, list)) else [int(v), int(v)]
-
-
-def _single(v: Any) -> int:
-    return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
-
-
-def conv_attrs(m: nn.Conv1d | nn.Conv2d, name: str) -> dict[str, Any]:
-    """A Conv2d's attributes, or a Conv1d's as the conv2d of kernel 1 x k it equals on (N, C, 1, L)."""
-    if m.padding_mode != "zeros":
-        raise PhotosimError(f"layer {name!r}: padding_mode {m.padding_mode!r} is not supported (only 'zeros').")
-    if isinstance(m, nn.Conv1d):
-        padding = m.padding if isinstance(m.padding, str) else (0, _single(m.padding))
-        return conv_attrs(nn.Conv2d(m.in_channels, m.out_channels, (1, _single(m.kernel_size)),
-                                    (1, _single(m.stride)), padding, (1, _single(m.dilation)), m.groups,
-                                    bias=False, device="meta"), name)
-    padding = m.padding
-    if isinstance(padding, str):  # 'same' / 'valid'
-        padding = [0, 0] if padding == "valid" else [d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation)]
-        if any(d * (k - 1) % 2 for k, d in zip(m.kernel_size, m.dilation)):
-            raise PhotosimError(f"layer {name!r}: padding='same' with an even kernel is asymmetric; pad explicitly.")
-    return {
-        "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel": _pair(m.kernel_size),
-        "stride": _pair(m.stride), "padding": _pair(padding), "dilation": _pair(m.dilation), "groups": m.groups,
-    }
-
-
-def _pool_attrs(kernel: Any, stride: Any, padding: Any, **extra: Any) -> dict[str, Any]:
-    kernel = _pair(kernel)
-    stride = _pair(stride) if stride not in (None, [], ()) else kernel
-    return {"kernel": kernel, "stride": stride, "padding": _pair(padding), **extra}
-
-
-def activation_bounds(target: Any, module: nn.Module | None, args: tuple, kwargs: dict) -> tuple[float, float] | None:
-    """(lo, hi) of a ReLU-like op, or None when the node is not one."""
-    inf = float("inf")
-    if isinstance(module, nn.ReLU) or target in (F.relu, torch.relu, "relu"):
-        return 0.0, inf
-    if isinstance(module, nn.ReLU6) or target is F.relu6:
-        return 0.0, 6.0
-    if isinstance(module, nn.Hardtanh):
-        return float(module.min_val), float(module.max_val)
-    if target is F.hardtanh:
-        return float(kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)), float(
-            kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-        )
-    if target in (torch.clamp, "clamp", torch.clip, "clip"):
-        lo = kwargs.get("min", args[1] if len(args) > 1 else None)
-        hi = kwargs.get("max", args[2] if len(args) > 2 else None)
-        if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
-            return None
-        return (-inf if lo is None else float(lo)), (inf if hi is None else float(hi))
-    return None
 
 
 class _Tracer(fx.Tracer):
@@ -253,7 +190,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         bounds = activation_bounds(target, module, args, node.kwargs)
         new: FloatNode | None = None
         if isinstance(module, PASS_THROUGH_MODULES) or (node.op != "call_module" and target in PASS_THROUGH_CALLS) \
-                or (_is_stochastic_depth(target) and not _arg(args, node.kwargs, 3, "training", True)):
+                or (is_stochastic_depth(target) and not arg(args, node.kwargs, 3, "training", True)):
             bind(node, src(args[0]))
             continue
         if bounds is not None:
@@ -266,10 +203,10 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             new = FloatNode(name, "clamp", [src(args[0])], act=bounds)
         elif isinstance(module, nn.Conv2d):
             new = FloatNode(name, "conv2d", [src(args[0])], conv_attrs(module, name),
-                            module.weight.detach().clone(), _bias(module))
+                            module.weight.detach().clone(), bias_of(module))
         elif isinstance(module, nn.Linear):
             new = FloatNode(name, "linear", [src(args[0])], {"in_features": module.in_features,
-                            "out_features": module.out_features}, module.weight.detach().clone(), _bias(module))
+                            "out_features": module.out_features}, module.weight.detach().clone(), bias_of(module))
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             producer = fusable(args[0], _BATCHNORM_FUSABLE)
             if producer is None or producer.act is not None:
@@ -277,9 +214,9 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                     unsupported.append(f"{name} (BatchNorm1d not directly after a linear or Conv1d) at "
                                        f"{_source_line(node)}")
                     continue
-                new = _batchnorm_as_conv(name, src(args[0]), module)
+                new = batchnorm_as_conv(name, src(args[0]), module)
             else:
-                _fold_batchnorm(producer, module)
+                fold_batchnorm(producer, module)
                 bind(node, src(args[0]))  # the producer, or a Conv1d's reshape back of it
                 continue
         elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
@@ -289,17 +226,17 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             new = FloatNode(name, "layer_norm", [src(args[0])], {"eps": float(module.eps)}, gamma, beta)
         elif isinstance(module, nn.Conv1d):
             new = as_2d(node, name, "conv2d", conv_attrs(module, name), module.weight.detach().unsqueeze(2).clone(),
-                        _bias(module))
+                        bias_of(module))
         elif isinstance(module, nn.MaxPool1d):
-            attrs = maxpool_attrs(None, (None, [1, _single(module.kernel_size)],
-                                         [1, _single(module.stride or module.kernel_size)],
-                                         [0, _single(module.padding)], [1, _single(module.dilation)],
+            attrs = maxpool_attrs(None, (None, [1, single(module.kernel_size)],
+                                         [1, single(module.stride or module.kernel_size)],
+                                         [0, single(module.padding)], [1, single(module.dilation)],
                                          module.ceil_mode), {})
             new = as_2d(node, name, "maxpool2d", attrs)
         elif isinstance(module, nn.AvgPool1d):
-            attrs = avgpool_attrs(None, (None, [1, _single(module.kernel_size)],
-                                         [1, _single(module.stride or module.kernel_size)],
-                                         [0, _single(module.padding)], module.ceil_mode, module.count_include_pad),
+            attrs = avgpool_attrs(None, (None, [1, single(module.kernel_size)],
+                                         [1, single(module.stride or module.kernel_size)],
+                                         [0, single(module.padding)], module.ceil_mode, module.count_include_pad),
                                   {})
             new = as_2d(node, name, "avgpool2d", attrs)
         elif isinstance(module, nn.AdaptiveAvgPool1d):
@@ -331,15 +268,15 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                 and len({len(a.meta["tensor_meta"].shape) for a in tensor_args}) == 1:
             new = FloatNode(name, "matmul", [src(a) for a in tensor_args])
         elif isinstance(module, nn.Softmax) or target in (torch.softmax, F.softmax, "softmax"):
-            dim = module.dim if module is not None else _arg(args, node.kwargs, 1, "dim", None)
+            dim = module.dim if module is not None else arg(args, node.kwargs, 1, "dim", None)
             ndim = len(node.meta["tensor_meta"].shape)
             if dim is None or dim % ndim != ndim - 1:
                 raise PhotosimError(f"{name}: softmax over dimension {dim!r}; photosim runs softmax over the last "
                                     "dimension (permute the tensor first).")
             new = FloatNode(name, "softmax", [src(args[0])])
         elif target in (torch.cat, torch.concat, torch.concatenate):
-            pieces = _arg(args, node.kwargs, 0, "tensors", ())
-            new = FloatNode(name, "concat", [src(a) for a in pieces], {"dim": _data_dim(node, _arg(
+            pieces = arg(args, node.kwargs, 0, "tensors", ())
+            new = FloatNode(name, "concat", [src(a) for a in pieces], {"dim": data_dim(node, arg(
                 args, node.kwargs, 1, "dim", 0), name)})
         elif target in (torch.mean, "mean"):
             new = mean_node(name, src(args[0]), node)
@@ -368,232 +305,3 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         )
     return FloatGraph(list(nodes.values()), output or "input", tuple(example.shape[1:]))
 
-
-TABLE_MODULES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-                 nn.Tanh: "tanh"}
-TABLE_CALLS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid", F.hardsigmoid: "hardsigmoid",
-               F.silu: "silu", F.hardswish: "hardswish", torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh",
-               torch.exp: "exp", "exp": "exp"}
-SPLIT_CALLS = {torch.chunk, "chunk", torch.split, "split"}
-
-
-def _is_stochastic_depth(target: Any) -> bool:
-    """torchvision.ops.stochastic_depth (an identity in eval mode), recognised without importing torchvision."""
-    return getattr(target, "__name__", None) == "stochastic_depth" and "torchvision" in getattr(target, "__module__",
-                                                                                                "")
-
-
-def table_function(target: Any, module: nn.Module | None, kwargs: dict) -> str | None:
-    """The TABLE_FUNCTIONS name of a unary nonlinearity (photosim.ir.ops.Table), or None."""
-    if isinstance(module, nn.GELU):
-        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    if module is not None:
-        return TABLE_MODULES.get(type(module))
-    if target is F.gelu:
-        return "gelu_tanh" if kwargs.get("approximate") == "tanh" else "gelu"
-    try:
-        return TABLE_CALLS.get(target)
-    except TypeError:  # unhashable targets are not table functions
-        return None
-
-
-def constant_factor(target: Any, args: tuple, tensor_args: list, kwargs: dict) -> float | None:
-    """The positive factor of ``x * c``, ``c * x`` or ``x / c`` with a Python number c (None: not such a node)."""
-    if len(args) != 2 or len(tensor_args) != 1 or kwargs:
-        return None
-    other = args[1] if args[0] is tensor_args[0] else args[0]
-    if isinstance(other, bool) or not isinstance(other, (int, float)):
-        return None
-    if target in (operator.mul, torch.mul, "mul"):
-        factor = float(other)
-    elif target in (operator.truediv, torch.div, "div") and args[0] is tensor_args[0] and other:
-        factor = 1.0 / other
-    else:
-        return None
-    return factor if factor > 0 else None
-
-
-def _data_dim(node: fx.Node, dim: Any, name: str) -> int:
-    """A dimension argument as a nonnegative index of the node's first input; the batch dimension refused."""
-    ndim = len(node.all_input_nodes[0].meta["tensor_meta"].shape)
-    if not isinstance(dim, int) or not -ndim <= dim < ndim or dim % ndim == 0:
-        raise PhotosimError(f"{name}: dimension {dim!r} is not a fixed non-batch dimension of a {ndim}-d input; "
-                            "photosim keeps dimension 0 as the batch.")
-    return dim % ndim
-
-
-def mean_node(name: str, source: str, node: fx.Node) -> FloatNode:
-    """torch.mean / x.mean over fixed non-batch dimensions."""
-    dims = _arg(node.args, node.kwargs, 1, "dim", None)
-    if dims is None:
-        raise PhotosimError(f"{name}: a mean over every dimension includes the batch; give the dimensions.")
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    keepdim = bool(_arg(node.args, node.kwargs, 2, "keepdim", False))
-    return FloatNode(name, "mean", [source], {"dims": sorted(_data_dim(node, d, name) for d in dims),
-                                              "keepdim": keepdim})
-
-
-def permute_node(name: str, source: str, node: fx.Node) -> FloatNode:
-    """permute / transpose as a permutation that keeps the batch dimension first."""
-    ndim = len(node.all_input_nodes[0].meta["tensor_meta"].shape)
-    rest = node.args[1:]
-    if node.target in (torch.transpose, "transpose"):
-        a, b = (_data_dim(node, d, name) for d in rest[:2])
-        dims = list(range(ndim))
-        dims[a], dims[b] = dims[b], dims[a]
-    else:
-        given = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
-        dims = [d % ndim for d in given]
-        if dims[0] != 0:
-            raise PhotosimError(f"{name}: permutation {given} moves the batch dimension; keep dimension 0 first.")
-    return FloatNode(name, "permute", [source], {"dims": dims})
-
-
-def split_piece(name: str, source: str, split: fx.Node, index: Any) -> FloatNode:
-    """Piece ``index`` of a chunk / split of a fixed non-batch dimension, as a slice."""
-    sizes = _arg(split.args, split.kwargs, 1, "split_size_or_sections" if split.target in (torch.split, "split")
-                 else "chunks", None)
-    dim = _data_dim(split, _arg(split.args, split.kwargs, 2, "dim", 0), name)
-    length = split.all_input_nodes[0].meta["tensor_meta"].shape[dim]
-    positions = torch.arange(length)
-    pieces = positions.chunk(sizes) if split.target in (torch.chunk, "chunk") else positions.split(sizes)
-    if not isinstance(index, int) or not -len(pieces) <= index < len(pieces):
-        raise PhotosimError(f"{name}: piece {index!r} of a split into {len(pieces)} is not a fixed index.")
-    piece = pieces[index]
-    return FloatNode(name, "slice", [source], {"dim": dim, "start": int(piece[0]), "stop": int(piece[-1]) + 1})
-
-
-def slice_node(name: str, source: str, node: fx.Node) -> FloatNode | None:
-    """``x[:, ..., a:b]``: a contiguous slice of one non-batch dimension (None for other indexing)."""
-    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    shape = getattr(node.args[0].meta["tensor_meta"], "shape", None)
-    if shape is None:  # an item of a tuple (a module returning several values)
-        return None
-    cut = [(d, s) for d, s in enumerate(index) if s != slice(None)]
-    if len(cut) != 1 or not isinstance(cut[0][1], slice) or cut[0][0] == 0 or cut[0][1].step not in (None, 1):
-        return None
-    d, s = cut[0]
-    start, stop, _ = s.indices(shape[d])
-    if not (isinstance(start, int) and isinstance(stop, int)) or stop <= start:
-        return None
-    return FloatNode(name, "slice", [source], {"dim": d, "start": start, "stop": stop})
-
-
-def pick_node(name: str, source: str, node: fx.Node) -> FloatNode | None:
-    """``x[:, i]`` (an integer index of one non-batch dimension, the others whole): the slice i:i+1 (None for other
-    indexing); the caller drops the dimension with a reshape."""
-    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    shape = getattr(node.args[0].meta["tensor_meta"], "shape", None)
-    picks = [(d, i) for d, i in enumerate(index) if i != slice(None)]
-    if shape is None or len(picks) != 1 or picks[0][0] == 0 or isinstance(picks[0][1], bool) \
-            or not isinstance(picks[0][1], int) or Ellipsis in index:
-        return None
-    d, i = picks[0]
-    i %= shape[d]
-    return FloatNode(f"{name}.pick", "slice", [source], {"dim": d, "start": i, "stop": i + 1})
-
-
-def attention_nodes(name: str, call: fx.Node, src: Any) -> list[FloatNode]:
-    """nn.MultiheadAttention as self-attention on (N, T, C) tokens (batch_first, no masks): the input projection,
-    per-head q, k, v (slices, reshapes, permutes), scores q k^T, the 1/sqrt(d) scale, softmax, the weighted sum
-    of v, heads merged, and the output projection (named as the module, holding its output)."""
-    mha: nn.MultiheadAttention = call.graph.owning_module.get_submodule(str(call.target))
-    query, key, value = (call.kwargs.get(k, a) for k, a in zip(("query", "key", "value"), (*call.args, None, None)))
-    masks = [k for k in ("key_padding_mask", "attn_mask") if call.kwargs.get(k) is not None] + (
-        ["attn_mask"] if len(call.args) > 5 and call.args[5] is not None else [])
-    if not (mha.batch_first and query is key is value and mha._qkv_same_embed_dim and mha.bias_k is None
-            and not mha.add_zero_attn and not masks):
-        raise PhotosimError(f"{name}: MultiheadAttention is supported as unmasked self-attention with "
-                            "batch_first=True (query, key and value the same tensor, no bias_k / add_zero_attn); "
-                            "rewrite it with Linear, matmul and softmax.")
-    tokens, channels = (int(d) for d in query.meta["tensor_meta"].shape[1:])
-    heads = mha.num_heads
-    dim = channels // heads
-    zeros = torch.zeros(3 * channels)
-    in_bias = mha.in_proj_bias.detach().clone() if mha.in_proj_bias is not None else zeros
-    out_bias = mha.out_proj.bias.detach().clone() if mha.out_proj.bias is not None else zeros[:channels]
-
-    def linear(suffix: str, source: str, weight: torch.Tensor, bias: torch.Tensor) -> FloatNode:
-        return FloatNode(f"{name}{suffix}", "linear", [source], {"in_features": weight.shape[1],
-                                                                 "out_features": weight.shape[0]}, weight, bias)
-
-    out = [linear(".in_proj", src(query), mha.in_proj_weight.detach().clone(), in_bias)]
-    for i, part in enumerate("qkv"):
-        out.append(FloatNode(f"{name}.{part}", "slice", [f"{name}.in_proj"],
-                             {"dim": 2, "start": i * channels, "stop": (i + 1) * channels}))
-        out.append(FloatNode(f"{name}.{part}_heads", "reshape", [f"{name}.{part}"], {"shape": [tokens, heads, dim]}))
-        order = [0, 2, 3, 1] if part == "k" else [0, 2, 1, 3]  # k as (heads, d, T): the scores are q @ k
-        out.append(FloatNode(f"{name}.{part}_t", "permute", [f"{name}.{part}_heads"], {"dims": order}))
-    out += [
-        FloatNode(f"{name}.scores", "matmul", [f"{name}.q_t", f"{name}.k_t"]),
-        FloatNode(f"{name}.scaled", "scale", [f"{name}.scores"], {"factor": 1 / math.sqrt(dim)}),
-        FloatNode(f"{name}.weights", "softmax", [f"{name}.scaled"]),
-        FloatNode(f"{name}.context", "matmul", [f"{name}.weights", f"{name}.v_t"]),
-        FloatNode(f"{name}.merged", "permute", [f"{name}.context"], {"dims": [0, 2, 1, 3]}),
-        FloatNode(f"{name}.tokens", "reshape", [f"{name}.merged"], {"shape": [tokens, channels]}),
-        linear("", f"{name}.tokens", mha.out_proj.weight.detach().clone(), out_bias),
-    ]
-    return out
-
-
-def _batchnorm_as_conv(name: str, source: str, bn: nn.BatchNorm2d) -> FloatNode:
-    """A BatchNorm2d with no conv before it (pre-activation blocks), as the depthwise 1x1 conv it equals."""
-    channels = bn.num_features
-    node = FloatNode(name, "conv2d", [source], {"in_channels": channels, "out_channels": channels, "kernel": [1, 1],
-                                                "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1],
-                                                "groups": channels},
-                     torch.ones(channels, 1, 1, 1), torch.zeros(channels))
-    _fold_batchnorm(node, bn)
-    return node
-
-
-def _bias(m: nn.Module) -> torch.Tensor:
-    return m.bias.detach().clone() if m.bias is not None else torch.zeros(m.weight.shape[0])
-
-
-def _fold_batchnorm(producer: FloatNode, bn: nn.Module) -> None:
-    """w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta, in float64."""
-    var, mean = bn.running_var.double(), bn.running_mean.double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
-    factor = gamma / torch.sqrt(var + bn.eps)
-    shape = (-1,) + (1,) * (producer.weight.dim() - 1)
-    producer.weight = (producer.weight.double() * factor.view(shape)).float()
-    producer.bias = ((producer.bias.double() - mean) * factor + beta).float()
-
-
-def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any) -> Any:
-    return kwargs.get(key, args[index] if len(args) > index else default)
-
-
-def maxpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, Any]:
-    if m is not None:
-        if m.return_indices:
-            raise PhotosimError("MaxPool2d(return_indices=True) is not supported.")
-        return _pool_attrs(m.kernel_size, m.stride, m.padding, dilation=_pair(m.dilation),
-                           ceil_mode=bool(m.ceil_mode))
-    return _pool_attrs(_arg(args, kwargs, 1, "kernel_size", None), _arg(args, kwargs, 2, "stride", None),
-                       _arg(args, kwargs, 3, "padding", 0), dilation=_pair(_arg(args, kwargs, 4, "dilation", 1)),
-                       ceil_mode=bool(_arg(args, kwargs, 5, "ceil_mode", False)))
-
-
-def avgpool_attrs(m: nn.Module | None, args: tuple, kwargs: dict) -> dict[str, Any]:
-    if m is not None:
-        return _pool_attrs(m.kernel_size, m.stride, m.padding, ceil_mode=bool(m.ceil_mode),
-                           count_include_pad=bool(m.count_include_pad), divisor_override=m.divisor_override)
-    return _pool_attrs(_arg(args, kwargs, 1, "kernel_size", None), _arg(args, kwargs, 2, "stride", None),
-                       _arg(args, kwargs, 3, "padding", 0), ceil_mode=bool(_arg(args, kwargs, 4, "ceil_mode", False)),
-                       count_include_pad=bool(_arg(args, kwargs, 5, "count_include_pad", True)),
-                       divisor_override=_arg(args, kwargs, 6, "divisor_override", None))
-
-
-def reshape_node(name: str, source: str, node: fx.Node) -> FloatNode:
-    """flatten / view / reshape: a flatten from dim 1 when the result is (N, -1), else a reshape."""
-    in_shape = node.all_input_nodes[0].meta["tensor_meta"].shape
-    out_shape = tuple(node.meta["tensor_meta"].shape)
-    if out_shape[0] != in_shape[0]:
-        raise PhotosimError(f"{name}: reshapes across the batch dimension ({tuple(in_shape)} -> {out_shape}) "
-                            "are not supported; keep dimension 0 as the batch.")
-    if len(out_shape) == 2:
-        return FloatNode(name, "flatten", [source], {"start_dim": 1})
-    return FloatNode(name, "reshape", [source], {"shape": list(out_shape[1:])})

@@ -12,7 +12,7 @@ from collections import Counter
 import torch
 
 from photosim.frontend.algorithms.layer import LayerData
-from photosim.frontend.capture import FloatGraph, FloatNode
+from photosim.frontend.graph import FloatGraph, FloatNode
 from photosim.ir.fakequant import fake_quantize, run_node
 from photosim.ir.format import Node, QParams, QuantizedModel
 

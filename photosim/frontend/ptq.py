@@ -25,8 +25,9 @@ from photosim.errors import PhotosimError
 from photosim.frontend.algorithms import Selection
 from photosim.frontend.algorithms.layer import LayerData
 from photosim.frontend.algorithms.selection import select
-from photosim.frontend.capture import FloatGraph, FloatNode, capture
+from photosim.frontend.capture import capture
 from photosim.frontend.data import calibration_batches
+from photosim.frontend.graph import FloatGraph, FloatNode
 from photosim.frontend.lockstep import LockstepRun
 from photosim.frontend.qconfig import LayerSettings, QuantSpec
 from photosim.ir.fakequant import exp_table, lookup_table

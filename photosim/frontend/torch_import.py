@@ -23,16 +23,8 @@ from photosim._imports import call_object
 from photosim.engine.requant import INT32_MAX, INT32_MIN
 from photosim.engine.torch_requant import quantize_val
 from photosim.errors import PhotosimError
-from photosim.frontend.capture import (
-    PASS_THROUGH_CALLS,
-    PASS_THROUGH_MODULES,
-    activation_bounds,
-    avgpool_attrs,
-    conv_attrs,
-    is_tensor,
-    maxpool_attrs,
-    reshape_node,
-)
+from photosim.frontend.capture import PASS_THROUGH_CALLS, PASS_THROUGH_MODULES, is_tensor
+from photosim.frontend.patterns import activation_bounds, avgpool_attrs, conv_attrs, maxpool_attrs, reshape_node
 from photosim.ir.format import Node, QParams, QuantizedModel, validate
 
 SUPPORTED = (

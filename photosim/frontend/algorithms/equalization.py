@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from photosim.frontend.algorithms.registry import GraphAlgorithm, register_algorithm
-from photosim.frontend.capture import FloatGraph, FloatNode
+from photosim.frontend.graph import FloatGraph, FloatNode
 from photosim.ir.ops import OPS
 
 MAX_SWEEPS = 100

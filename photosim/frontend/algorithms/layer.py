@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from photosim.frontend.capture import FloatNode
+from photosim.frontend.graph import FloatNode
 from photosim.ir.ops import OPS
 
 PATCH_ELEMENTS = 1 << 24  # patch values materialised at once while summing the Gram matrices

@@ -20,7 +20,7 @@ import torch
 
 if TYPE_CHECKING:
     from photosim.frontend.algorithms.layer import LayerData, LayerGrams
-    from photosim.frontend.capture import FloatGraph
+    from photosim.frontend.graph import FloatGraph
 
 AUTO = "auto"  # choose the combination by agreement with the float model (selection.py)
 
