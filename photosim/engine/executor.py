@@ -129,9 +129,7 @@ def analog_matmuls(qmodel: QuantizedModel, hw: HardwarePlan, *, seed: int = 0, r
             continue
         qa, qb = node.input_q
         k = shapes[node.inputs[0]][-1]
-        x_max = max(abs(qa.qmin - qa.zero_point), abs(qa.qmax - qa.zero_point))
-        w_max = max(abs(qb.qmin - qb.zero_point), abs(qb.qmax - qb.zero_point))
-        readout = Readout.of(settings, k, x_max, w_max, layer=index, seed=seed, repeat=repeat,
+        readout = Readout.of(settings, k, qa.largest_offset, qb.largest_offset, layer=index, seed=seed, repeat=repeat,
                              measured_range=_measured_range(node, settings, adc_ranges, calibrating),
                              calibrating=calibrating)
         plans[node.name] = LayerPlan(node, index, torch.empty(0), REQUANT_MODES[settings.requant], None,  # type: ignore
@@ -374,8 +372,7 @@ class Engine:
         """Exact sums of products of a - z_a and b - z_b (float64 where below 2^53, else int64 on the CPU)."""
         qa, qb = node.input_q
         a, b = xs[0].to(torch.int64) - qa.zero_point, xs[1].to(torch.int64) - qb.zero_point
-        bound = a.shape[-1] * max(abs(qa.qmin - qa.zero_point), abs(qa.qmax - qa.zero_point)) * max(
-            abs(qb.qmin - qb.zero_point), abs(qb.qmax - qb.zero_point))
+        bound = a.shape[-1] * qa.largest_offset * qb.largest_offset  # the largest |sum of products|
         if node.name in self.analog:  # on the optical engine: sums in ADC steps, the multiplier absorbs the step
             layer = self.analog[node.name]
             products = layer.matmul_acc(a, b, sample_ids)
@@ -392,8 +389,7 @@ class Engine:
     @kernel("scale")
     def _scale(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         q = node.input_q[0]  # x * factor: the codes of q, read at scale s_in * factor, rescaled to the output
-        scaled = QParams(q.scale * node.attrs["factor"], q.zero_point, q.bits, q.signed, q.qmin, q.qmax)
-        return self.modes[node.name].rescale(xs[0], scaled, node.output_q)
+        return self.modes[node.name].rescale(xs[0], replace(q, scale=q.scale * node.attrs["factor"]), node.output_q)
 
     @kernel("softmax")
     def _softmax(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:

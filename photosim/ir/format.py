@@ -47,6 +47,11 @@ class QParams:
     qmin: int
     qmax: int
 
+    @property
+    def largest_offset(self) -> int:
+        """max |code - zero_point| over the clamp range: the largest operand a dot product reads."""
+        return max(abs(self.qmin - self.zero_point), abs(self.qmax - self.zero_point))
+
     @staticmethod
     def storage_range(bits: int, signed: bool) -> tuple[int, int]:
         """The code range of ``bits``-bit signed or unsigned integers."""

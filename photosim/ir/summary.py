@@ -20,7 +20,7 @@ def operand_max(node: Node) -> tuple[int, int]:
     """(Xmax, Wmax): the largest |x - z_in| the input clamp range allows and the largest |weight code|
     2^(w_bits-1); a tile of L products spans +-L * Xmax * Wmax (its full scale)."""
     q = node.input_q[0]
-    return max(abs(q.qmin - q.zero_point), abs(q.qmax - q.zero_point)), max_magnitude(node.w_bits)
+    return q.largest_offset, max_magnitude(node.w_bits)
 
 
 def worst_case_acc_bits(input_bits: int, w_bits: int, k: int, bias_bits: int | None = None) -> int:
