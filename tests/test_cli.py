@@ -96,7 +96,7 @@ def test_run_with_no_arguments_is_the_demo() -> None:
 def test_run_with_a_hardware_preset_and_snr() -> None:
     result = invoke("run", "--model", "digits-cnn", "--hw", "photonic-8bit", "--limit", "60")
     assert result.exit_code == 0, result.output
-    assert "hardware (1 repeat)" in result.output and "0.00319" in result.output  # enob 8 -> sigma
+    assert "hardware (1 repeat)" in result.output and "0.00226" in result.output  # enob 8 -> sigma
 
 
 @pytest.mark.parametrize(

@@ -122,7 +122,7 @@ def test_snr_and_enob_give_the_equivalent_sigma() -> None:
     hw = load_hardware({"noise": {"output": {"snr_db": 40}}, "layers": [{"match": "fc", "noise": {
         "output": {"enob": 6}}}]})
     assert hw.for_layer("conv").noise.output.resolved_sigma == pytest.approx(0.01)
-    assert hw.for_layer("fc").noise.output.resolved_sigma == pytest.approx(10 ** (-(6.02 * 6 + 1.76) / 20))
+    assert hw.for_layer("fc").noise.output.resolved_sigma == pytest.approx(1 / (math.sqrt(3) * 2 ** 6))
 
 
 def test_static_noise_is_per_chip_read_noise_per_inference(shipped, digits) -> None:

@@ -12,11 +12,13 @@ from photosim.hardware.accumulator import accumulate, wrap
 from photosim.hardware.adc import adc_step, digitize
 from photosim.hardware.noise import (
     additive_weight_noise,
+    enob,
     multiplicative_weight_noise,
     output_noise,
     shot_noise,
     sigma_from_enob,
     sigma_from_snr_db,
+    snr_db,
 )
 from photosim.hardware.rng import normal, normal_per_sample
 
@@ -98,7 +100,22 @@ def test_weight_noise_laws() -> None:
 
 def test_snr_and_enob_conversions() -> None:
     assert sigma_from_snr_db(40.0) == 0.01
-    assert math.isclose(sigma_from_enob(6.0), 10 ** (-(6.02 * 6 + 1.76) / 20))
+    assert math.isclose(sigma_from_enob(6.0), 1 / (math.sqrt(3) * 2 ** 6))
+    assert math.isclose(enob(snr_db(1.0, sigma_from_enob(7.25) ** 2)), 7.25)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(3, 12))
+def test_an_ideal_adc_reports_its_bits(bits: int) -> None:
+    """The rounding error of the N-bit ADC on values spread over +-FS, referred to FS^2, gives N effective bits
+    (less the one code a symmetric narrow range gives up: log2(1 - 2^(1-N)))."""
+    full_scale = 2.0 ** 20
+    p = (torch.rand(200_000, generator=torch.Generator().manual_seed(bits), dtype=torch.float64) * 2 - 1) * full_scale
+    step = adc_step(full_scale, bits)
+    codes, _ = digitize(p, step, bits)
+    error_power = ((codes * step - p) ** 2).mean().item()
+    measured = enob(snr_db(full_scale ** 2, error_power))
+    assert abs(measured - (bits + math.log2(1 - 2.0 ** (1 - bits)))) < 0.01
 
 
 def test_streams_are_per_sample_and_seeded() -> None:

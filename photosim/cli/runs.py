@@ -142,7 +142,7 @@ def run(
         first = grouped[[c for c in ("adc_bits", "adc_range", "backend") if c in hw_run.layers]].first()
         mean = grouped.mean(numeric_only=True).drop(columns=list(first), errors="ignore").join(first).reset_index()
         columns = ["layer", "adc_bits", "adc_range", "adc_range_fraction", "overflow_rate", "adc_clip_rate", "snr_db",
-                   "snr_db_budget", "enob", "acc_bits_worst_case", "acc_bits_observed", "backend"]
+                   "snr_db_budget", "snr_fs_db", "enob", "acc_bits_worst_case", "acc_bits_observed", "backend"]
         print_table("per layer, mean over repeats", mean[[c for c in columns if c in mean]])
     if report:
         write_csv_atomic(table, report)

@@ -22,7 +22,7 @@ from photosim.engine import fused_triton, kernels, onednn
 from photosim.engine.plan import LayerPlan
 from photosim.engine.requant import real_bias
 from photosim.errors import PhotosimError
-from photosim.hardware import rng
+from photosim.hardware import drift, mesh, rng
 from photosim.hardware.accumulator import accumulate
 from photosim.hardware.adc import digitize
 from photosim.hardware.config import NOISE_EFFECTS
@@ -31,6 +31,8 @@ from photosim.hardware.readout import Readout
 from photosim.ir.observers import ActivationObserver
 from photosim.ir.ranges import max_int
 
+# How each weight model of LayerHardware.weight_models realises a layer's (O, K) codes on one chip.
+WEIGHT_REALISATIONS = {"mesh": mesh.realised_weights, "drift": drift.realised_weights}
 # Upper bound on the bytes of the per-tile tensors of one sub-batch (tile values, noise, codes).
 TILE_BYTES = 1 << 24
 TileStep = Literal["torch", "fused-cpu", "fused-triton"]
@@ -79,7 +81,7 @@ class AnalogLayer:
         bias = plan.requant.bias.view(plan.groups, -1) if plan.mode.integer_bias else None
         conv = None
         if (tile_step != "fused-triton" and plan.node.op == "conv2d" and device.type == "cpu" and readout.tiles == 1
-                and plan.groups == 1 and readout.exact_weights):
+                and plan.groups == 1 and readout.exact_weights and not readout.tile_signals):
             _, stride, padding, dilation = plan.conv_geometry()
             conv = onednn.prepare_conv(plan.weight, plan.x_range, stride, padding, dilation, plan.groups)
         calibration = ActivationObserver(seed=plan.index) if readout.calibrating else None
@@ -105,8 +107,9 @@ class AnalogLayer:
         n, lead, (m, k), p = a.shape[0], a.shape[1:-2], a.shape[-2:], b.shape[-1]
         g = math.prod(lead)
         rows = a.reshape(n, g, m, k).permute(1, 0, 2, 3).reshape(g, n * m, k).double()  # (G, N*M, K) sample-major
-        tiles = _tile_sums(rows, b.reshape(n, g, k, p).double(), self.tile, n)  # (G, T, N*M, P)
-        acc = self._readout_torch(tiles, sample_ids, None)  # (G, N*M, P)
+        weights = b.reshape(n, g, k, p).double()
+        tiles = _tile_sums(rows, weights, self.tile, n)  # (G, T, N*M, P)
+        acc = self._readout_torch(tiles, sample_ids, None, self._tile_signals(rows, weights, n))  # (G, N*M, P)
         return acc.view(g, n, m, p).permute(1, 0, 2, 3).reshape(n, *lead, m, p)
 
     @property
@@ -201,8 +204,9 @@ class AnalogLayer:
         elif self.tile_step == "fused-cpu":  # the tile values (int32 / float32 / float64) and the operands
             value_bytes = 8 if self.weights.plan.path == "float64" else 4
             per_sample = oh * ow * groups * (tile_values * value_bytes + operand_bytes)
-        else:  # float64 values and their temporaries
-            per_sample = oh * ow * groups * (tile_values + operands) * 8 * 3
+        else:  # float64 values and their temporaries, and the per-tile signals of signal-dependent noise
+            temporaries = 3 + len(set(self.readout.tile_signals.values()))
+            per_sample = oh * ow * groups * (tile_values + operands) * 8 * temporaries
         step = max(1, budget // max(per_sample, 1))
         outs = []
         for start in range(0, max(n, 1), step):  # an empty batch still gives an (0, O, OH, OW) result
@@ -223,26 +227,48 @@ class AnalogLayer:
         if self.tile_step == "fused-triton":
             return self.dot_triton(a, sample_ids)
         if self.weights.plan.path == "int_mm":
-            return self._readout(_tile_sums_int8(a, self.matrix, self.tile), sample_ids, None, self.tile_shift)
+            signals = self._tile_signals(a, self.matrix, 1)
+            return self._readout(_tile_sums_int8(a, self.matrix, self.tile), sample_ids, None, self.tile_shift,
+                                 signals)
         weights = self._perturbed_weights(sample_ids)
         p = _tile_sums(a, weights, self.tile, len(sample_ids))  # (G, T, M, O) analog tile values
         exact = None
         if self.diagnostics and not self.readout.exact_weights:
             exact = torch.matmul(a.double(), self.matrix.double())  # (G, M, O): exact below 2^53
-        return self._readout(p, sample_ids, exact)
+        return self._readout(p, sample_ids, exact, signals=self._tile_signals(a, weights, len(sample_ids)))
+
+    def _tile_signals(self, a: torch.Tensor, w: torch.Tensor, samples: int) -> dict[str, torch.Tensor]:
+        """The per-tile optical quantities (G, T, M, O or 1) float64 the signal-dependent noise effects need
+        (Readout.tile_signals), from operands a (G, M, K) in the plan's form and the realised weights (G, K, O) or
+        (N, G, K, O): the detected light sum |x| Wmax or sum |x w|, and the signal power sum (x w)^2."""
+        wanted = set(self.readout.tile_signals.values())
+        if not wanted:
+            return {}
+        x, w = a.double() + self.weights.plan.offset, w.double()  # int8 operands are shifted by the offset
+        signals = {}
+        if "input_light" in wanted:
+            w_max = torch.full((x.shape[0], x.shape[-1], 1), float(self.readout.w_max), dtype=torch.float64,
+                               device=x.device)
+            signals["input_light"] = _tile_sums(x.abs(), w_max, self.tile, 1)
+        if "product_light" in wanted:
+            signals["product_light"] = _tile_sums(x.abs(), w.abs(), self.tile, samples)
+        if "product_power" in wanted:
+            signals["product_power"] = _tile_sums(x.square(), w.square(), self.tile, samples)
+        return signals
 
     def _readout(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None = None,
-                 shift: torch.Tensor | None = None) -> torch.Tensor:
+                 shift: torch.Tensor | None = None, signals: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Tile values p (G, T, M, O) + shift (G, T, O) -> analog noise, ADC, accumulator -> (G, M, O) int64 in ADC
         steps, by the compiled CPU readout (``fused-cpu``) or the torch path (the reference).
 
-        ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it.
+        ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it. ``signals``:
+        the per-tile optical quantities of signal-dependent noise (``_tile_signals``), which only torch draws.
         """
         if self.tile_step == "fused-cpu":
             return self._readout_fused(p, sample_ids, exact, shift)
         if shift is not None:
             p = p.to(torch.int64) + shift.unsqueeze(2)
-        return self._readout_torch(p, sample_ids, exact)
+        return self._readout_torch(p, sample_ids, exact, signals)
 
     def dot_triton(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """dot by photosim.engine.fused_triton's kernel: tile sums, noise, ADC and accumulator in one pass, the
@@ -266,8 +292,9 @@ class AnalogLayer:
                                   error_power=counts.error_power, max_abs_acc=counts.max_abs_acc))
         return acc
 
-    def _readout_torch(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
-        """_readout as torch tensor operations: any device, calibration, custom noise."""
+    def _readout_torch(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None,
+                       signals: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """_readout as torch tensor operations: any device, calibration, custom and signal-dependent noise."""
         readout = self.readout
         if self.calibration is not None:
             self.calibration.update(p.abs())
@@ -276,7 +303,8 @@ class AnalogLayer:
         fs = self.full_scale
         p = p.to(readout.dtype)
         for name, sigma in readout.tile_noise.items():
-            p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name))
+            signal = (signals or {})[readout.tile_signals[name]] if name in readout.tile_signals else None
+            p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name), signal)
         if readout.custom:
             context = {"layer": self.name, "full_scale": fs, "tile": self.tile, "sample_ids": sample_ids,
                        "normal": lambda: self._normal_like(p, sample_ids, "custom").double()}
@@ -306,10 +334,24 @@ class AnalogLayer:
         acc, overflowed = accumulate(codes.permute(0, 2, 3, 1), bias, r.acc_bits, r.overflow, r.bias_at)
         return acc, int(overflowed.sum())
 
-    def _perturbed_weights(self, sample_ids: torch.Tensor) -> torch.Tensor:
-        """Weights (G, K, O) in the plan's dtype, with chip error (float64) and, with per-inference weight error,
-        one copy per sample (N, G, K, O)."""
+    @functools.cached_property
+    def chip_matrix(self) -> torch.Tensor:
+        """The weights (G, K, O) this chip realises: the codes through the readout's weight models (mesh, drift;
+        float64, drawn once per chip and layer from their own streams), else the codes themselves."""
         r, w = self.readout, self.matrix
+        if not r.weight_models:
+            return w
+        realised = w.double().transpose(1, 2).cpu()  # (G, O, K): the models take (O, K) codes
+        for name, settings in r.weight_models.items():
+            generator = rng.chip_generator(r.seed, r.repeat, name, r.layer)
+            realised = torch.stack([WEIGHT_REALISATIONS[name](group, float(r.w_max), r.tile, settings, generator)
+                                    for group in realised])
+        return realised.transpose(1, 2).to(w.device)
+
+    def _perturbed_weights(self, sample_ids: torch.Tensor) -> torch.Tensor:
+        """Weights (G, K, O) in the plan's dtype, or float64 with the chip's weight models and chip error, and with
+        per-inference weight error one copy per sample (N, G, K, O)."""
+        r, w = self.readout, self.chip_matrix
         for name, (kind, sigma) in r.weight_noise.items():
             if NOISE_EFFECTS[name].per_chip:
                 e = rng.normal(tuple(w.shape), r.seed, r.repeat, name, r.layer, w.device).double()

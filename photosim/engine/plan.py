@@ -146,5 +146,6 @@ def describe(plan: LayerPlan) -> dict[str, Any]:
     if plan.readout is not None:
         r = plan.readout
         row.update(tile=r.tile, tiles=r.tiles, adc_bits=r.adc_bits, acc_bits=r.acc_bits, overflow=r.overflow,
-                   noise=",".join([*r.tile_noise, *r.weight_noise, *(["custom"] if r.custom else [])]) or "-")
+                   noise=",".join([*r.tile_noise, *r.weight_noise, *r.weight_models, *(["custom"] if r.custom else [])])
+                   or "-")
     return row

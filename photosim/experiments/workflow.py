@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from photosim._config import MAX_REPEATS, load_config
 from photosim._files import require_file
 from photosim._imports import load_object
-from photosim.engine.analog import AnalogLayer
+from photosim.engine.analog import AnalogLayer, LayerStats
 from photosim.engine.executor import Engine, check_device
 from photosim.engine.torch_requant import resolve_cpu_family
 from photosim.errors import PhotosimError
@@ -158,12 +158,13 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
     for name, layer in engine.analog.items():
         node, st, readout, settings = engine.model.node(name), layer.stats, layer.readout, engine.settings[name]
         snr = snr_db(st.signal_power, st.error_power) if layer.diagnostics else math.nan
+        snr_fs = full_scale_snr_db(st, layer) if layer.diagnostics else math.nan
         row = {
             "repeat": repeat, "layer": name, "tile": layer.tile, "tiles": layer.tiles,
             "full_scale": layer.full_scale, "output_sigma": readout.tile_noise.get("output", 0.0),
             "adc_bits": layer.adc_bits, **adc_range_columns(settings, readout), "adc_step": layer.step,
             "overflow_rate": st.overflowed / max(st.outputs, 1), "adc_clip_rate": st.clipped / max(st.tile_values, 1),
-            "snr_db": snr, "enob": enob(snr),
+            "snr_db": snr, "snr_fs_db": snr_fs, "enob": enob(snr_fs),
             "acc_bits_worst_case": worst_case_acc_bits(node.input_q[0].bits, node.w_bits or node.input_q[1].bits,
                                                        readout.k),  # a matmul's "weights" are its second input
             "acc_bits_observed": math.ceil(math.log2(st.max_abs_acc + 1)) + 1,
@@ -198,6 +199,13 @@ def adc_range_columns(settings: LayerHardware, readout: Any) -> dict[str, Any]:
 def adc_range_summary(modes: Sequence[str]) -> str:
     """The ADC ranges of a model's layers in one word: the distinct modes in order, joined by ``+``."""
     return "+".join(dict.fromkeys(modes)) or "ideal"
+
+
+def full_scale_snr_db(stats: LayerStats, layer: AnalogLayer) -> float:
+    """The measured error referred to one tile's full scale, as ``enob`` and the link budget define SNR:
+    10 log10(FS^2 / error power per tile value), the error of an output shared by its T tiles."""
+    per_tile = stats.error_power / max(stats.outputs, 1) / layer.tiles
+    return snr_db(layer.full_scale ** 2, per_tile)
 
 
 def budget_snr_db(signal_power: float, layer: AnalogLayer) -> float:

@@ -19,6 +19,8 @@ from pydantic import (
 
 from photosim._config import LayerOverride, PerLayer, StrictModel, load_config, override_model, with_settings
 from photosim.errors import PhotosimError
+from photosim.hardware.drift import DriftConfig
+from photosim.hardware.mesh import MeshConfig
 from photosim.hardware.noise import sigma_from_enob, sigma_from_snr_db
 from photosim.hardware.photonic_config import PhotonicsConfig
 
@@ -32,6 +34,13 @@ class NoiseEffect(StrictModel):
     # their numbers)
     acts_on: ClassVar[Literal["tile", "weight", "custom"]]  # tile values, weights, or the user's function
     per_chip: ClassVar[bool] = False  # drawn once per simulated chip (else anew for every inference)
+    dumped_when_off: ClassVar[bool] = True  # False for effects added after results were hashed: a config without
+    # them dumps (and a sweep point hashes) as before they existed
+
+    @property
+    def signal(self) -> TileSignal | None:
+        """The per-tile optical quantity a tile effect's variance follows, besides the tile value (None: none)."""
+        return None
 
     @property
     def strength(self) -> float:
@@ -56,7 +65,8 @@ class OutputNoise(NoiseEffect):
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("sigma", "snr_db", "enob"),)
     sigma: float | None = Field(None, ge=0, description="Noise std as a fraction of the tile's full scale FS.")
     snr_db: float | None = Field(None, description="SNR at full scale, 20 log10(FS / std), in dB.")
-    enob: float | None = Field(None, gt=0, description="Effective bits at full scale (SNR = 6.02 ENOB + 1.76 dB).")
+    enob: float | None = Field(None, gt=0, description="Effective bits at full scale: the noise of an ideal ENOB-bit "
+                                                        "quantizer over +-FS (SNR = 6.02 ENOB + 4.77 dB).")
 
     @model_validator(mode="after")
     def _to_sigma(self) -> OutputNoise:
@@ -87,6 +97,44 @@ class ShotNoise(NoiseEffect):
     stream: ClassVar[int] = 4
     acts_on: ClassVar[Literal["tile"]] = "tile"
     sigma: float = Field(0.0, ge=0, description="Shot-noise coefficient (0: off).")
+
+
+TileSignal = Literal["input_light", "product_light", "product_power"]  # sum |x| Wmax, sum |x w|, sum (x w)^2 per tile
+
+
+class PhotocurrentNoise(NoiseEffect):
+    """Shot noise of each tile's real photocurrent: std = sigma * sqrt(FS * light), ``light`` the tile's detected
+    light in product units (docs/hardware.md, Signal-dependent noise)."""
+
+    stream: ClassVar[int] = 6
+    acts_on: ClassVar[Literal["tile"]] = "tile"
+    dumped_when_off: ClassVar[bool] = False
+    sigma: float = Field(0.0, ge=0, description="Shot-noise coefficient: std = sigma * sqrt(FS * light) (0: off).")
+    light: Literal["inputs", "products"] = Field(
+        "inputs", description="inputs: light = sum |x_i| Wmax (weights split each input's light between the two "
+                              "photodiodes of a balanced pair, so the total does not depend on them); products: "
+                              "light = sum |x_i w_i| (weights attenuate the light).")
+
+    @property
+    def signal(self) -> TileSignal:
+        return "input_light" if self.light == "inputs" else "product_light"
+
+
+class IntensityNoise(NoiseEffect):
+    """Laser relative intensity noise carried by the signal: std = sigma * sqrt(sum (x_i w_i)^2) with one laser per
+    input (independent), sigma * |p| with one shared laser (common); sigma = sqrt(RIN * bandwidth)."""
+
+    stream: ClassVar[int] = 7
+    acts_on: ClassVar[Literal["tile"]] = "tile"
+    dumped_when_off: ClassVar[bool] = False
+    sigma: float = Field(0.0, ge=0, description="sqrt(RIN * bandwidth), the relative std of the light (0: off).")
+    lasers: Literal["independent", "common"] = Field(
+        "independent", description="independent: one laser per input (variance sum (x_i w_i)^2, a 1/L share of the "
+                                   "full-scale variance); common: one laser feeds all inputs (variance p^2).")
+
+    @property
+    def signal(self) -> TileSignal | None:
+        return "product_power" if self.lasers == "independent" else None
 
 
 class WeightNoise(NoiseEffect):
@@ -134,10 +182,25 @@ class NoiseConfig(StrictModel):
     weight_read: ReadWeightNoise = Field(default_factory=ReadWeightNoise,
                                          description="Weight error drawn per inference.")
     custom: CustomNoise = Field(default_factory=CustomNoise, description="User noise model.")
+    photocurrent: PhotocurrentNoise = Field(default_factory=PhotocurrentNoise,
+                                            description="Shot noise of each tile's real photocurrent.")
+    rin: IntensityNoise = Field(default_factory=IntensityNoise, description="Laser intensity noise on the signal.")
 
     def effects(self) -> dict[str, NoiseEffect]:
         """Effect name -> its settings, in declaration order."""
         return {name: getattr(self, name) for name in NOISE_EFFECTS}
+
+    @model_serializer(mode="wrap")
+    def _without_new_effects_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave out the effects marked ``dumped_when_off = False`` while they are off and at their defaults (a
+        per-layer override without a noise section serializes None through here)."""
+        data = handler(self)
+        if self is None:
+            return data
+        for name, effect in self.effects().items():
+            if not effect.dumped_when_off and name in data and effect == type(effect)():
+                del data[name]
+        return data
 
 
 NOISE_EFFECTS: dict[str, type[NoiseEffect]] = {name: field.annotation  # type: ignore[misc]
@@ -177,6 +240,11 @@ RequantMode = Literal["float", "fixedpoint", "pytorch"]
 REQUANT_KEYS = ("requant", "pytorch_cpu")  # the settings that decide how a layer rounds
 
 
+OPTIONAL_SECTIONS = ("photonics", "mesh", "drift")  # left out of dumps when null
+WEIGHT_MODELS: dict[str, int] = {"mesh": 8, "drift": 9}  # per-chip weight realisations -> Philox stream number
+# (after the noise effects' 1-7; fixed forever, like theirs)
+
+
 class LayerHardware(StrictModel):
     """The settings that apply to one layer (the global ones, or after per-layer overrides)."""
 
@@ -191,6 +259,12 @@ class LayerHardware(StrictModel):
     photonics: PhotonicsConfig | None = Field(
         None, description="Physical description of the optical core; its link budget sets noise.output and "
                           "noise.weight_static (docs/photonics.md). null: noise as given.")
+    mesh: MeshConfig | None = Field(
+        None, description="A coherent core's weights as MZI meshes (Clements) with phase, splitter and loss errors, "
+                          "drawn per chip (docs/mesh.md). null: independent weights.")
+    drift: DriftConfig | None = Field(
+        None, description="Weights that drift in time (microring temperature, PCM conductance) and their "
+                          "recalibration, drawn per chip (docs/drift.md). null: no drift.")
 
     @model_validator(mode="after")
     def _noise_from_one_place(self) -> LayerHardware:
@@ -201,22 +275,31 @@ class LayerHardware(StrictModel):
             if given:
                 raise ValueError(f"{' and '.join(given)} cannot be given beside photonics, whose link budget "
                                  "derives them; remove one of them")
+        if self.mesh is not None and self.photonics is not None and self.photonics.architecture != "coherent":
+            raise ValueError("mesh describes the MZI meshes of a coherent core, but photonics.architecture is "
+                             f"{self.photonics.architecture!r}; set it to coherent or remove mesh")
         return self
 
     @model_serializer(mode="wrap")
-    def _without_absent_photonics(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave out ``photonics: null``, so configs without the section dump (and sweep points hash) as before it
-        existed; a missing key validates back to None."""
+    def _without_absent_sections(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave out ``photonics``, ``mesh`` and ``drift`` when null, so configs without them dump (and sweep points
+        hash) as before they existed; a missing key validates back to None."""
         data = handler(self)
-        if data.get("photonics", True) is None:
-            del data["photonics"]
+        for section in OPTIONAL_SECTIONS:
+            if section in data and data[section] is None:
+                del data[section]
         return data
+
+    def weight_models(self) -> dict[str, MeshConfig | DriftConfig]:
+        """The per-chip models of how programmed weights are realised, in the order they apply: mesh, drift."""
+        return {name: getattr(self, name) for name in WEIGHT_MODELS if getattr(self, name) is not None}
 
     @property
     def is_random(self) -> bool:
         """True when any noise effect is on (results then depend on the seed and repeat); a photonic core always
-        has noise (finite power)."""
-        return any(effect.on for effect in self.noise.effects().values()) or self.photonics is not None
+        has noise (finite power), meshes and drift are drawn per chip."""
+        return (any(effect.on for effect in self.noise.effects().values()) or self.photonics is not None
+                or bool(self.weight_models()))
 
     @property
     def calibrated_adc(self) -> bool:

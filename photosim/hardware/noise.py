@@ -13,7 +13,8 @@ import torch
 
 from photosim.hardware import philox
 
-TileNoise = Callable[[torch.Tensor, float, float, torch.Tensor], torch.Tensor]
+# (tile values p, sigma, full scale FS, standard normals e, the effect's per-tile signal or None) -> noisy p
+TileNoise = Callable[[torch.Tensor, float, float, torch.Tensor, torch.Tensor | None], torch.Tensor]
 WeightNoise = Callable[[torch.Tensor, float, float, torch.Tensor], torch.Tensor]
 TILE_NOISE: dict[str, TileNoise] = {}
 WEIGHT_NOISE: dict[str, WeightNoise] = {}
@@ -30,13 +31,15 @@ def _register(table: dict, name: str) -> Callable:
 
 
 @_register(TILE_NOISE, "output")
-def output_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor) -> torch.Tensor:
+def output_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor,
+                 signal: torch.Tensor | None = None) -> torch.Tensor:
     """Additive thermal / detector noise: std = sigma * FS, independent of the signal."""
     return p + (sigma * full_scale) * e
 
 
 @_register(TILE_NOISE, "shot")
-def shot_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor) -> torch.Tensor:
+def shot_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor,
+               signal: torch.Tensor | None = None) -> torch.Tensor:
     """Signal-dependent noise: std = sigma * sqrt(|p| * FS) (variance grows with the detected power).
 
     float32 takes the correctly rounded square root (philox.sqrt32; torch's CPU sqrt is not), which the compiled
@@ -44,6 +47,24 @@ def shot_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor
     power = p.abs() * full_scale
     root = philox.sqrt32(power) if p.dtype == torch.float32 else torch.sqrt(power)
     return p + sigma * root * e
+
+
+@_register(TILE_NOISE, "photocurrent")
+def photocurrent_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor,
+                       signal: torch.Tensor | None = None) -> torch.Tensor:
+    """Shot noise of the tile's real photocurrent: std = sigma * sqrt(FS * light), ``signal`` the tile's detected
+    light in product units (sum |x_i| Wmax or sum |x_i w_i|, float64), at most FS."""
+    assert signal is not None
+    return p + sigma * torch.sqrt(signal * full_scale) * e
+
+
+@_register(TILE_NOISE, "rin")
+def intensity_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor,
+                    signal: torch.Tensor | None = None) -> torch.Tensor:
+    """Laser intensity noise carried by the signal: std = sigma * sqrt(sum (x_i w_i)^2) (``signal``: that sum, one
+    laser per input) or sigma * |p| (None: one laser for all inputs)."""
+    spread = p.abs() if signal is None else torch.sqrt(signal)
+    return p + sigma * spread * e
 
 
 @_register(WEIGHT_NOISE, "multiplicative")
@@ -58,14 +79,23 @@ def additive_weight_noise(w: torch.Tensor, sigma: float, w_max: float, e: torch.
     return w + (sigma * w_max) * e
 
 
+# SNR and ENOB are referenced to the tile's DC full scale FS (signal power FS^2, as ``sigma`` is a fraction of FS).
+# An ideal N-bit quantizer over +-FS has steps 2 FS / 2^N and noise power step^2 / 12 = FS^2 / (3 * 4^N), so
+# SNR = 20 log10(2) N + 10 log10(3) = 6.02 N + 4.77 dB. (The 1.76 dB of data sheets is for a full-scale sine,
+# whose power is FS^2 / 2; using it against FS^2 overstates ENOB by half a bit.)
+DB_PER_BIT = 20.0 * math.log10(2.0)
+FULL_SCALE_DB = 10.0 * math.log10(3.0)
+
+
 def sigma_from_snr_db(snr_db: float) -> float:
     """Output-noise sigma (fraction of full scale) for SNR = 20 log10(FS / noise std)."""
     return 10.0 ** (-snr_db / 20.0)
 
 
 def sigma_from_enob(enob: float) -> float:
-    """Output-noise sigma for an effective number of bits, via SNR_dB = 6.02 ENOB + 1.76."""
-    return sigma_from_snr_db(6.02 * enob + 1.76)
+    """Output-noise sigma for an effective number of bits: the noise of an ideal ENOB-bit quantizer over +-FS,
+    1 / (sqrt(3) 2^ENOB), i.e. SNR_dB = 6.02 ENOB + 4.77."""
+    return sigma_from_snr_db(DB_PER_BIT * enob + FULL_SCALE_DB)
 
 
 def snr_db(signal_power: float, error_power: float) -> float:
@@ -78,5 +108,5 @@ def snr_db(signal_power: float, error_power: float) -> float:
 
 
 def enob(snr: float) -> float:
-    """Effective bits of a given SNR in dB (inverse of 6.02 ENOB + 1.76)."""
-    return (snr - 1.76) / 6.02
+    """Effective bits of an SNR in dB referenced to the full scale FS^2 (inverse of 6.02 ENOB + 4.77)."""
+    return (snr - FULL_SCALE_DB) / DB_PER_BIT

@@ -15,7 +15,9 @@ from typing import Literal
 import torch
 
 from photosim.hardware.adc import adc_step
-from photosim.hardware.config import LayerHardware
+from photosim.hardware.config import LayerHardware, TileSignal
+from photosim.hardware.drift import DriftConfig
+from photosim.hardware.mesh import MeshConfig
 
 FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this
 
@@ -40,8 +42,12 @@ class Readout:
     overflow: Literal["wrap", "saturate", "none"] = "none"
     bias_at: Literal["start", "end"] = "start"
     tile_noise: dict[str, float] = field(default_factory=dict)  # effect on -> sigma (output: of FS; shot: coef.)
+    tile_signals: dict[str, TileSignal] = field(default_factory=dict)  # tile effect on -> the optical quantity
+    # its variance follows (NoiseEffect.signal), for the effects that need one
     weight_noise: dict[str, tuple[str, float]] = field(default_factory=dict)  # effect on -> (kind, sigma)
     custom: str | None = None  # the user's noise function (module:function or file.py:function)
+    weight_models: dict[str, MeshConfig | DriftConfig] = field(default_factory=dict)  # per-chip realisation of the
+    # programmed weights (LayerHardware.weight_models), in the order they apply
     seed: int = 0
     repeat: int = 0  # the simulated chip
     calibrating: bool = False  # the tile values are being recorded to measure the ADC range
@@ -66,9 +72,11 @@ class Readout:
                 adc_range = measured_range
         effects = settings.noise.effects()
         tile_noise = {name: e.strength for name, e in effects.items() if e.acts_on == "tile" and e.on}
+        tile_signals = {name: e.signal for name, e in effects.items() if name in tile_noise and e.signal}
         weight_noise = {name: (e.kind, e.strength) for name, e in effects.items() if e.acts_on == "weight" and e.on}
         return cls(layer, k, tile, x_max, w_max, adc_bits, adc_range, acc.bits, acc.overflow, acc.bias_at,
-                   tile_noise, weight_noise, settings.noise.custom.function, seed, repeat, calibrating)
+                   tile_noise, tile_signals, weight_noise, settings.noise.custom.function, settings.weight_models(),
+                   seed, repeat, calibrating)
 
     @property
     def tiles(self) -> int:
@@ -90,13 +98,14 @@ class Readout:
     @property
     def exact_weights(self) -> bool:
         """No weight error: the tile sums are the exact integer ones."""
-        return not self.weight_noise
+        return not self.weight_noise and not self.weight_models
 
     @property
     def dtype(self) -> torch.dtype:
         """The tile values' working dtype: float32 under tile noise (whose std swamps float32's rounding of the
         noisy values) when every tile value is an integer below 2^24 (exact weights, FS < 2^24), so exact in
-        float32; else float64 (custom noise functions get float64, as documented). It depends on the settings
+        float32; else float64 (custom noise functions get float64, as documented; so do signal-dependent effects,
+        whose per-tile light and power sums may pass 2^24). It depends on the settings
         only, never on the matmul a machine picks, so every CPU and GPU computes the same numbers."""
-        exact32 = self.exact_weights and self.full_scale < FLOAT32_EXACT
+        exact32 = self.exact_weights and self.full_scale < FLOAT32_EXACT and not self.tile_signals
         return torch.float32 if self.tile_noise and not self.custom and exact32 else torch.float64

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from photosim.hardware import philox
-from photosim.hardware.config import NOISE_EFFECTS
+from photosim.hardware.config import NOISE_EFFECTS, WEIGHT_MODELS
 
-STREAMS = {name: effect.stream for name, effect in NOISE_EFFECTS.items()}  # effect -> Philox stream number
+STREAMS = {**{name: effect.stream for name, effect in NOISE_EFFECTS.items()},
+           **WEIGHT_MODELS}  # effect or weight model -> Philox stream number
 
 
 def key(seed: int, repeat: int, stream: str, layer: int) -> tuple[int, int]:
@@ -37,3 +38,10 @@ def normal(shape: tuple[int, ...], seed: int, repeat: int, stream: str, layer: i
     count = int(torch.Size(shape).numel())
     ids = torch.zeros(1, dtype=torch.int64, device=device)
     return philox.normal(key(seed, repeat, stream, layer), ids, count, philox.PER_CHIP).reshape(shape)
+
+
+def chip_generator(seed: int, repeat: int, stream: str, layer: int) -> torch.Generator:
+    """A torch generator for one chip's draws of one weight model (photosim.hardware.mesh, .drift): seeded from the
+    stream's Philox key, so a chip's mesh or drift is the same in every run, batch and point of a time sweep."""
+    k0, k1 = key(seed, repeat, stream, layer)
+    return torch.Generator().manual_seed(((k0 << 32) | k1) & ((1 << 63) - 1))
