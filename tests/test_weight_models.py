@@ -80,4 +80,4 @@ def test_meshes_larger_than_the_largest_are_refused_by_name() -> None:
     weights = kernels.prepare_weights(torch.ones(2, 300, dtype=torch.int64), 1, kernels.MatmulPlan("float64", 300))
     layer = analog_layer({"mesh": {}}, weights, None, x_max=X_MAX, w_max=W_MAX)
     with pytest.raises(PhotosimError, match="hw.tile"):
-        layer.chip_matrix
+        _ = layer.chip_matrix
