@@ -21,6 +21,7 @@ from photosim.hardware.config import load_hardware
 from photosim.hardware.energy import LayerCounts, layer_energy, walden_adc_energy
 from photosim.hardware.photonic_config import PhotonicsConfig
 from photosim.hardware.photonics import link_budget, path_loss_db, with_link_budget
+from photosim.hardware.units import Q_E
 
 Q, KB = 1.602176634e-19, 1.380649e-23
 # 1 mW per channel, no loss, ideal modulator, 1 A/W, no dark current, 2 GHz clock (B = 1 GHz), 1 kohm at 300 K
@@ -72,10 +73,24 @@ def test_weight_errors_add_in_quadrature() -> None:
 
 
 def test_link_budget_becomes_the_noise_settings() -> None:
-    hw = load_hardware({"tile": 16, "photonics": {**PLAIN, "programming_error": 0.01}}).for_layer("fc")
-    physical = with_link_budget(hw, 16)
-    assert physical.noise.output.sigma == pytest.approx(link_budget(hw.photonics, 16).sigma_output)
+    """Signal law: the input-dependent shot noise is noise.photocurrent, sqrt(2 q B I_fs) / I_fs with I_fs = R L P
+    (16 mA here), RIN is noise.rin at sqrt(RIN B) per laser, the rest (thermal; no leakage or dark current here)
+    noise.output; the worst-case law puts all of them at full scale into noise.output."""
+    photonics = {**PLAIN, "programming_error": 0.01, "rin_db_hz": -150}
+    hw = load_hardware({"tile": 16, "photonics": photonics}).for_layer("fc")
+    budget, physical = link_budget(hw.photonics, 16), with_link_budget(hw, 16)
+    current, bandwidth = 16 * 1e-3, 1e9
+    assert physical.noise.photocurrent.sigma == pytest.approx(math.sqrt(2 * Q_E * bandwidth * current) / current)
+    assert physical.noise.photocurrent.light == "inputs"
+    assert physical.noise.photocurrent.sigma == pytest.approx(budget.sigma_shot)  # no constant light: all of it
+    assert (physical.noise.rin.sigma, physical.noise.rin.lasers) == (pytest.approx(math.sqrt(1e-15 * bandwidth)),
+                                                                      "independent")
+    assert physical.noise.output.sigma == pytest.approx(budget.sigma_thermal)
     assert (physical.noise.weight_static.sigma, physical.noise.weight_static.kind) == (0.01, "additive")
+    worst = with_link_budget(load_hardware({"tile": 16, "photonics": {**photonics, "noise_law": "worst-case"}})
+                             .for_layer("fc"), 16)
+    assert worst.noise.output.sigma == pytest.approx(budget.sigma_output)
+    assert not worst.noise.photocurrent.on and not worst.noise.rin.on
     assert with_link_budget(load_hardware({}).for_layer("fc"), 16).noise.output.sigma is None
 
 
@@ -89,9 +104,10 @@ def _conv_model() -> object:
 
 def test_energy_against_a_hand_count() -> None:
     energy = {"modulator_pj": 1.0, "adc_fom_fj": 10.0, "weight_hold_mw": 1.0, "weight_write_pj": 2.0,
-              "weight_reuse": 4, "accumulate_pj": 0.1, "requant_pj": 0.5}
+              "accumulate_pj": 0.1, "requant_pj": 0.5}
     hw = load_hardware({"tile": 8, "adc": {"bits": 6}, "photonics": {
-        "laser_power_mw": 2.0, "wall_plug_efficiency": 0.5, "clock_ghz": 1.0, "fan_out": 3, "energy": energy}})
+        "laser_power_mw": 2.0, "wall_plug_efficiency": 0.5, "clock_ghz": 1.0, "fan_out": 3, "batch_size": 4,
+        "energy": energy}})
     row = budget_table(_conv_model(), hw).iloc[0]
     # T = ceil(18 / 8) = 3 tiles, ceil(4 / 3) = 2 row groups: 16 * 3 * 2 = 96 cycles of 1 ns
     cycles, outputs, adc_conversions = 96, 16 * 4, 16 * 4 * 3
@@ -99,13 +115,14 @@ def test_energy_against_a_hand_count() -> None:
         cycles, cycles * 8, adc_conversions, outputs * 18)
     laser = cycles * 8 * 2e-3 / 0.5 * 1e-9  # 8 channels of 2 mW at 50% wall-plug efficiency
     modulators = cycles * 8 * 1e-12
-    weights = cycles * 8 * 3 * 1e-3 * 1e-9 + 4 * 18 / 4 * 2e-12  # 24 devices held, 72 written every 4th inference
+    weights = cycles * 8 * 3 * 1e-3 * 1e-9  # 24 devices held while computing
+    weight_load = 4 * 18 * 2e-12 / 4  # 72 written once per batch of 4 (no settling time: no hold while loading)
     adc = adc_conversions * 10e-15 * 2 ** 6
     digital = adc_conversions * 0.1e-12 + outputs * 0.5e-12
     for column, value in (("laser_J", laser), ("modulators_J", modulators), ("weights_J", weights),
-                          ("adc_J", adc), ("digital_J", digital)):
+                          ("weight_load_J", weight_load), ("adc_J", adc), ("digital_J", digital)):
         assert row[column] == pytest.approx(value), column
-    total = laser + modulators + weights + adc + digital
+    total = laser + modulators + weights + weight_load + adc + digital
     totals = energy_totals(budget_table(_conv_model(), hw))
     assert totals["energy_per_inference_J"] == pytest.approx(total)
     assert totals["energy_per_mac_J"] == pytest.approx(total / (outputs * 18))
@@ -145,6 +162,9 @@ def test_predicted_snr_matches_the_measured_snr(digits_cnn) -> None:
     ratio = 10 ** ((layers["snr_db"] - layers["snr_db_budget"]) / 10)  # measured / predicted SNR
     assert ((ratio - 1).abs() < 0.10).all(), layers[["layer", "snr_db", "snr_db_budget"]]
     assert run.repeats[0]["energy_per_inference_J"] > 0
+    totals = energy_totals(budget_table(qm, {"tile": 32, "photonics": {"laser_power_mw": 0.3}}))
+    assert {"latency_per_batch_s", "inferences_per_s", "TOPS", "TOPS_per_W"} <= set(totals)
+    assert {key: run.repeats[0][key] for key in totals} == totals  # the run's rows carry the model's totals
 
 
 @pytest.mark.parametrize("photonics, culprit", [
@@ -153,6 +173,12 @@ def test_predicted_snr_matches_the_measured_snr(digits_cnn) -> None:
     ({"architecture": "quantum"}, "photonics.architecture"),
     ({"load_ohm": 50, "tia_noise_pa_rthz": 5}, "tia_noise_pa_rthz"),
     ({"energy": {"adc_fom_fj": -1}}, "photonics.energy.adc_fom_fj"),
+    ({"responsivity_a_per_w": 5}, "responsivity_a_per_w 5 exceeds the quantum limit"),  # 1.25 A/W at 1550 nm
+    ({"rin_db_hz": -10}, "photonics.rin_db_hz"),
+    ({"programming_error": 5}, "photonics.programming_error"),
+    ({"lo_power_mw": 1}, "lo_power_mw is an option of the coherent architecture only"),
+    ({"architecture": "coherent"}, "a coherent core needs photonics.lo_power_mw"),
+    ({"energy": {"weight_reuse": 1000}}, "photonics.batch_size"),
 ])
 def test_bad_physical_input_exits_2_naming_it(tmp_path, photonics, culprit) -> None:
     model = tmp_path / "conv.safetensors"
@@ -224,6 +250,13 @@ def test_the_worked_example_of_the_docs() -> None:
     assert [round(s, 6) for s in (b.sigma_shot, b.sigma_thermal, b.sigma_rin, b.sigma_output)] == [
         0.001944, 0.000677, 0.001257, 0.002412]
     assert round(b.sigma_weight, 6) == 0.002297
+    assert [round(s, 7) for s in (b.sigma_photocurrent, b.sigma_shot_floor, b.sigma_intensity)] == [
+        0.0019411, 0.0001101, 0.0012574]
+    signal_law = with_link_budget(load_hardware("microring-weight-bank").for_layer("fc"), 16).noise
+    assert round(signal_law.output.sigma, 7) == 0.0006858
     energy = layer_energy(cfg, LayerCounts.of(positions=1, groups=1, out_per_group=10, k=32, tile=16, fan_out=16), 8)
-    assert [round(x * 1e12, 1) for x in (energy.laser, energy.modulators, energy.weights, energy.adc, energy.digital,
-                                         energy.total)] == [32.0, 32.0, 51.2, 102.4, 6.0, 223.6]
+    assert [round(x * 1e12, 1) for x in (energy.laser, energy.modulators, energy.weights, energy.adc,
+                                         energy.digital)] == [32.0, 32.0, 51.2, 102.4, 6.0]
+    # 2 loads of 256 rings held 5 us each and 320 writes of 1 pJ, shared by a batch of 256
+    assert energy.weight_load == pytest.approx((256 * 1e-3 * 2 * 5e-6 + 320 * 1e-12) / 256)
+    assert energy.total * 1e12 == pytest.approx(223.6 + 10001.25)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_conv_net
@@ -22,8 +24,10 @@ def test_overrides_and_link_budget_are_resolved_once() -> None:
     assert plan.layers["conv1"].noise.output.sigma == 0.01
     assert plan.layers["fc"].noise.output.sigma is None
     k = 4  # the grouped 1x1 conv: 4 input channels per group, so its tile of 4 is its whole dot product
+    budget = link_budget(plan.layers["grouped"].photonics, k)
     assert plan.layers["grouped"].noise.output.sigma == pytest.approx(
-        link_budget(plan.layers["grouped"].photonics, k).sigma_output)
+        math.hypot(budget.sigma_shot_floor, budget.sigma_thermal))
+    assert plan.layers["grouped"].noise.photocurrent.sigma == pytest.approx(budget.sigma_photocurrent)
     assert plan.is_random and plan.chips(5) == 5 and not plan.calibrated_adc
     engine = Engine(model, plan)
     assert engine.settings is plan.layers and engine.hw is plan.config

@@ -194,10 +194,11 @@ def inspect(
 @handles_errors
 def import_torch_cmd(
     spec: Annotated[str, typer.Argument(help="path/to/script.py:function returning (converted GraphModule, "
-                                             "input shape).")],
+                                             "input shape): a convert_fx or torchao convert_pt2e result.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Integer model file to write.")],
 ) -> None:
-    """Convert a PyTorch quantize_fx model (convert_fx output) into a photosim integer model file."""
+    """Convert a PyTorch quantize_fx model (convert_fx output) or a torchao PT2E model (convert_pt2e output) into a
+    photosim integer model file."""
     from photosim.frontend.torch_import import import_torch
 
     preflight({"--output": output}, {"SPEC": spec_file(spec)})

@@ -233,8 +233,9 @@ def budget(
     report: Annotated[Path | None, typer.Option(help="Write the full per-layer table as CSV.")] = None,
 ) -> None:
     """Per layer: optical powers, each noise term, SNR and effective bits at full scale, the dominant noise
-    source, and energy per MAC and per inference (formulas: docs/photonics.md)."""
-    from photosim.experiments.budget import budget_table, energy_totals
+    source, bank loads, time per batch, and energy per MAC and per inference; then the model's totals, latency,
+    throughput, TOPS and TOPS/W at photonics.batch_size (formulas: docs/photonics.md)."""
+    from photosim.experiments.budget import ENERGY_PARTS, budget_table, energy_totals
     from photosim.experiments.report import write_csv_atomic
     from photosim.hardware.config import load_hardware
     from photosim.ir.format import load
@@ -247,15 +248,19 @@ def budget(
                             "(docs/photonics.md) or use a photonic preset.")
     shown = {"layer": "layer", "tile": "L", "detector_power_mW": "P_det mW", "sigma_shot": "shot",
              "sigma_thermal": "thermal", "sigma_rin": "RIN", "sigma_adc": "ADC", "sigma_weight": "weight",
-             "snr_db": "SNR dB", "enob": "ENOB", "dominant_noise": "dominant", "energy_per_mac_J": "J/MAC",
-             "energy_per_inference_J": "J/inference"}
+             "snr_db": "SNR dB", "enob": "ENOB", "dominant_noise": "dominant", "loads": "loads",
+             "latency_per_batch_s": "s/batch", "energy_per_mac_J": "J/MAC", "energy_per_inference_J": "J/inference"}
     print_table("link budget per layer (noise std as a fraction of the tile's full scale, full-scale inputs; "
                 "all columns: --report)", table[list(shown)].rename(columns=shown))
-    totals = energy_totals(table)
+    totals, first = energy_totals(table), table.iloc[0]
     console.print(f"energy per inference {totals['energy_per_inference_J']:.4g} J ("
-                  + ", ".join(f"{name.removesuffix('_J')} {totals[name]:.3g}" for name in
-                              ("laser_J", "modulators_J", "weights_J", "adc_J", "digital_J"))
+                  + ", ".join(f"{name.removesuffix('_J')} {totals[name]:.3g}" for name in ENERGY_PARTS)
                   + f"), per MAC {totals['energy_per_mac_J']:.4g} J")
+    area = f", {totals['TOPS_per_mm2']:.4g} TOPS/mm2" if "TOPS_per_mm2" in totals else ""
+    console.print(f"batch of {first['batch_size']} on {plural(int(first['cores']), 'core')}: "
+                  f"{plural(int(table['loads'].sum()), 'bank load')}, {totals['latency_per_batch_s']:.4g} s per batch, "
+                  f"{totals['inferences_per_s']:.4g} inferences/s, {totals['TOPS']:.4g} TOPS, "
+                  f"{totals['TOPS_per_W']:.4g} TOPS/W{area}")
     if report:
         write_csv_atomic(table, report)
         console.print(f"wrote {report}")

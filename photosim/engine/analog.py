@@ -26,7 +26,7 @@ from photosim.hardware import drift, mesh, rng
 from photosim.hardware.accumulator import accumulate
 from photosim.hardware.adc import digitize
 from photosim.hardware.config import NOISE_EFFECTS
-from photosim.hardware.noise import TILE_NOISE, WEIGHT_NOISE
+from photosim.hardware.noise import SIGNAL_NOISE_VARIANCE, TILE_NOISE, WEIGHT_NOISE
 from photosim.hardware.readout import Readout
 from photosim.ir.observers import ActivationObserver
 from photosim.ir.ranges import max_int
@@ -49,6 +49,8 @@ class LayerStats:
     signal_power: float = 0.0  # sum of exact accumulator^2 (product units)
     error_power: float = 0.0  # sum of (hardware - exact)^2
     max_abs_acc: int = 0  # largest |accumulator| seen, in accumulator units
+    signal_noise_power: float = 0.0  # sum over tile values of the variance the signal-dependent effects inject
+    # (their laws at the tiles' real light and signal; product units^2)
 
     def add(self, other: LayerStats) -> None:
         """Accumulate another batch's counts into this one."""
@@ -302,8 +304,12 @@ class AnalogLayer:
             exact = p.sum(dim=1, dtype=torch.float64)
         fs = self.full_scale
         p = p.to(readout.dtype)
+        signal_noise_power = 0.0
         for name, sigma in readout.tile_noise.items():
             signal = (signals or {})[readout.tile_signals[name]] if name in readout.tile_signals else None
+            if name in SIGNAL_NOISE_VARIANCE and self.diagnostics:
+                variance = SIGNAL_NOISE_VARIANCE[name](p, sigma, fs, signal)
+                signal_noise_power += float(variance.sum()) * (p.numel() // variance.numel())
             p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name), signal)
         if readout.custom:
             context = {"layer": self.name, "full_scale": fs, "tile": self.tile, "sample_ids": sample_ids,
@@ -315,6 +321,7 @@ class AnalogLayer:
         acc, overflowed = self._accumulate(codes, None if bias is None else bias.unsqueeze(1))  # (G, M, O)
         clips = 0 if self.adc_bits is None else int(clipped.sum())  # the ideal readout never clips
         self._record(acc, step, overflowed, clips, clipped.numel(), exact)
+        self.stats.signal_noise_power += signal_noise_power
         return acc
 
     def _bias_codes(self, step: float) -> torch.Tensor | None:

@@ -1,8 +1,8 @@
-"""The link budget and energy of a whole model on a photonic core: one row per conv/linear layer.
+"""The link budget, energy and schedule of a whole model on photonic cores: one row per conv/linear layer.
 
-``photosim budget`` prints this table; ``photosim run`` and sweeps add its totals (``energy_totals``) to
-their rows when the hardware config has a ``photonics`` section. Noise terms are fractions of the tile's
-full scale FS at full-scale inputs (docs/photonics.md).
+``photosim budget`` prints this table; ``photosim run`` and sweeps add its totals (``energy_totals``: energy per
+inference by part, latency, throughput, TOPS, TOPS/W) to their rows when the hardware config has a ``photonics``
+section. Noise terms are fractions of the tile's full scale FS at full-scale inputs (docs/photonics.md).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from typing import Any
 
 import pandas as pd
 
+from photosim.errors import PhotosimError
 from photosim.hardware.adc import adc_step
 from photosim.hardware.config import HardwareConfig, LayerHardware
-from photosim.hardware.energy import LayerCounts, layer_energy
+from photosim.hardware.energy import LayerCounts, Throughput, chip_area_mm2, layer_energy, layer_schedule
 from photosim.hardware.noise import enob, snr_db
 from photosim.hardware.photonics import link_budget
 from photosim.hardware.plan import HardwarePlan
@@ -24,8 +25,7 @@ from photosim.ir.ops import OPS
 from photosim.ir.summary import dot_length, operand_max, output_shapes
 
 NOISE_TERMS = ("shot", "thermal", "rin", "adc", "weight")  # candidates for the dominant noise source
-ENERGY_COLUMNS = ("energy_per_inference_J", "energy_per_mac_J", "laser_J", "modulators_J", "weights_J", "adc_J",
-                  "digital_J")
+ENERGY_PARTS = ("laser_J", "modulators_J", "weights_J", "weight_load_J", "adc_J", "digital_J")  # per inference
 
 
 def adc_sigma(hw: LayerHardware, full_scale: float) -> float:
@@ -57,6 +57,7 @@ def layer_budget(node: Node, out_shape: tuple[int, ...], hw: LayerHardware) -> d
                            else (math.prod(out_shape[1:]), out_shape[0]))
     counts = LayerCounts.of(positions, groups, channels // groups, k, tile, cfg.fan_out)
     energy = layer_energy(cfg, counts, adc_bits_for_energy(hw, full_scale))
+    schedule = layer_schedule(cfg, counts)
     sigmas = {"shot": link.sigma_shot, "thermal": link.sigma_thermal, "rin": link.sigma_rin,
               "adc": adc_sigma(hw, full_scale), "weight": link.sigma_weight / math.sqrt(tile)}
     snr = snr_db(1.0, sum(s ** 2 for s in sigmas.values()))
@@ -69,15 +70,18 @@ def layer_budget(node: Node, out_shape: tuple[int, ...], hw: LayerHardware) -> d
         "sigma_output": link.sigma_output, "sigma_weight_device": link.sigma_weight,
         "snr_db": snr, "enob": enob(snr), "dominant_noise": max(sigmas, key=lambda name: sigmas[name]),
         "macs": counts.macs, "cycles": counts.cycles, "input_conversions": counts.input_conversions,
-        "adc_conversions": counts.adc_conversions,
+        "adc_conversions": counts.adc_conversions, "batch_size": cfg.batch_size, "cores": cfg.cores,
+        "loads": counts.loads, "weight_writes": counts.weights, "load_time_s": schedule.load_time_s,
+        "latency_per_batch_s": schedule.latency_s, "area_mm2": chip_area_mm2(cfg, tile),
         "laser_J": energy.laser, "modulators_J": energy.modulators, "weights_J": energy.weights,
-        "adc_J": energy.adc, "digital_J": energy.digital,
+        "weight_load_J": energy.weight_load, "adc_J": energy.adc, "digital_J": energy.digital,
         "energy_per_inference_J": energy.total, "energy_per_mac_J": energy.total / counts.macs,
     }
 
 
 def budget_table(qmodel: QuantizedModel, hw: HardwarePlan | HardwareConfig) -> pd.DataFrame:
-    """One row per conv/linear layer whose settings have a photonics section (empty when none has)."""
+    """One row per conv/linear layer whose settings have a photonics section (empty when none has); the batch goes
+    through the model together, so every layer must have the same ``photonics.batch_size``."""
     shapes = output_shapes(qmodel)
     plan = HardwarePlan.resolve(qmodel, hw)
     rows = []
@@ -85,13 +89,32 @@ def budget_table(qmodel: QuantizedModel, hw: HardwarePlan | HardwareConfig) -> p
         settings = plan.layers[node.name]
         if OPS[node.op].weighted and settings.photonics is not None:
             rows.append(layer_budget(node, shapes[node.name], settings))
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if not table.empty and table["batch_size"].nunique() > 1:
+        sizes = ", ".join(f"{row.layer} {row.batch_size}" for row in table.itertuples())
+        raise PhotosimError(f"photonics.batch_size differs between layers ({sizes}), but a batch goes through the "
+                            "whole model together: give it once, in the global photonics section.")
+    return table
+
+
+def throughput(table: pd.DataFrame) -> Throughput:
+    """The model's latency, throughput and efficiency at its batch size: layers run one after another; the chip's
+    area is that of the largest bank the model needs (None without a device area)."""
+    areas = table["area_mm2"].dropna()
+    return Throughput(batch_size=int(table["batch_size"].iloc[0]), latency_s=float(table["latency_per_batch_s"].sum()),
+                      macs=int(table["macs"].sum()), energy_j=float(table["energy_per_inference_J"].sum()),
+                      area_mm2=float(areas.max()) if not areas.empty else None)
 
 
 def energy_totals(table: pd.DataFrame) -> dict[str, float]:
-    """Per-inference joules of the whole model by part, and per MAC; {} for an empty table."""
+    """Per-inference joules of the whole model by part and per MAC at its batch size, with its latency per batch,
+    inferences per second, TOPS, TOPS/W and (with a device area) TOPS/mm2; {} for an empty table."""
     if table.empty:
         return {}
-    totals = {column: float(table[column].sum()) for column in ENERGY_COLUMNS if column != "energy_per_mac_J"}
-    totals["energy_per_mac_J"] = totals["energy_per_inference_J"] / float(table["macs"].sum())
+    totals = {column: float(table[column].sum()) for column in ("energy_per_inference_J", *ENERGY_PARTS)}
+    chip = throughput(table)
+    totals.update(energy_per_mac_J=chip.energy_j / chip.macs, latency_per_batch_s=chip.latency_s,
+                  inferences_per_s=chip.inferences_per_s, TOPS=chip.tops, TOPS_per_W=chip.tops_per_w)
+    if chip.tops_per_mm2 is not None:
+        totals["TOPS_per_mm2"] = chip.tops_per_mm2
     return totals

@@ -210,9 +210,11 @@ def full_scale_snr_db(stats: LayerStats, layer: AnalogLayer) -> float:
 
 def budget_snr_db(signal_power: float, layer: AnalogLayer) -> float:
     """The SNR the link budget predicts for a layer whose mean exact accumulator^2 is ``signal_power``: each of
-    the T tiles adds output noise (sigma FS)^2 and rounding step^2 / 12 (weight error and clipping excluded)."""
+    the T tiles adds output noise (sigma FS)^2 and rounding step^2 / 12, and the signal-dependent effects their
+    laws' variance at the layer's real light and signal (weight error and clipping excluded)."""
     tile_noise = (layer.readout.tile_noise.get("output", 0.0) * layer.full_scale) ** 2 + layer.step ** 2 / 12.0
-    return snr_db(signal_power, layer.tiles * tile_noise)
+    signal_dependent = layer.stats.signal_noise_power / max(layer.stats.outputs, 1)
+    return snr_db(signal_power, layer.tiles * tile_noise + signal_dependent)
 
 
 def calibrate_adc_ranges(qmodel: QuantizedModel, hw: HardwareSpec, data: Any, *, samples: int = 512,

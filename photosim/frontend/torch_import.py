@@ -2,7 +2,8 @@
 
 The converted graph already holds integer weights, scales and zero points; this module copies them
 verbatim (scales as the float32 values PyTorch uses, the float bias kept as ``<node>.bias_float``) so
-that ``requant: pytorch`` reproduces the PyTorch model's integer outputs bit for bit.
+that ``requant: pytorch`` reproduces the PyTorch model's integer outputs bit for bit. torchao PT2E graphs
+(``convert_pt2e``) are handed to photosim.frontend.pt2e_import.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.ao.nn.quantized as nnq
 from torch import fx, nn
 
 from photosim._files import save_model_atomic
-from photosim._imports import call_object
+from photosim._imports import call_object, user_code_location
 from photosim.engine.requant import INT32_MAX, INT32_MIN
 from photosim.engine.torch_requant import quantize_val
 from photosim.errors import PhotosimError
@@ -302,13 +303,15 @@ class _ShapeRecorder(fx.Interpreter):
             ) from None
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = SimpleNamespace(shape=tuple(result.shape))
+        else:
+            n.meta.pop("tensor_meta", None)  # an exported graph's own metadata, of a size or other Python value
         return result
 
 
-def _record_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
-    """Shapes for reshape / adaptive-pool attributes: one run on a batch of two zero samples."""
+def record_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...], batch: int = 2) -> None:
+    """Shapes for reshape / adaptive-pool attributes: one run on a batch of ``batch`` zero samples."""
     with torch.no_grad():
-        _ShapeRecorder(gm).run(torch.zeros(2, *input_shape))
+        _ShapeRecorder(gm).run(torch.zeros(batch, *input_shape))
 
 
 def from_torch(graph_module: fx.GraphModule, input_shape: tuple[int, ...], *, name: str = "torch") -> QuantizedModel:
@@ -316,7 +319,8 @@ def from_torch(graph_module: fx.GraphModule, input_shape: tuple[int, ...], *, na
 
     Args:
         graph_module: output of ``torch.ao.quantization.quantize_fx.convert_fx`` (x86, fbgemm or
-            per-tensor qconfigs; quint8 activations, symmetric qint8 weights).
+            per-tensor qconfigs; quint8 activations, symmetric qint8 weights), or of torchao's ``convert_pt2e``
+            (imported by photosim.frontend.pt2e_import).
         input_shape: one sample's shape without the batch dimension, e.g. ``(3, 32, 32)``.
         name: recorded in the provenance as the model's name.
 
@@ -324,13 +328,18 @@ def from_torch(graph_module: fx.GraphModule, input_shape: tuple[int, ...], *, na
         >>> qm = from_torch(convert_fx(prepared), (3, 32, 32))
         >>> simulate(qm, x, {"requant": "pytorch"})
     """
+    from photosim.frontend import pt2e_import
+
+    if pt2e_import.is_pt2e(graph_module):
+        return pt2e_import.from_pt2e(graph_module, input_shape, name=name)
     if not isinstance(graph_module, fx.GraphModule):
         raise PhotosimError(
-            f"expected a torch.fx.GraphModule from convert_fx, got {type(graph_module).__name__}; quantize the "
-            "model with torch.ao.quantization.quantize_fx (prepare_fx, calibrate, convert_fx) first."
+            f"expected a torch.fx.GraphModule from convert_fx or torchao's convert_pt2e, got "
+            f"{type(graph_module).__name__}; quantize the model with torch.ao.quantization.quantize_fx (prepare_fx, "
+            "calibrate, convert_fx) or torchao.quantization.pt2e (prepare_pt2e, calibrate, convert_pt2e) first."
         )
     input_shape = tuple(int(d) for d in input_shape)
-    _record_shapes(graph_module, input_shape)
+    record_shapes(graph_module, input_shape)
     importer = _Importer(graph_module)
     importer.run()
     if importer.input_q is None and not importer.unsupported:
@@ -359,10 +368,19 @@ def import_torch(spec: str, output: str | Path) -> QuantizedModel:
     """``photosim import-torch``: build a quantized model with user code, convert it, save it to ``output``.
 
     ``spec`` is ``path/to/script.py:FUNCTION``; ``FUNCTION()`` takes no arguments and returns the tuple
-    ``(graph_module, input_shape)``: the ``convert_fx`` result and one sample's shape, e.g. ``(3, 32, 32)``.
-    (A converted GraphModule cannot be saved and loaded back, so the script builds it.)
+    ``(graph_module, input_shape)``: the ``convert_fx`` (or torchao ``convert_pt2e``) result and one sample's
+    shape, e.g. ``(3, 32, 32)``. (A converted GraphModule cannot be saved and loaded back, so the script builds it.)
     """
-    result = call_object(spec, "torch import function", "(graph_module, input_shape)")
+    from photosim.frontend.pt2e_import import INSTALL, torchao_missing
+
+    try:
+        result = call_object(spec, "torch import function", "(graph_module, input_shape)")
+    except PhotosimError as exc:
+        if torchao_missing(exc):
+            where = user_code_location(exc)
+            raise PhotosimError(f"{spec} imports torchao (PT2E quantization){f' {where}' if where else ''}, which is "
+                                f"not installed; {INSTALL}.") from exc
+        raise
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], (tuple, list))
             and all(isinstance(d, int) and d > 0 for d in result[1])):
         raise PhotosimError(

@@ -67,6 +67,14 @@ def intensity_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.T
     return p + sigma * spread * e
 
 
+# The variance each signal-dependent law adds to a tile value, (p, sigma, FS, signal) -> tensor broadcastable to p:
+# what a link budget predicts from a layer's real light and signal.
+SIGNAL_NOISE_VARIANCE: dict[str, Callable[[torch.Tensor, float, float, torch.Tensor | None], torch.Tensor]] = {
+    "photocurrent": lambda p, sigma, full_scale, light: sigma ** 2 * full_scale * light,
+    "rin": lambda p, sigma, full_scale, power: sigma ** 2 * (p.double() ** 2 if power is None else power),
+}
+
+
 @_register(WEIGHT_NOISE, "multiplicative")
 def multiplicative_weight_noise(w: torch.Tensor, sigma: float, w_max: float, e: torch.Tensor) -> torch.Tensor:
     """Relative programming / read error: w * (1 + sigma * e)."""

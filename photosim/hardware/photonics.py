@@ -5,11 +5,12 @@ Pure functions, one physical law each, then ``link_budget`` that chains them for
 as they are. Every noise term is a current standard deviation at the receiver, divided by the full-scale
 signal current: a fraction of the tile's full scale FS, the unit of ``noise.output.sigma``.
 
-Shot noise is evaluated at the full-scale total photocurrent on both photodiodes of the pair (all inputs at
-their largest code). In a balanced weight bank that current does not depend on the weights, only on the
-sum of the input powers; the engine's ``shot`` kernel, whose variance follows the signed tile value |p|, is
-not that law, so photosim uses no new kernel and takes this worst case (exact for full-scale inputs, an
-upper bound otherwise) as signal-independent noise. Formulas and sources: docs/photonics.md.
+Shot noise follows the total photocurrent on both photodiodes of the pair. In a balanced weight bank that
+current does not depend on the weights, only on the sum of the input powers, so its input-dependent part becomes
+the engine's ``photocurrent`` effect (light = sum |x| Wmax per tile) and its constant part (extinction leakage,
+the local oscillator, dark current) output noise; RIN becomes the ``rin`` effect, carried by the signal.
+``noise_law: worst-case`` takes both at full-scale light as signal-independent output noise instead (exact for
+full-scale inputs, an upper bound otherwise). Formulas and sources: docs/photonics.md.
 """
 
 from __future__ import annotations
@@ -18,18 +19,11 @@ import math
 from dataclasses import dataclass
 
 from photosim.errors import PhotosimError
-from photosim.hardware.config import LayerHardware, OutputNoise, StaticWeightNoise
+from photosim.hardware.config import IntensityNoise, LayerHardware, OutputNoise, PhotocurrentNoise, StaticWeightNoise
 from photosim.hardware.photonic_config import DEFAULT_LOAD_OHM, PhotonicsConfig
+from photosim.hardware.units import GHZ, K_B, MW, NA, PA, Q_E, db_loss
 
-Q_E = 1.602176634e-19  # elementary charge, C
-K_B = 1.380649e-23  # Boltzmann constant, J/K
-MW, NA, GHZ, PA = 1e-3, 1e-9, 1e9, 1e-12  # unit -> SI factors
 MAX_SIGMA = 1e6  # tile noise beyond a million full scales: no signal is left, and the readout's numbers overflow
-
-
-def db_loss(db: float) -> float:
-    """Power transmission of a loss in dB: 10^(-dB/10)."""
-    return 10.0 ** (-db / 10.0)
 
 
 def splitting_loss_db(fan_out: int, excess_db: float) -> float:
@@ -41,6 +35,20 @@ def path_loss_db(cfg: PhotonicsConfig, tile: int) -> float:
     """Laser to detector, dB: coupling + waveguide + L devices + the fan-out split."""
     return (cfg.coupling_loss_db + cfg.waveguide_loss_db + cfg.device_loss_db * tile
             + splitting_loss_db(cfg.fan_out, cfg.splitter_excess_db))
+
+
+def lo_path_loss_db(cfg: PhotonicsConfig) -> float:
+    """Local oscillator laser to detector pair, dB: coupling + waveguide + the excess of its 1:fan_out split (the
+    ideal split is in its power, given per pair); it passes no input or weight device."""
+    return cfg.coupling_loss_db + cfg.waveguide_loss_db + cfg.splitter_excess_db * math.ceil(math.log2(cfg.fan_out))
+
+
+def weight_swing(cfg: PhotonicsConfig) -> float:
+    """Fraction of a channel's light a full-scale signed weight moves: 1 for a device that steers it between the two
+    photodiodes; (1 - 10^(-ER/10)) / 2 for an attenuator of extinction ratio ER read against a reference."""
+    if cfg.weight_extinction_ratio_db is None:
+        return 1.0
+    return (1.0 - db_loss(cfg.weight_extinction_ratio_db)) / 2.0
 
 
 def leakage(ratio_db: float | None) -> float:
@@ -93,10 +101,13 @@ class LinkBudget:
     signal_current_a: float  # full-scale swing of the balanced (signed) current
     total_current_a: float  # both photodiodes together, full-scale input (sets the shot noise)
     offset_fs: float  # zero-input current (largest, all weights at Wmax), fraction of FS; calibrated out
-    sigma_shot: float
+    sigma_shot: float  # at full-scale light: sqrt(sigma_photocurrent^2 + sigma_shot_floor^2)
     sigma_thermal: float
-    sigma_rin: float
+    sigma_rin: float  # at a full-scale signal from one laser
     sigma_weight: float  # additive weight error, fraction of Wmax
+    sigma_photocurrent: float  # the input-dependent shot noise: std = this * sqrt(FS * light) (noise.photocurrent)
+    sigma_shot_floor: float  # the constant shot noise (leakage, local oscillator, dark current), fraction of FS
+    sigma_intensity: float  # relative std of the signal light, sqrt(RIN B) (halved for a homodyne field; noise.rin)
 
     @property
     def sigma_output(self) -> float:
@@ -107,7 +118,8 @@ class LinkBudget:
 def link_budget(cfg: PhotonicsConfig, tile: int, layer: str | None = None) -> LinkBudget:
     """The link budget of a tile of ``tile`` channels (docs/photonics.md, section Link budget); a budget that
     leaves the range of floating-point numbers (no light left at the detector, noise beyond MAX_SIGMA full scales)
-    is a PhotosimError naming ``layer`` and the settings that cause it."""
+    is a PhotosimError naming ``layer`` and the settings that cause it, as are settings no core can have."""
+    cfg.check(f"layer {layer!r}" if layer else "a layer")
     try:
         budget = _link_budget(cfg, tile)
     except (ZeroDivisionError, OverflowError):
@@ -134,11 +146,16 @@ def _link_budget(cfg: PhotonicsConfig, tile: int) -> LinkBudget:
     leak = leakage(cfg.extinction_ratio_db)
     if cfg.architecture == "incoherent":  # weights split each channel's power between the two photodiodes
         swing_fraction = 1.0 - leak
-        signal, total = r * tile * p_det * swing_fraction, r * tile * p_det
+        signal, total = r * tile * p_det * swing_fraction * weight_swing(cfg), r * tile * p_det
+        varying = total * swing_fraction  # follows the inputs; the leaked rest does not
+        intensity = math.sqrt(rin_variance(cfg.rin_db_hz, 1.0, b))  # each channel's current: its own laser's RIN
     else:  # homodyne: 2 R sqrt(P_LO P_sig) of a coherent sum of L fields; field leakage is sqrt(leak)
         swing_fraction = 1.0 - math.sqrt(leak)
-        p_lo = cfg.lo_power_mw * MW
+        p_lo = cfg.lo_power_mw * MW * db_loss(lo_path_loss_db(cfg))
         signal, total = 2.0 * r * math.sqrt(p_lo * tile * p_det) * swing_fraction, r * (p_lo + tile * p_det)
+        varying = r * tile * p_det  # the signal light (an upper bound: sum |x| Xmax >= sum x^2); the LO is constant
+        intensity = math.sqrt(rin_variance(cfg.rin_db_hz, 1.0, b)) / 2.0  # the field moves half the intensity
+    dark = 2.0 * cfg.dark_current_na * NA
     receiver = (tia_variance(cfg.tia_noise_pa_rthz * PA, b) if cfg.tia_noise_pa_rthz is not None
                 else thermal_variance(cfg.temperature_k, b, cfg.load_ohm or DEFAULT_LOAD_OHM))
     weight = math.sqrt(device_step_error(cfg.weight_bits) ** 2 + cfg.programming_error ** 2
@@ -148,20 +165,32 @@ def _link_budget(cfg: PhotonicsConfig, tile: int) -> LinkBudget:
     return LinkBudget(
         loss_db=loss, detector_power_w=p_det, signal_current_a=signal, total_current_a=total,
         offset_fs=(1.0 - swing_fraction) / swing_fraction,
-        sigma_shot=math.sqrt(shot_variance(total, 2.0 * cfg.dark_current_na * NA, b)) / signal,
+        sigma_shot=math.sqrt(shot_variance(total, dark, b)) / signal,
         sigma_thermal=math.sqrt(receiver) / signal,
         sigma_rin=math.sqrt(rin_variance(cfg.rin_db_hz, signal, b)) / signal,
         sigma_weight=weight,
+        sigma_photocurrent=math.sqrt(shot_variance(varying, 0.0, b)) / signal,
+        sigma_shot_floor=math.sqrt(shot_variance(total - varying, dark, b)) / signal,
+        sigma_intensity=intensity,
     )
 
 
 def with_link_budget(hw: LayerHardware, tile: int, layer: str | None = None) -> LayerHardware:
-    """``hw`` with noise.output and noise.weight_static (additive) set from its photonics section for tiles of
-    ``tile`` channels (of ``layer``, named in errors); unchanged without one. The engine then runs its existing
-    kernels."""
-    if hw.photonics is None:
+    """``hw`` with its noise set from its photonics section for tiles of ``tile`` channels (of ``layer``, named in
+    errors); unchanged without one. ``noise_law: signal``: the constant terms as noise.output, the input-dependent
+    shot noise as noise.photocurrent and RIN as noise.rin (one laser per input of a WDM bank, one shared laser
+    for a coherent core); ``worst-case``: all of them at full scale as noise.output. The weight error is
+    noise.weight_static (additive) either way."""
+    cfg = hw.photonics
+    if cfg is None:
         return hw
-    budget = link_budget(hw.photonics, tile, layer)
-    noise = hw.noise.model_copy(update={"output": OutputNoise(sigma=budget.sigma_output),
-                                        "weight_static": StaticWeightNoise(sigma=budget.sigma_weight, kind="additive")})
-    return hw.model_copy(update={"noise": noise})
+    budget = link_budget(cfg, tile, layer)
+    update: dict[str, object] = {"weight_static": StaticWeightNoise(sigma=budget.sigma_weight, kind="additive")}
+    if cfg.noise_law == "worst-case":
+        update["output"] = OutputNoise(sigma=budget.sigma_output)
+    else:
+        update["output"] = OutputNoise(sigma=math.hypot(budget.sigma_shot_floor, budget.sigma_thermal))
+        update["photocurrent"] = PhotocurrentNoise(sigma=budget.sigma_photocurrent, light="inputs")
+        lasers = "independent" if cfg.architecture == "incoherent" else "common"
+        update["rin"] = IntensityNoise(sigma=budget.sigma_intensity, lasers=lasers)
+    return hw.model_copy(update={"noise": hw.noise.model_copy(update=update)})
