@@ -350,7 +350,7 @@ def add(model: Model, node: dict[str, Any], a: np.ndarray, b: np.ndarray, r: Run
         y = da.astype(np.float64) * (qa.scale / out.scale) + db.astype(np.float64) * (qb.scale / out.scale)
         return clamp(rne(y) + out.zero_point, out)
     if r.mode == "pytorch":
-        body = vectorised(a.shape, r.threads)
+        body = np.broadcast_to(vectorised((1, *a.shape[1:]), r.threads), a.shape)  # each sample alone (the docs)
 
         def dequantize(codes: np.ndarray, centred: np.ndarray, q: Q) -> np.ndarray:
             s = f32(q.scale)

@@ -114,7 +114,7 @@ def test_hardware_config_from_object_dict_or_yaml(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("hw", "message"), [
-    ({"requant": "nope"}, "requant: Input should be 'float', 'fixedpoint' or 'pytorch'"),
+    ({"requant": "nope"}, "requant: Input should be 'float', 'fixedpoint', 'pytorch' or 'onnxruntime'"),
     ({"requantize": "float"}, "unknown key 'requantize'")])
 def test_bad_hardware_config_is_rejected(hw: dict, message: str) -> None:
     with pytest.raises(PhotosimError, match=message):

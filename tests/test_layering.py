@@ -15,7 +15,14 @@ import pytest
 import photosim
 from photosim.engine.requant import REQUANT_MODES
 from photosim.hardware import noise, rng
-from photosim.hardware.config import NOISE_EFFECTS, WEIGHT_MODELS, LayerHardware, NoiseConfig, RequantMode
+from photosim.hardware.config import (
+    INPUT_MODELS,
+    NOISE_EFFECTS,
+    WEIGHT_MODELS,
+    LayerHardware,
+    NoiseConfig,
+    RequantMode,
+)
 
 PACKAGE = Path(photosim.__file__).parent
 FORBIDDEN = {  # package -> the packages it must never import
@@ -64,9 +71,9 @@ def test_noise_effects_are_declared_once() -> None:
     """NoiseConfig's fields are the effects: each has its own stream, a law for what it acts on, and the RNG
     streams and the randomness test derive from them."""
     assert list(NOISE_EFFECTS) == list(NoiseConfig.model_fields)
-    streams = [effect.stream for effect in NOISE_EFFECTS.values()] + list(WEIGHT_MODELS.values())
+    streams = [effect.stream for effect in NOISE_EFFECTS.values()] + [*WEIGHT_MODELS.values(), *INPUT_MODELS.values()]
     assert len(set(streams)) == len(streams)
-    assert {**dict(zip(NOISE_EFFECTS, streams)), **WEIGHT_MODELS} == rng.STREAMS
+    assert {**dict(zip(NOISE_EFFECTS, streams)), **WEIGHT_MODELS, **INPUT_MODELS} == rng.STREAMS
     for name, effect in NOISE_EFFECTS.items():
         if effect.acts_on == "tile":
             assert name in noise.TILE_NOISE

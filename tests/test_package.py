@@ -14,7 +14,7 @@ def _modules_after(statement: str) -> set[str]:
 def test_import_photosim_and_the_cli_import_no_heavy_library() -> None:
     for statement in ("import photosim", "import photosim.cli"):
         loaded = _modules_after(statement)
-        assert not {"torch", "matplotlib", "ray"} & loaded, statement
+        assert not {"torch", "matplotlib", "ray", "onnx", "onnxruntime", "torchao"} & loaded, statement
 
 
 def test_every_public_name_resolves_to_its_defining_module() -> None:
@@ -26,10 +26,12 @@ def test_every_public_name_resolves_to_its_defining_module() -> None:
 
 def test_requant_registry_holds_every_builtin_mode_on_its_own() -> None:
     loaded = _modules_after("from photosim.engine.requant import REQUANT_MODES; print(*REQUANT_MODES, file=sys.stderr)")
-    assert "photosim.engine.torch_requant" in loaded
+    assert {"photosim.engine.torch_requant", "photosim.engine.onnx_requant"} <= loaded
     from photosim.engine.requant import REQUANT_MODES
 
-    assert set(REQUANT_MODES) == {"float", "fixedpoint", "pytorch"}
+    assert set(REQUANT_MODES) == {"float", "fixedpoint", "pytorch", "onnxruntime"}
+    for module in ("torch_requant", "onnx_requant"):  # each mode's module imports first without a cycle
+        assert f"photosim.engine.{module}" in _modules_after(f"import photosim.engine.{module}")
 
 
 def test_no_module_is_shadowed_by_a_function_of_the_same_name() -> None:

@@ -19,6 +19,7 @@ from photosim.frontend.models import load_model
 from photosim.frontend.ptq import quantize
 from photosim.hardware.config import load_hardware
 from photosim.hardware.energy import LayerCounts, layer_energy, walden_adc_energy
+from photosim.hardware.mesh import MeshConfig
 from photosim.hardware.photonic_config import PhotonicsConfig
 from photosim.hardware.photonics import link_budget, path_loss_db, with_link_budget
 from photosim.hardware.units import Q_E
@@ -260,3 +261,17 @@ def test_the_worked_example_of_the_docs() -> None:
     # 2 loads of 256 rings held 5 us each and 320 writes of 1 pJ, shared by a batch of 256
     assert energy.weight_load == pytest.approx((256 * 1e-3 * 2 * 5e-6 + 320 * 1e-12) / 256)
     assert energy.total * 1e12 == pytest.approx(223.6 + 10001.25)
+
+
+def test_an_mzi_mesh_loses_light_with_its_depth() -> None:
+    """With hw.mesh the devices on the path are the SVD core's columns: 2 * 8 + 1 = 17 for 8 ports (two Clements
+    meshes of depth 8 and the attenuators), 0.1 dB each, instead of L devices of device_loss_db."""
+    cfg = PhotonicsConfig(**{**PLAIN, "device_loss_db": 0.5, "coupling_loss_db": 1.0}, architecture="coherent",
+                          lo_power_mw=1.0)
+    mesh = MeshConfig(mzi_loss_db=0.1)
+    assert path_loss_db(cfg, 8) == pytest.approx(1.0 + 8 * 0.5)
+    assert path_loss_db(cfg, 8, mesh) == pytest.approx(1.0 + 17 * 0.1)
+    hw = load_hardware({"tile": 8, "mesh": {"mzi_loss_db": 0.1}, "photonics": cfg.model_dump()}).for_layer("fc")
+    assert link_budget(cfg, 8, mesh=mesh).loss_db == pytest.approx(2.7)
+    assert with_link_budget(hw, 8).noise.photocurrent.sigma == pytest.approx(link_budget(cfg, 8, mesh=mesh)
+                                                                            .sigma_photocurrent)

@@ -33,8 +33,8 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from photosim.engine import kernels, torch_requant
 from photosim.engine.executor import node_outputs, simulate, simulate_codes
-from photosim.engine.requant import REQUANT_MODES, RequantParams
-from photosim.engine.torch_requant import fma_f32, pytorch_kernel, quantize_val
+from photosim.engine.requant import REQUANT_MODES, RequantParams, fma_f32
+from photosim.engine.torch_requant import pytorch_kernel, quantize_val
 from photosim.errors import PhotosimError
 from photosim.frontend.torch_import import from_torch, import_torch
 from photosim.ir.format import Node, QParams, load

@@ -5,7 +5,7 @@ Exit codes: 0 success, 2 bad input (a one-paragraph message, no traceback), 1 in
 
 # isort: off
 # each module registers its commands on the app, in this order in --help: the pipeline's order
-from photosim.cli import models, finetune, analysis, runs, sweeps  # noqa: F401
+from photosim.cli import models, interop, finetune, analysis, runs, sweeps  # noqa: F401
 # isort: on
 from photosim.cli.common import app
 

@@ -58,7 +58,8 @@ def run(
     percentile: PercentileOpt = None, per_tensor: PerTensorOpt = False, calib_samples: CalibOpt = None,
     ptq: PtqOpt = None, activation_range: ActivationRangeOpt = None, output_bits: OutputBitsOpt = None,
     hw: HwOpt = None,
-    requant: Annotated[str | None, typer.Option(help="Requantization: float, fixedpoint or pytorch.")] = None,
+    requant: Annotated[str | None, typer.Option(
+        help="Requantization: float, fixedpoint, pytorch or onnxruntime.")] = None,
     noise: Annotated[float | None, typer.Option(help="Output (detector) noise sigma, fraction of full scale.")] = None,
     tile: Annotated[int | None, typer.Option(help="Dot-product length L of one optical core.")] = None,
     adc_bits: Annotated[int | None, typer.Option(help="Per-tile ADC bits (default: none, an ideal readout).")] = None,

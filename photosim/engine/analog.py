@@ -26,7 +26,14 @@ from photosim.hardware import drift, mesh, rng
 from photosim.hardware.accumulator import accumulate
 from photosim.hardware.adc import digitize
 from photosim.hardware.config import NOISE_EFFECTS
-from photosim.hardware.noise import SIGNAL_NOISE_VARIANCE, TILE_NOISE, WEIGHT_NOISE
+from photosim.hardware.noise import (
+    MODULATOR_TRANSFERS,
+    SIGNAL_NOISE_VARIANCE,
+    TILE_NOISE,
+    WEIGHT_NOISE,
+    dac_noise,
+    detector_saturation,
+)
 from photosim.hardware.readout import Readout
 from photosim.ir.observers import ActivationObserver
 from photosim.ir.ranges import max_int
@@ -51,6 +58,7 @@ class LayerStats:
     max_abs_acc: int = 0  # largest |accumulator| seen, in accumulator units
     signal_noise_power: float = 0.0  # sum over tile values of the variance the signal-dependent effects inject
     # (their laws at the tiles' real light and signal; product units^2)
+    saturated: int = 0  # tile values the detector clamped (detector.saturation; the ADC's clips are ``clipped``)
 
     def add(self, other: LayerStats) -> None:
         """Accumulate another batch's counts into this one."""
@@ -83,7 +91,7 @@ class AnalogLayer:
         bias = plan.requant.bias.view(plan.groups, -1) if plan.mode.integer_bias else None
         conv = None
         if (tile_step != "fused-triton" and plan.node.op == "conv2d" and device.type == "cpu" and readout.tiles == 1
-                and plan.groups == 1 and readout.exact_weights and not readout.tile_signals):
+                and plan.groups == 1 and readout.exact_weights and readout.exact_inputs and not readout.tile_signals):
             _, stride, padding, dilation = plan.conv_geometry()
             conv = onednn.prepare_conv(plan.weight, plan.x_range, stride, padding, dilation, plan.groups)
         calibration = ActivationObserver(seed=plan.index) if readout.calibrating else None
@@ -110,8 +118,12 @@ class AnalogLayer:
         g = math.prod(lead)
         rows = a.reshape(n, g, m, k).permute(1, 0, 2, 3).reshape(g, n * m, k).double()  # (G, N*M, K) sample-major
         weights = b.reshape(n, g, k, p).double()
-        tiles = _tile_sums(rows, weights, self.tile, n)  # (G, T, N*M, P)
-        acc = self._readout_torch(tiles, sample_ids, None, self._tile_signals(rows, weights, n))  # (G, N*M, P)
+        x, exact = rows, None
+        if not self.readout.exact_inputs:  # the first operand is modulated; the exact sums are one tile of K
+            x = self._modulated(rows, sample_ids)
+            exact = _tile_sums(rows, weights, k, n)[:, 0] if self.diagnostics else None  # (G, N*M, P)
+        tiles = _tile_sums(x, weights, self.tile, n)  # (G, T, N*M, P)
+        acc = self._readout_torch(tiles, sample_ids, exact, self._tile_signals(x, weights, n))  # (G, N*M, P)
         return acc.view(g, n, m, p).permute(1, 0, 2, 3).reshape(n, *lead, m, p)
 
     @property
@@ -198,7 +210,8 @@ class AnalogLayer:
         n, _, h, w = x.shape
         oh, ow = (kernels.conv_output_size(*args) for args in zip((h, w), kernel, stride, padding, dilation))
         tile_values, operands = self.tiles * self.weights.out_per_group, self.weights.k
-        operand_bytes = operands * self.weights.matrix.element_size()
+        copies = 1 if self.readout.exact_inputs else 3  # inexact inputs: the modulated operands and their noise
+        operand_bytes = operands * self.weights.matrix.element_size() * copies
         budget = TILE_BYTES
         if self.tile_step == "fused-triton":  # the operands and the accumulators: no tile values are stored
             budget = kernels.PATCH_BYTES
@@ -207,7 +220,7 @@ class AnalogLayer:
             value_bytes = 8 if self.weights.plan.path == "float64" else 4
             per_sample = oh * ow * groups * (tile_values * value_bytes + operand_bytes)
         else:  # float64 values and their temporaries, and the per-tile signals of signal-dependent noise
-            temporaries = 3 + len(set(self.readout.tile_signals.values()))
+            temporaries = 3 + len(set(self.readout.tile_signals.values())) + copies - 1
             per_sample = oh * ow * groups * (tile_values + operands) * 8 * temporaries
         step = max(1, budget // max(per_sample, 1))
         outs = []
@@ -228,25 +241,41 @@ class AnalogLayer:
         ADC steps."""
         if self.tile_step == "fused-triton":
             return self.dot_triton(a, sample_ids)
-        if self.weights.plan.path == "int_mm":
-            signals = self._tile_signals(a, self.matrix, 1)
+        offset, exact_inputs = self.weights.plan.offset, self.readout.exact_inputs
+        if self.weights.plan.path == "int_mm" and exact_inputs:
+            signals = self._tile_signals(a, self.matrix, 1, offset)
             return self._readout(_tile_sums_int8(a, self.matrix, self.tile), sample_ids, None, self.tile_shift,
                                  signals)
-        weights = self._perturbed_weights(sample_ids)
-        p = _tile_sums(a, weights, self.tile, len(sample_ids))  # (G, T, M, O) analog tile values
+        weights, x = self._perturbed_weights(sample_ids), a
+        if not exact_inputs:  # what the modulators send, float64 (the offset undone: the plan is float64 anyway)
+            x, weights, offset = self._modulated(a.double() + offset, sample_ids), weights.double(), 0
+        p = _tile_sums(x, weights, self.tile, len(sample_ids))  # (G, T, M, O) analog tile values
         exact = None
-        if self.diagnostics and not self.readout.exact_weights:
-            exact = torch.matmul(a.double(), self.matrix.double())  # (G, M, O): exact below 2^53
-        return self._readout(p, sample_ids, exact, signals=self._tile_signals(a, weights, len(sample_ids)))
+        if self.diagnostics and not (self.readout.exact_weights and exact_inputs):
+            exact = torch.matmul(a.double() + self.weights.plan.offset, self.matrix.double())  # exact below 2^53
+        return self._readout(p, sample_ids, exact, signals=self._tile_signals(x, weights, len(sample_ids), offset))
 
-    def _tile_signals(self, a: torch.Tensor, w: torch.Tensor, samples: int) -> dict[str, torch.Tensor]:
+    def _modulated(self, x: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        """Operands x (G, M, K) = x - z_in, float64, rows sample-major -> the values the modulators put on the
+        light: the modulator's transfer, then the DAC noise, drawn per inference and per operand element (stream
+        ``dac``: a conv input that enters several patches is converted anew for each). The ADC calibration pass
+        measures noise-free tile values, so it gets the transfer only."""
+        r = self.readout
+        x = MODULATOR_TRANSFERS[r.dac_transfer](x, float(r.x_max))
+        if r.dac_enob is None or r.calibrating:
+            return x
+        return dac_noise(x, r.dac_sigma, self._normal_like(x, sample_ids, "dac"))
+
+    def _tile_signals(self, a: torch.Tensor, w: torch.Tensor, samples: int, offset: int = 0
+                      ) -> dict[str, torch.Tensor]:
         """The per-tile optical quantities (G, T, M, O or 1) float64 the signal-dependent noise effects need
-        (Readout.tile_signals), from operands a (G, M, K) in the plan's form and the realised weights (G, K, O) or
-        (N, G, K, O): the detected light sum |x| Wmax or sum |x w|, and the signal power sum (x w)^2."""
+        (Readout.tile_signals), from operands a (G, M, K) shifted by ``offset`` (the int8 plan's) and the realised
+        weights (G, K, O) or (N, G, K, O): the detected light sum |x| Wmax or sum |x w|, and the signal power
+        sum (x w)^2."""
         wanted = set(self.readout.tile_signals.values())
         if not wanted:
             return {}
-        x, w = a.double() + self.weights.plan.offset, w.double()  # int8 operands are shifted by the offset
+        x, w = a.double() + offset, w.double()  # int8 operands are shifted by the offset
         signals = {}
         if "input_light" in wanted:
             w_max = torch.full((x.shape[0], x.shape[-1], 1), float(self.readout.w_max), dtype=torch.float64,
@@ -315,6 +344,9 @@ class AnalogLayer:
             context = {"layer": self.name, "full_scale": fs, "tile": self.tile, "sample_ids": sample_ids,
                        "normal": lambda: self._normal_like(p, sample_ids, "custom").double()}
             p = _custom_noise(readout.custom, self.name, p, context)
+        if readout.saturation is not None:
+            p, saturated = detector_saturation(p, readout.saturation * fs)
+            self.stats.saturated += int(saturated.sum())
         step = self.step
         codes, clipped = digitize(p, step, self.adc_bits)  # (G, T, M, O) int64
         bias = self._bias_codes(step)
@@ -370,13 +402,14 @@ class AnalogLayer:
         return w
 
     def _normal_like(self, p: torch.Tensor, sample_ids: torch.Tensor, stream: str) -> torch.Tensor:
-        """Standard normals shaped like p (G, T, N*P, O) in p's dtype: element (g, t, n*P + pos, o) is element
-        ((g*T + t)*P + pos)*O + o of sample_ids[n]'s stream, so the numbers do not depend on the batch."""
-        g, t, m, o = p.shape
+        """Standard normals shaped like p (..., N*P, O) in p's dtype, its rows sample-major: tile values (G, T, N*P,
+        O) or operands (G, N*P, K). Element (g, t, n*P + pos, o) is element ((g*T + t)*P + pos)*O + o of
+        sample_ids[n]'s stream, so the numbers do not depend on the batch."""
+        *lead, m, o = p.shape
         r = self.readout
-        e = rng.normal_per_sample((g, t, m // max(len(sample_ids), 1), o), sample_ids, r.seed, r.repeat,
-                                  stream, r.layer, p.device)  # (N, G, T, P, O)
-        return e.permute(1, 2, 0, 3, 4).reshape(g, t, m, o).to(p.dtype)
+        e = rng.normal_per_sample((*lead, m // max(len(sample_ids), 1), o), sample_ids, r.seed, r.repeat,
+                                  stream, r.layer, p.device)  # (N, *lead, P, O)
+        return e.movedim(0, len(lead)).reshape(p.shape).to(p.dtype)
 
     def _record(self, acc: torch.Tensor, step: float, overflowed: int, clipped: int, tile_values: int,
                 exact: torch.Tensor | None) -> None:

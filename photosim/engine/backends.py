@@ -297,13 +297,16 @@ class CudaIdealBackend(Backend):
 
 
 def _kernel_effects(plan: LayerPlan) -> str | None:
-    """Why a fused kernel cannot read out this layer: ADC calibration, custom noise, tile noise it does not draw."""
+    """Why a fused kernel cannot read out this layer: ADC calibration, custom noise, detector saturation, tile noise
+    it does not draw."""
     readout = plan.readout
     assert readout is not None
     if readout.calibrating:
         return "the ADC range is being measured (the torch backend records the tile values)"
     if readout.custom:
         return "custom noise functions run in torch"
+    if readout.saturation is not None:
+        return "detector saturation runs in torch"
     missing = sorted(set(readout.tile_noise) - KERNEL_TILE_NOISE)
     return f"does not model {', '.join(missing)} noise" if missing else None
 
@@ -322,6 +325,8 @@ class FusedTritonBackend(Backend):
             return "needs Triton and a CUDA device (on the CPU: TRITON_INTERPRET=1)"
         if not readout.exact_weights:
             return "weight error is modelled by the torch and fused-cpu backends"
+        if not readout.exact_inputs:
+            return "DAC noise and the modulator transfer are modelled by the torch and fused-cpu backends"
         if fused_triton.operand_path(plan.matmul.dtype, plan.matmul.dtype, readout.full_scale) is None:
             return f"no exact tile sums of {plan.matmul.path} operands at full scale {readout.full_scale:g}"
         return _kernel_effects(plan)

@@ -131,14 +131,15 @@ def analog_matmuls(qmodel: QuantizedModel, hw: HardwarePlan, *, seed: int = 0, r
         k = shapes[node.inputs[0]][-1]
         readout = Readout.of(settings, k, qa.largest_offset, qb.largest_offset, layer=index, seed=seed, repeat=repeat,
                              measured_range=_measured_range(node, settings, adc_ranges, calibrating),
-                             calibrating=calibrating)
+                             calibrating=calibrating, x_span=qa.qmax - qa.qmin)
         plans[node.name] = LayerPlan(node, index, torch.empty(0), REQUANT_MODES[settings.requant], None,  # type: ignore
                                      kernels.MatmulPlan("float64", k), False, readout)
     return plans
 
 
 def _check_bits(node: Node, mode: RequantMode) -> None:
-    """Refuse a node whose codes are wider than ``mode`` has a rule for (``pytorch``: PyTorch's 8-bit kernels)."""
+    """Refuse a node whose codes are wider than ``mode`` has a rule for (``pytorch``, ``onnxruntime``: 8-bit
+    kernels)."""
     if mode.max_bits is None:
         return
     widths = {"input": max(q.bits for q in node.input_q), "output": node.output_q.bits, "weight": node.w_bits or 0}
@@ -146,9 +147,9 @@ def _check_bits(node: Node, mode: RequantMode) -> None:
     if wide:
         found = ", ".join(f"{bits}-bit {what}" for what, bits in wide.items())
         raise PhotosimError(f"node {node.name!r} ({node.op}) has {found} codes; the {mode.name!r} requant mode "
-                            f"reproduces PyTorch's quantized kernels, which take codes of at most {mode.max_bits} "
-                            "bits (there is no PyTorch kernel to follow for wider ones). Use requant float or "
-                            f"fixedpoint, or quantize with at most {mode.max_bits} bits.")
+                            f"reproduces another runtime's quantized kernels, which take codes of at most "
+                            f"{mode.max_bits} bits (there is no kernel to follow for wider ones). Use requant float "
+                            f"or fixedpoint, or quantize with at most {mode.max_bits} bits.")
 
 
 class Engine:

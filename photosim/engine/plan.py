@@ -78,8 +78,9 @@ def tile_plan(k: int, readout: Readout, x_range: kernels.IntPair, w_bits: int, d
     int8, with an offset if need be, and int8 GEMMs are faster: on CPUs where torch._int_mm beats float32 (VNNI,
     AMX: 8x faster here), and on CUDA, where the Triton tile step takes int8 operands of any tile length (float
     ones only below 2^24). Else float32 where the sums are exact there (full scale below 2^24). Otherwise float64
-    (exact for tile sums of up to 16-bit codes, and the path of weights with error)."""
-    if not readout.exact_weights:
+    (exact for tile sums of up to 16-bit codes, and the path of weights with error and of inexact inputs: DAC noise,
+    a nonlinear modulator)."""
+    if not (readout.exact_weights and readout.exact_inputs):
         return kernels.MatmulPlan("float64", chunk=k)
     plan = kernels.plan_matmul(tile_length(k, readout.tile), x_range, w_bits, device=device)
     if plan.path == "int_mm":
@@ -119,7 +120,7 @@ def plan_layer(qmodel: QuantizedModel, index: int, settings: LayerHardware, devi
     if analog:
         x_max, w_max = operand_max(node)
         readout = Readout.of(settings, weight[0].numel(), x_max, w_max, layer=index, seed=seed, repeat=repeat,
-                             measured_range=measured_range, calibrating=calibrating)
+                             measured_range=measured_range, calibrating=calibrating, x_span=x_range[1] - x_range[0])
         matmul = tile_plan(weight[0].numel(), readout, x_range, node.w_bits, device)
     else:
         matmul = kernels.plan_matmul(weight[0].numel(), x_range, node.w_bits, groups=groups, device=device)
@@ -145,7 +146,8 @@ def describe(plan: LayerPlan) -> dict[str, Any]:
                            "matmul": plan.matmul.path}
     if plan.readout is not None:
         r = plan.readout
+        effects = [*r.tile_noise, *r.weight_noise, *r.weight_models, *(["custom"] if r.custom else []),
+                   *r.input_effects]
         row.update(tile=r.tile, tiles=r.tiles, adc_bits=r.adc_bits, acc_bits=r.acc_bits, overflow=r.overflow,
-                   noise=",".join([*r.tile_noise, *r.weight_noise, *r.weight_models, *(["custom"] if r.custom else [])])
-                   or "-")
+                   noise=",".join(effects) or "-")
     return row

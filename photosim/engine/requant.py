@@ -8,6 +8,7 @@ int32 pipeline. See docs/format.md for the formulas.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,6 +137,23 @@ class FloatRequant:
 register_requant(FloatRequant())
 
 
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 ``a * b + c`` rounded once, like a hardware FMA (the compiler fuses FBGEMM's mul + add).
+
+    The product of two float32 values is exact in float64. The float64 sum is rounded to odd
+    (TwoSum gives its exact error), which makes the final rounding to float32 correct: plain
+    float64 rounding could land on a float32 tie and round twice.
+    """
+    prod = a.double() * b.double()
+    c = c.double()
+    s = prod + c
+    t = s - prod
+    err = (prod - (s - t)) + (c - t)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, math.inf, -math.inf)
+    return torch.where((err != 0) & even, torch.nextafter(s, toward), s).float()
+
+
 def quantize_multiplier(multiplier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """TFLite's ``QuantizeMultiplier``, elementwise: real multipliers -> int64 (q, exponent) with
     ``multiplier ~= q * 2^(exponent - 31)``, q in [2^30, 2^31) (0 for multipliers below 2^-32)."""
@@ -257,6 +275,9 @@ class FixedPointRequant:
 
 register_requant(FixedPointRequant())
 
-# The third built-in mode lives in its own module (it reproduces PyTorch's kernels); importing it here fills
-# the registry wherever it is read.
-from photosim.engine import torch_requant  # noqa: E402,F401  registers "pytorch"
+# The modes that reproduce other runtimes' kernels live in their own modules; importing them here fills the
+# registry wherever it is read.
+from photosim.engine import (  # noqa: E402,F401
+    onnx_requant,  # registers "onnxruntime" (ONNX Runtime's CPU kernels)
+    torch_requant,  # registers "pytorch" (PyTorch's x86 quantized kernels)
+)

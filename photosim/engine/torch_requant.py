@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from photosim.engine.requant import RequantParams, channel_view, real_bias, register_requant
+from photosim.engine.requant import RequantParams, channel_view, fma_f32, real_bias, register_requant
 from photosim.ir.format import Node, QParams
 
 GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: TensorIterator splits larger loops over threads
@@ -100,23 +100,6 @@ def quantize_val(value: float, q: QParams) -> int:
     inv_scale = _f32(1.0) / _f32(q.scale)
     code = int(torch.round(_f32(value) * inv_scale)) + q.zero_point
     return min(max(code, q.qmin), q.qmax)
-
-
-def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 ``a * b + c`` rounded once, like a hardware FMA (the compiler fuses FBGEMM's mul + add).
-
-    The product of two float32 values is exact in float64. The float64 sum is rounded to odd
-    (TwoSum gives its exact error), which makes the final rounding to float32 correct: plain
-    float64 rounding could land on a float32 tie and round twice.
-    """
-    prod = a.double() * b.double()
-    c = c.double()
-    s = prod + c
-    t = s - prod
-    err = (prod - (s - t)) + (c - t)
-    even = (s.view(torch.int64) & 1) == 0
-    toward = torch.where(err > 0, math.inf, -math.inf)
-    return torch.where((err != 0) & even, torch.nextafter(s, toward), s).float()
 
 
 def _clamp(q: torch.Tensor, out: QParams) -> torch.Tensor:

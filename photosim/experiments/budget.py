@@ -50,7 +50,7 @@ def layer_budget(node: Node, out_shape: tuple[int, ...], hw: LayerHardware) -> d
     tile = tile_length(k, hw.tile)
     x_max, w_max = operand_max(node)
     full_scale = float(tile * x_max * w_max)
-    link = link_budget(cfg, tile, node.name)
+    link = link_budget(cfg, tile, node.name, hw.mesh)
     groups = node.attrs.get("groups", 1)
     # output positions and channels: a conv's (O, H, W), a linear's (..., O) (tokens)
     positions, channels = ((math.prod(out_shape[:-1]), out_shape[-1]) if node.op == "linear"

@@ -164,6 +164,7 @@ def _layer_rows(engine: Engine, repeat: int) -> list[dict[str, Any]]:
             "full_scale": layer.full_scale, "output_sigma": readout.tile_noise.get("output", 0.0),
             "adc_bits": layer.adc_bits, **adc_range_columns(settings, readout), "adc_step": layer.step,
             "overflow_rate": st.overflowed / max(st.outputs, 1), "adc_clip_rate": st.clipped / max(st.tile_values, 1),
+            "detector_saturation_rate": st.saturated / max(st.tile_values, 1),
             "snr_db": snr, "snr_fs_db": snr_fs, "enob": enob(snr_fs),
             "acc_bits_worst_case": worst_case_acc_bits(node.input_q[0].bits, node.w_bits or node.input_q[1].bits,
                                                        readout.k),  # a matmul's "weights" are its second input

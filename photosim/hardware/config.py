@@ -234,21 +234,58 @@ class AccumulatorConfig(StrictModel):
     bias_at: Literal["start", "end"] = Field("start", description="Bias added first or last.")
 
 
+ModulatorTransfer = Literal["linear", "sin2", "sin"]  # photosim.hardware.noise.MODULATOR_TRANSFERS registers each
+
+
+class DACConfig(StrictModel):
+    """The input side of an optical core: the DAC that converts each operand code ``x - z_in`` and the modulator
+    that puts it on the light (docs/hardware.md, step 1). At its defaults the inputs are exact."""
+
+    enob: float | None = Field(
+        None, gt=0, le=32,
+        description="Effective bits of the input conversion over the input range R (the span, in codes, of x - z_in "
+                    "that the input clamp allows): every operand value gets Gaussian noise of std R / (2^enob "
+                    "sqrt(12)) codes, drawn per inference and per operand element (each cycle re-modulates). "
+                    "null: no noise.")
+    transfer: ModulatorTransfer = Field(
+        "linear",
+        description="The modulator's response to a linear drive, u = |x - z_in| / Xmax in [0, 1], sign kept: linear "
+                    "(out = x); sin2, an intensity Mach-Zehnder modulator biased at null and driven up to V_pi "
+                    "(out = Xmax sin^2(pi u / 2), incoherent cores); sin, a field Mach-Zehnder modulator (out = "
+                    "Xmax sin(pi u / 2), coherent cores).")
+
+    @property
+    def on(self) -> bool:
+        """True when the optical inputs differ from the codes (noise or a nonlinear transfer)."""
+        return self.enob is not None or self.transfer != "linear"
+
+
+class DetectorConfig(StrictModel):
+    """The photodetector and its transimpedance amplifier, whose output saturates (docs/hardware.md, step 5)."""
+
+    saturation: float = Field(
+        1.0, gt=0,
+        description="Fraction of the tile's full scale FS at which the detector / TIA output saturates: tile values "
+                    "(after the analog noise) are clamped to +-saturation * FS before the ADC and counted in the "
+                    "layer's `saturated` statistic.")
+
+
 # The engine's requantization modes (photosim.engine.requant.REQUANT_MODES registers them; a test keeps the two
 # equal): named here so that the configuration does not depend on the engine.
-RequantMode = Literal["float", "fixedpoint", "pytorch"]
+RequantMode = Literal["float", "fixedpoint", "pytorch", "onnxruntime"]
 REQUANT_KEYS = ("requant", "pytorch_cpu")  # the settings that decide how a layer rounds
 
 
-OPTIONAL_SECTIONS = ("photonics", "mesh", "drift")  # left out of dumps when null
+OPTIONAL_SECTIONS = ("photonics", "mesh", "drift", "dac", "detector")  # left out of dumps when null
 WEIGHT_MODELS: dict[str, int] = {"mesh": 8, "drift": 9}  # per-chip weight realisations -> Philox stream number
 # (after the noise effects' 1-7; fixed forever, like theirs)
+INPUT_MODELS: dict[str, int] = {"dac": 10}  # per-inference input conversion (DACConfig.enob) -> Philox stream number
 
 
 class LayerHardware(StrictModel):
     """The settings that apply to one layer (the global ones, or after per-layer overrides)."""
 
-    requant: RequantMode = Field("float", description="Requantization mode: float, fixedpoint or pytorch.")
+    requant: RequantMode = Field("float", description="Requantization mode: float, fixedpoint, pytorch or onnxruntime.")
     pytorch_cpu: Literal["auto", "avx2", "avx512-vnni", "amx"] = Field(
         "auto", description="CPU family whose PyTorch kernels `requant: pytorch` reproduces (auto: this machine's)."
     )
@@ -265,6 +302,11 @@ class LayerHardware(StrictModel):
     drift: DriftConfig | None = Field(
         None, description="Weights that drift in time (microring temperature, PCM conductance) and their "
                           "recalibration, drawn per chip (docs/drift.md). null: no drift.")
+    dac: DACConfig | None = Field(
+        None, description="The input DACs and modulators: effective bits and transfer (docs/hardware.md, step 1). "
+                          "null: exact inputs.")
+    detector: DetectorConfig | None = Field(
+        None, description="Photodetector / TIA saturation before the ADC (docs/hardware.md, step 5). null: none.")
 
     @model_validator(mode="after")
     def _noise_from_one_place(self) -> LayerHardware:
@@ -282,8 +324,8 @@ class LayerHardware(StrictModel):
 
     @model_serializer(mode="wrap")
     def _without_absent_sections(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave out ``photonics``, ``mesh`` and ``drift`` when null, so configs without them dump (and sweep points
-        hash) as before they existed; a missing key validates back to None."""
+        """Leave out the OPTIONAL_SECTIONS when null, so configs without them dump (and sweep points hash) as before
+        they existed; a missing key validates back to None."""
         data = handler(self)
         for section in OPTIONAL_SECTIONS:
             if section in data and data[section] is None:
@@ -297,9 +339,9 @@ class LayerHardware(StrictModel):
     @property
     def is_random(self) -> bool:
         """True when any noise effect is on (results then depend on the seed and repeat); a photonic core always
-        has noise (finite power), meshes and drift are drawn per chip."""
+        has noise (finite power), meshes and drift are drawn per chip, DAC noise per inference."""
         return (any(effect.on for effect in self.noise.effects().values()) or self.photonics is not None
-                or bool(self.weight_models()))
+                or bool(self.weight_models()) or (self.dac is not None and self.dac.enob is not None))
 
     @property
     def calibrated_adc(self) -> bool:
@@ -309,7 +351,8 @@ class LayerHardware(StrictModel):
     @property
     def is_ideal(self) -> bool:
         """True when the layer computes exactly what the ideal integer engine computes."""
-        return self.adc.bits is None and self.accumulator.overflow == "none" and not self.is_random
+        return (self.adc.bits is None and self.accumulator.overflow == "none" and not self.is_random
+                and (self.dac is None or not self.dac.on) and self.detector is None)
 
 
 HardwareOverride: type[LayerOverride] = override_model(LayerHardware)

@@ -1,4 +1,5 @@
-"""Analog noise models on tile values and weights, as pure functions of a standard-normal draw ``e``.
+"""Analog noise models on tile values and weights, as pure functions of a standard-normal draw ``e``, and the
+input side's laws (modulator transfer, DAC noise) and the detector's saturation.
 
 Drawing ``e`` is the job of ``photosim.hardware.rng`` (one seeded stream per effect, indexed by sample),
 so each model here is a one-line law that tests can check against its analytic statistics.
@@ -16,14 +17,16 @@ from photosim.hardware import philox
 # (tile values p, sigma, full scale FS, standard normals e, the effect's per-tile signal or None) -> noisy p
 TileNoise = Callable[[torch.Tensor, float, float, torch.Tensor, torch.Tensor | None], torch.Tensor]
 WeightNoise = Callable[[torch.Tensor, float, float, torch.Tensor], torch.Tensor]
+Transfer = Callable[[torch.Tensor, float], torch.Tensor]  # (operands x - z_in, Xmax) -> modulated operands
 TILE_NOISE: dict[str, TileNoise] = {}
 WEIGHT_NOISE: dict[str, WeightNoise] = {}
+MODULATOR_TRANSFERS: dict[str, Transfer] = {}  # DACConfig.transfer -> its law
 
 
 def _register(table: dict, name: str) -> Callable:
     def decorator(fn: Callable) -> Callable:
         if name in table:
-            raise ValueError(f"noise model {name!r} is registered twice")
+            raise ValueError(f"law {name!r} is registered twice")
         table[name] = fn
         return fn
 
@@ -85,6 +88,48 @@ def multiplicative_weight_noise(w: torch.Tensor, sigma: float, w_max: float, e: 
 def additive_weight_noise(w: torch.Tensor, sigma: float, w_max: float, e: torch.Tensor) -> torch.Tensor:
     """Absolute error relative to the largest weight code: w + sigma * Wmax * e."""
     return w + (sigma * w_max) * e
+
+
+# The modulator transfers act on the drive fraction u = |x| / Xmax in [0, 1] and keep the sign of x. A Mach-Zehnder
+# modulator transmits T(V) = cos^2(phi0 / 2 - pi V / (2 V_pi)) of the power (Saleh and Teich, Fundamentals of
+# Photonics, 2nd ed., Wiley 2007, sec. 20.1B), and in push-pull (no chirp) the field cos(phi0 / 2 - pi V / (2 V_pi));
+# biased at null (phi0 = pi) and driven with V = u V_pi these are sin^2(pi u / 2) and sin(pi u / 2).
+
+
+@_register(MODULATOR_TRANSFERS, "linear")
+def linear_transfer(x: torch.Tensor, x_max: float) -> torch.Tensor:
+    """An ideal modulator: the light follows the code."""
+    return x
+
+
+@_register(MODULATOR_TRANSFERS, "sin2")
+def intensity_mzm_transfer(x: torch.Tensor, x_max: float) -> torch.Tensor:
+    """An intensity MZM biased at null, driven up to V_pi (incoherent cores): Xmax sin^2(pi |x| / (2 Xmax)), signed."""
+    return torch.sign(x) * x_max * torch.sin(x.abs() * (math.pi / (2.0 * x_max))).square()
+
+
+@_register(MODULATOR_TRANSFERS, "sin")
+def field_mzm_transfer(x: torch.Tensor, x_max: float) -> torch.Tensor:
+    """A field MZM biased at null, driven up to V_pi (coherent cores): Xmax sin(pi |x| / (2 Xmax)), signed."""
+    return torch.sign(x) * x_max * torch.sin(x.abs() * (math.pi / (2.0 * x_max)))
+
+
+def dac_sigma(input_range: float, enob: float) -> float:
+    """The input noise std, in codes, of an ENOB-bit conversion over ``input_range`` codes: the quantization noise
+    of an ideal ENOB-bit converter over that range, range / (2^ENOB sqrt(12))."""
+    return input_range / (2.0 ** enob * math.sqrt(12.0))
+
+
+def dac_noise(x: torch.Tensor, sigma: float, e: torch.Tensor) -> torch.Tensor:
+    """Input conversion noise on every operand: x + sigma * e (sigma in codes, dac_sigma)."""
+    return x + sigma * e
+
+
+def detector_saturation(p: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A photodetector / TIA that saturates: tile values clamped to +-limit (product units), and the mask of the
+    values it clamped."""
+    saturated = p.abs() > limit
+    return p.clamp(-limit, limit), saturated
 
 
 # SNR and ENOB are referenced to the tile's DC full scale FS (signal power FS^2, as ``sigma`` is a fraction of FS).

@@ -103,7 +103,8 @@ class PhotonicsConfig(StrictModel):
                                      description="Total propagation loss, laser to detector, dB, at most 100.")
     device_loss_db: float = Field(0.05, ge=0, le=10, strict=True,
                                   description="Insertion loss per device a channel passes (L devices per tile: rings "
-                                              "on the bus or mesh columns), dB, at most 10.")
+                                              "on the bus), dB, at most 10; with an MZI mesh (hw.mesh) the mesh's "
+                                              "columns and mzi_loss_db replace it.")
     fan_out: int = Field(16, ge=1, le=MAX_FAN_OUT, strict=True,
                          description=f"Outputs computed at once from one input vector (its power is split this many "
                                      f"ways, 10 log10(fan_out) dB), count, at most {MAX_FAN_OUT} (a 16-stage "

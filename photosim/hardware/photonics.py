@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from photosim.errors import PhotosimError
 from photosim.hardware.config import IntensityNoise, LayerHardware, OutputNoise, PhotocurrentNoise, StaticWeightNoise
+from photosim.hardware.mesh import MeshConfig, svd_depth
 from photosim.hardware.photonic_config import DEFAULT_LOAD_OHM, PhotonicsConfig
 from photosim.hardware.units import GHZ, K_B, MW, NA, PA, Q_E, db_loss
 
@@ -31,10 +32,13 @@ def splitting_loss_db(fan_out: int, excess_db: float) -> float:
     return 10.0 * math.log10(fan_out) + excess_db * math.ceil(math.log2(fan_out))
 
 
-def path_loss_db(cfg: PhotonicsConfig, tile: int) -> float:
-    """Laser to detector, dB: coupling + waveguide + L devices + the fan-out split."""
-    return (cfg.coupling_loss_db + cfg.waveguide_loss_db + cfg.device_loss_db * tile
-            + splitting_loss_db(cfg.fan_out, cfg.splitter_excess_db))
+def path_loss_db(cfg: PhotonicsConfig, tile: int, mesh: MeshConfig | None = None) -> float:
+    """Laser to detector, dB: coupling + waveguide + the devices + the fan-out split. The devices are L of
+    device_loss_db each, or with an MZI mesh the columns of its SVD core, svd_depth(L) of mzi_loss_db each
+    (loss growing with the mesh's depth, docs/mesh.md)."""
+    devices = cfg.device_loss_db * tile if mesh is None else svd_depth(tile) * mesh.mzi_loss_db
+    return cfg.coupling_loss_db + cfg.waveguide_loss_db + devices + splitting_loss_db(cfg.fan_out,
+                                                                                       cfg.splitter_excess_db)
 
 
 def lo_path_loss_db(cfg: PhotonicsConfig) -> float:
@@ -115,13 +119,15 @@ class LinkBudget:
         return math.sqrt(self.sigma_shot ** 2 + self.sigma_thermal ** 2 + self.sigma_rin ** 2)
 
 
-def link_budget(cfg: PhotonicsConfig, tile: int, layer: str | None = None) -> LinkBudget:
-    """The link budget of a tile of ``tile`` channels (docs/photonics.md, section Link budget); a budget that
+def link_budget(cfg: PhotonicsConfig, tile: int, layer: str | None = None, mesh: MeshConfig | None = None
+                ) -> LinkBudget:
+    """The link budget of a tile of ``tile`` channels (docs/photonics.md, section Link budget), through ``mesh``
+    when the core is an MZI mesh; a budget that
     leaves the range of floating-point numbers (no light left at the detector, noise beyond MAX_SIGMA full scales)
     is a PhotosimError naming ``layer`` and the settings that cause it, as are settings no core can have."""
     cfg.check(f"layer {layer!r}" if layer else "a layer")
     try:
-        budget = _link_budget(cfg, tile)
+        budget = _link_budget(cfg, tile, mesh)
     except (ZeroDivisionError, OverflowError):
         budget = None
     if budget is None or not all(math.isfinite(v) for v in (budget.detector_power_w, budget.offset_fs,
@@ -130,18 +136,18 @@ def link_budget(cfg: PhotonicsConfig, tile: int, layer: str | None = None) -> Li
         where = f"layer {layer!r}" if layer else "a layer"
         raise PhotosimError(
             f"the link budget of {where} (tiles of L={tile} channels) leaves the range photosim can compute: "
-            f"{path_loss_db(cfg, tile):.4g} dB from laser to detector leave "
-            f"{cfg.laser_power_mw * db_loss(path_loss_db(cfg, tile)):.3g} mW of the {cfg.laser_power_mw:g} mW per "
-            f"channel, so the noise would exceed {MAX_SIGMA:g} times the tile's full scale or not be a finite "
+            f"{path_loss_db(cfg, tile, mesh):.4g} dB from laser to detector leave "
+            f"{cfg.laser_power_mw * db_loss(path_loss_db(cfg, tile, mesh)):.3g} mW of the {cfg.laser_power_mw:g} mW "
+            f"per channel, so the noise would exceed {MAX_SIGMA:g} times the tile's full scale or not be a finite "
             "number: no signal is left. Raise laser_power_mw or lower the losses (coupling_loss_db, waveguide_loss_db, "
             "device_loss_db times L, fan_out), or shorten the tile; docs/photonics.md gives every formula.")
     return budget
 
 
-def _link_budget(cfg: PhotonicsConfig, tile: int) -> LinkBudget:
+def _link_budget(cfg: PhotonicsConfig, tile: int, mesh: MeshConfig | None) -> LinkBudget:
     """The link budget's formulas, unchecked (link_budget checks the result)."""
     b, r = bandwidth_hz(cfg), cfg.responsivity_a_per_w
-    loss = path_loss_db(cfg, tile)
+    loss = path_loss_db(cfg, tile, mesh)
     p_det = cfg.laser_power_mw * MW * db_loss(loss)
     leak = leakage(cfg.extinction_ratio_db)
     if cfg.architecture == "incoherent":  # weights split each channel's power between the two photodiodes
@@ -184,7 +190,7 @@ def with_link_budget(hw: LayerHardware, tile: int, layer: str | None = None) -> 
     cfg = hw.photonics
     if cfg is None:
         return hw
-    budget = link_budget(cfg, tile, layer)
+    budget = link_budget(cfg, tile, layer, hw.mesh)
     update: dict[str, object] = {"weight_static": StaticWeightNoise(sigma=budget.sigma_weight, kind="additive")}
     if cfg.noise_law == "worst-case":
         update["output"] = OutputNoise(sigma=budget.sigma_output)

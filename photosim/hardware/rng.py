@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from photosim.hardware import philox
-from photosim.hardware.config import NOISE_EFFECTS, WEIGHT_MODELS
+from photosim.hardware.config import INPUT_MODELS, NOISE_EFFECTS, WEIGHT_MODELS
 
 STREAMS = {**{name: effect.stream for name, effect in NOISE_EFFECTS.items()},
-           **WEIGHT_MODELS}  # effect or weight model -> Philox stream number
+           **WEIGHT_MODELS, **INPUT_MODELS}  # effect, weight model or input model -> Philox stream number
 
 
 def key(seed: int, repeat: int, stream: str, layer: int) -> tuple[int, int]:
