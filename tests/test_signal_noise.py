@@ -1,6 +1,6 @@
 """Signal-dependent noise (noise.photocurrent, noise.rin): the variance of every tile value follows the tile's real
 light and signal power, checked against closed forms on crafted tiles; the int8 and float tile sums draw the same
-numbers; the fused backends decline the effects by name."""
+numbers; the compiled CPU readout continues from them bit for bit; the Triton kernel declines them by name."""
 
 from __future__ import annotations
 
@@ -69,14 +69,29 @@ def test_int8_tile_sums_draw_the_same_numbers() -> None:
     assert torch.equal(reference, shifted)
 
 
-def test_the_fused_backends_decline_signal_dependent_noise_by_name() -> None:
+@pytest.mark.parametrize("plan", ["float32", "int_mm"])
+def test_the_compiled_readout_continues_from_torchs_signal_noise_bit_for_bit(plan: str) -> None:
+    """fused-cpu serves the layer: torch draws photocurrent and RIN first (as the reference path does), the compiled
+    readout adds the output noise, ADC and accumulator; codes, clips and the predicted noise power agree."""
+    noise = {"photocurrent": {"sigma": 0.05}, "rin": {"sigma": 0.1}, "output": {"sigma": 0.01}}
+    hw = {"tile": TILE, "adc": {"bits": 6, "range": 0.1}, "noise": noise}
+    matmul = kernels.MatmulPlan(plan, chunk=8, offset=128 if plan == "int_mm" else 0)
+    layers = [analog_layer(hw, kernels.prepare_weights(W, 1, matmul), torch.tensor([[5, -3, 0]]), x_max=X_MAX,
+                           w_max=W_MAX, tile_step=step) for step in ("torch", "fused-cpu")]
+    assert BACKENDS["fused-cpu"].supports(layers[1].plan, torch.device("cpu")) is None
+    x = torch.randint(0, X_MAX + 1, (64, 8), generator=torch.Generator().manual_seed(5))
+    torch_codes, fused_codes = (layer.linear_acc(x, torch.arange(64)) for layer in layers)
+    assert torch.equal(torch_codes, fused_codes)
+    assert layers[0].stats.clipped == layers[1].stats.clipped > 0
+    assert layers[0].stats.signal_noise_power == layers[1].stats.signal_noise_power > 0
+
+
+def test_the_triton_kernel_declines_signal_dependent_noise_by_name() -> None:
     layer = analog_layer({"tile": TILE, "noise": {"rin": {"sigma": 0.1}}},
                          kernels.prepare_weights(W, 1, kernels.MatmulPlan("float32", chunk=8)), None,
                          x_max=X_MAX, w_max=W_MAX)
-    for name in ("fused-cpu", "fused-triton"):
-        reason = BACKENDS[name].supports(layer.plan, torch.device("cpu"))
-        assert reason is not None and ("rin" in reason or "Triton" in reason)
-    assert BACKENDS["torch"].supports(layer.plan, torch.device("cpu")) is None
+    reason = BACKENDS["fused-triton"].supports(layer.plan, torch.device("cpu"))
+    assert reason is not None and ("rin" in reason or "Triton" in reason)
 
 
 def test_configs_without_the_effects_dump_as_before() -> None:

@@ -123,7 +123,7 @@ class AnalogLayer:
             x = self._modulated(rows, sample_ids)
             exact = _tile_sums(rows, weights, k, n)[:, 0] if self.diagnostics else None  # (G, N*M, P)
         tiles = _tile_sums(x, weights, self.tile, n)  # (G, T, N*M, P)
-        acc = self._readout_torch(tiles, sample_ids, exact, self._tile_signals(x, weights, n))  # (G, N*M, P)
+        acc = self._readout(tiles, sample_ids, exact, signals=self._tile_signals(x, weights, n))  # (G, N*M, P)
         return acc.view(g, n, m, p).permute(1, 0, 2, 3).reshape(n, *lead, m, p)
 
     @property
@@ -293,13 +293,16 @@ class AnalogLayer:
         steps, by the compiled CPU readout (``fused-cpu``) or the torch path (the reference).
 
         ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it. ``signals``:
-        the per-tile optical quantities of signal-dependent noise (``_tile_signals``), which only torch draws.
+        the per-tile optical quantities of signal-dependent noise (``_tile_signals``): torch draws that noise first
+        on either path, and the compiled readout continues from the noisy values.
         """
-        if self.tile_step == "fused-cpu":
-            return self._readout_fused(p, sample_ids, exact, shift)
-        if shift is not None:
-            p = p.to(torch.int64) + shift.unsqueeze(2)
-        return self._readout_torch(p, sample_ids, exact, signals)
+        if shift is not None and (self.tile_step != "fused-cpu" or self.readout.tile_signals):
+            p, shift = p.to(torch.int64) + shift.unsqueeze(2), None
+        if self.tile_step != "fused-cpu":
+            return self._readout_torch(p, sample_ids, exact, signals)
+        if self.diagnostics and exact is None and self.readout.tile_signals:
+            exact = p.sum(dim=1, dtype=torch.float64)
+        return self._readout_fused(self._signal_noise(p, sample_ids, signals), sample_ids, exact, shift)
 
     def dot_triton(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """dot by photosim.engine.fused_triton's kernel: tile sums, noise, ADC and accumulator in one pass, the
@@ -332,14 +335,10 @@ class AnalogLayer:
         if self.diagnostics and exact is None:
             exact = p.sum(dim=1, dtype=torch.float64)
         fs = self.full_scale
-        p = p.to(readout.dtype)
-        signal_noise_power = 0.0
+        p = self._signal_noise(p.to(readout.dtype), sample_ids, signals)
         for name, sigma in readout.tile_noise.items():
-            signal = (signals or {})[readout.tile_signals[name]] if name in readout.tile_signals else None
-            if name in SIGNAL_NOISE_VARIANCE and self.diagnostics:
-                variance = SIGNAL_NOISE_VARIANCE[name](p, sigma, fs, signal)
-                signal_noise_power += float(variance.sum()) * (p.numel() // variance.numel())
-            p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name), signal)
+            if name not in SIGNAL_NOISE_VARIANCE:
+                p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name))
         if readout.custom:
             context = {"layer": self.name, "full_scale": fs, "tile": self.tile, "sample_ids": sample_ids,
                        "normal": lambda: self._normal_like(p, sample_ids, "custom").double()}
@@ -353,8 +352,23 @@ class AnalogLayer:
         acc, overflowed = self._accumulate(codes, None if bias is None else bias.unsqueeze(1))  # (G, M, O)
         clips = 0 if self.adc_bits is None else int(clipped.sum())  # the ideal readout never clips
         self._record(acc, step, overflowed, clips, clipped.numel(), exact)
-        self.stats.signal_noise_power += signal_noise_power
         return acc
+
+    def _signal_noise(self, p: torch.Tensor, sample_ids: torch.Tensor, signals: dict[str, torch.Tensor] | None
+                      ) -> torch.Tensor:
+        """p with the signal-dependent effects (photocurrent, rin) drawn, first of the tile noise and in torch on
+        every path (float64: Readout.dtype with them on); their variance at the tiles' real light and signal goes
+        into the stats for the link budget's predicted SNR."""
+        readout, fs = self.readout, self.full_scale
+        for name in [name for name in readout.tile_noise if name in SIGNAL_NOISE_VARIANCE]:
+            sigma = readout.tile_noise[name]
+            signal = (signals or {})[readout.tile_signals[name]] if name in readout.tile_signals else None
+            p = p.double()
+            if self.diagnostics:
+                variance = SIGNAL_NOISE_VARIANCE[name](p, sigma, fs, signal)
+                self.stats.signal_noise_power += float(variance.sum()) * (p.numel() // variance.numel())
+            p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name), signal)
+        return p
 
     def _bias_codes(self, step: float) -> torch.Tensor | None:
         """The bias (G, O) int64 in ADC steps (None: no integer bias)."""

@@ -28,8 +28,10 @@ from photosim.engine.analog import AnalogLayer
 from photosim.engine.plan import Kind, LayerPlan
 from photosim.engine.requant import channel_view
 from photosim.errors import PhotosimError
+from photosim.hardware.noise import SIGNAL_NOISE_VARIANCE
 from photosim.ir.ops import conv_output_size
 
+SIGNAL_EFFECTS = frozenset(SIGNAL_NOISE_VARIANCE)  # photocurrent, rin: drawn in torch before any readout
 KERNEL_TILE_NOISE = frozenset({"output", "shot"})  # the tile-noise effects the fused kernels draw in-kernel
 
 
@@ -296,9 +298,9 @@ class CudaIdealBackend(Backend):
 # -- analog layers -----------------------------------------------------------------------------------------------
 
 
-def _kernel_effects(plan: LayerPlan) -> str | None:
+def _kernel_effects(plan: LayerPlan, drawn_first: frozenset[str] = frozenset()) -> str | None:
     """Why a fused kernel cannot read out this layer: ADC calibration, custom noise, detector saturation, tile noise
-    it does not draw."""
+    it does not draw (``drawn_first``: effects torch draws before the kernel takes over)."""
     readout = plan.readout
     assert readout is not None
     if readout.calibrating:
@@ -307,7 +309,7 @@ def _kernel_effects(plan: LayerPlan) -> str | None:
         return "custom noise functions run in torch"
     if readout.saturation is not None:
         return "detector saturation runs in torch"
-    missing = sorted(set(readout.tile_noise) - KERNEL_TILE_NOISE)
+    missing = sorted(set(readout.tile_noise) - KERNEL_TILE_NOISE - drawn_first)
     return f"does not model {', '.join(missing)} noise" if missing else None
 
 
@@ -350,7 +352,7 @@ class FusedCPUBackend(Backend):
         if "shot" in readout.tile_noise and readout.dtype == torch.float64:
             return "float64 shot noise: torch's float64 square root on the CPU, which the reference uses, is not " \
                    "correctly rounded"
-        return _kernel_effects(plan)
+        return _kernel_effects(plan, SIGNAL_EFFECTS)  # torch draws them first (AnalogLayer._signal_noise)
 
     def prepare(self, plan: LayerPlan, device: torch.device, *, diagnostics: bool = True) -> LayerRunner:
         return AnalogLayer.prepare(plan, device, "fused-cpu", diagnostics)
