@@ -70,6 +70,31 @@ def test_surrogates_in_engine_units_and_custom_noise_refused(setup) -> None:
         hardware_surrogates(ptq, {"noise": {"custom": {"function": "m:f"}}})
 
 
+def test_signal_dependent_noise_is_trained_with_the_engines_law(setup) -> None:
+    """photocurrent and rin (what a photonics section now derives) enter the training graph with the law's
+    variance: sum over tiles of sigma^2 FS sum |x| Wmax, and sigma^2 sum (x w)^2; mesh is reported as not modelled."""
+    _, _, ptq = setup
+    hw = {"tile": 32, "noise": {"photocurrent": {"sigma": 0.02}, "rin": {"sigma": 0.05}}, "mesh": {}}
+    noise, effects = hardware_surrogates(ptq, hw)
+    fc1 = noise["fc1"]
+    assert (fc1.photocurrent, fc1.rin) == ((0.02, "inputs"), (0.05, "independent"))
+    modelled = {e["effect"]: e["modelled"] for e in effects}
+    assert (modelled["photocurrent shot noise"], modelled["intensity noise (RIN)"], modelled["mesh"]) == (
+        "exact", "exact", "not modelled")
+    graph = TrainableGraph(ptq, {"fc1": fc1})
+    graph.generator = torch.Generator().manual_seed(0)
+    node = next(n for n in ptq.nodes if n.name == "fc1")
+    step_in = graph.steps[graph.acts[graph._act_name(node.inputs[0])].key]().detach()
+    codes = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(1)).float()
+    draws = torch.stack([graph._weighted(node, codes * step_in).detach() for _ in range(4000)])[:, 0]
+    w_step = graph.steps["w_fc1"]().detach()
+    w = torch.round(graph.weights["fc1"].detach() / w_step.reshape(-1, 1))  # integer weight codes (O, K)
+    unit = (step_in * w_step).double()
+    expected = (0.02 ** 2 * fc1.full_scale * codes.sum() * fc1.w_max + 0.05 ** 2 * (codes.double() * w).square()
+                .sum(dim=1) + 2 / 12)  # + the ideal readout's rounding surrogate of 1 per tile
+    assert torch.allclose((draws.double() / unit).var(dim=0), expected.double(), rtol=0.1)
+
+
 def _cli(tmp_path: Path, *extra: str):
     args = ["finetune", "--model", "digits-cnn", "--w-bits", "6", "--a-bits", "6", "--calib-samples", "128",
             "--tile", "32", "--adc-bits", "8", "--noise", "0.005", "--limit", "60", "--repeats", "1", *extra]

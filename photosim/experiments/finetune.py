@@ -97,6 +97,20 @@ def hardware_surrogates(qmodel: QuantizedModel, hw: HardwareSpec, calibration: A
         if shot:
             seen["shot noise"] = ("surrogate", "Gaussian of variance sigma^2 * FS * sum_k |x_k w_k|, an upper bound "
                                   "of sigma^2 * FS * sum_t |p_t|")
+        photocurrent, rin = settings.noise.photocurrent, settings.noise.rin
+        if photocurrent.on:
+            seen["photocurrent shot noise"] = ("exact", "Gaussian of variance sigma^2 * FS * sum_k |x_k| Wmax (light: "
+                                               "inputs) or sum_k |x_k w_k| (products) on the accumulator: the sum "
+                                               "over tiles of the engine's law, other draws")
+        if rin.on:
+            seen["intensity noise (RIN)"] = (
+                "exact" if rin.lasers == "independent" else "surrogate",
+                "Gaussian of variance sigma^2 * sum_k (x_k w_k)^2 on the accumulator (independent lasers: the law "
+                "summed over tiles)" if rin.lasers == "independent" else
+                "Gaussian of variance sigma^2 * acc^2 / T (one laser: the tiles' sum of p_t^2 taken as equal tiles)")
+        for section in ("mesh", "drift", "dac", "detector"):
+            if getattr(settings, section) is not None:
+                seen[section] = ("not modelled", "not in the training graph; the engine's judgement shows its effect")
         weight = []
         for name in ("weight_static", "weight_read"):
             effect = getattr(settings.noise, name)
@@ -115,10 +129,10 @@ def hardware_surrogates(qmodel: QuantizedModel, hw: HardwareSpec, calibration: A
             seen["accumulator wrap-around"] = ("not modelled", "not differentiable; the engine's judgement shows "
                                                "its effect")
         if settings.photonics is not None:
-            seen["photonics link budget"] = ("exact", "the output and static weight sigmas the link budget "
-                                             "derives (photosim.hardware.photonics)")
+            seen["photonics link budget"] = ("exact", "the output, photocurrent, RIN and static weight sigmas the "
+                                             "link budget derives (photosim.hardware.photonics)")
         noise[node.name] = LayerNoise(math.ceil(k / tile), fs, w_max, out, shot, tuple(weight), step, limit,
-                                      acc_limit)
+                                      acc_limit, (photocurrent.sigma, photocurrent.light), (rin.sigma, rin.lasers))
     if any(s.requant != "float" for s in plan.layers.values()):
         seen["requantization mode"] = ("not modelled", "the graph requantizes in float (fixedpoint / pytorch "
                                        "differ by at most one output step)")

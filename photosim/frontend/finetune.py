@@ -39,7 +39,8 @@ class LayerNoise:
     tiles: T = ceil(K / L); full_scale: FS = L * Xmax * Wmax; output_sigma: additive noise per tile, fraction of
     FS; shot_sigma: signal-dependent noise coefficient per tile; weight: (kind, sigma) of each weight error;
     adc_step: the ADC step (None: no rounding surrogate); adc_range: +-range per tile (None: never clips);
-    acc_limit: the saturating accumulator's largest magnitude (None: exact)."""
+    acc_limit: the saturating accumulator's largest magnitude (None: exact); photocurrent: (sigma, light) of the
+    photocurrent shot noise (light: inputs or products); rin: (sigma, lasers) of the intensity noise."""
 
     tiles: int
     full_scale: float
@@ -50,11 +51,17 @@ class LayerNoise:
     adc_step: float | None = None
     adc_range: float | None = None
     acc_limit: float | None = None
+    photocurrent: tuple[float, str] = (0.0, "inputs")
+    rin: tuple[float, str] = (0.0, "independent")
+
+    @property
+    def gaussian(self) -> bool:
+        """True when a Gaussian noise term is on (the uniform rounding surrogate alone draws uniform numbers)."""
+        return bool(self.output_sigma or self.shot_sigma or self.photocurrent[0] or self.rin[0])
 
     @property
     def on(self) -> bool:
-        return bool(self.output_sigma or self.shot_sigma or self.weight or self.adc_step or self.adc_range
-                    or self.acc_limit)
+        return bool(self.gaussian or self.weight or self.adc_step or self.adc_range or self.acc_limit)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -190,10 +197,22 @@ class TrainableGraph(nn.Module):
         if noise.adc_step:
             variance += noise.tiles * noise.adc_step ** 2 / 12.0  # rounding of each tile: one step, uniform
         std = torch.as_tensor(math.sqrt(variance), dtype=y.dtype, device=y.device)
+        if noise.shot_sigma or noise.photocurrent[1] == "products" and noise.photocurrent[0]:
+            magnitude = (op.reference(node.attrs, [x.abs()], weight.abs(), None) / u).detach()  # sum_k |x_k w_k|
         if noise.shot_sigma:  # sum_t |p_t| <= sum_k |x_k w_k|: an upper bound of the shot-noise variance
-            magnitude = op.reference(node.attrs, [x.abs()], weight.abs(), None) / u
-            std = torch.sqrt(std ** 2 + noise.shot_sigma ** 2 * noise.full_scale * magnitude.detach())
-        if noise.tiles == 1 and noise.adc_step and not noise.output_sigma and not noise.shot_sigma:
+            std = torch.sqrt(std ** 2 + noise.shot_sigma ** 2 * noise.full_scale * magnitude)
+        sigma, light = noise.photocurrent
+        if sigma:  # sum over the tiles of sigma^2 FS light_t: the law's variance exactly
+            if light == "inputs":  # sum_k |x_k| Wmax: a weight of Wmax codes everywhere
+                magnitude = (op.reference(node.attrs, [x.abs()], torch.ones_like(weight) * (noise.w_max * w_step),
+                                          None) / u).detach()
+            std = torch.sqrt(std ** 2 + sigma ** 2 * noise.full_scale * magnitude)
+        sigma, lasers = noise.rin
+        if sigma:  # independent lasers: sum_k (x_k w_k)^2 exactly; one laser: sum_t p_t^2 taken as p^2 / T
+            power = (op.reference(node.attrs, [x.square()], weight.square(), None) / u.square() if
+                     lasers == "independent" else (y / u).square() / noise.tiles).detach()
+            std = torch.sqrt(std ** 2 + sigma ** 2 * power)
+        if noise.tiles == 1 and noise.adc_step and not noise.gaussian:
             e = (torch.rand(y.shape, generator=self.generator, device=y.device) - 0.5) * math.sqrt(12.0)
         else:
             e = self._normal(y.shape, y)
