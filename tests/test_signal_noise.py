@@ -69,11 +69,14 @@ def test_int8_tile_sums_draw_the_same_numbers() -> None:
     assert torch.equal(reference, shifted)
 
 
-@pytest.mark.parametrize("plan", ["float32", "int_mm"])
-def test_the_compiled_readout_continues_from_torchs_signal_noise_bit_for_bit(plan: str) -> None:
+@pytest.mark.parametrize("plan, noise", [
+    ("float32", {"photocurrent": {"sigma": 0.05}, "rin": {"sigma": 0.1}, "output": {"sigma": 0.01}}),
+    ("int_mm", {"photocurrent": {"sigma": 0.05}, "rin": {"sigma": 0.1}, "output": {"sigma": 0.01}}),
+    ("int_mm", {"rin": {"sigma": 0.1, "lasers": "common"}, "output": {"sigma": 0.01}}),  # no per-tile sums needed
+])
+def test_the_compiled_readout_continues_from_torchs_signal_noise_bit_for_bit(plan: str, noise: dict) -> None:
     """fused-cpu serves the layer: torch draws photocurrent and RIN first (as the reference path does), the compiled
     readout adds the output noise, ADC and accumulator; codes, clips and the predicted noise power agree."""
-    noise = {"photocurrent": {"sigma": 0.05}, "rin": {"sigma": 0.1}, "output": {"sigma": 0.01}}
     hw = {"tile": TILE, "adc": {"bits": 6, "range": 0.1}, "noise": noise}
     matmul = kernels.MatmulPlan(plan, chunk=8, offset=128 if plan == "int_mm" else 0)
     layers = [analog_layer(hw, kernels.prepare_weights(W, 1, matmul), torch.tensor([[5, -3, 0]]), x_max=X_MAX,

@@ -296,11 +296,12 @@ class AnalogLayer:
         the per-tile optical quantities of signal-dependent noise (``_tile_signals``): torch draws that noise first
         on either path, and the compiled readout continues from the noisy values.
         """
-        if shift is not None and (self.tile_step != "fused-cpu" or self.readout.tile_signals):
+        drawn_first = self.readout.signal_effects
+        if shift is not None and (self.tile_step != "fused-cpu" or drawn_first):
             p, shift = p.to(torch.int64) + shift.unsqueeze(2), None
         if self.tile_step != "fused-cpu":
             return self._readout_torch(p, sample_ids, exact, signals)
-        if self.diagnostics and exact is None and self.readout.tile_signals:
+        if self.diagnostics and exact is None and drawn_first:
             exact = p.sum(dim=1, dtype=torch.float64)
         return self._readout_fused(self._signal_noise(p, sample_ids, signals), sample_ids, exact, shift)
 
@@ -337,7 +338,7 @@ class AnalogLayer:
         fs = self.full_scale
         p = self._signal_noise(p.to(readout.dtype), sample_ids, signals)
         for name, sigma in readout.tile_noise.items():
-            if name not in SIGNAL_NOISE_VARIANCE:
+            if name not in readout.signal_effects:
                 p = TILE_NOISE[name](p, sigma, fs, self._normal_like(p, sample_ids, name))
         if readout.custom:
             context = {"layer": self.name, "full_scale": fs, "tile": self.tile, "sample_ids": sample_ids,
@@ -360,7 +361,7 @@ class AnalogLayer:
         every path (float64: Readout.dtype with them on); their variance at the tiles' real light and signal goes
         into the stats for the link budget's predicted SNR."""
         readout, fs = self.readout, self.full_scale
-        for name in [name for name in readout.tile_noise if name in SIGNAL_NOISE_VARIANCE]:
+        for name in readout.signal_effects:
             sigma = readout.tile_noise[name]
             signal = (signals or {})[readout.tile_signals[name]] if name in readout.tile_signals else None
             p = p.double()

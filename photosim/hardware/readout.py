@@ -19,7 +19,7 @@ from photosim.hardware.adc import adc_step
 from photosim.hardware.config import LayerHardware, ModulatorTransfer, TileSignal
 from photosim.hardware.drift import DriftConfig
 from photosim.hardware.mesh import MeshConfig
-from photosim.hardware.noise import dac_sigma
+from photosim.hardware.noise import SIGNAL_NOISE_VARIANCE, dac_sigma
 
 FLOAT32_EXACT = 1 << 24  # float32 holds every integer below this
 
@@ -90,6 +90,12 @@ class Readout:
                    None if detector is None else detector.saturation)
 
     @property
+    def signal_effects(self) -> tuple[str, ...]:
+        """The tile effects whose noise follows the tile's light or signal (photocurrent, rin), in the order drawn:
+        first of the tile noise, in torch, on every backend that serves the layer."""
+        return tuple(name for name in self.tile_noise if name in SIGNAL_NOISE_VARIANCE)
+
+    @property
     def tiles(self) -> int:
         """T = ceil(K / L)."""
         return math.ceil(self.k / self.tile)
@@ -133,8 +139,8 @@ class Readout:
         """The tile values' working dtype: float32 under tile noise (whose std swamps float32's rounding of the
         noisy values) when every tile value is an integer below 2^24 (exact weights and inputs, FS < 2^24), so
         exact in float32; else float64 (custom noise functions get float64, as documented; so do signal-dependent
-        effects, whose per-tile light and power sums may pass 2^24). It depends on the settings only, never on the
-        matmul a machine picks, so every CPU and GPU computes the same numbers."""
+        effects, drawn in float64 because their per-tile light and power sums may pass 2^24). It depends on the
+        settings only, never on the matmul a machine picks, so every CPU and GPU computes the same numbers."""
         exact32 = (self.exact_weights and self.exact_inputs and self.full_scale < FLOAT32_EXACT
-                   and not self.tile_signals)
+                   and not self.signal_effects)
         return torch.float32 if self.tile_noise and not self.custom and exact32 else torch.float64
