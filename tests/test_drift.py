@@ -123,6 +123,19 @@ def test_random_walk_variance_grows_linearly_in_time() -> None:
         assert chips.var().item() == pytest.approx(0.01 ** 2 * age_s, rel=0.1)  # 4000 chips: 2.2% standard error
 
 
+def test_a_chip_keeps_one_random_walk_path_over_time() -> None:
+    """The same chip (generator seed) at 128 s and 512 s is one Brownian path: Cov = rate^2 * 128, correlation
+    sqrt(128 / 512) = 0.5; a walk redrawn at every time would be uncorrelated."""
+    ring = RingDrift(random_walk_k_per_rts=0.01)
+
+    def walk(seed: int, age_s: float) -> float:
+        return ring_temperature_change_k(ring, 0.0, age_s, torch.Size(()), torch.Generator().manual_seed(seed)).item()
+
+    early, late = (torch.tensor([walk(seed, age) for seed in range(3000)]) for age in (128.0, 512.0))
+    assert torch.corrcoef(torch.stack([early, late]))[0, 1].item() == pytest.approx(0.5, abs=0.05)
+    assert (early * late).mean().item() == pytest.approx(0.01 ** 2 * 128, rel=0.1)
+
+
 def test_ring_spread_and_lock_residual_have_their_stated_std() -> None:
     ring = RingDrift(temperature_offset_k=2.0, per_ring_spread=0.1)
     spread = ring_temperature_change_k(ring, 0.0, 0.0, torch.Size((200, 200)), torch.Generator().manual_seed(2))

@@ -22,6 +22,7 @@ MAX_TIME_S = 3.2e9  # about 100 years: past any device's rated retention (PCM: 1
 # Nandakumar et al. (ICECS 2019) fits, as aihwkit src/aihwkit/inference/noise/pcm.py uses them:
 PROGRAMMING_COEFFS_US = (0.26348, 1.9650, -1.1731)  # programming-noise std polynomial in G/Gmax, uS ...
 PROGRAMMING_FIT_G_MAX_US = 25.0  # ... fitted at Gmax = 25 uS, so std / Gmax = polynomial / 25
+WALK_GRID_S = tuple(2.0 ** k for k in range(-10, 33))  # the random walk's grid: 1 ms to 136 years (> MAX_TIME_S)
 SMALLEST_RELATIVE_G = 1e-7  # aihwkit's _ZERO_CLIP: log(G / Gmax) of an empty device stays finite
 
 
@@ -135,15 +136,28 @@ def ring_weight_change(weight: torch.Tensor, shift_nm: torch.Tensor, fwhm_nm: fl
 
 
 def random_walk_k(rate_k_per_rts: float, age_s: float, e: torch.Tensor) -> torch.Tensor:
-    """Temperature of a random walk at ``age_s`` from a standard normal ``e``: rate sqrt(age) e (variance ~ age)."""
-    return rate_k_per_rts * math.sqrt(age_s) * e
+    """The chip's temperature random walk at ``age_s``, K: one Brownian path per chip, from its standard normals
+    ``e`` (2, len(WALK_GRID_S)): row 0 the increments over the grid's intervals, so W(T_k) = rate * sum_{j<=k}
+    sqrt(T_j - T_{j-1}) e_0j (T_-1 = 0); between grid points the linear interpolation plus a Brownian bridge of
+    variance (t - T_k)(T_k+1 - t) / (T_k+1 - T_k) drawn from row 1. Var W(t) = rate^2 t at every t, and a time
+    sweep follows the same path (at grid times Cov = rate^2 min(t, t'))."""
+    grid = torch.tensor((0.0, *WALK_GRID_S), dtype=torch.float64)
+    path = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(grid.diff().sqrt() * e[0].cpu(), 0)])
+    k = max(0, int(torch.searchsorted(grid, torch.tensor(age_s, dtype=torch.float64), right=True)) - 1)
+    k = min(k, len(WALK_GRID_S) - 1)
+    lo, hi = float(grid[k]), float(grid[k + 1])
+    share = (age_s - lo) / (hi - lo)
+    bridge = math.sqrt(max(0.0, (age_s - lo) * (hi - age_s) / (hi - lo))) * float(e[1, k])
+    return torch.tensor(rate_k_per_rts * ((1 - share) * float(path[k]) + share * float(path[k + 1]) + bridge),
+                        dtype=torch.float64, device=e.device)
 
 
 def ring_temperature_change_k(ring: RingDrift, lock_residual_k: float, age_s: float, shape: torch.Size,
                               generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
     """Temperature change of each ring since locking, K: the chip's common change (offset plus random walk)
-    scaled by (1 + spread e_ring), plus the ring's lock residual. Draws, in this order: chip, rings, residuals."""
-    chip, rings, residual = (_normal(s, generator, device) for s in ((), shape, shape))
+    scaled by (1 + spread e_ring), plus the ring's lock residual. Draws, in this order: the chip's walk (2 x the
+    grid), rings, residuals."""
+    chip, rings, residual = (_normal(s, generator, device) for s in ((2, len(WALK_GRID_S)), shape, shape))
     common = ring.temperature_offset_k + random_walk_k(ring.random_walk_k_per_rts, age_s, chip)
     return common * (1.0 + ring.per_ring_spread * rings) + lock_residual_k * residual
 
