@@ -1,8 +1,8 @@
 """An independent interpreter of photosim's integer model file, written from docs/format.md and
 docs/integer-semantics.md alone: numpy int64, one function per op, requant modes ``float``,
 ``fixedpoint`` and ``pytorch`` (every CPU family; float32 steps as numpy float32 operations, fused
-multiply-adds exact; ``concat``, ``mul``, ``mean`` and ``table`` have no ``pytorch`` rule and raise
-``Unsupported`` there, as the engine refuses them).
+multiply-adds exact; ``mean`` and ``table`` have no ``pytorch`` rule and raise ``Unsupported`` there, as the
+engine refuses them).
 
 It imports nothing from photosim: it parses the safetensors header itself and reads the tensors with
 ``safetensors.numpy``. Being short and literal is the point; it is slow and meant for small tensors.
@@ -479,13 +479,31 @@ def requant_scalar(v: np.ndarray, m_real: float, out: Q, mode: str) -> np.ndarra
     return clamp(mbqm(v, *quantize_multiplier(m_real)) + out.zero_point, out)
 
 
+def pytorch_cat_input(x: np.ndarray, qi: Q, out: Q) -> np.ndarray:
+    """One input of PyTorch's quantized cat: a 4-D input at the output's quantization is copied; else channel
+    ``c`` of ``C`` (4-D) is in the vectorised body when ``c < floor(C / 8) * 8``; other ranks are all tail."""
+    if x.ndim == 4 and (qi.scale, qi.zero_point) == (out.scale, out.zero_point):
+        return x.astype(np.int64)
+    body = np.zeros(x.shape, dtype=bool)
+    if x.ndim == 4:
+        body[:, : x.shape[1] // 8 * 8] = True
+    s = f32(qi.scale)
+    d_body = fma(s, f32(x), s * f32(-qi.zero_point))
+    d_tail = s * f32(x.astype(np.int64) - qi.zero_point)
+    y = np.where(body, d_body * f32(1.0 / out.scale), d_tail * (F32(1.0) / f32(out.scale)))
+    return clamp(rne(y) + out.zero_point, out)
+
+
 def concat(model: Model, node: dict[str, Any], xs: list[np.ndarray], r: Run) -> np.ndarray:
     """Each input rescaled to the output quantization, then concatenated along ``dim`` (batch = 0)."""
     out = output_q(node)
     parts = []
     for i, x in enumerate(xs):
         qi = input_q(node, i)
-        parts.append(requant_scalar(x.astype(np.int64) - qi.zero_point, qi.scale / out.scale, out, r.mode))
+        if r.mode == "pytorch":
+            parts.append(pytorch_cat_input(x, qi, out))
+        else:
+            parts.append(requant_scalar(x.astype(np.int64) - qi.zero_point, qi.scale / out.scale, out, r.mode))
     return np.concatenate(parts, axis=int(node["dim"]))
 
 
@@ -504,6 +522,9 @@ def mul(model: Model, node: dict[str, Any], xs: list[np.ndarray], r: Run) -> np.
     p = a * b  # exact int64
     if r.mode == "fixedpoint" and p.size and (p.min() < INT32_MIN or p.max() > INT32_MAX):
         raise OverflowError("product outside int32")
+    if r.mode == "pytorch":
+        m = (f32(qa.scale) * f32(qb.scale)) * (F32(1.0) / f32(out.scale))
+        return clamp(rne(f32(p) * m) + out.zero_point, out)
     return requant_scalar(p, (qa.scale * qb.scale) / out.scale, out, r.mode)
 
 
@@ -546,7 +567,7 @@ OPS = {
     "permute": permute, "slice": slice_op, "table": table,
 }
 MULTI_INPUT_OPS = {"add": lambda model, node, xs, r: add(model, node, xs[0], xs[1], r), "concat": concat, "mul": mul}
-NO_PYTORCH_RULE = ("concat", "mul", "mean", "table")  # the pytorch mode refuses these (integer-semantics.md)
+NO_PYTORCH_RULE = ("mean", "table")  # the pytorch mode refuses these (integer-semantics.md)
 
 
 class Unsupported(ValueError):

@@ -221,8 +221,9 @@ def graphs(draw, pt: bool = False):
     m = ModelBuilder(shape, _act(draw, pt=pt), input_name="x")
     src = "x"
     choices = ["conv", "clamp", "add", "maxpool", "avgpool", "adaptive", "reshape"] + (["dwconv"] * 2 if pt else [])
-    if not pt:  # the pytorch mode has no rule for concat, mul, mean and table
-        choices += ["concat", "mul", "mean", "permute", "slice", "table"]
+    choices += ["concat", "mul"]
+    if not pt:  # the pytorch mode has no rule for mean and table
+        choices += ["mean", "permute", "slice", "table"]
     ops = draw(st.lists(st.sampled_from(choices), min_size=1, max_size=6))
     for i, op in enumerate(ops):
         name = f"n{i}_{op}"
@@ -275,24 +276,29 @@ def graphs(draw, pt: bool = False):
             m.add(name, "reshape", [src], shape=new)
             shape = np.empty(shape).reshape(new).shape
         elif op in ("concat", "mul"):  # with a 1x1 conv of the current tensor: another quantization
-            other = _conv(draw, m, f"{name}_branch", src, shape, g, same_shape=True)
+            other = _conv(draw, m, f"{name}_branch", src, shape, g, same_shape=True, pt=pt)
             if other != shape:
                 src, shape = f"{name}_branch", other
                 continue
             branch = f"{name}_branch"
-            if op == "concat":
-                dim = draw(st.integers(1, 3))
+            if op == "concat":  # pytorch: along channels, the cat PyTorch's channels_last tensors take
+                dim = 1 if pt else draw(st.integers(1, 3))
                 parts = draw(st.sampled_from([[src, branch], [branch, src, src], [src], [branch, src]]))
-                q = _act(draw, spread=max(_spread(m.qparams(p)) for p in parts))
+                q = m.qparams(parts[0]) if pt and draw(st.booleans()) else _act(
+                    draw, spread=max(_spread(m.qparams(p)) for p in parts), pt=pt)
                 m.add(name, "concat", parts, q, dim=dim)
                 shape = tuple(n * len(parts) if i == dim - 1 else n for i, n in enumerate(shape))
             else:
                 if draw(st.booleans()):  # a squeeze-excite gate: (N, C, H, W) * (N, C, 1, 1)
-                    m.add(f"{name}_gate", "mean", [branch], dims=[2, 3], keepdim=True)
-                    branch = f"{name}_gate"
+                    gate, q_gate = f"{name}_gate", m.qparams(branch)
+                    if pt:  # PyTorch's squeeze: a global average pool (its quantized mean has no rule here)
+                        m.add(gate, "adaptive_avgpool2d", [branch], q_gate, output_size=[1, 1])
+                    else:
+                        m.add(gate, "mean", [branch], dims=[2, 3], keepdim=True)
+                    branch = gate
                 pair_ = draw(st.sampled_from([[src, branch], [branch, src], [src, src]]))
                 spread = _spread(m.qparams(pair_[0])) * _spread(m.qparams(pair_[1]))
-                m.add(name, "mul", pair_, _act(draw, spread=spread))
+                m.add(name, "mul", pair_, _act(draw, spread=spread, pt=pt))
         elif op == "mean":
             dims = draw(st.sampled_from([[1], [2], [3], [2, 3], [1, 3], [1, 2, 3]]))
             keepdim = draw(st.booleans())

@@ -309,6 +309,45 @@ def test_add_matches_quantized_add_body_and_tail(monkeypatch: pytest.MonkeyPatch
     assert torch.equal(ours, theirs), f"{int((ours != theirs).sum())} of {ours.numel()} codes differ"
 
 
+@pytest.mark.parametrize("rank", [4, 3], ids=["nhwc_kernel", "generic_path"])
+def test_concat_matches_quantized_cat_body_and_tail(rank: int) -> None:
+    """Every code of inputs with 13 channels (one 8-channel vector block, 5 scalar) and 4 (all scalar) under
+    scales that separate the two formulas, plus an input already at the output's scale (copied)."""
+    qa, qb, out = q8(0.0731, 117), q8(0.0413, 91), q8(0.1462, 60)
+    grid = torch.arange(256).view(1, 1, 256, 1)
+    inputs = [(grid.expand(2, 13, 256, 1), qa), (grid.expand(2, 4, 256, 1), qb), (grid.expand(2, 3, 256, 1), out)]
+    if rank == 3:
+        inputs = [(codes.flatten(2), q) for codes, q in inputs]
+    tensors = [quint8(codes, q.scale, q.zero_point) for codes, q in inputs]
+    if rank == 4:  # quantized convs write channels_last, which sends a channel concat to qcat_nhwc_kernel
+        tensors = [t.contiguous(memory_format=torch.channels_last) for t in tensors]
+    theirs = torch.ops.quantized.cat(tensors, 1, out.scale, out.zero_point).int_repr().int()
+    ours = torch.cat([MODE.rescale(codes, q, out) for codes, q in inputs], 1)
+    assert torch.equal(ours, theirs), f"{int((ours != theirs).sum())} of {ours.numel()} codes differ"
+    wide = grid.expand(2, 13, 256, 1)
+    differ = int((MODE.rescale(wide, qa, out) != MODE.rescale(wide.flatten(2), qa, out).view(wide.shape)).sum())
+    assert differ > 0, "these scales never separate the vectorised and scalar formulas"
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["mul", "mul_relu"])
+def test_mul_matches_quantized_mul_on_every_code_pair(relu: bool) -> None:
+    """All 256 x 256 code pairs, broadcast (N, C, H, 1) x (N, C, 1, W), channels_last as quantized convs write,
+    under an output scale that float64 arithmetic would requantize differently."""
+    qa, qb = q8(0.0731, 117), q8(0.0413, 91)
+    out = q8(2 * qa.scale * qb.scale, 60, relu)
+    a = torch.arange(256).view(1, 1, 256, 1).expand(2, 3, 256, 1)
+    b = torch.arange(256).view(1, 1, 1, 256).expand(2, 3, 1, 256)
+    ta, tb = (quint8(c, q.scale, q.zero_point).contiguous(memory_format=torch.channels_last)
+              for c, q in ((a, qa), (b, qb)))
+    op = torch.ops.quantized.mul_relu if relu else torch.ops.quantized.mul
+    theirs = op(ta, tb, out.scale, out.zero_point).int_repr().int()
+    products = (a - qa.zero_point) * (b - qb.zero_point)
+    ours = MODE.requantize_products(products, qa, qb, out)
+    assert torch.equal(ours, theirs), f"{int((ours != theirs).sum())} of {ours.numel()} codes differ"
+    in_float64 = REQUANT_MODES["float"].requantize_products(products, qa, qb, out)
+    assert int((in_float64 != theirs).sum()) > 0, "this output scale never separates float32 from float64"
+
+
 POOLS = {
     "avg3_s2_p1": lambda t: F.avg_pool2d(t, 3, 2, 1),
     "avg3_s2_p1_ceil_nopad": lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False),
@@ -391,6 +430,34 @@ class Add(nn.Module):
         x = self.conv1(x)
         y = x + self.conv2(x)
         return F.relu(y) if self.relu else y
+
+
+class Concat(nn.Module):
+    """Two branches concatenated along channels (19 + 8: whole 8-channel blocks and a scalar tail), then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, 19, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(27, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.left(x), F.relu(self.right(x))], 1))
+
+
+class SqueezeExcite(nn.Module):
+    """A squeeze-excite block with a ReLU6 gate (pytorch mode has no rule for sigmoid tables): a broadcasting
+    quantized::mul, then a fused mul_relu of two full-size tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Conv2d(12, 12, 1)
+        self.gate = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = y * self.gate(self.fc(self.pool(y)))
+        return F.relu(z * y)
 
 
 class Pools(nn.Module):
@@ -477,6 +544,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "depthwise_104": (lambda: Depthwise(104), (3, 6, 6)),
     "mlp": (MLP, (3, 4, 4)),
     "reshape": (Reshape, (3, 8, 8)),
+    "concat": (Concat, (3, 8, 8)),
+    "squeeze_excite": (SqueezeExcite, (3, 8, 8)),
 }
 
 
@@ -544,6 +613,21 @@ def test_the_importer_handles_every_op_of_the_table() -> None:
     assert imported == set(OPS) - REQUANT_MODES["pytorch"].unsupported - {"permute", "slice"}
 
 
+def test_quantized_cat_to_its_own_scale_imports_and_is_bit_exact() -> None:
+    """convert_fx's torch.cat shares one quantization (a copy); quantized::cat with its own output scale and zero
+    point requantizes both branches (19 channels: vectorised blocks and a scalar tail; which codes separate the
+    two formulas is planted in test_concat_matches_quantized_cat_body_and_tail)."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 8, 8)
+    gm = convert(Concat(), "x86", x)
+    (cat,) = [n for n in gm.graph.nodes if n.target is torch.cat]
+    cat.target, cat.args = torch.ops.quantized.cat, (cat.args[0], 1, 0.0517, 97)
+    gm.recompile()
+    assert_bit_exact(gm, (3, 8, 8), x)
+    concat = next(n for n in from_torch(gm, (3, 8, 8)).nodes if n.op == "concat")
+    assert (concat.output_q.scale, concat.output_q.zero_point) == (0.0517, 97)
+
+
 def test_add_over_32768_elements_split_across_threads_is_bit_exact() -> None:
     torch.manual_seed(1)
     torch.set_num_threads(2)
@@ -587,12 +671,12 @@ class Unsupported(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.conv(x))
-        return torch.cat([y, y], 1)
+        return torch.sigmoid(y)
 
 
 def test_unsupported_ops_are_all_named() -> None:
     x = torch.randn(4, 3, 6, 6)
-    with pytest.raises(PhotosimError, match=r"act \(call_module Hardswish\).*cat \(call_function cat\)"):
+    with pytest.raises(PhotosimError, match=r"act \(call_module Hardswish\).*sigmoid \(call_function sigmoid\)"):
         from_torch(convert(Unsupported(), "x86", x), (3, 6, 6))
 
 

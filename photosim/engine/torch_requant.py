@@ -9,7 +9,8 @@ reproduce another (the ``pytorch_cpu`` hardware setting).
 
 FBGEMM's saturating int16 sums of uint8 x int8 pairs are formed by photosim.engine.fbgemm, which the
 engine calls where PyTorch's kernel would saturate. Not modeled: adds and average pools whose input is
-still NCHW (the graph input), which PyTorch computes with other formulas.
+still NCHW (the graph input), which PyTorch computes with other formulas, and 4-D concatenations along a
+dimension other than channels (PyTorch takes its generic path there; ``rescale`` sees one input, not the dim).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ TORCH_2_14 = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14)
 DEPTHWISE_BIAS_UNFUSED = TORCH_2_14
 DEPTHWISE_KERNELS = ((3, 3), (5, 5), (7, 7)) if TORCH_2_14 else ((3, 3), (5, 5))
 QADD_VECTOR_STEP = 64  # 2 * Vectorized<quint8>::size() of the AVX2 kernel, which AVX512 CPUs run too
+# Vectorized<float>::size() of qcat_nhwc_kernel's AVX2 build (AVX512 CPUs run it too: REGISTER_DISPATCH): its
+# vectorised loops cover each input's channels in whole blocks of 8, the scalar loop the rest
+QCAT_VECTOR_STEP = 8
 
 
 def _f32(x: float | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -177,9 +181,10 @@ class PytorchRequant:
     name = "pytorch"
     integer_bias = False
     float_accumulators = True
-    # PyTorch's own quantized kernels for these are not emulated yet (their rescale and rounding differ)
-    unsupported = frozenset({"concat", "mul", "mean", "table", "layer_norm", "matmul", "scale", "softmax",
-                             "constant"})
+    # PyTorch's own quantized kernels for these are not emulated (mean: PyTorch sums dequantized float32 values
+    # in a layout-dependent order, except over the innermost dims of a contiguous tensor, which photosim's
+    # channels_last activations are not)
+    unsupported = frozenset({"mean", "table", "layer_norm", "matmul", "scale", "softmax", "constant"})
     # PyTorch's quantized CPU kernels take quint8 / qint8 codes only: no kernel, and no pair saturation, to follow
     # for wider ones
     max_bits = 8
@@ -202,10 +207,43 @@ class PytorchRequant:
 
     @staticmethod
     def _dequantize(x: torch.Tensor, q: QParams, body: torch.Tensor) -> torch.Tensor:
+        """Codes -> float32 values: ``fma(s, q, f32(s * -z))`` where ``body`` is set (vectorised), else
+        ``f32(s * (q - z))`` (the scalar ``dequantize_val``)."""
         scale = _f32(q.scale, x.device)
         tail = scale * (x.to(torch.int64) - q.zero_point).float()
         vectorised = fma_f32(scale.expand(x.shape), x.float(), (scale * -float(q.zero_point)).expand(x.shape))
         return torch.where(body, vectorised, tail)
+
+    def rescale(self, x: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
+        """One input of ``quantized::cat`` / ``torch.cat`` (quantized/cpu/TensorShape.cpp). A 4-D input is
+        concatenated along channels by qcat_nhwc_kernel (QuantizedOpKernels.cpp): copied when its scale and zero
+        point are the output's; else, per pixel, channels in whole blocks of 8 are dequantized with an fma and
+        multiplied by ``f32(1 / s_out)`` (computed in double), the rest with ``dequantize_val`` and
+        ``quantize_val`` (``f32(1 / f32(s_out))``). Other ranks take the generic path: ``dequantize`` then
+        ``quantize_per_tensor``, the scalar formulas on every element. Round half to even, add z_out, clamp."""
+        nhwc = x.dim() == 4
+        if nhwc and (qin.scale, qin.zero_point) == (out.scale, out.zero_point):
+            return x.to(torch.int32)
+        device = x.device
+        if nhwc:
+            channels = x.shape[1]
+            body = torch.arange(channels, device=device) < channels // QCAT_VECTOR_STEP * QCAT_VECTOR_STEP
+            body = body.view(1, -1, 1, 1).expand(x.shape)
+        else:
+            body = torch.zeros(x.shape, dtype=torch.bool, device=device)
+        inverse = torch.where(body, _f32(1.0 / out.scale, device),
+                              _f32(1.0, device) / _f32(out.scale, device))
+        return _codes(self._dequantize(x, qin, body) * inverse, out)
+
+    def requantize_products(self, products: torch.Tensor, qa: QParams, qb: QParams, out: QParams,
+                            node: str = "") -> torch.Tensor:
+        """``quantized::mul`` / ``mul_relu`` (QuantizedOpKernels.cpp qmul_kernel, broadcasting): the int32
+        product of ``a - z_a`` and ``b - z_b`` converted to float32 (exact: 8-bit codes) times
+        ``m = f32(f32(s_a) * f32(s_b)) * f32(1 / f32(s_out))``, round half to even, add z_out, clamp; the
+        vectorised body and the scalar tail agree. A fused ReLU is the output clamp at z_out."""
+        device = products.device
+        multiplier = _f32(qa.scale, device) * _f32(qb.scale, device) * (_f32(1.0, device) / _f32(out.scale, device))
+        return _codes(products.float() * multiplier, out)
 
     def average(self, sums: torch.Tensor, counts: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
         """Quantized avg_pool2d / adaptive_avg_pool2d on channels_last input:

@@ -73,7 +73,7 @@ def setting_columns(frame: pd.DataFrame) -> list[str]:
     from photosim.experiments.point import BaseSection
 
     fields = set(BaseSection.model_fields)
-    return [str(c) for c in frame.columns if c == "variant" or str(c).split(".")[0] in fields]
+    return [str(c) for c in frame.columns if c in ("variant", "finetuned") or str(c).split(".")[0] in fields]
 
 
 def pooled_columns(frame: pd.DataFrame, x: str, hue: Sequence[str] = ()) -> list[str]:

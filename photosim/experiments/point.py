@@ -3,9 +3,9 @@ determine the quantized model (points that agree on them share one quantization)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from photosim._config import MAX_REPEATS, StrictModel
 from photosim.frontend.qconfig import QuantSpec
@@ -13,9 +13,36 @@ from photosim.hardware.config import HardwareConfig
 
 # json_schema_extra of a field whose value changes the quantized model: MODEL_KEYS lists the fields marked so
 DETERMINES_MODEL: dict[str, Any] = {"determines_model": True}
+OPTIONAL_SECTIONS = ("finetune",)  # sections a point may leave out (None); a dump then omits them
 
 
-class BaseSection(StrictModel):
+class FinetuneSection(StrictModel):
+    """Hardware-aware fine-tuning of the point's PTQ model under its own hardware config before the engine judges
+    it (photosim.finetune, docs/finetune.md); the defaults are those of ``photosim finetune``."""
+
+    epochs: int = Field(ge=1, description="Passes over the training data.")
+    lr: float = Field(gt=0, description="Peak learning rate (cosine schedule to 0).")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd with momentum 0.9.")
+    labels: bool = Field(True, description="Train on the train split with its labels (distillation + cross-"
+                                           "entropy); false: on the calibration split, the float model teaching.")
+    seed: int = Field(0, ge=0, description="Seed of the data order and the training noise (the point's own seed "
+                                           "draws the chips, so points differing in it judge one fine-tuned model).")
+    batch_size: int = Field(64, ge=1, description="Images per training step.")
+    temperature: float = Field(2.0, gt=0, description="Distillation temperature.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay of the optimizer.")
+
+
+class OmitsUnsetSections(StrictModel):
+    """Dumps leave out an optional section that is not set, so a point without one hashes (and reads in a results
+    table) exactly as before the section existed."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The default dump without the OPTIONAL_SECTIONS that are None."""
+        return {k: v for k, v in handler(self).items() if not (k in OPTIONAL_SECTIONS and v is None)}
+
+
+class BaseSection(OmitsUnsetSections):
     """The validated settings of one point; a sweep's axes change them by dotted key before validation."""
 
     model: str = Field("digits-resnet", description="Built-in name, torchvision:NAME or path/file.py:NAME.",
@@ -41,6 +68,8 @@ class BaseSection(StrictModel):
     seed: int = Field(0, ge=0, description="Base seed of the point's random draws.")
     batch_size: int = Field(256, ge=1, description="Images per batch.")
     device: str = Field("cpu", description="Torch device of the simulation (cpu, cuda, cuda:1, ...).")
+    finetune: FinetuneSection | None = Field(None, description="Fine-tune the PTQ model under ``hw`` before it "
+                                                               "is judged (keys of FinetuneSection); none: PTQ.")
 
 
 MODEL_KEYS = tuple(name for name, field in BaseSection.model_fields.items()

@@ -8,7 +8,8 @@ setting ``sigma`` drops a ``snr_db`` or ``enob`` of the base). ``quant`` and ``h
 file instead of a mapping, as ``--quant`` and ``--hw`` do: in ``base``, as a value of an axis over the whole
 section, or in a variant (whose axes may then set keys inside it: variants are merged first, axes last). Every
 point is validated before anything runs, into a typed ``BaseSection``. An empty file is refused; a file with only
-``base`` is one point.
+``base`` is one point. A point with a ``finetune`` section (point.FinetuneSection) judges its PTQ model fine-tuned
+under its own hardware (workflow.run_point); a point without one hashes as before that section existed.
 
 A sweep file is a program: a custom noise function it names runs that code, as a Python script would.
 
@@ -60,7 +61,7 @@ from photosim._progress import progress_options
 from photosim._version import __version__
 from photosim.errors import PhotosimError
 from photosim.experiments.executors import Group, Runner, check_executor, execute
-from photosim.experiments.point import MODEL_KEYS, BaseSection
+from photosim.experiments.point import MODEL_KEYS, OPTIONAL_SECTIONS, BaseSection, OmitsUnsetSections
 from photosim.experiments.report import PERCENT_COLUMNS, in_percent, summarize, write_csv_atomic
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import HardwareConfig
@@ -73,7 +74,10 @@ SECTIONS: dict[str, type[StrictModel]] = {"quant": QuantSpec, "hw": HardwareConf
 
 def _written_field(name: str, field: FieldInfo) -> tuple[Any, FieldInfo]:
     """A field of BaseSection as a sweep file's ``base`` holds it: a nested config stays a dict (the axes set its
-    keys before the point is validated) or names a preset or YAML file, as ``--quant`` and ``--hw`` do."""
+    keys before the point is validated) or names a preset or YAML file, as ``--quant`` and ``--hw`` do; an
+    optional section (``finetune``) stays a dict or None."""
+    if name in OPTIONAL_SECTIONS:
+        return dict[str, Any] | None, Field(None, description=field.description)
     if name not in SECTIONS:
         return field.annotation, field
     kind = SECTIONS[name].preset_kind
@@ -82,7 +86,7 @@ def _written_field(name: str, field: FieldInfo) -> tuple[Any, FieldInfo]:
 
 
 WrittenBase = create_model(
-    "WrittenBase", __base__=StrictModel, __doc__="A sweep file's `base`: one point's settings as written.",
+    "WrittenBase", __base__=OmitsUnsetSections, __doc__="A sweep file's `base`: one point's settings as written.",
     **{name: _written_field(name, field) for name, field in BaseSection.model_fields.items()})
 
 
@@ -506,9 +510,11 @@ class ResultStore:
         """One row per (point, repeat), in point order: ids, parameters, runner metrics, point wall time.
 
         An axis over a whole section (``hw: [PRESET, ...]``, ``hw.noise: [{...}]``) has a column of its own holding
-        the value as written (a preset name, or JSON text). Accuracy is in percent and drops in points (the log
-        keeps the runner's fractions: report.in_percent converts here)."""
+        the value as written (a preset name, or JSON text). In a sweep with ``finetune`` points, a ``finetuned``
+        column flags them (their ``finetune.*`` columns hold the settings). Accuracy is in percent and drops in
+        points (the log keeps the runner's fractions: report.in_percent converts here)."""
         points = {p.hash: p for p in self.sweep.points}
+        finetunes = any(p.config.finetune is not None for p in self.sweep.points)  # a sweep with ``finetune`` points
         rows = []
         for record in sorted((r for r in self.records.values() if r["hash"] in self.index),
                              key=lambda r: self.index[r["hash"]]):
@@ -517,7 +523,8 @@ class ResultStore:
                 ids["variant"] = record["variant"]
             axes = {k: v if isinstance(v, str) else json.dumps(v)
                     for k, v in points[record["hash"]].settings.items() if k not in record["params"]}
-            rows += [{**ids, **axes, **record["params"], **row, "point_wall_s": record["point_wall_s"]}
+            tuned = {"finetuned": points[record["hash"]].config.finetune is not None} if finetunes else {}
+            rows += [{**ids, **axes, **record["params"], **tuned, **row, "point_wall_s": record["point_wall_s"]}
                      for row in record["rows"]]
         return in_percent(pd.DataFrame(rows))
 
@@ -644,10 +651,11 @@ SUMMARY_ENERGY = {"energy_per_inference_J_mean": "J / inference", "energy_per_ma
 
 
 def summary_view(summary: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
-    """A compact table for the terminal: variant, axis values, n, top-1 % with 95% CI, drop vs float in points,
-    energy per inference and per MAC (with a photonics section), time."""
+    """A compact table for the terminal: variant, axis values, finetuned (in a sweep with ``finetune`` points),
+    n, top-1 % with 95% CI, drop vs float in points, energy per inference and per MAC (with a photonics section),
+    time."""
     keys = (["variant"] if sweep.config.variants else []) + [k for axis in sweep.config.axes for k in axis]
-    view = summary[[c for c in [*keys, "n"] if c in summary]].copy()
+    view = summary[[c for c in [*keys, "finetuned", "n"] if c in summary]].copy()
     if "top1_pct_mean" in summary:
         view["top-1 % (95% CI)"] = [f"{m:.2f}" + ("" if pd.isna(c) else f" ± {c:.2f}")
                                     for m, c in zip(summary["top1_pct_mean"], summary["top1_pct_ci95"])]

@@ -23,7 +23,7 @@ from photosim.engine.torch_requant import resolve_cpu_family
 from photosim.errors import PhotosimError
 from photosim.experiments.accuracy import EvalResult, accuracy, evaluate
 from photosim.experiments.budget import budget_table, energy_totals
-from photosim.experiments.point import MODEL_KEYS, BaseSection
+from photosim.experiments.point import MODEL_KEYS, BaseSection, FinetuneSection
 from photosim.frontend.capture import capture
 from photosim.frontend.data import calibration_batches, load_dataset
 from photosim.frontend.models import LoadedModel, list_models, load_model
@@ -334,18 +334,24 @@ def comparison_rows(base: Baselines, run: HardwareRun) -> list[dict[str, Any]]:
 
 def check_point(config: BaseSection, where: str, layer_names: dict[str, list[str]]) -> None:
     """The checks of a sweep point that only its run would make otherwise (for ``sweep --dry-run``): the device
-    exists, every custom noise function loads and is callable, and the hardware's per-layer overrides match layers
-    of the point's model (built without weights or data and traced; ``layer_names`` keeps each model's names
-    across points). A model file that declares no input shape leaves the overrides to the run."""
+    exists, every custom noise function loads and is callable (and no ``finetune`` is asked under one), and the
+    hardware's per-layer overrides match layers of the point's model (built without weights or data and traced;
+    ``layer_names`` keeps each model's names across points). A model file that declares no input shape leaves the
+    overrides to the run."""
     try:
         check_device(config.device)
     except PhotosimError as exc:
         raise PhotosimError(f"{where}: {exc}") from None
     hw = config.hw
-    for spec in {s.noise.custom.function for s in (hw, *hw.layers) if s.noise is not None} - {None}:
+    custom = {s.noise.custom.function for s in (hw, *hw.layers) if s.noise is not None} - {None}
+    for spec in custom:
         if not callable(load_object(spec, "custom noise")):
             raise PhotosimError(f"{where}: custom noise function {spec!r} is not callable; name a function "
                                 "f(p, context) -> perturbed p.")
+    if custom and config.finetune is not None:
+        raise PhotosimError(f"{where}: custom noise {', '.join(sorted(custom))} cannot be modelled in the fine-tuning "
+                            "graph; fine-tune under a config of the same std without noise.custom (e.g. output "
+                            "noise), or drop `finetune` from this point.")
     if not hw.layers:
         return
     key = json.dumps([config.model, config.num_classes, config.cifar_stem])
@@ -363,24 +369,46 @@ def check_point(config: BaseSection, where: str, layer_names: dict[str, list[str
 def run_point(point: dict[str, Any], cache: dict[str, Any]) -> list[dict[str, Any]]:
     """One sweep point (see photosim.experiments.sweep) -> one row per repeat. ``cache`` keeps, across the
     points of a worker, the quantized model of each MODEL_KEYS combination (the sweep groups points by the
-    same keys) and the test split and baselines of each ``limit`` and requantization (HardwareConfig.ideal)."""
+    same keys), its fine-tuned versions per (hw, finetune, device), and the test split and baselines of each
+    ``limit``, judged model and requantization (HardwareConfig.ideal)."""
     key = json.dumps({k: point[k] for k in MODEL_KEYS}, sort_keys=True, default=str)
     if key not in cache:
         loaded = load_model(point["model"], point["weights"], point["num_classes"], point["cifar_stem"])
         data = DataSpec(point["data"], point["data_root"], point["download"])
         qmodel = quantize_loaded(loaded, data, load_config(QuantSpec, point["quant"]),
                                  num_classes=point["num_classes"], cifar_stem=point["cifar_stem"])
-        cache[key] = {"loaded": loaded, "qmodel": qmodel, "data": data, "tests": {}, "baselines": {},
+        cache[key] = {"loaded": loaded, "qmodel": qmodel, "data": data, "tests": {}, "baselines": {}, "tuned": {},
                       "calibration": data.split("calibration", loaded.input_shape)}
     entry = cache[key]
     limit, hw = point["limit"], load_hardware(point["hw"])
     if limit not in entry["tests"]:
         entry["tests"][limit] = replace(entry["data"], limit=limit).split("test", entry["loaded"].input_shape)
     test = entry["tests"][limit]
+    judged, qmodel = _judged_model(point, hw, entry)
     rounding = hw.ideal().model_dump_json()
-    if (limit, rounding) not in entry["baselines"]:
-        entry["baselines"][limit, rounding] = baselines(entry["qmodel"], test, hw, entry["loaded"].module,
-                                                        batch_size=point["batch_size"], device=point["device"])
-    run = run_hardware(entry["qmodel"], test, hw, calibration=entry["calibration"], repeats=point["repeats"],
+    if (judged, limit, rounding) not in entry["baselines"]:
+        entry["baselines"][judged, limit, rounding] = baselines(qmodel, test, hw, entry["loaded"].module,
+                                                                batch_size=point["batch_size"], device=point["device"])
+    run = run_hardware(qmodel, test, hw, calibration=entry["calibration"], repeats=point["repeats"],
                        seed=point["seed"], batch_size=point["batch_size"], device=point["device"])
-    return comparison_rows(entry["baselines"][limit, rounding], run)
+    return comparison_rows(entry["baselines"][judged, limit, rounding], run)
+
+
+def _judged_model(point: dict[str, Any], hw: HardwareConfig, entry: dict[str, Any]) -> tuple[str, QuantizedModel]:
+    """The model a point judges and its cache key: the PTQ model (``ptq``) or, with a ``finetune`` section, that
+    PTQ model fine-tuned under the point's hardware (photosim.finetune), trained once per (hw, finetune, device)."""
+    if point.get("finetune") is None:
+        return "ptq", entry["qmodel"]
+    from photosim.experiments.finetune import finetune
+
+    settings = FinetuneSection.model_validate(point["finetune"])
+
+    key = json.dumps({"hw": hw.model_dump(mode="json"), "finetune": settings.model_dump(mode="json"),
+                      "device": point["device"]}, sort_keys=True)
+    if key not in entry["tuned"]:
+        loaded, calibration = entry["loaded"], entry["calibration"]
+        train = entry["data"].split("train", loaded.input_shape) if settings.labels else calibration
+        entry["tuned"][key] = finetune(loaded.module, train, point["quant"], hw, **settings.model_dump(),
+                                       device=point["device"], calibration_data=calibration,
+                                       ptq_model=entry["qmodel"])
+    return key, entry["tuned"][key]

@@ -30,7 +30,8 @@ from photosim.ir.format import Node, QParams, QuantizedModel, validate
 
 SUPPORTED = (
     "torch.quantize_per_tensor to quint8 (the graph input), quantized Conv2d / ConvReLU2d / Linear / LinearReLU "
-    "(not their reference or dynamic variants), quantized add / add_relu, ReLU, ReLU6, Hardtanh, clamp, "
+    "(not their reference or dynamic variants), quantized add / add_relu, mul / mul_relu, torch.cat / "
+    "quantized cat, ReLU, ReLU6, Hardtanh, clamp, "
     "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d (modules or functional), flatten / reshape / view, dequantize "
     "(the graph output, or around a float flatten / reshape that keeps the quantization); Identity, Dropout "
     "and contiguous pass through"
@@ -38,6 +39,8 @@ SUPPORTED = (
 _CONV_TYPES = {nnq.Conv2d: False, nniq.ConvReLU2d: True}  # exact types: subclasses fuse more (e.g. ConvAdd2d)
 _LINEAR_TYPES = {nnq.Linear: False, nniq.LinearReLU: True}
 _ADDS = {torch.ops.quantized.add: False, torch.ops.quantized.add_relu: True}
+_MULS = {torch.ops.quantized.mul: False, torch.ops.quantized.mul_relu: True}
+_CATS = (torch.cat, torch.ops.quantized.cat)
 _RESHAPES = (torch.flatten, torch.reshape, "flatten", "view", "reshape")
 _POOLS = (torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
           torch.nn.functional.adaptive_avg_pool2d)
@@ -144,7 +147,8 @@ class _Importer:
     def _op(self, node: fx.Node) -> None:
         module = self.modules.get(node.target) if node.op == "call_module" else None
         handler = self._handler(node, module)
-        source = self._value(node.args[0]) if node.args else None
+        first = node.args[0] if node.args else None
+        source = self._value(first[0] if isinstance(first, (list, tuple)) and first else first)
         if handler is None:
             self._unsupported(node)
         elif source is None:
@@ -168,6 +172,10 @@ class _Importer:
             return self._weighted
         if target in _ADDS:
             return self._add
+        if target in _MULS:
+            return self._mul
+        if target in _CATS:
+            return self._cat
         if _bounds(node, module) is not None:
             return self._clamp
         if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)) or target in _POOLS:
@@ -223,12 +231,34 @@ class _Importer:
         })
 
     def _add(self, node: fx.Node, module: None, source: _Value) -> None:
+        self._binary(node, "add", source, _ADDS[node.target])
+
+    def _mul(self, node: fx.Node, module: None, source: _Value) -> None:
+        self._binary(node, "mul", source, _MULS[node.target])
+
+    def _binary(self, node: fx.Node, op: str, source: _Value, relu: bool) -> None:
+        """quantized::add / mul (and their _relu variants): two quantized operands, the output's scale and
+        zero point as arguments 2 and 3."""
         other = self._value(node.args[1])
         if other is None or other.is_float:
             self._missing_input(node, "its second operand is not a quantized tensor")
             return
         scale, zero_point = self._scalar(node.args[2]), self._scalar(node.args[3])
-        self._emit(node, "add", [source, other], _activation_q(scale, zero_point, _ADDS[node.target]), {})
+        self._emit(node, op, [source, other], _activation_q(scale, zero_point, relu), {})
+
+    def _cat(self, node: fx.Node, module: None, source: _Value) -> None:
+        """torch.cat of quantized tensors keeps the first input's scale and zero point (PyTorch requires all to
+        share them); quantized::cat takes the output's as arguments 2 and 3 (None: the first input's)."""
+        inputs = [self._value(arg) for arg in node.args[0]]
+        if any(v is None or v.is_float for v in inputs):
+            self._missing_input(node, "one of its inputs is not a quantized tensor")
+            return
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        rank = len(node.meta["tensor_meta"].shape)
+        q = source.q
+        if node.target is torch.ops.quantized.cat and len(node.args) > 3 and node.args[2] is not None:
+            q = _activation_q(self._scalar(node.args[2]), self._scalar(node.args[3]))
+        self._emit(node, "concat", inputs, _activation_q(q.scale, q.zero_point), {"dim": dim % rank})
 
     def _clamp(self, node: fx.Node, module: nn.Module | None, source: _Value) -> None:
         """ReLU / ReLU6 / Hardtanh / clamp on codes: PyTorch quantizes the bounds with quantize_val."""
