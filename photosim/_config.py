@@ -50,6 +50,18 @@ class StrictModel(BaseModel):
         return data
 
 
+class OptionalSections(StrictModel):
+    """A config whose ``optional_sections`` are left out of its dumps while they are None, so a config without them
+    dumps (and a sweep point hashes) exactly as before they existed; a missing key validates back to None."""
+
+    optional_sections: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_sections(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The default dump without the optional sections that are None."""
+        return {k: v for k, v in handler(self).items() if not (k in self.optional_sections and v is None)}
+
+
 def section_models(models: list[type[BaseModel]], name: str) -> list[type[BaseModel]]:
     """The config classes that field ``name`` of ``models`` holds (``X``, ``X | None``, a union, a list of X)."""
     return [c for model in models if name in model.model_fields

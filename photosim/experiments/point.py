@@ -3,17 +3,16 @@ determine the quantized model (points that agree on them share one quantization)
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field
 
-from photosim._config import MAX_REPEATS, StrictModel
+from photosim._config import MAX_REPEATS, OptionalSections, StrictModel
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import HardwareConfig
 
 # json_schema_extra of a field whose value changes the quantized model: MODEL_KEYS lists the fields marked so
 DETERMINES_MODEL: dict[str, Any] = {"determines_model": True}
-OPTIONAL_SECTIONS = ("finetune",)  # sections a point may leave out (None); a dump then omits them
 
 
 class FinetuneSection(StrictModel):
@@ -32,18 +31,10 @@ class FinetuneSection(StrictModel):
     weight_decay: float = Field(0.0, ge=0, description="Weight decay of the optimizer.")
 
 
-class OmitsUnsetSections(StrictModel):
-    """Dumps leave out an optional section that is not set, so a point without one hashes (and reads in a results
-    table) exactly as before the section existed."""
-
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """The default dump without the OPTIONAL_SECTIONS that are None."""
-        return {k: v for k, v in handler(self).items() if not (k in OPTIONAL_SECTIONS and v is None)}
-
-
-class BaseSection(OmitsUnsetSections):
+class BaseSection(OptionalSections):
     """The validated settings of one point; a sweep's axes change them by dotted key before validation."""
+
+    optional_sections: ClassVar[tuple[str, ...]] = ("finetune",)  # a point without it hashes as before it existed
 
     model: str = Field("digits-resnet", description="Built-in name, torchvision:NAME or path/file.py:NAME.",
                        json_schema_extra=DETERMINES_MODEL)

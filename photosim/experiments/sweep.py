@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, TypeVar
+from typing import IO, Any, ClassVar, TypeVar
 
 import pandas as pd
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
@@ -48,6 +48,7 @@ from pydantic.fields import FieldInfo
 from rich import progress as bars
 
 from photosim._config import (
+    OptionalSections,
     StrictModel,
     describe_validation_error,
     dotted,
@@ -61,7 +62,7 @@ from photosim._progress import progress_options
 from photosim._version import __version__
 from photosim.errors import PhotosimError
 from photosim.experiments.executors import Group, Runner, check_executor, execute
-from photosim.experiments.point import MODEL_KEYS, OPTIONAL_SECTIONS, BaseSection, OmitsUnsetSections
+from photosim.experiments.point import MODEL_KEYS, BaseSection
 from photosim.experiments.report import PERCENT_COLUMNS, in_percent, summarize, write_csv_atomic
 from photosim.frontend.qconfig import QuantSpec
 from photosim.hardware.config import HardwareConfig
@@ -76,7 +77,7 @@ def _written_field(name: str, field: FieldInfo) -> tuple[Any, FieldInfo]:
     """A field of BaseSection as a sweep file's ``base`` holds it: a nested config stays a dict (the axes set its
     keys before the point is validated) or names a preset or YAML file, as ``--quant`` and ``--hw`` do; an
     optional section (``finetune``) stays a dict or None."""
-    if name in OPTIONAL_SECTIONS:
+    if name in BaseSection.optional_sections:
         return dict[str, Any] | None, Field(None, description=field.description)
     if name not in SECTIONS:
         return field.annotation, field
@@ -85,8 +86,14 @@ def _written_field(name: str, field: FieldInfo) -> tuple[Any, FieldInfo]:
                                                                              "or YAML file works too.")
 
 
+class _WrittenSections(OptionalSections):
+    """The optional sections of a written ``base``: those of a point."""
+
+    optional_sections: ClassVar[tuple[str, ...]] = BaseSection.optional_sections
+
+
 WrittenBase = create_model(
-    "WrittenBase", __base__=OmitsUnsetSections, __doc__="A sweep file's `base`: one point's settings as written.",
+    "WrittenBase", __base__=_WrittenSections, __doc__="A sweep file's `base`: one point's settings as written.",
     **{name: _written_field(name, field) for name, field in BaseSection.model_fields.items()})
 
 

@@ -17,7 +17,15 @@ from pydantic import (
     model_validator,
 )
 
-from photosim._config import LayerOverride, PerLayer, StrictModel, load_config, override_model, with_settings
+from photosim._config import (
+    LayerOverride,
+    OptionalSections,
+    PerLayer,
+    StrictModel,
+    load_config,
+    override_model,
+    with_settings,
+)
 from photosim.errors import PhotosimError
 from photosim.hardware.drift import DriftConfig
 from photosim.hardware.mesh import MeshConfig
@@ -276,14 +284,15 @@ RequantMode = Literal["float", "fixedpoint", "pytorch", "onnxruntime"]
 REQUANT_KEYS = ("requant", "pytorch_cpu")  # the settings that decide how a layer rounds
 
 
-OPTIONAL_SECTIONS = ("photonics", "mesh", "drift", "dac", "detector")  # left out of dumps when null
 WEIGHT_MODELS: dict[str, int] = {"mesh": 8, "drift": 9}  # per-chip weight realisations -> Philox stream number
 # (after the noise effects' 1-7; fixed forever, like theirs)
 INPUT_MODELS: dict[str, int] = {"dac": 10}  # per-inference input conversion (DACConfig.enob) -> Philox stream number
 
 
-class LayerHardware(StrictModel):
+class LayerHardware(OptionalSections):
     """The settings that apply to one layer (the global ones, or after per-layer overrides)."""
+
+    optional_sections: ClassVar[tuple[str, ...]] = ("photonics", "mesh", "drift", "dac", "detector")
 
     requant: RequantMode = Field("float", description="Requantization mode: float, fixedpoint, pytorch or onnxruntime.")
     pytorch_cpu: Literal["auto", "avx2", "avx512-vnni", "amx"] = Field(
@@ -321,16 +330,6 @@ class LayerHardware(StrictModel):
             raise ValueError("mesh describes the MZI meshes of a coherent core, but photonics.architecture is "
                              f"{self.photonics.architecture!r}; set it to coherent or remove mesh")
         return self
-
-    @model_serializer(mode="wrap")
-    def _without_absent_sections(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave out the OPTIONAL_SECTIONS when null, so configs without them dump (and sweep points hash) as before
-        they existed; a missing key validates back to None."""
-        data = handler(self)
-        for section in OPTIONAL_SECTIONS:
-            if section in data and data[section] is None:
-                del data[section]
-        return data
 
     def weight_models(self) -> dict[str, MeshConfig | DriftConfig]:
         """The per-chip models of how programmed weights are realised, in the order they apply: mesh, drift."""
