@@ -98,6 +98,20 @@ def _check_own_file(path: Path, spec: str, what: str) -> None:
         )
 
 
+def import_extra(module: str, extra: str, purpose: str, alternative: str = "") -> Any:
+    """Import ``module`` of one of photosim's optional extras, or say how to install the extra (a PhotosimError:
+    exit 2). ``purpose`` names what needs it; ``alternative`` (optional) says how to do without."""
+    package = module.split(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] != package:
+            raise  # the package is there, and something it imports is broken
+        raise PhotosimError(f"{purpose} needs the Python package {package!r}, which is not installed; install "
+                            f"photosim's {extra} extra: pip install 'photosim[{extra}]'"
+                            + (f" ({alternative})." if alternative else ".")) from None
+
+
 def load_object(spec: str, what: str) -> Any:
     """The object ``NAME`` of ``path/to/file.py:NAME`` or ``package.module:NAME``; ``what`` names it in errors."""
     source, sep, name = spec.rpartition(":")

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from queue import Empty
 from typing import Any
 
+from photosim._imports import import_extra
 from photosim.errors import PhotosimError
 
 EXECUTORS = ("local", "ray")
@@ -170,13 +171,7 @@ def _next_result(queue: Any, futures: list[Future]) -> Finished:
 
 
 def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise PhotosimError(
-            "--executor ray needs Ray, an optional extra: pip install 'photosim[ray]' (or use --executor local)."
-        ) from None
-    return ray
+    return import_extra("ray", "ray", "--executor ray", "or use --executor local")
 
 
 class _PointWorker:

@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import fx
 
+from photosim._imports import import_extra
 from photosim.errors import PhotosimError
 from photosim.frontend.capture import is_tensor
 from photosim.frontend.patterns import avgpool_attrs, maxpool_attrs, pair, reshape_node
-from photosim.frontend.torch_import import integer_bias, record_shapes
-from photosim.ir.format import Node, QParams, QuantizedModel, validate
+from photosim.frontend.torch_import import imported_model, integer_bias, record_shapes
+from photosim.ir.format import Node, QParams, QuantizedModel
 
 QUANTIZE = "quantized_decomposed.quantize_per_tensor"
 DEQUANTIZE = "quantized_decomposed.dequantize_per_tensor"
@@ -436,25 +437,15 @@ def from_pt2e(graph_module: fx.GraphModule | torch.export.ExportedProgram, input
     if isinstance(graph_module, torch.export.ExportedProgram):
         graph_module = graph_module.module()
     gm = copy.deepcopy(graph_module)  # shapes are recorded in the nodes' meta: the caller's graph stays as it was
-    record_shapes(gm, tuple(int(d) for d in input_shape), _batch_size(gm))
+    shape = tuple(int(d) for d in input_shape)
+    record_shapes(gm, shape, _batch_size(gm))
     importer = _Importer(gm)
     importer.run()
-    if importer.input_q is None and not importer.unsupported:
-        importer.unsupported.append("the graph input is never quantized with quantize_per_tensor")
-    if importer.unsupported:
-        raise PhotosimError(
-            f"the PT2E graph has {len(importer.unsupported)} operation(s) photosim cannot import: "
-            + "; ".join(importer.unsupported) + f". Supported: {SUPPORTED}. Leave those ops out of the model or "
-            "quantize them (photosim never falls back to float silently)."
-        )
-    model = QuantizedModel(
-        input_name="input", input_shape=tuple(int(d) for d in input_shape), input_q=importer.input_q,
-        nodes=importer.nodes, tensors=importer.tensors, output=importer.output or "input",
-        provenance={"source": "torchao.pt2e", "model": name, "qengine": "onednn", "torch_version": torch.__version__,
-                    "torchao_version": _torchao_version(), "pt2e_nodes": importer.sources},
-    )
-    validate(model, source=name)
-    return model
+    return imported_model(importer, shape, name, "PT2E graph", "quantize_per_tensor",
+                          f"Supported: {SUPPORTED}. Leave those ops out of the model or quantize them",
+                          {"source": "torchao.pt2e", "model": name, "qengine": "onednn",
+                           "torch_version": torch.__version__, "torchao_version": _torchao_version(),
+                           "pt2e_nodes": importer.sources})
 
 
 def _torchao_version() -> str | None:
@@ -484,12 +475,7 @@ def with_quantized_output(quantizer: Any, output_spec: Any = None) -> Any:
         >>> quantizer = with_quantized_output(X86InductorQuantizer().set_global(config))
         >>> prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
     """
-    try:
-        composable = importlib.import_module("torchao.quantization.pt2e.quantizer")
-    except ModuleNotFoundError as exc:
-        if not torchao_missing(exc):
-            raise
-        raise PhotosimError(f"with_quantized_output needs torchao, which is not installed; {INSTALL}.") from None
+    composable = import_extra("torchao.quantization.pt2e.quantizer", "torchao", "with_quantized_output")
     spec = output_spec or getattr(getattr(quantizer, "global_config", None), "output_activation", None)
     if spec is None:
         raise PhotosimError(f"{type(quantizer).__name__} has no global config with an output_activation spec to "

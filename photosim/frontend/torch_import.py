@@ -372,24 +372,27 @@ def from_torch(graph_module: fx.GraphModule, input_shape: tuple[int, ...], *, na
     record_shapes(graph_module, input_shape)
     importer = _Importer(graph_module)
     importer.run()
+    return imported_model(importer, input_shape, name, "quantized graph module", "torch.quantize_per_tensor",
+                          f"Supported: {SUPPORTED}. Leave those ops out of the model or out of quantization",
+                          {"source": "torch.ao.quantization", "model": name,
+                           "qengine": torch.backends.quantized.engine, "torch_version": torch.__version__})
+
+
+def imported_model(importer: Any, input_shape: tuple[int, ...], name: str, graph: str, quantize_op: str, fix: str,
+                   provenance: dict[str, Any]) -> QuantizedModel:
+    """The integer model a graph walker (this module's, or photosim.frontend.pt2e_import's) built, validated; or one
+    PhotosimError listing every op it could not import (``graph`` and ``quantize_op`` name the source's terms,
+    ``fix`` says what to do)."""
     if importer.input_q is None and not importer.unsupported:
-        importer.unsupported.append("the graph input is never quantized with torch.quantize_per_tensor")
+        importer.unsupported.append(f"the graph input is never quantized with {quantize_op}")
     if importer.unsupported:
         raise PhotosimError(
-            f"the quantized graph module has {len(importer.unsupported)} operation(s) photosim cannot import: "
-            + "; ".join(importer.unsupported) + f". Supported: {SUPPORTED}. Leave those ops out of the model "
-            "or out of quantization (photosim never falls back to float silently)."
+            f"the {graph} has {len(importer.unsupported)} operation(s) photosim cannot import: "
+            + "; ".join(importer.unsupported) + f". {fix} (photosim never falls back to float silently)."
         )
-    model = QuantizedModel(
-        input_name="input",
-        input_shape=input_shape,
-        input_q=importer.input_q,
-        nodes=importer.nodes,
-        tensors=importer.tensors,
-        output=importer.output or "input",
-        provenance={"source": "torch.ao.quantization", "model": name,
-                    "qengine": torch.backends.quantized.engine, "torch_version": torch.__version__},
-    )
+    model = QuantizedModel(input_name="input", input_shape=input_shape, input_q=importer.input_q,
+                           nodes=importer.nodes, tensors=importer.tensors, output=importer.output or "input",
+                           provenance=provenance)
     validate(model, source=name)
     return model
 

@@ -10,7 +10,6 @@ flatten, reshape, clamp) run on the codes directly. What ONNX cannot say is writ
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from photosim._imports import import_extra
 from photosim._version import __version__
 from photosim.errors import PhotosimError
 from photosim.ir.containers import CONTAINER_BITS, clamp_needed, in_container
@@ -42,11 +42,7 @@ NOT_EXPRESSED = (
 
 def load_extra(module: str) -> Any:
     """Import an optional dependency of the ONNX commands, or say how to install it (a PhotosimError: exit 2)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise PhotosimError(f"this command needs the Python package {module!r}, which is not installed; install "
-                            "photosim's onnx extra: pip install 'photosim[onnx]'.") from None
+    return import_extra(module, "onnx", "this command")
 
 
 try:
