@@ -65,6 +65,11 @@ def test_bad_inputs_exit_2_with_one_message(tmp_path) -> None:
     result = invoke("export", wide, "-o", tmp_path / "avg.onnx")
     assert result.exit_code == 2 and "node 'avg' (avgpool2d" in result.output
     assert not (tmp_path / "avg.onnx").exists()
+    source = tmp_path / "m.safetensors"
+    tiny_model().save(source)
+    result = invoke("export", source, "-o", tmp_path / "m.onnx", "--form", "bogus")
+    assert result.exit_code == 2 and "unknown ONNX form 'bogus'; use one of qdq, qoperator" in result.output
+    assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
