@@ -1,30 +1,32 @@
-"""GPU timing probe of the ideal integer engine: images/s against float eval, and its top CUDA kernels.
+"""GPU timing probe of the integer engine: images/s against float eval, and its top CUDA kernels.
 
 Builds the benchmark model (photosim.experiments.bench: CIFAR ResNet-18, random weights, calibrated BatchNorm),
 quantizes it as ``photosim bench`` does, times float eval, the engine, and the engine with the fused CUDA
 path switched off (the torch backend only, for comparison) at one batch size, then profiles one engine batch.
-Finishes in well under a minute on an H100.
+``--config`` picks one of the bench's configurations (its position in photosim.experiments.bench.CONFIGS; the
+default 0 is ideal W8A8), whose bits and hardware it takes. Finishes in well under a minute on an H100.
 
-    python experiments/gpu_profile.py [--bits 8] [--batch 1024] [--device cuda]
+    python experiments/gpu_profile.py [--config 0] [--batch 1024] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from photosim.engine.executor import Engine
-from photosim.experiments.bench import _float_predictor, build_model, synthetic, time_interleaved
+from photosim.experiments.bench import CONFIGS, _float_predictor, build_model, synthetic, time_interleaved
 from photosim.frontend.ptq import quantize
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="torchvision:resnet18")
-    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--config", type=int, default=0, choices=range(len(CONFIGS)))
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
@@ -33,16 +35,16 @@ def main() -> None:
     device = torch.device(args.device)
 
     model, shape = build_model(args.model, 0)
-    qmodel = quantize(model, synthetic(shape, args.calibration, 2), {"w_bits": args.bits, "a_bits": args.bits})
-    engine = Engine(qmodel, device=device, diagnostics=False)
-    fused = sum(choice.backend == "cuda-ideal" for choice in engine.backends.values())
+    config = CONFIGS[args.config]
+    qmodel = quantize(model, synthetic(shape, args.calibration, 2), {"w_bits": config.bits, "a_bits": config.bits})
+    engine = Engine(qmodel, config.hw, device=device)  # diagnostics on, as in run, sweep and bench
+    chosen = collections.Counter(choice.backend for choice in engine.backends.values())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.model} W{args.bits}A{args.bits}, batch {args.batch}, {where}: "
-          f"{fused} of {len(engine.layers)} conv/linear layers on the fused path")
+    print(f"{args.model}, {config.name}, batch {args.batch}, {where}: conv/linear layers per backend {dict(chosen)}")
     predictors = {
         "float eval": _float_predictor(model, device),
         "engine": engine,
-        "engine, torch kernels": Engine(qmodel, device=device, diagnostics=False, backend=["torch", "fbgemm"]),
+        "engine, torch kernels": Engine(qmodel, config.hw, device=device, backend=["torch", "fbgemm"]),
     }
     x = synthetic(shape, args.batch, 1)
     times = time_interleaved(predictors, x, args.runs, warmup=2, device=device)

@@ -96,3 +96,30 @@ def test_the_execution_plan_is_the_engines_choice() -> None:
     engine = Engine(model, hw, device=DEVICE)
     assert {name: row["backend"] for name, row in rows.items()} == {n: c.backend for n, c in engine.backends.items()}
     assert rows["fc"]["kind"] == "ideal" and rows["conv1"]["kind"] == "analog" and rows["conv1"]["tile"] == 8
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU readout")
+def test_a_numba_that_cannot_be_imported_leaves_the_readout_to_torch_with_one_warning(monkeypatch) -> None:
+    """A GPU machine's numpy may be newer than numba supports: its import then fails, which must cost speed only."""
+    real_import = backends.importlib.import_module
+
+    def failing_import(name: str, *args: object) -> object:
+        if name == "numba":
+            raise ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.5.")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(backends.importlib, "import_module", failing_import)
+    backends.numba_problem.cache_clear()
+    try:
+        model = make_conv_net(seed=4)
+        hw = SETTINGS["output and shot noise, adc 8"]
+        with pytest.warns(UserWarning, match="numba cannot be imported .Numba needs NumPy 2.3 or less") as caught:
+            engine = Engine(model, hw, seed=7)
+        assert len(caught) == 1
+        assert {choice.backend for choice in engine.backends.values()} == {"torch"}
+        assert engine.backends["conv1"].declined["fused-cpu"].startswith("numba cannot be imported (Numba needs")
+        x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+        reference = Engine(model, hw, seed=7, backend=["torch"])
+        assert torch.equal(engine.codes(x), reference.codes(x))
+    finally:
+        backends.numba_problem.cache_clear()

@@ -130,3 +130,21 @@ def test_bad_options_exit_2(tmp_path: Path, extra: tuple[str, ...], message: str
     result = _cli(tmp_path, *extra, "-o", tmp_path / "x.safetensors")
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_diverging_learning_rate_restarts_from_the_ptq_start_at_a_quarter(setup, monkeypatch) -> None:
+    """lr 0.1 blows the loss up in the first epoch (far above 3x and 1 + the start loss): the run restarts at lr / 4
+    until it trains; the restarts are recorded and make no difference to a run begun at the lower learning rate."""
+    loaded, calibration, ptq = setup
+    data = torch.utils.data.Subset(calibration, range(128))
+    options = {"epochs": 1, "labels": False, "seed": 3, "ptq_model": ptq, "batch_size": 16}
+    guarded = finetune(loaded.module, data, SPEC, None, lr=0.1, **options)
+    info = guarded.provenance["finetune"]
+    assert [r["lr"] for r in info["lr_restarts"]] == [0.1 / 4 ** i for i in range(len(info["lr_restarts"]))]
+    assert info["lr_restarts"] and all(r["loss"] > 3 * r["start_loss"] + 1 for r in info["lr_restarts"])
+    assert info["lr_used"] == 0.1 / 4 ** len(info["lr_restarts"])
+    direct = finetune(loaded.module, data, SPEC, None, lr=info["lr_used"], **options)
+    assert all(torch.equal(guarded.tensors[k], direct.tensors[k]) for k in direct.tensors)
+    monkeypatch.setattr("photosim.experiments.finetune.MAX_LR_RESTARTS", 0)
+    with pytest.raises(PhotosimError, match=r"diverged 1 times \(last at lr 0.1: loss .* in epoch 1 against"):
+        finetune(loaded.module, data, SPEC, None, lr=0.1, **options)

@@ -130,6 +130,9 @@ def finetune(
     console.print(f"wrote {output}: {model} W{spec.w_bits}A{spec.a_bits} fine-tuned for {epochs} epoch(s) on "
                   f"{data} {'train (labels + distillation)' if labels else 'calibration (distillation only)'} "
                   f"in {seconds:.1f} s")
+    for restart in info["lr_restarts"]:
+        console.print(f"lr {restart['lr']:g} diverged (epoch {restart['epoch']} loss {restart['loss']:.3g} against "
+                      f"{restart['start_loss']:.3g} at the start): restarted from the PTQ model at lr / 4")
     print_table("hardware effects in the training graph", pd.DataFrame(info["effects"], columns=[
         "effect", "modelled", "how"]))
     shown = curve.copy()

@@ -16,7 +16,10 @@ with ``conv2d(x, sample_ids)`` and ``linear(x, sample_ids)``: input codes -> out
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
@@ -337,6 +340,23 @@ class FusedTritonBackend(Backend):
         return AnalogLayer.prepare(plan, device, "fused-triton", diagnostics)
 
 
+@functools.cache
+def numba_problem() -> str | None:
+    """Why numba cannot compile the CPU readout here (not installed, or its import fails: e.g. a numpy newer than
+    it supports), else None; said once as a warning, the layers then run on the torch backend."""
+    if importlib.util.find_spec("numba") is None:
+        return "needs numba (pip install numba)"
+    try:
+        importlib.import_module("numba")
+    except Exception as exc:  # numba raises ImportError, or others, on an unsupported numpy
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        problem = f"numba cannot be imported ({first_line})"
+        warnings.warn(f"{problem}: the analog readout runs on the torch backend (same numbers, slower).",
+                      stacklevel=2)
+        return problem
+    return None
+
+
 @register
 class FusedCPUBackend(Backend):
     """The analog readout (noise, ADC, accumulator) as one compiled numba pass over torch's tile sums
@@ -349,6 +369,8 @@ class FusedCPUBackend(Backend):
         assert readout is not None
         if device.type != "cpu":
             return "runs on the CPU"
+        if (problem := numba_problem()) is not None:
+            return problem
         if "shot" in readout.tile_noise and readout.dtype == torch.float64:
             return "float64 shot noise: torch's float64 square root on the CPU, which the reference uses, is not " \
                    "correctly rounded"

@@ -20,7 +20,8 @@ from typing import Literal
 
 import torch
 
-from photosim.hardware import rng
+from photosim.engine.kernels import device_constant
+from photosim.hardware import philox, rng
 from photosim.hardware.readout import FLOAT32_EXACT, Readout
 from photosim.ir.ranges import int_range, max_int
 
@@ -116,12 +117,11 @@ def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout:
 
     g, m, k = a.shape
     o = w.shape[2]
+    philox.check_samples(sample_ids)
     ids = sample_ids.to(device=a.device, dtype=torch.int64)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > 0xFFFFFFFF):
-        raise ValueError("sample indices must lie in [0, 2^32)")
     fs, step = readout.full_scale, readout.step
     sigma_output, sigma_shot = readout.tile_noise.get("output", 0.0), readout.tile_noise.get("shot", 0.0)
-    params = torch.tensor([sigma_output * fs, sigma_shot, fs, step], dtype=torch.float64, device=a.device)
+    params = device_constant((sigma_output * fs, sigma_shot, fs, step), torch.float64, a.device)
     out_key = rng.key(readout.seed, readout.repeat, "output", readout.layer)
     shot_key = rng.key(readout.seed, readout.repeat, "shot", readout.layer)
     acc_lo, acc_hi = int_range(readout.acc_bits, signed=True)

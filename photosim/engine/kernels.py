@@ -261,6 +261,13 @@ def conv2d_acc(x: torch.Tensor, z_in: int, weights: IntegerWeights, kernel: IntP
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+@functools.lru_cache(maxsize=1024)
+def device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor made once per device: a kernel's parameters without a host-to-device copy (which
+    waits for the GPU) in every batch. Callers must not write to it."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def linear_acc(x: torch.Tensor, z_in: int, weights: IntegerWeights) -> torch.Tensor:
     """Exact linear accumulators ``sum (x - z_in) * w`` (no bias): codes (N, K) -> int64 (N, O)."""
     return matmul_exact(centred(x, z_in, weights.plan).unsqueeze(0), weights)[0]
@@ -280,13 +287,24 @@ def max_pool2d(x: torch.Tensor, kernel: IntPair, stride: IntPair, padding: IntPa
     return _windows(xp, kernel, stride, dilation).amax(dim=(-2, -1))[:, :, :oh, :ow]
 
 
+def _window_matrix(bounds: tuple[torch.Tensor, torch.Tensor], size: int) -> torch.Tensor:
+    """(out, size) float64 0/1 matrix whose row i marks the window [start_i, end_i) of one axis."""
+    start, end = bounds
+    i = torch.arange(size, device=start.device)
+    return ((i >= start[:, None]) & (i < end[:, None])).to(torch.float64)
+
+
 def _window_sums(x: torch.Tensor, z_in: int, h_bounds: tuple[torch.Tensor, torch.Tensor],
                  w_bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Sums of ``x - z_in`` over windows [hs, he) x [ws, we) via an int64 integral image -> (N, C, OH, OW)."""
-    integral = F.pad((x.to(torch.int64) - z_in).cumsum(2).cumsum(3), (1, 0, 1, 0))  # (N, C, H+1, W+1)
-    (hs, he), (ws, we) = h_bounds, w_bounds
-    rows_e, rows_s = integral[:, :, he], integral[:, :, hs]  # (N, C, OH, W+1)
-    return rows_e[..., we] - rows_e[..., ws] - rows_s[..., we] + rows_s[..., ws]
+    """Sums of ``x - z_in`` over windows [hs, he) x [ws, we) -> int64 (N, C, OH, OW).
+
+    Two float64 matmuls with the axes' 0/1 window matrices: exact, as every partial sum of codes under 2^17 over
+    fewer than 2^36 elements stays below 2^53; no cumulative sum (a scan, slow on GPUs) and no int64 temporaries.
+    """
+    rows = _window_matrix(h_bounds, x.shape[2])  # (OH, H)
+    cols = _window_matrix(w_bounds, x.shape[3])  # (OW, W)
+    centred_x = x.to(torch.float64) - z_in
+    return (rows @ (centred_x @ cols.T)).to(torch.int64)
 
 
 def _avg_bounds(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool,

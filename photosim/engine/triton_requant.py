@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from photosim.engine.kernels import device_constant
 from photosim.ir.format import QParams
 
 _NO_FMA = {"enable_fp_fusion": False}  # a fused multiply-add would round acc * M + 2^52 once, not twice
@@ -89,7 +90,7 @@ def add_codes(a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out_q:
         return None
     out = torch.empty_like(a, dtype=torch.int32)
     # float64 on the host, as FloatRequant computes them (a Python float would reach the kernel as float32)
-    mult = torch.tensor([qa.scale / out_q.scale, qb.scale / out_q.scale], dtype=torch.float64).to(a.device)
+    mult = device_constant((qa.scale / out_q.scale, qb.scale / out_q.scale), torch.float64, a.device)
     if a.numel():
         _add_kernel[(triton.cdiv(a.numel(), BLOCK_ELEMENTS),)](
             a, b, mult, out, a.numel(), qa.zero_point, qb.zero_point, out_q.zero_point, out_q.qmin, out_q.qmax,

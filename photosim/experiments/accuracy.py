@@ -33,8 +33,9 @@ def _tensor_pair_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> I
         yield x[start : start + batch_size], y[start : start + batch_size]
 
 
-def _batches(data: Any, batch_size: int) -> tuple[Iterable[tuple[Any, Any]], int | None]:
-    """(x, y) batches and the sample count (None if unknown) of a DataLoader, Dataset or (x, y) tensor pair."""
+def _batches(data: Any, batch_size: int, pin_memory: bool = False) -> tuple[Iterable[tuple[Any, Any]], int | None]:
+    """(x, y) batches and the sample count (None if unknown) of a DataLoader, Dataset or (x, y) tensor pair; a
+    Dataset's batches in pinned memory when ``pin_memory`` (they then reach a GPU without blocking the host)."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
         if len(x) != len(y):
@@ -44,7 +45,8 @@ def _batches(data: Any, batch_size: int) -> tuple[Iterable[tuple[Any, Any]], int
         dataset = data.dataset
         return data, len(dataset) if hasattr(dataset, "__len__") else None
     if isinstance(data, Dataset):
-        return DataLoader(data, batch_size=batch_size, shuffle=False), len(data) if hasattr(data, "__len__") else None
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, pin_memory=pin_memory)
+        return loader, len(data) if hasattr(data, "__len__") else None
     raise PhotosimError(
         f"cannot evaluate on a {type(data).__name__}; pass a torch Dataset or DataLoader of (x, y) pairs, "
         "or an (inputs, labels) tensor pair."
@@ -61,7 +63,8 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], data: Any, *, batc
     Example:
         >>> accuracy(model, (x, y), batch_size=128).top1
     """
-    batches, total = _batches(data, batch_size)
+    on_gpu = isinstance(predict, Engine) and predict.device.type == "cuda"
+    batches, total = _batches(data, batch_size, pin_memory=on_gpu)
     correct1 = correct5 = n = 0
     classes = 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

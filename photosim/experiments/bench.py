@@ -125,7 +125,7 @@ def _float_predictor(model: nn.Module, device: torch.device) -> Callable[[torch.
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(x.to(device)).cpu()
+            return model(x.to(device, non_blocking=x.is_pinned())).cpu()
 
     return predict
 
@@ -245,6 +245,8 @@ def run_benchmark(settings: BenchSettings = BenchSettings(), configs: tuple[Benc
     predictors = {"float eval": _float_predictor(model, device)}
     predictors.update({c.name: _engine_predictor(qmodels[c.bits], c, device) for c in configs})
     x = synthetic(shape, settings.batch, settings.seed + 1)
+    if device.type == "cuda":
+        x = x.pin_memory()  # as a DataLoader with pin_memory=True gives it: copied to the GPU without blocking
     progress(f"timing {len(predictors)} predictors, batch {settings.batch}, {settings.warmup} warm-up + "
              f"{settings.runs} rounds")
     times = time_interleaved(predictors, x, settings.runs, settings.warmup, device)

@@ -15,6 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ from photosim.ir.summary import dot_length, operand_max
 
 OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT_NAME = "finetune-last.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: learning-rate restarts and the start loss
+DIVERGED_FACTOR, DIVERGED_MARGIN = 3.0, 1.0  # an epoch's mean loss above 3x the start loss and 1 more: diverged
+LR_BACKOFF, MAX_LR_RESTARTS = 4.0, 3  # a diverged run restarts from the PTQ start at lr / 4, at most 3 times
 CURVE_COLUMNS = ("epoch", "loss", "kd_loss", "ce_loss", "train_top1", "val_top1", "lr", "seconds")
 
 
@@ -241,10 +244,6 @@ def finetune(model: nn.Module, train_data: Any, quant_spec: QuantSpec | dict | s
     if ptq_model is None:
         ptq_model = quantize(model, calibration, spec, progress=progress, provenance=provenance)
     noise, effects = hardware_surrogates(ptq_model, hw_config, calibration)
-    graph = TrainableGraph(ptq_model, noise).to(torch_device)
-    if not any(p.requires_grad for p in graph.parameters()):
-        raise PhotosimError("the model has no conv or linear layer and no activation to quantize: nothing to "
-                            "fine-tune.")
     teacher = model.eval().to(torch_device)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -254,41 +253,103 @@ def finetune(model: nn.Module, train_data: Any, quant_spec: QuantSpec | dict | s
         hw_config.model_dump(mode="json")
     fingerprint = {"model": _digest(teacher), "ptq model": _qmodel_digest(ptq_model),
                    "quantization": spec.model_dump(mode="json"), "hardware": hw_dump, "training settings": settings}
-    opt = _optimizer(graph, optimizer, lr, weight_decay)
-    order = torch.Generator().manual_seed(seed)
-    graph.generator = torch.Generator(device=torch_device).manual_seed(seed + 1)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=order, drop_last=False)
-    steps = epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    curve: list[dict[str, Any]] = []
-    start_epoch = 0
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    if resume:
-        if checkpoint is None:
-            raise PhotosimError("resume needs a checkpoint folder (--checkpoint-dir).")
-        start_epoch, curve = _load_checkpoint(checkpoint, fingerprint, graph, opt, schedule, order, graph.generator)
+    if resume and checkpoint is None:
+        raise PhotosimError("resume needs a checkpoint folder (--checkpoint-dir).")
     validation = None if validation_data is None else _dataset(validation_data, "validation_data")
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-               TimeRemainingColumn())
-    with Progress(*columns, **progress_options(progress)) as bar:
-        task = bar.add_task("fine-tuning", total=steps, completed=start_epoch * len(loader), loss=math.nan)
-        for epoch in range(start_epoch, epochs):
-            began = time.perf_counter()
-            bar.update(task, description=f"fine-tuning, epoch {epoch + 1}/{epochs}")
-            row = _epoch(graph, teacher, loader, opt, schedule, labels, temperature, torch_device,
-                         lambda loss: bar.update(task, advance=1, loss=loss))
-            row["val_top1"] = math.nan if validation is None else _score(graph, teacher, validation, batch_size,
-                                                                         torch_device, seed)
-            row.update(epoch=epoch + 1, lr=schedule.get_last_lr()[0], seconds=time.perf_counter() - began)
-            curve.append({k: row[k] for k in CURVE_COLUMNS})
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, fingerprint, epoch + 1, curve, graph, opt, schedule, order,
-                                 graph.generator)
+    run = _Training(teacher, train, validation, labels, temperature, batch_size, seed, torch_device,
+                    fingerprint, checkpoint, progress)
+    while True:
+        graph = TrainableGraph(ptq_model, noise).to(torch_device)
+        if not any(p.requires_grad for p in graph.parameters()):
+            raise PhotosimError("the model has no conv or linear layer and no activation to quantize: nothing to "
+                                "fine-tune.")
+        try:
+            curve = run.train(graph, optimizer, lr, weight_decay, epochs, resume)
+            break
+        except _Diverged as diverged:
+            run.restarts.append({"lr": diverged.lr, "epoch": diverged.epoch, "loss": diverged.loss,
+                                 "start_loss": diverged.start})
+            if len(run.restarts) > MAX_LR_RESTARTS:
+                raise PhotosimError(
+                    f"fine-tuning diverged {len(run.restarts)} times (last at lr {diverged.lr:g}: loss "
+                    f"{diverged.loss:.3g} in epoch {diverged.epoch} against {diverged.start:.3g} at the start); "
+                    "lower --lr, or check the model and data.") from None
+            lr = diverged.lr / LR_BACKOFF
+            resume = False  # the restart begins at the PTQ start
     graph = graph.cpu()
     prov = dict(ptq_model.provenance)
-    prov["finetune"] = {**settings, "effects": effects, "curve": curve, "method": "LSQ + distillation, "
-                        "hardware surrogates (docs/finetune.md)"}
+    prov["finetune"] = {**settings, "effects": effects, "curve": curve, "lr_restarts": run.restarts,
+                        "lr_used": settings["lr"] / LR_BACKOFF ** len(run.restarts),
+                        "method": "LSQ + distillation, hardware surrogates (docs/finetune.md)"}
     return export(graph, prov)
+
+
+class _Diverged(Exception):
+    """Training loss far above the loss of the PTQ start: the learning rate is too large for this model."""
+
+    def __init__(self, lr: float, epoch: int, loss: float, start: float) -> None:
+        super().__init__(f"lr {lr}, epoch {epoch}: loss {loss} against {start} at the start")
+        self.lr, self.epoch, self.loss, self.start = lr, epoch, loss, start
+
+
+@dataclass
+class _Training:
+    """One fine-tuning's fixed parts (teacher, data, settings, checkpoint); ``train`` runs it at one learning rate."""
+
+    teacher: nn.Module
+    train_data: Dataset
+    validation: Dataset | None
+    labels: bool
+    temperature: float
+    batch_size: int
+    seed: int
+    device: torch.device
+    fingerprint: dict[str, Any]
+    checkpoint: Path | None
+    progress: bool
+    restarts: list[dict[str, float]] = field(default_factory=list)  # diverged runs before this one
+
+    def train(self, graph: TrainableGraph, optimizer: str, lr: float, weight_decay: float, epochs: int,
+              resume: bool) -> list[dict[str, Any]]:
+        """Train ``graph`` in place at peak learning rate ``lr`` (a resumed checkpoint's own) -> the curve; raises
+        _Diverged when an epoch's mean loss exceeds both 3 times and 1 more than the loss of the first batch, taken
+        before any step (label-free distillation starts near 0)."""
+        opt = _optimizer(graph, optimizer, lr, weight_decay)
+        order = torch.Generator().manual_seed(self.seed)
+        graph.generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        loader = DataLoader(self.train_data, batch_size=self.batch_size, shuffle=True, generator=order,
+                            drop_last=False)
+        steps = epochs * len(loader)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+        curve: list[dict[str, Any]] = []
+        start_epoch, start_loss = 0, math.nan
+        if resume:
+            assert self.checkpoint is not None
+            start_epoch, curve, self.restarts, start_loss = _load_checkpoint(
+                self.checkpoint, self.fingerprint, graph, opt, schedule, order, graph.generator)
+            lr = schedule.base_lrs[0]
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                   TimeRemainingColumn())
+        with Progress(*columns, **progress_options(self.progress)) as bar:
+            task = bar.add_task("fine-tuning", total=steps, completed=start_epoch * len(loader), loss=math.nan)
+            for epoch in range(start_epoch, epochs):
+                began = time.perf_counter()
+                bar.update(task, description=f"fine-tuning at lr {lr:g}, epoch {epoch + 1}/{epochs}")
+                row = _epoch(graph, self.teacher, loader, opt, schedule, self.labels, self.temperature, self.device,
+                             lambda loss: bar.update(task, advance=1, loss=loss))
+                start_loss = row.pop("first_loss") if math.isnan(start_loss) else start_loss
+                if not row["loss"] <= max(DIVERGED_FACTOR * start_loss, start_loss + DIVERGED_MARGIN):  # NaN too
+                    raise _Diverged(lr, epoch + 1, row["loss"], start_loss)
+                row["val_top1"] = math.nan if self.validation is None else _score(
+                    graph, self.teacher, self.validation, self.batch_size, self.device, self.seed)
+                row.update(epoch=epoch + 1, lr=schedule.get_last_lr()[0], seconds=time.perf_counter() - began)
+                curve.append({k: row[k] for k in CURVE_COLUMNS})
+                if self.checkpoint is not None:
+                    _save_checkpoint(self.checkpoint, self.fingerprint, epoch + 1, curve, self.restarts, start_loss,
+                                     graph, opt, schedule, order, graph.generator)
+        return curve
 
 
 def _optimizer(graph: TrainableGraph, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -307,6 +368,7 @@ def _epoch(graph: TrainableGraph, teacher: nn.Module, loader: DataLoader, opt: t
     graph.noisy = True
     totals = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0}
     correct = n = 0
+    first_loss = math.nan
     for batch in loader:
         x, y = _split(batch)
         if labels and y is None:
@@ -320,6 +382,7 @@ def _epoch(graph: TrainableGraph, teacher: nn.Module, loader: DataLoader, opt: t
                       reduction="batchmean", log_target=True) * temperature ** 2
         ce = F.cross_entropy(logits, y.to(device)) if labels else torch.zeros((), device=device)
         loss = kd + ce
+        first_loss = float(loss.detach()) if math.isnan(first_loss) else first_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -331,7 +394,8 @@ def _epoch(graph: TrainableGraph, teacher: nn.Module, loader: DataLoader, opt: t
         correct += int((logits.detach().argmax(1) == reference).sum())
         n += size
         advance(float(loss.detach()))
-    return {**{k: v / max(n, 1) for k, v in totals.items()}, "train_top1": correct / max(n, 1)}
+    return {**{k: v / max(n, 1) for k, v in totals.items()}, "train_top1": correct / max(n, 1),
+            "first_loss": first_loss}
 
 
 def _score(graph: TrainableGraph, teacher: nn.Module, data: Dataset, batch_size: int, device: torch.device,
@@ -353,12 +417,13 @@ def _score(graph: TrainableGraph, teacher: nn.Module, data: Dataset, batch_size:
     return correct / max(n, 1)
 
 
-def _save_checkpoint(path: Path, fingerprint: dict, epoch: int, curve: list, graph: TrainableGraph,
-                     opt: torch.optim.Optimizer, schedule: Any, order: torch.Generator,
+def _save_checkpoint(path: Path, fingerprint: dict, epoch: int, curve: list, restarts: list, start_loss: float,
+                     graph: TrainableGraph, opt: torch.optim.Optimizer, schedule: Any, order: torch.Generator,
                      noise: torch.Generator) -> None:
     """Write the checkpoint atomically: an interrupted run keeps the previous epoch's."""
     state = {"version": CHECKPOINT_VERSION, "fingerprint": json.dumps(fingerprint, sort_keys=True), "epoch": epoch,
-             "curve": json.dumps(curve), "graph": graph.state_dict(), "optimizer": opt.state_dict(),
+             "curve": json.dumps(curve), "restarts": json.dumps(restarts), "start_loss": start_loss,
+             "graph": graph.state_dict(), "optimizer": opt.state_dict(),
              "schedule": schedule.state_dict(), "order": order.get_state(), "noise": noise.get_state()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -367,8 +432,9 @@ def _save_checkpoint(path: Path, fingerprint: dict, epoch: int, curve: list, gra
 
 
 def _load_checkpoint(path: Path, fingerprint: dict, graph: TrainableGraph, opt: torch.optim.Optimizer,
-                     schedule: Any, order: torch.Generator, noise: torch.Generator) -> tuple[int, list]:
-    """Restore a checkpoint of this very fine-tuning; refuse one of another model, config or settings by name."""
+                     schedule: Any, order: torch.Generator, noise: torch.Generator) -> tuple[int, list, list, float]:
+    """Restore a checkpoint of this very fine-tuning (its learning rate, restarts included) -> epoch, curve,
+    restarts, start loss; refuse one of another model, config or settings by name."""
     if not path.is_file():
         raise PhotosimError(f"no checkpoint to resume at {str(path)!r}; run without --resume to start.")
     try:
@@ -396,7 +462,7 @@ def _load_checkpoint(path: Path, fingerprint: dict, graph: TrainableGraph, opt: 
     schedule.load_state_dict(state["schedule"])
     order.set_state(state["order"])
     noise.set_state(state["noise"])
-    return int(state["epoch"]), json.loads(state["curve"])
+    return int(state["epoch"]), json.loads(state["curve"]), json.loads(state["restarts"]), float(state["start_loss"])
 
 
 def judge(models: dict[str, QuantizedModel], test: Any, hw: HardwareConfig, *, calibration: Any = None,

@@ -151,14 +151,20 @@ def box_muller(bits: Words) -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
+def check_samples(samples: torch.Tensor) -> None:
+    """Refuse sample indices outside [0, 2^32). Checked where they live on the CPU only: reading a GPU tensor's
+    range would wait for the GPU, so the engine checks a batch's indices before it sends them there."""
+    if samples.device.type == "cpu" and samples.numel() and (int(samples.min()) < 0 or int(samples.max()) > MASK32):
+        raise ValueError("sample indices must lie in [0, 2^32)")
+
+
 def normal(key: tuple[int, int], samples: torch.Tensor, count: int, domain: int = PER_SAMPLE) -> torch.Tensor:
     """float32 standard normals (len(samples), count) on samples' device: row n holds elements 0 .. count - 1 of the
     stream (key, sample = samples[n], domain); element j comes from counter (j // 4, 0, sample, domain), lane
     j % 4. Sample indices must lie in [0, 2^32). The work runs in passes of CHUNK_BLOCKS counters over the
     flattened (row, block) index, which bounds memory and cannot change a value."""
     samples = samples.to(torch.int64)
-    if samples.numel() and (int(samples.min()) < 0 or int(samples.max()) > MASK32):
-        raise ValueError("sample indices must lie in [0, 2^32)")
+    check_samples(samples)
     blocks = -(-count // 4)
     if blocks > MASK32:
         raise ValueError(f"{count} values per sample exceed the 2^34 of one stream")

@@ -1,0 +1,5 @@
+"""``python -m photosim``: the command line, where the ``photosim`` script is not on PATH (a copied tree)."""
+
+from photosim.cli import main
+
+main()
