@@ -1,8 +1,8 @@
 """An independent interpreter of photosim's integer model file, written from docs/format.md and
 docs/integer-semantics.md alone: numpy int64, one function per op, requant modes ``float``,
 ``fixedpoint`` and ``pytorch`` (every CPU family; float32 steps as numpy float32 operations, fused
-multiply-adds exact; ``mean`` and ``table`` have no ``pytorch`` rule and raise ``Unsupported`` there, as the
-engine refuses them).
+multiply-adds exact; ``mean``, ``table`` and ``l2_normalize`` have no ``pytorch`` rule and raise ``Unsupported``
+there, as the engine refuses them).
 
 It imports nothing from photosim: it parses the safetensors header itself and reads the tensors with
 ``safetensors.numpy``. Being short and literal is the point; it is slow and meant for small tensors.
@@ -538,7 +538,7 @@ def mean(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarra
     return average(s, d, qi, output_q(node), r.mode)
 
 
-# -- permute, slice, table ------------------------------------------------------------------------
+# -- permute, slice, roll, table -------------------------------------------------------------------
 
 def permute(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
     dims = [int(d) for d in node["dims"]]
@@ -550,6 +550,31 @@ def slice_op(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.nd
     dim, start, stop = int(node["dim"]), int(node["start"]), int(node["stop"])
     assert dim >= 1 and 0 <= start < stop <= x.shape[dim]
     return np.take(x, np.arange(start, stop), axis=dim)
+
+
+def roll(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
+    """``y[..., i, ...] = x[..., (i - shift) mod n, ...]`` along dimension ``dim`` (>= 1) of size n."""
+    dim, shift = int(node["dim"]), int(node["shift"])
+    assert dim >= 1 and shift >= 0
+    n = x.shape[dim]
+    return np.take(x, (np.arange(n) - shift) % n, axis=dim)
+
+
+def pad(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
+    """``before`` and ``after`` codes clamp(z_in, qmin, qmax) (float 0) around dimension ``dim`` (>= 1)."""
+    dim, qi = int(node["dim"]), input_q(node, 0)
+    widths = [(0, 0)] * x.ndim
+    widths[dim] = (int(node["before"]), int(node["after"]))
+    return np.pad(x, widths, constant_values=min(max(qi.zero_point, qi.qmin), qi.qmax))
+
+
+def l2_normalize(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
+    """d = x - z_in; V = sum d^2 over the last dimension (int64); y = f64(d) / max(sqrt(f64(V)), f64(eps / s_in));
+    q = clamp(rne(y / s_out) + z_out)."""
+    qi, out = input_q(node, 0), output_q(node)
+    d = x.astype(np.int64) - qi.zero_point
+    norm = np.maximum(np.sqrt((d * d).sum(-1, keepdims=True).astype(np.float64)), float(node["eps"]) / qi.scale)
+    return clamp(rne(d.astype(np.float64) / norm / out.scale) + out.zero_point, out)
 
 
 def table(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarray:
@@ -564,10 +589,11 @@ def table(model: Model, node: dict[str, Any], x: np.ndarray, r: Run) -> np.ndarr
 OPS = {
     "conv2d": conv2d, "linear": linear, "clamp": clamp_op, "maxpool2d": maxpool2d, "avgpool2d": avgpool2d,
     "adaptive_avgpool2d": adaptive_avgpool2d, "flatten": flatten, "reshape": reshape, "mean": mean,
-    "permute": permute, "slice": slice_op, "table": table,
+    "permute": permute, "slice": slice_op, "roll": roll, "pad": pad,
+    "l2_normalize": l2_normalize, "table": table,
 }
 MULTI_INPUT_OPS = {"add": lambda model, node, xs, r: add(model, node, xs[0], xs[1], r), "concat": concat, "mul": mul}
-NO_PYTORCH_RULE = ("mean", "table")  # the pytorch mode refuses these (integer-semantics.md)
+NO_PYTORCH_RULE = ("mean", "table", "l2_normalize")  # the pytorch mode refuses these (integer-semantics.md)
 
 
 class Unsupported(ValueError):

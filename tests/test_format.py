@@ -28,7 +28,7 @@ class EveryOp(nn.Module):
         self.gap = nn.AdaptiveAvgPool2d((2, 2))
         self.ln = nn.LayerNorm(4)
         self.position = nn.Parameter(torch.randn(1, 6, 4) * 0.1)  # a constant added to every sample
-        self.fc = nn.Linear(24, 5)
+        self.fc = nn.Linear(28, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.pool(self.conv(x)))  # relu after a pool: a standalone clamp
@@ -37,7 +37,8 @@ class EveryOp(nn.Module):
         y = y.permute(0, 1, 3, 2).mean(3, keepdim=True)  # (N, 6, 4, 1)
         y = self.ln(self.gap(y).reshape(y.shape[0], 6, 4))
         y = torch.softmax(y @ y.transpose(1, 2) * 0.5, dim=-1) @ y + self.position  # matmul, scale, softmax
-        return self.fc(torch.flatten(y, 1))
+        y = nn.functional.normalize(torch.roll(y, 1, 1), dim=-1)  # roll, l2_normalize
+        return self.fc(torch.flatten(nn.functional.pad(y, (0, 0, 1, 0)), 1))  # pad: 7 tokens of 4
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,9 @@ def test_inferred_shapes_match_the_executed_reference() -> None:
     norm.add("token", "constant", ["x"], qp(0.01, 128, 8), shape=[1, 6])
     norm.tensors["token.value"] = torch.linspace(-1, 1, 6).reshape(1, 6)
     norm.add("tokens", "concat", ["token", "norm"], qp(0.02, 128, 8), dim=1)  # (6, 6)
+    norm.add("rolled", "roll", ["tokens"], dim=1, shift=2)
+    norm.add("padded", "pad", ["rolled"], dim=2, before=1, after=2)  # (6, 9)
+    norm.add("unit", "l2_normalize", ["padded"], qp(1 / 127, 0, 8, signed=True), eps=1e-12)
     norm = norm.build()
     assert {n.op for n in model.nodes + extra.nodes + norm.nodes} == set(OPS) - {"reshape"}
     inferred = {}

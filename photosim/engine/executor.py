@@ -24,6 +24,7 @@ from photosim.engine.plan import LayerPlan, describe, plan_layer
 from photosim.engine.requant import REQUANT_MODES, RequantMode
 from photosim.errors import PhotosimError
 from photosim.hardware.config import HardwareConfig, LayerHardware
+from photosim.hardware.philox import MASK32
 from photosim.hardware.plan import HardwarePlan, HardwareSpec
 from photosim.hardware.readout import Readout
 from photosim.ir.format import Node, QParams, QuantizedModel, validate
@@ -261,10 +262,13 @@ class Engine:
         """One batch of float inputs, samples numbered from ``first_sample``, run in sub-batches (results depend on
         neither) -> :meth:`run`'s dict."""
         self.check_inputs(x)
-        if first_sample < 0:
-            raise PhotosimError(f"first_sample must be 0 or more, got {first_sample}.")
-        codes = self.model.input_q.quantize(x.to(self.device))
-        ids, step = torch.arange(first_sample, first_sample + len(codes)), max(self.sub_batch or len(codes), 1)
+        if first_sample < 0 or first_sample + len(x) - 1 > MASK32:
+            raise PhotosimError(f"samples {first_sample} .. {first_sample + len(x) - 1} do not lie in [0, 2^32): "
+                                "number the samples of a pass from 0.")
+        # pinned memory (a DataLoader's pin_memory=True) goes to the GPU without blocking the host
+        codes = self.model.input_q.quantize(x.to(self.device, non_blocking=x.is_pinned()))
+        ids = torch.arange(first_sample, first_sample + len(codes), device=self.device)  # made where it is used
+        step = max(self.sub_batch or len(codes), 1)
         parts = [self.run(codes[start : start + step], ids[start : start + step], keep_all=keep_all)
                  for start in range(0, max(len(codes), 1), step)]  # an empty batch still runs once
         return parts[0] if len(parts) == 1 else {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
@@ -363,6 +367,16 @@ class Engine:
         a = node.attrs
         return xs[0].narrow(a["dim"], a["start"], a["stop"] - a["start"])
 
+    @kernel("roll")
+    def _roll(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        return xs[0].roll(node.attrs["shift"], node.attrs["dim"])
+
+    @kernel("pad")
+    def _pad(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        a, q = node.attrs, node.input_q[0]  # the fill: float 0's code, clamp(z_in, qmin, qmax)
+        pads = [0, 0] * (xs[0].dim() - 1 - a["dim"]) + [a["before"], a["after"]]
+        return torch.nn.functional.pad(xs[0], pads, value=min(max(q.zero_point, q.qmin), q.qmax))
+
     @kernel("constant")
     def _constant(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         codes = self._constants[node.name]  # clamp(rne(value / s_out) + z_out), computed once
@@ -411,6 +425,15 @@ class Engine:
         v = (u * u).sum(-1, keepdim=True)  # exact: load refuses C^3 * 2^(2 bits) >= 2^63
         den = torch.sqrt(v.double() / c + node.attrs["eps"] * c * c / (q.scale * q.scale))
         y = u.double() / den * gamma + beta
+        return (torch.round(y / out.scale) + out.zero_point).clamp(out.qmin, out.qmax).to(torch.int32)
+
+    @kernel("l2_normalize")
+    def _l2_normalize(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
+        """docs/integer-semantics.md, l2_normalize: an exact integer sum of squares, then one float64 formula."""
+        q, out = node.input_q[0], node.output_q
+        d = xs[0].to(torch.int64) - q.zero_point
+        norm = torch.sqrt((d * d).sum(-1, keepdim=True).double()).clamp_min(node.attrs["eps"] / q.scale)
+        y = d.double() / norm
         return (torch.round(y / out.scale) + out.zero_point).clamp(out.qmin, out.qmax).to(torch.int32)
 
     @kernel("table")

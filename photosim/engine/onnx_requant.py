@@ -66,7 +66,7 @@ class OnnxRuntimeRequant:
     # ONNX Runtime's QLinearAveragePool sums dequantized float32 values window by window, which exact integer sums
     # cannot reproduce; the others have no QLinear kernel followed here (photosim's export refuses them too)
     unsupported = frozenset({"avgpool2d", "concat", "mul", "mean", "table", "layer_norm", "matmul", "scale",
-                             "softmax", "constant"})
+                             "softmax", "constant", "l2_normalize"})
     max_bits = 8  # ONNX Runtime's quantized CPU kernels take int8 / uint8 codes
 
     def requantize(self, acc: torch.Tensor, p: RequantParams) -> torch.Tensor:

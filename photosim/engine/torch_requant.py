@@ -184,7 +184,8 @@ class PytorchRequant:
     # PyTorch's own quantized kernels for these are not emulated (mean: PyTorch sums dequantized float32 values
     # in a layout-dependent order, except over the innermost dims of a contiguous tensor, which photosim's
     # channels_last activations are not)
-    unsupported = frozenset({"mean", "table", "layer_norm", "matmul", "scale", "softmax", "constant"})
+    unsupported = frozenset({"mean", "table", "layer_norm", "matmul", "scale", "softmax", "constant",
+                             "l2_normalize"})
     # PyTorch's quantized CPU kernels take quint8 / qint8 codes only: no kernel, and no pair saturation, to follow
     # for wider ones
     max_bits = 8

@@ -16,10 +16,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from photosim.errors import PhotosimError
+from photosim.frontend.folding import fold_constants, per_sample_constant
 from photosim.frontend.graph import FloatGraph, FloatNode
 from photosim.frontend.nonlinearity import Curve
 from photosim.frontend.patterns import (
     SPLIT_CALLS,
+    SWAP_CALLS,
     activation_bounds,
     arg,
     attention_nodes,
@@ -29,18 +31,24 @@ from photosim.frontend.patterns import (
     constant_factor,
     conv_attrs,
     data_dim,
+    einsum_nodes,
     fold_batchnorm,
-    is_stochastic_depth,
+    layer_norm_node,
     maxpool_attrs,
     mean_node,
+    normalize_node,
+    pad_nodes,
     permute_node,
     pick_node,
     reshape_node,
+    roll_nodes,
     single,
     slice_node,
     split_piece,
     table_function,
+    torchvision_function,
 )
+from photosim.frontend.windows import patch_merging_nodes, window_attention_nodes
 from photosim.ir.ops import OPS, weighted_ops
 
 SUPPORTED = ", ".join(layer for op in OPS.values() for layer in op.layers) + (
@@ -54,6 +62,9 @@ _ACTIVATION_FUSABLE = tuple(name for name, op in OPS.items() if op.observed)  # 
 
 
 _BATCHNORM_FUSABLE = weighted_ops()
+
+
+ADD_CALLS = (operator.add, torch.add, "add")
 
 
 PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
@@ -110,10 +121,44 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
     alias: dict[str, str] = {}  # fx node name -> name of the FloatNode holding its value
     shared: set[str] = set()  # FloatNodes whose value is read by more than one op (never fused into)
     unsupported: list[str] = []
+    constants: dict[tuple[str, tuple[int, ...]], str] = {}  # (folded fx node, per-sample shape) -> Constant node
     output = None
 
+    folded = fold_constants(gm)  # the parts computed from parameters, buffers and literals alone
+    reader: list[fx.Node] = []  # the node being translated (a folded value becomes a constant shaped for it)
+
     def src(arg: Any) -> str:
+        if arg.name in folded:
+            return constant(arg, reader[0])
         return alias.get(arg.name, arg.name)  # unsupported nodes have no alias; they are reported below
+
+    def decomposed(parts: list[FloatNode]) -> FloatNode:
+        """Add the inner nodes of a call decomposed into several; return the last, which holds its output."""
+        nodes.update((n.name, n) for n in parts[:-1])
+        return parts[-1]
+
+    def value(arg: Any) -> Any:
+        """An argument a pattern needs as a value (a weight, a bias table): a folded constant's, or the literal."""
+        if isinstance(arg, fx.Node) and arg.name not in folded:
+            raise PhotosimError(f"{reader[0].name} at {_source_line(reader[0])}: its argument {arg.name} is computed "
+                                "from the model input; photosim needs a constant (a parameter or buffer) there.")
+        return folded[arg.name] if isinstance(arg, fx.Node) else arg
+
+    def constant(arg: fx.Node, consumer: fx.Node) -> str:
+        """The Constant node holding a folded value as ``consumer`` reads it (one per distinct per-sample shape)."""
+        out_shape = tuple(consumer.meta["tensor_meta"].shape) if is_tensor(consumer) else tuple(folded[arg.name].shape)
+        equal_shapes = consumer.target in ADD_CALLS  # add takes equal shapes: the constant is expanded
+        try:
+            value = per_sample_constant(folded[arg.name], len(out_shape), out_shape[1:] if equal_shapes else None)
+        except ValueError as exc:
+            unsupported.append(f"{arg.name} (a constant read by {consumer.name}: it {exc}) at {_source_line(consumer)}")
+            return arg.name
+        key = (arg.name, tuple(value.shape))
+        if key not in constants:
+            constants[key] = arg.name if arg.name not in nodes else f"{arg.name}.{consumer.name}"
+            nodes[constants[key]] = FloatNode(constants[key], "constant", ["input"], {"shape": list(value.shape)},
+                                              value)
+        return constants[key]
 
     def bind(fx_node: fx.Node, float_name: str) -> None:
         alias[fx_node.name] = float_name
@@ -144,6 +189,9 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
     attentions: dict[str, str] = {}  # MultiheadAttention calls -> the name of their output node
 
     for node in gm.graph.nodes:
+        if node.name in folded:
+            continue
+        reader[:] = [node]
         module = modules.get(node.target) if node.op == "call_module" else None
         target = node.target
         args = node.args
@@ -174,23 +222,16 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             continue  # shape arithmetic (x.size(0) ...) feeding a view/reshape
         name = str(target) if node.op == "call_module" else node.name
         tensor_args = [a for a in args if isinstance(a, fx.Node) and is_tensor(a)]
-        if node.op == "get_attr":
-            value = operator.attrgetter(str(target))(gm).detach()
-            if value.dim() == 0 or value.shape[0] != 1:
-                unsupported.append(f"{name} (a parameter read as a tensor whose first dimension is not 1: not one "
-                                   f"constant for every sample) at {_source_line(node)}")
-                continue
-            nodes[name] = FloatNode(name, "constant", ["input"], {"shape": list(value.shape[1:])}, value[0].clone())
-            bind(node, name)
-            continue
         if target == "expand" and nodes.get(src(args[0])) is not None and nodes[src(args[0])].op == "constant" \
                 and all(d == -1 for d in args[2:]):
             bind(node, src(args[0]))  # a constant over the batch: every sample reads the same value
             continue
         bounds = activation_bounds(target, module, args, node.kwargs)
         new: FloatNode | None = None
+        eval_stochastic_depth = torchvision_function(target, "stochastic_depth") and not arg(
+            args, node.kwargs, 3, "training", True)
         if isinstance(module, PASS_THROUGH_MODULES) or (node.op != "call_module" and target in PASS_THROUGH_CALLS) \
-                or (is_stochastic_depth(target) and not arg(args, node.kwargs, 3, "training", True)):
+                or eval_stochastic_depth:
             bind(node, src(args[0]))
             continue
         if bounds is not None:
@@ -219,11 +260,14 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                 fold_batchnorm(producer, module)
                 bind(node, src(args[0]))  # the producer, or a Conv1d's reshape back of it
                 continue
-        elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
-            c = module.normalized_shape[0]
-            gamma = module.weight.detach().clone() if module.weight is not None else torch.ones(c)
-            beta = module.bias.detach().clone() if module.bias is not None else torch.zeros(c)
-            new = FloatNode(name, "layer_norm", [src(args[0])], {"eps": float(module.eps)}, gamma, beta)
+        elif isinstance(module, nn.LayerNorm):
+            new = layer_norm_node(name, src(args[0]), node, module.normalized_shape, module.weight, module.bias,
+                                  module.eps)
+        elif target is F.layer_norm:  # weight and bias must be constants (parameters)
+            new = layer_norm_node(name, src(args[0]), node, arg(args, node.kwargs, 1, "normalized_shape", ()),
+                                  *(value(arg(args, node.kwargs, i, key, None)) for i, key in ((2, "weight"),
+                                                                                               (3, "bias"))),
+                                  arg(args, node.kwargs, 4, "eps", 1e-5))
         elif isinstance(module, nn.Conv1d):
             new = as_2d(node, name, "conv2d", conv_attrs(module, name), module.weight.detach().unsqueeze(2).clone(),
                         bias_of(module))
@@ -242,7 +286,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         elif isinstance(module, nn.AdaptiveAvgPool1d):
             new = as_2d(node, name, "adaptive_avgpool2d",
                         {"output_size": [1, int(node.meta["tensor_meta"].shape[2])]})
-        elif target in (operator.add, torch.add, "add") and len(tensor_args) == 2 and len(args) == 2 \
+        elif target in ADD_CALLS and len(tensor_args) == 2 and len(args) == 2 \
                 and not node.kwargs:
             new = FloatNode(name, "add", [src(a) for a in tensor_args])
         elif isinstance(module, nn.MaxPool2d) or target is F.max_pool2d:
@@ -260,8 +304,10 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         elif (function := table_function(target, module, node.kwargs)) is not None:
             new = FloatNode(name, "table", [src(args[0])], {"function": function})
         elif target in (operator.mul, torch.mul, "mul") and len(tensor_args) == 2 and len(args) == 2 \
-                and not node.kwargs and len({len(a.meta["tensor_meta"].shape) for a in tensor_args}) == 1:
-            new = FloatNode(name, "mul", [src(a) for a in tensor_args])  # equal ranks: no broadcast over the batch
+                and not node.kwargs and len({len(a.meta["tensor_meta"].shape) for a in tensor_args
+                                             if a.name not in folded}) == 1:
+            # equal ranks (a folded constant takes the other's): no broadcast over the batch
+            new = FloatNode(name, "mul", [src(a) for a in tensor_args])
         elif (factor := constant_factor(target, args, tensor_args, node.kwargs)) is not None:
             new = FloatNode(name, "scale", [src(tensor_args[0])], {"factor": factor})
         elif target in (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm") and len(tensor_args) == 2 \
@@ -280,7 +326,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                 args, node.kwargs, 1, "dim", 0), name)})
         elif target in (torch.mean, "mean"):
             new = mean_node(name, src(args[0]), node)
-        elif target in (torch.permute, "permute", torch.transpose, "transpose"):
+        elif target in (torch.permute, "permute", *SWAP_CALLS):
             new = permute_node(name, src(args[0]), node)
         elif target is operator.getitem and isinstance(args[0], fx.Node) and args[0].name in splits:
             split = splits[args[0].name]
@@ -291,6 +337,18 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
                             {"shape": [int(d) for d in node.meta["tensor_meta"].shape[1:]]})
         elif target is operator.getitem and is_tensor(args[0]):
             new = slice_node(name, src(args[0]), node)
+        elif target is torch.einsum and (parts := einsum_nodes(name, [src(a) for a in tensor_args], node)):
+            new = decomposed(parts)
+        elif target is F.normalize:
+            new = normalize_node(name, src(args[0]), node)
+        elif target in (torch.roll, "roll"):
+            new = decomposed(roll_nodes(name, src(args[0]), node))
+        elif target is F.pad and (parts := pad_nodes(name, src(args[0]), node)):
+            new = decomposed(parts)
+        elif torchvision_function(target, "shifted_window_attention"):
+            new = decomposed(window_attention_nodes(name, src(args[0]), node, value))
+        elif torchvision_function(target, "_patch_merging_pad"):
+            new = decomposed(patch_merging_nodes(name, src(args[0]), node))
         if new is None:
             what = type(module).__name__ if module is not None else getattr(target, "__name__", str(target))
             unsupported.append(f"{name} ({node.op} {what}) at {_source_line(node)}")

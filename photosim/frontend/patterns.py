@@ -84,10 +84,12 @@ TABLE_CALLS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmo
 SPLIT_CALLS = {torch.chunk, "chunk", torch.split, "split"}
 
 
-def is_stochastic_depth(target: Any) -> bool:
-    """torchvision.ops.stochastic_depth (an identity in eval mode), recognised without importing torchvision."""
-    return getattr(target, "__name__", None) == "stochastic_depth" and "torchvision" in getattr(target, "__module__",
-                                                                                                "")
+SWAP_CALLS = (torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
+
+
+def torchvision_function(target: Any, name: str) -> bool:
+    """Whether ``target`` is torchvision's function ``name`` (recognised without importing torchvision)."""
+    return getattr(target, "__name__", None) == name and "torchvision" in getattr(target, "__module__", "")
 
 
 def table_function(target: Any, module: nn.Module | None, kwargs: dict) -> str | None:
@@ -144,7 +146,7 @@ def permute_node(name: str, source: str, node: fx.Node) -> FloatNode:
     """permute / transpose as a permutation that keeps the batch dimension first."""
     ndim = len(node.all_input_nodes[0].meta["tensor_meta"].shape)
     rest = node.args[1:]
-    if node.target in (torch.transpose, "transpose"):
+    if node.target in SWAP_CALLS:
         a, b = (data_dim(node, d, name) for d in rest[:2])
         dims = list(range(ndim))
         dims[a], dims[b] = dims[b], dims[a]
@@ -154,6 +156,68 @@ def permute_node(name: str, source: str, node: fx.Node) -> FloatNode:
         if dims[0] != 0:
             raise PhotosimError(f"{name}: permutation {given} moves the batch dimension; keep dimension 0 first.")
     return FloatNode(name, "permute", [source], {"dims": dims})
+
+
+def roll_nodes(name: str, source: str, node: fx.Node) -> list[FloatNode]:
+    """torch.roll / x.roll over given non-batch dimensions: one roll node per dimension (the last named as the call),
+    each shift taken modulo the dimension's size."""
+    shifts, dims = arg(node.args, node.kwargs, 1, "shifts", None), arg(node.args, node.kwargs, 2, "dims", None)
+    shifts, dims = ([v] if isinstance(v, int) else list(v or ()) for v in (shifts, dims))
+    if not dims or len(shifts) != len(dims) or not all(isinstance(s, int) for s in shifts):
+        raise PhotosimError(f"{name}: torch.roll needs fixed integer shifts and one dimension for each (without "
+                            "dims it rolls the flattened tensor, batch included).")
+    shape = node.all_input_nodes[0].meta["tensor_meta"].shape
+    out: list[FloatNode] = []
+    for i, (shift, dim) in enumerate(zip(shifts, dims)):
+        d = data_dim(node, dim, name)
+        out.append(FloatNode(f"{name}.{i}", "roll", [out[-1].name if out else source],
+                             {"dim": d, "shift": shift % shape[d]}))
+    out[-1].name = name
+    return out
+
+
+def einsum_nodes(name: str, sources: list[str], node: fx.Node) -> list[FloatNode] | None:
+    """torch.einsum of two activations that is a batched matrix product (``bgid,bgjd->bgij``: equal leading
+    letters, one contracted letter): matmul, after swapping the last two dimensions of an operand that holds them
+    the other way round (None: another equation)."""
+    equation = arg(node.args, node.kwargs, 0, "equation", "")
+    if not isinstance(equation, str) or "->" not in equation or len(sources) != 2:
+        return None
+    inputs, out = equation.replace(" ", "").split("->")
+    left, _, right = inputs.partition(",")
+    lead = out[:-2]
+    if len(out) < 3 or not (left[:-2] == right[:-2] == lead) or len({*left, *right, *out}) != len(lead) + 3:
+        return None
+    contracted = set(left[-2:]) & set(right[-2:])
+    if {*left[-2:], *right[-2:]} - contracted != set(out[-2:]) or len(contracted) != 1 \
+            or out[-2] not in left or out[-1] not in right:
+        return None
+    k = contracted.pop()
+    out_nodes, operands = [], list(sources)
+    for i, (letters, wanted) in enumerate(((left, out[-2] + k), (right, k + out[-1]))):
+        if letters[-2:] != wanted:
+            order = [*range(len(letters) - 2), len(letters) - 1, len(letters) - 2]
+            out_nodes.append(FloatNode(f"{name}.operand_{i}", "permute", [operands[i]], {"dims": order}))
+            operands[i] = out_nodes[-1].name
+    return [*out_nodes, FloatNode(name, "matmul", operands)]
+
+
+def pad_nodes(name: str, source: str, node: fx.Node) -> list[FloatNode] | None:
+    """F.pad with zeros of non-batch dimensions: one pad node per padded dimension, the last named as the call
+    (None: another mode, a nonzero value or a negative width, which crops)."""
+    widths = list(arg(node.args, node.kwargs, 1, "pad", ()))
+    mode, fill = arg(node.args, node.kwargs, 2, "mode", "constant"), arg(node.args, node.kwargs, 3, "value", None)
+    if mode != "constant" or fill not in (None, 0) or not all(isinstance(p, int) and p >= 0 for p in widths):
+        return None
+    rank = len(node.all_input_nodes[0].meta["tensor_meta"].shape)
+    out: list[FloatNode] = []
+    for i in range(len(widths) // 2):
+        if widths[2 * i] or widths[2 * i + 1] or (not out and 2 * i + 2 >= len(widths)):  # one node at least
+            out.append(FloatNode(f"{name}.{i}", "pad", [out[-1].name if out else source],
+                                 {"dim": data_dim(node, rank - 1 - i, name), "before": widths[2 * i],
+                                  "after": widths[2 * i + 1]}))
+    out[-1].name = name
+    return out
 
 
 def split_piece(name: str, source: str, split: fx.Node, index: Any) -> FloatNode:
@@ -241,6 +305,27 @@ def attention_nodes(name: str, call: fx.Node, src: Any) -> list[FloatNode]:
         linear("", f"{name}.tokens", mha.out_proj.weight.detach().clone(), out_bias),
     ]
     return out
+
+
+def layer_norm_node(name: str, source: str, node: fx.Node, normalized_shape: Any, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, eps: float) -> FloatNode | None:
+    """nn.LayerNorm or F.layer_norm (ConvNeXt's LayerNorm2d, after a permute) over the last dimension, with its
+    weight and bias or ones and zeros (None: normalized over more than the last dimension)."""
+    channels = int(node.meta["tensor_meta"].shape[-1])
+    if list(normalized_shape) != [channels]:
+        return None
+    gamma = weight.detach().float().clone() if weight is not None else torch.ones(channels)
+    beta = bias.detach().float().clone() if bias is not None else torch.zeros(channels)
+    return FloatNode(name, "layer_norm", [source], {"eps": float(eps)}, gamma, beta)
+
+
+def normalize_node(name: str, source: str, node: fx.Node) -> FloatNode | None:
+    """F.normalize with p = 2 over the last dimension (None: another norm or dimension)."""
+    p, dim = arg(node.args, node.kwargs, 1, "p", 2.0), arg(node.args, node.kwargs, 2, "dim", 1)
+    rank = len(node.meta["tensor_meta"].shape)
+    if p != 2 or not isinstance(dim, int) or dim % rank != rank - 1:
+        return None
+    return FloatNode(name, "l2_normalize", [source], {"eps": float(arg(node.args, node.kwargs, 3, "eps", 1e-12))})
 
 
 def batchnorm_as_conv(name: str, source: str, bn: nn.BatchNorm2d) -> FloatNode:

@@ -514,6 +514,45 @@ class Slice(Op):
         return (*shape[:d], a["stop"] - a["start"], *shape[d + 1:])
 
 
+@register_op
+class Roll(Op):
+    name = "roll"
+    description = ("cyclic shift of one non-batch dimension by a fixed number of positions (Swin's shifted windows); "
+                   "codes unchanged")
+    layers = ("torch.roll",)
+    attrs = (Attr("dim", "int"), Attr("shift", "int", minimum=0))
+    keeps_quantization = moves_codes = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return xs[0].roll(a["shift"], a["dim"])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        if a["dim"] > len(shapes[0]):
+            raise AttrError(f"dim {a['dim']} is past the last dimension of the input {shapes[0]} (after the batch)")
+        return shapes[0]
+
+
+@register_op
+class Pad(Op):
+    name = "pad"
+    description = ("zero padding of one non-batch dimension (Swin's windows on a map that is not a multiple of them): "
+                   "the added codes are the input's zero point")
+    layers = ("F.pad",)
+    attrs = (Attr("dim", "int"), Attr("before", "int", minimum=0), Attr("after", "int", minimum=0))
+    keeps_quantization = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.pad(xs[0], [0, 0] * (xs[0].dim() - 1 - a["dim"]) + [a["before"], a["after"]])
+
+    def output_shape(self, a: Attrs, shapes: Sequence[Shape]) -> Shape:
+        shape, d = shapes[0], a["dim"] - 1
+        if d >= len(shape):
+            raise AttrError(f"dim {a['dim']} is past the last dimension of the input {shape} (after the batch)")
+        return (*shape[:d], shape[d] + a["before"] + a["after"], *shape[d + 1:])
+
+
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -636,6 +675,20 @@ class LayerNorm(Op):
     def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.layer_norm(xs[0], (xs[0].shape[-1],), weight, bias, a["eps"])
+
+
+@register_op
+class L2Normalize(Op):
+    name = "l2_normalize"
+    description = ("division by the Euclidean norm over the last dimension (Swin v2's cosine attention), from exact "
+                   "integer sums of squares, requantized")
+    layers = ("F.normalize",)
+    attrs = (Attr("eps", "float"),)
+    observed = True
+
+    def reference(self, a: Attrs, xs: Sequence[torch.Tensor], weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(xs[0], dim=-1, eps=a["eps"])
 
 
 MAX_CURVE_POINTS = 1 << 16
