@@ -4,9 +4,11 @@ Builds the benchmark model (photosim.experiments.bench: CIFAR ResNet-18, random 
 quantizes it as ``photosim bench`` does, times float eval, the engine, and the engine with the fused CUDA
 path switched off (the torch backend only, for comparison) at one batch size, then profiles one engine batch.
 ``--config`` picks one of the bench's configurations (its position in photosim.experiments.bench.CONFIGS; the
-default 0 is ideal W8A8), whose bits and hardware it takes. Finishes in well under a minute on an H100.
+default 0 is ideal W8A8), whose bits and hardware it takes. ``--backend`` requires backends by name, as the CLI's
+``--backend`` does (e.g. ``cuda-implicit cuda-ideal``: the opt-in implicit-GEMM kernel, with cuda-ideal's fused
+adds). Finishes in well under a minute on an H100.
 
-    python experiments/gpu_profile.py [--config 0] [--batch 1024] [--device cuda]
+    python experiments/gpu_profile.py [--config 0] [--batch 1024] [--device cuda] [--backend NAME ...]
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--backend", nargs="+", default=[], help="backends the layers must run on (default: chosen)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
     model, shape = build_model(args.model, 0)
     config = CONFIGS[args.config]
     qmodel = quantize(model, synthetic(shape, args.calibration, 2), {"w_bits": config.bits, "a_bits": config.bits})
-    engine = Engine(qmodel, config.hw, device=device)  # diagnostics on, as in run, sweep and bench
+    engine = Engine(qmodel, config.hw, device=device, backend=args.backend)  # diagnostics on, as in run and bench
     chosen = collections.Counter(choice.backend for choice in engine.backends.values())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model}, {config.name}, batch {args.batch}, {where}: conv/linear layers per backend {dict(chosen)}")

@@ -206,8 +206,9 @@ HwOpt = Annotated[Path | None, typer.Option(
     "--hw", help="Hardware YAML file, or a shipped preset by name (photonic-8bit, ...); the flags below override it.")]
 BackendOpt = Annotated[list[str] | None, typer.Option(
     "--backend", help="Require an execution backend (repeatable): every layer of a kind it serves runs on it, or the "
-                      "command stops naming the layer and the reason. Backends: fbgemm, cuda-ideal, fused-triton, "
-                      "onednn, fused-cpu, torch (the reference). Default: the fastest that supports each layer.")]
+                      "command stops naming the layer and the reason. Backends: fbgemm, cuda-implicit (only "
+                      "when named), cuda-ideal, fused-triton, onednn, fused-cpu, torch (the reference). Default: "
+                      "the fastest that supports each layer.")]
 MetricOpt = Annotated[str, typer.Option(help="Rank by agreement (top-1 agreement with the float model on the "
                                             "calibration images) or snr (output SNR vs the float logits).")]
 AdcRangeOpt = Annotated[str | None, typer.Option(

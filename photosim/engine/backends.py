@@ -256,7 +256,8 @@ class FBGEMMBackend(Backend):
 
 @dataclass
 class CudaIdealLayer:
-    """An ideal layer as three CUDA kernels: patches, GEMM, requantization epilogue (photosim.engine.cuda_ideal)."""
+    """An ideal layer on CUDA: a cuda_ideal.FusedLayer (three kernels: patches, GEMM, requantization epilogue) or a
+    triton_conv.ImplicitLayer (one kernel: implicit GEMM with the epilogue fused)."""
 
     plan: LayerPlan
     fused: object  # cuda_ideal.FusedLayer (its module imports Triton)
@@ -296,6 +297,50 @@ class CudaIdealBackend(Backend):
         from photosim.engine import cuda_ideal
 
         return CudaIdealLayer(plan, cuda_ideal.FusedLayer.prepare(_exact_weights(plan, device), plan.requant))
+
+
+@register
+class CudaImplicitBackend(Backend):
+    """Ideal layers as one implicit-GEMM int8 kernel each, requantization fused (photosim.engine.triton_conv): no
+    im2col operands in memory. Opt-in until timed against cuda-ideal; on CPU tensors under the Triton interpreter
+    (TRITON_INTERPRET=1), for tests."""
+
+    name, kinds, priority, on_request = "cuda-implicit", ("ideal",), 15, ("cuda", "cpu")
+
+    def supports(self, plan: LayerPlan, device: torch.device) -> str | None:
+        w_bits = plan.node.w_bits or 0
+        if not fused_triton.available(device):
+            return "needs Triton and a CUDA device (on the CPU: TRITON_INTERPRET=1)"
+        if plan.mode.name != "float":
+            return f"computes the float requant mode only (this layer: {plan.mode.name})"
+        if plan.groups != 1:
+            return "runs ungrouped layers only (grouped and depthwise convolutions: torch)"
+        if w_bits > 8:
+            return f"needs int8 weights (this layer: {w_bits}-bit)"
+        if plan.k * (-kernels.INT8_MIN) ** 2 >= 2**31:
+            return f"K = {plan.k} terms of int8 products could overflow the int32 sums"
+        if plan.k == 1:
+            return "one-term dot products have no int8 weight layout (kernels.plan_matmul)"
+        if self._int8_matmul(plan) is None:
+            return f"input codes x - z_in in {list(plan.x_range)} span more than the 256 values of int8"
+        return None
+
+    def prepare(self, plan: LayerPlan, device: torch.device, *, diagnostics: bool = True) -> LayerRunner:
+        from photosim.engine import triton_conv
+
+        matmul = self._int8_matmul(plan)
+        assert matmul is not None  # supports() said so
+        weights = kernels.prepare_weights(plan.weight, 1, matmul, device)
+        return CudaIdealLayer(plan, triton_conv.ImplicitLayer.prepare(weights, plan.requant))
+
+    @staticmethod
+    def _int8_matmul(plan: LayerPlan) -> kernels.MatmulPlan | None:
+        """The layer's int_mm plan (int8 operands ``x - z_in - offset``, whatever path it chose), or None when its
+        operands do not fit int8."""
+        try:
+            return kernels.plan_matmul(plan.k, plan.x_range, plan.node.w_bits, force="int_mm")
+        except ValueError:
+            return None
 
 
 # -- analog layers -----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import triton.language as tl
 from photosim.engine.kernels import device_constant
 from photosim.ir.format import QParams
 
-_NO_FMA = {"enable_fp_fusion": False}  # a fused multiply-add would round acc * M + 2^52 once, not twice
+NO_FMA = {"enable_fp_fusion": False}  # a fused multiply-add would round acc * M + 2^52 once, not twice
 BLOCK_ROWS, BLOCK_ELEMENTS = 64, 1024
 
 
@@ -40,6 +40,13 @@ def _to_codes(y, z_out, qmin, qmax):
 
 
 @triton.jit
+def accumulator_codes(acc, shift, mult, z_out, qmin, qmax):
+    """A (rows, O) block of raw accumulators -> int32 codes: + shift (O,) in int64, * multiplier (O,) in float64,
+    FloatRequant's tail (the epilogue of every ideal CUDA kernel)."""
+    return _to_codes((acc.to(tl.int64) + shift[None, :]).to(tl.float64) * mult[None, :], z_out, qmin, qmax)
+
+
+@triton.jit
 def _requant_kernel(acc_ptr, acc_stride, shift_ptr, mult_ptr, out_ptr, out_stride, rows, cols, z_out, qmin, qmax,
                     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr):
     r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -48,8 +55,8 @@ def _requant_kernel(acc_ptr, acc_stride, shift_ptr, mult_ptr, out_ptr, out_strid
     acc = tl.load(acc_ptr + r[:, None] * acc_stride + o[None, :], mask=mask, other=0)
     shift = tl.load(shift_ptr + o, mask=o < cols, other=0)
     mult = tl.load(mult_ptr + o, mask=o < cols, other=0.0)
-    y = (acc.to(tl.int64) + shift[None, :]).to(tl.float64) * mult[None, :]
-    tl.store(out_ptr + r[:, None] * out_stride + o[None, :], _to_codes(y, z_out, qmin, qmax), mask=mask)
+    tl.store(out_ptr + r[:, None] * out_stride + o[None, :], accumulator_codes(acc, shift, mult, z_out, qmin, qmax),
+             mask=mask)
 
 
 def requantize_rows(acc: torch.Tensor, shift: torch.Tensor, multiplier: torch.Tensor, out_q: QParams,
@@ -64,7 +71,7 @@ def requantize_rows(acc: torch.Tensor, shift: torch.Tensor, multiplier: torch.Te
     grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, block_o))
     if rows and cols:
         _requant_kernel[grid](acc, acc.stride(0), shift, multiplier, out, out.stride(0), rows, cols,
-                              out_q.zero_point, out_q.qmin, out_q.qmax, BLOCK_M=BLOCK_ROWS, BLOCK_O=block_o, **_NO_FMA)
+                              out_q.zero_point, out_q.qmin, out_q.qmax, BLOCK_M=BLOCK_ROWS, BLOCK_O=block_o, **NO_FMA)
     return out
 
 
@@ -94,5 +101,5 @@ def add_codes(a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out_q:
     if a.numel():
         _add_kernel[(triton.cdiv(a.numel(), BLOCK_ELEMENTS),)](
             a, b, mult, out, a.numel(), qa.zero_point, qb.zero_point, out_q.zero_point, out_q.qmin, out_q.qmax,
-            BLOCK=BLOCK_ELEMENTS, **_NO_FMA)
+            BLOCK=BLOCK_ELEMENTS, **NO_FMA)
     return out
