@@ -12,7 +12,7 @@ from photosim.frontend.algorithms.gpfq import gpfq_round
 from photosim.frontend.algorithms.gptq import gptq_round
 from photosim.frontend.algorithms.layer import LayerGrams
 from photosim.frontend.algorithms.registry import register_algorithm
-from photosim.frontend.algorithms.selection import CANDIDATES, label
+from photosim.frontend.algorithms.selection import CANDIDATES, RECONSTRUCTION_CANDIDATES, label
 from photosim.frontend.capture import capture
 from photosim.frontend.data import load_dataset
 from photosim.frontend.models import load_model
@@ -169,7 +169,7 @@ def test_auto_picks_the_candidate_closest_to_float_without_labels(calibration: t
     model = load_model("digits-cnn").module
     qm = quantize(model, calibration, {"w_bits": 3, "a_bits": 3, "ptq": "auto"})  # images only: no labels given
     selection = qm.provenance["ptq_selection"]
-    assert list(selection["candidates"]) == [label(c) for c in CANDIDATES]
+    assert list(selection["candidates"]) == [label(c) for c in CANDIDATES + RECONSTRUCTION_CANDIDATES]  # 3 bits
     chosen = selection["candidates"][selection["chosen"]]
     assert all(chosen["kl"] <= score["kl"] for score in selection["candidates"].values())
     assert qm.provenance["quant_spec"]["ptq"] == [n for n in selection["chosen"].split(",") if n != "none"]

@@ -94,7 +94,7 @@ def _weighted_node(node: FloatNode, s: LayerSettings, input_q: QParams, tensors:
     return how many bias values saturated."""
     scale = weight_scale(node.weight, s.w_bits, s.weight_granularity == "per_channel", s.w_observer)
     if algorithms.rounding is not None and layer is not None:
-        codes = layer.round(algorithms.rounding.round, node.weight, scale, s.w_bits)
+        codes = algorithms.rounding.codes(layer, node.weight, scale, s.w_bits)
     else:
         codes = quantize_weight(node.weight, scale, s.w_bits)
     tensors[f"{node.name}.weight"] = codes.to(weight_dtype(s.w_bits))

@@ -4,7 +4,8 @@ An algorithm acts at one of three stages of ``photosim.frontend.ptq.quantize``:
 
 * ``graph``: rewrites the float graph before calibration (cross-layer equalization);
 * ``rounding``: chooses a layer's integer weight codes, given its weight scales and the Gram matrices of its
-  calibration inputs (GPTQ, GPFQ, AdaRound); at most one per quantization;
+  calibration inputs (GPTQ, GPFQ), or the inputs themselves (reconstruction: AdaRound, QDrop); at most one per
+  quantization;
 * ``bias``: corrects a layer's float bias before it is rounded to the integer bias (bias correction).
 
 None of them changes the integer file format: only the codes, scales and integer biases written.
@@ -42,6 +43,24 @@ class RoundingAlgorithm:
     paper: str
     round: Callable[[torch.Tensor, torch.Tensor, int, LayerGrams], torch.Tensor]
 
+    def codes(self, layer: LayerData, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+        """The layer's integer weight codes (shape of ``weight``), group by group from its Gram matrices."""
+        return layer.round(self.round, weight, scale, bits)
+
+
+@dataclass(frozen=True)
+class ReconstructionAlgorithm:
+    """``reconstruct(layer, weight, scale, bits) -> codes``: codes (shape of ``weight``) fitted by optimisation
+    to the layer's calibration inputs themselves (too many statistics for Gram matrices: minibatches, masks)."""
+
+    name: str
+    paper: str
+    reconstruct: Callable[[LayerData, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+    def codes(self, layer: LayerData, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+        """The layer's integer weight codes (shape of ``weight``)."""
+        return self.reconstruct(layer, weight, scale, bits)
+
 
 @dataclass(frozen=True)
 class BiasAlgorithm:
@@ -52,7 +71,8 @@ class BiasAlgorithm:
     correct: Callable[[LayerData, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-Algorithm = GraphAlgorithm | RoundingAlgorithm | BiasAlgorithm
+WeightRounding = RoundingAlgorithm | ReconstructionAlgorithm
+Algorithm = GraphAlgorithm | WeightRounding | BiasAlgorithm
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
@@ -75,7 +95,7 @@ def check_selection(names: list[str]) -> None:
         raise ValueError(f"unknown PTQ algorithm(s) {unknown}; known: {', '.join(ALGORITHMS)} or {AUTO}")
     if len(set(names)) != len(names):
         raise ValueError(f"PTQ algorithms {names} name one twice")
-    rounding = [n for n in names if isinstance(ALGORITHMS[n], RoundingAlgorithm)]
+    rounding = [n for n in names if isinstance(ALGORITHMS[n], WeightRounding)]
     if len(rounding) > 1:
         raise ValueError(f"{' and '.join(rounding)} both choose the weight codes; pick one of them")
 
@@ -85,14 +105,14 @@ class Selection:
     """The algorithms of one quantization, by stage."""
 
     graph: tuple[GraphAlgorithm, ...]
-    rounding: RoundingAlgorithm | None
+    rounding: WeightRounding | None
     bias: tuple[BiasAlgorithm, ...]
 
     @classmethod
     def of(cls, names: list[str]) -> Selection:
         check_selection(names)
         chosen = [ALGORITHMS[n] for n in names]
-        rounding = [a for a in chosen if isinstance(a, RoundingAlgorithm)]
+        rounding = [a for a in chosen if isinstance(a, WeightRounding)]
         return cls(tuple(a for a in chosen if isinstance(a, GraphAlgorithm)), rounding[0] if rounding else None,
                    tuple(a for a in chosen if isinstance(a, BiasAlgorithm)))
 

@@ -18,11 +18,15 @@ import torch
 from photosim.ir.fakequant import fake_quant_forward
 from photosim.ir.format import QuantizedModel
 
-# every combination of equalization, one weight rounding (or none) and bias correction
+# every combination of equalization, one Gram-based weight rounding (or none) and bias correction
 CANDIDATES: list[list[str]] = [
     [*graph, *rounding, *bias]
     for graph in ([], ["equalize"]) for rounding in ([], ["gptq"], ["gpfq"]) for bias in ([], ["bias_correction"])
 ]
+# tried too when some layer has weights of at most RECONSTRUCTION_BITS bits: a reconstruction costs 10 to 30
+# Gram-based quantizations, and of the reconstructions this one came closest to float on the built-ins (docs/ptq.md)
+RECONSTRUCTION_BITS = 4
+RECONSTRUCTION_CANDIDATES: list[list[str]] = [["adaround", "bias_correction"]]
 
 
 CRITERION = "mean KL(softmax(float) || softmax(quantized)), then top-1 agreement, on the calibration inputs"
@@ -59,12 +63,20 @@ def label(names: list[str]) -> str:
     return ",".join(names) or "none"
 
 
+def candidates(qmodel: QuantizedModel) -> list[list[str]]:
+    """The combinations `auto` tries for a model of ``qmodel``'s bit widths (any candidate of it will do)."""
+    weight_bits = [node.w_bits for node in qmodel.nodes if node.w_bits is not None]
+    low = min(weight_bits, default=RECONSTRUCTION_BITS + 1) <= RECONSTRUCTION_BITS
+    return CANDIDATES + RECONSTRUCTION_CANDIDATES if low else CANDIDATES
+
+
 def select(build: Callable[[list[str]], QuantizedModel], x: torch.Tensor,
            reference: torch.Tensor) -> tuple[QuantizedModel, dict[str, Any]]:
     """The candidate model whose fake-quantized outputs on ``x`` agree best with ``reference``, and the scores."""
+    first = build(CANDIDATES[0])
     results = []
-    for names in CANDIDATES:
-        qmodel = build(names)
+    for names in candidates(first):
+        qmodel = first if names == CANDIDATES[0] else build(names)
         results.append((agreement(reference, fake_quant_forward(qmodel, x)), label(names), qmodel))
     _, chosen, qmodel = min(results, key=lambda result: result[0].rank())
     return qmodel, {"chosen": chosen, "criterion": CRITERION,
