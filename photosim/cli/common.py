@@ -84,9 +84,9 @@ PercentileOpt = Annotated[float | None, typer.Option(help="Percentile for --obse
 PerTensorOpt = Annotated[bool, typer.Option(help="One weight scale per tensor instead of per output channel.")]
 CalibOpt = Annotated[int | None, typer.Option(help="Calibration images (default 512).")]
 PtqOpt = Annotated[str | None, typer.Option(
-    help="Error-correcting PTQ algorithms, comma-separated: equalize, bias_correction and one of gptq, gpfq, "
-         "adaround, qdrop; or auto (the combination agreeing best with the float model on calibration data). See "
-         "docs/ptq.md.")]
+    help="Error-correcting PTQ algorithms, comma-separated: equalize, smoothquant, bias_correction and one of "
+         "gptq, gpfq, adaround, qdrop; or auto (the combination agreeing best with the float model on calibration "
+         "data). See docs/ptq.md.")]
 ActivationRangeOpt = Annotated[str | None, typer.Option(
     help="Activations that can be negative: affine (zero point, the default) or symmetric.")]
 OutputBitsOpt = Annotated[int | None, typer.Option(help="Least activation bits of the graph output (default 8).")]

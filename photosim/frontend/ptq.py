@@ -151,7 +151,7 @@ def _quantize(model: nn.Module, batches: list[torch.Tensor], spec: QuantSpec, pr
         raise PhotosimError(f"layer override(s) {unmatched} match no layer. Layer names: {', '.join(names)}.")
     algorithms = Selection.of(spec.ptq)
     for algorithm in algorithms.graph:
-        algorithm.transform(graph)
+        algorithm.transform(graph, batches)
     observers = _observe(graph, batches, progress)
     output_layer = _output_layer(graph)
 

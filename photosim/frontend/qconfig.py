@@ -48,8 +48,9 @@ class QuantSpec(LayerSettings, PerLayer):
         "bits (max(a_bits, output_bits)); per-layer overrides of its layer win; null: a_bits like every layer.")
     ptq: list[str] = Field(
         default_factory=list, description="Error-correcting PTQ algorithms (docs/ptq.md): any of equalize, "
-        "bias_correction and one weight rounding (gptq, gpfq, adaround, qdrop), or `auto` alone (the combination whose "
-        "outputs agree best with the float model on the calibration data). A comma-separated string works too.")
+        "smoothquant, bias_correction and one weight rounding (gptq, gpfq, adaround, qdrop), or `auto` alone (the "
+        "combination whose outputs agree best with the float model on the calibration data). A comma-separated "
+        "string works too.")
     layers: list[QuantOverride] = Field(  # type: ignore[valid-type]
         default_factory=list, description="Per-layer overrides by glob.")
 

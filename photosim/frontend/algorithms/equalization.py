@@ -12,6 +12,7 @@ settle, which equalizes chains of layers too. Data-free; it runs on the float gr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +83,8 @@ def equalize_pair(pair: Pair) -> torch.Tensor:
     return s
 
 
-def equalize(graph: FloatGraph) -> None:
-    """Cross-layer equalization of every equalizable pair of ``graph``, in place."""
+def equalize(graph: FloatGraph, batches: Sequence[torch.Tensor] = ()) -> None:
+    """Cross-layer equalization of every equalizable pair of ``graph``, in place (data-free: ``batches`` unused)."""
     pairs = equalizable_pairs(graph)
     for _ in range(MAX_SWEEPS):
         largest = max((float((equalize_pair(p) - 1).abs().max()) for p in pairs), default=0.0)

@@ -2,7 +2,7 @@
 
 An algorithm acts at one of three stages of ``photosim.frontend.ptq.quantize``:
 
-* ``graph``: rewrites the float graph before calibration (cross-layer equalization);
+* ``graph``: rewrites the float graph before calibration (cross-layer equalization, SmoothQuant);
 * ``rounding``: chooses a layer's integer weight codes, given its weight scales and the Gram matrices of its
   calibration inputs (GPTQ, GPFQ), or the inputs themselves (reconstruction: AdaRound, QDrop); at most one per
   quantization;
@@ -13,7 +13,7 @@ None of them changes the integer file format: only the codes, scales and integer
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,11 +28,12 @@ AUTO = "auto"  # choose the combination by agreement with the float model (selec
 
 @dataclass(frozen=True)
 class GraphAlgorithm:
-    """Rewrites the float graph in place, keeping its float function."""
+    """Rewrites the float graph in place, keeping its float function (given the calibration batches, which a
+    data-free one ignores)."""
 
     name: str
     paper: str
-    transform: Callable[[FloatGraph], None]
+    transform: Callable[[FloatGraph, Sequence[torch.Tensor]], None]
 
 
 @dataclass(frozen=True)

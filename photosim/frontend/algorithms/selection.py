@@ -27,6 +27,9 @@ CANDIDATES: list[list[str]] = [
 # Gram-based quantizations, and of the reconstructions this one came closest to float on the built-ins (docs/ptq.md)
 RECONSTRUCTION_BITS = 4
 RECONSTRUCTION_CANDIDATES: list[list[str]] = [["adaround", "bias_correction"]]
+# tried too when a LayerNorm feeds only linear layers (a transformer's pre-norm blocks): SmoothQuant's migration
+SMOOTHING_CANDIDATES: list[list[str]] = [["smoothquant"], ["smoothquant", "bias_correction"],
+                                         ["smoothquant", "gptq", "bias_correction"]]
 
 
 CRITERION = "mean KL(softmax(float) || softmax(quantized)), then top-1 agreement, on the calibration inputs"
@@ -63,11 +66,21 @@ def label(names: list[str]) -> str:
     return ",".join(names) or "none"
 
 
+def _norm_feeds_linears(qmodel: QuantizedModel) -> bool:
+    """Whether some layer_norm's consumers are all linear layers (what SmoothQuant rescales)."""
+    consumers: dict[str, set[str]] = {}
+    for node in qmodel.nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, set()).add(node.op)
+    return any(node.op == "layer_norm" and consumers.get(node.name) == {"linear"} for node in qmodel.nodes)
+
+
 def candidates(qmodel: QuantizedModel) -> list[list[str]]:
-    """The combinations `auto` tries for a model of ``qmodel``'s bit widths (any candidate of it will do)."""
+    """The combinations `auto` tries for a model of ``qmodel``'s graph and bit widths (any candidate of it will do)."""
     weight_bits = [node.w_bits for node in qmodel.nodes if node.w_bits is not None]
     low = min(weight_bits, default=RECONSTRUCTION_BITS + 1) <= RECONSTRUCTION_BITS
-    return CANDIDATES + RECONSTRUCTION_CANDIDATES if low else CANDIDATES
+    return (CANDIDATES + (RECONSTRUCTION_CANDIDATES if low else [])
+            + (SMOOTHING_CANDIDATES if _norm_feeds_linears(qmodel) else []))
 
 
 def select(build: Callable[[list[str]], QuantizedModel], x: torch.Tensor,
