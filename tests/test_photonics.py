@@ -23,6 +23,7 @@ from photosim.hardware.mesh import MeshConfig
 from photosim.hardware.photonic_config import PhotonicsConfig
 from photosim.hardware.photonics import link_budget, path_loss_db, with_link_budget
 from photosim.hardware.units import Q_E
+from photosim.ir.summary import output_shapes
 
 Q, KB = 1.602176634e-19, 1.380649e-23
 # 1 mW per channel, no loss, ideal modulator, 1 A/W, no dark current, 2 GHz clock (B = 1 GHz), 1 kohm at 300 K
@@ -275,3 +276,29 @@ def test_an_mzi_mesh_loses_light_with_its_depth() -> None:
     assert link_budget(cfg, 8, mesh=mesh).loss_db == pytest.approx(2.7)
     assert with_link_budget(hw, 8).noise.photocurrent.sigma == pytest.approx(link_budget(cfg, 8, mesh=mesh)
                                                                             .sigma_photocurrent)
+
+
+def test_a_matmul_of_two_activations_loads_its_operand_for_every_input() -> None:
+    """Attention's Q K^T and A V on the optical core: the second operand is an activation, written into the bank
+    for every inference (its load time and energy are not shared by the batch, as a weight bank's are)."""
+    calibration = torch.stack([x for x, _ in load_dataset("digits", "calibration")])[:16]
+    qm = quantize(load_model("digits-vit").module, calibration)
+    energy = {"weight_write_pj": 2.0, "weight_hold_mw": 0.0}
+    hw = {"tile": 4, "photonics": {"laser_power_mw": 1.0, "fan_out": 8, "batch_size": 16, "cores": 1,
+                                   "weight_load_us": 1.0, "energy": energy}}
+    table = budget_table(qm, hw).set_index("layer")
+    matmuls = [n for n in qm.nodes if n.op == "matmul"]
+    assert len(matmuls) == 4 and all(n.name in table.index for n in matmuls)  # 2 blocks x (Q K^T, A V)
+    shapes = output_shapes(qm)
+    for node in matmuls:
+        row = table.loc[node.name]
+        *lead, m, p = shapes[node.name]
+        k = shapes[node.inputs[0]][-1]
+        groups = math.prod(lead)
+        loads = groups * math.ceil(k / 4) * math.ceil(p / 8)
+        assert (row["macs"], row["weight_writes"], row["loads"]) == (groups * m * p * k, groups * p * k, loads)
+        assert row["load_time_s"] == pytest.approx(16 * loads * 1e-6)  # every inference of the batch of 16
+        assert row["weight_load_J"] == pytest.approx(groups * p * k * 2e-12)  # per inference, not / 16
+    linear = table.loc[next(n.name for n in qm.nodes if n.op == "linear")]
+    assert linear["load_time_s"] == pytest.approx(linear["loads"] * 1e-6)  # once per batch
+    assert linear["weight_load_J"] == pytest.approx(linear["weight_writes"] * 2e-12 / 16)

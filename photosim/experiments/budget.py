@@ -1,4 +1,5 @@
-"""The link budget, energy and schedule of a whole model on photonic cores: one row per conv/linear layer.
+"""The link budget, energy and schedule of a whole model on photonic cores: one row per conv/linear layer and per
+matmul of two activations (whose second operand is loaded into the bank for every input).
 
 ``photosim budget`` prints this table; ``photosim run`` and sweeps add its totals (``energy_totals``: energy per
 inference by part, latency, throughput, TOPS, TOPS/W) to their rows when the hardware config has a ``photonics``
@@ -8,6 +9,7 @@ section. Noise terms are fractions of the tile's full scale FS at full-scale inp
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -42,20 +44,41 @@ def adc_bits_for_energy(hw: LayerHardware, full_scale: float) -> int:
     return hw.adc.bits if hw.adc.bits is not None else math.ceil(math.log2(2 * full_scale + 1))
 
 
-def layer_budget(node: Node, out_shape: tuple[int, ...], hw: LayerHardware) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DotProducts:
+    """What a layer asks of the dot-product engine: K, the operand ranges, and how its outputs group."""
+
+    k: int
+    x_max: int  # largest |x - z_in|
+    w_max: int  # largest |weight code|, or |b - z_b| for a matmul's second operand
+    positions: int  # outputs per bank row: a conv's OH * OW, a linear's tokens, a matmul's M rows
+    groups: int  # conv groups, or a matmul's batched dimensions (heads, windows)
+    out_per_group: int
+    per_input: bool  # the bank holds an activation (a matmul's second operand)
+
+    @classmethod
+    def of(cls, node: Node, shapes: dict[str, tuple[int, ...]]) -> DotProducts:
+        """A conv's (O, H, W), a linear's (..., O) or a matmul's (..., M, P) output, per sample."""
+        out = shapes[node.name]
+        if node.op == "matmul":
+            qa, qb = node.input_q
+            return cls(shapes[node.inputs[0]][-1], qa.largest_offset, qb.largest_offset, out[-2],
+                       math.prod(out[:-2]), out[-1], True)
+        x_max, w_max = operand_max(node)
+        groups = node.attrs.get("groups", 1)
+        positions, channels = (math.prod(out[:-1]), out[-1]) if node.op == "linear" else (math.prod(out[1:]), out[0])
+        return cls(dot_length(node), x_max, w_max, positions, groups, channels // groups, False)
+
+
+def layer_budget(node: Node, dots: DotProducts, hw: LayerHardware) -> dict[str, Any]:
     """One layer's powers, noise terms, SNR, dominant noise source, counts and energy."""
     cfg = hw.photonics
     assert cfg is not None
-    k = dot_length(node)
+    k = dots.k
     tile = tile_length(k, hw.tile)
-    x_max, w_max = operand_max(node)
-    full_scale = float(tile * x_max * w_max)
+    full_scale = float(tile * dots.x_max * dots.w_max)
     link = link_budget(cfg, tile, node.name, hw.mesh)
-    groups = node.attrs.get("groups", 1)
-    # output positions and channels: a conv's (O, H, W), a linear's (..., O) (tokens)
-    positions, channels = ((math.prod(out_shape[:-1]), out_shape[-1]) if node.op == "linear"
-                           else (math.prod(out_shape[1:]), out_shape[0]))
-    counts = LayerCounts.of(positions, groups, channels // groups, k, tile, cfg.fan_out)
+    counts = LayerCounts.of(dots.positions, dots.groups, dots.out_per_group, k, tile, cfg.fan_out, dots.per_input)
     energy = layer_energy(cfg, counts, adc_bits_for_energy(hw, full_scale))
     schedule = layer_schedule(cfg, counts)
     sigmas = {"shot": link.sigma_shot, "thermal": link.sigma_thermal, "rin": link.sigma_rin,
@@ -80,15 +103,15 @@ def layer_budget(node: Node, out_shape: tuple[int, ...], hw: LayerHardware) -> d
 
 
 def budget_table(qmodel: QuantizedModel, hw: HardwarePlan | HardwareConfig) -> pd.DataFrame:
-    """One row per conv/linear layer whose settings have a photonics section (empty when none has); the batch goes
+    """One row per conv/linear/matmul node whose settings have a photonics section (empty when none has); the batch goes
     through the model together, so every layer must have the same ``photonics.batch_size``."""
     shapes = output_shapes(qmodel)
     plan = HardwarePlan.resolve(qmodel, hw)
     rows = []
     for node in qmodel.nodes:
         settings = plan.layers[node.name]
-        if OPS[node.op].weighted and settings.photonics is not None:
-            rows.append(layer_budget(node, shapes[node.name], settings))
+        if (OPS[node.op].weighted or node.op == "matmul") and settings.photonics is not None:
+            rows.append(layer_budget(node, DotProducts.of(node, shapes), settings))
     table = pd.DataFrame(rows)
     if not table.empty and table["batch_size"].nunique() > 1:
         sizes = ", ".join(f"{row.layer} {row.batch_size}" for row in table.itertuples())

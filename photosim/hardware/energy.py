@@ -4,7 +4,8 @@ A core holds a bank of L x fan_out weight devices, takes one input vector of L v
 forms ``fan_out`` tile values at once. A layer with O outputs per group, G groups, P output positions and
 T = ceil(K / L) tiles needs ``G * T * ceil(O / fan_out)`` bank loads; each load computes its P cycles for every
 inference of a batch before the next load (weight-stationary), so a load's settling time and energy are shared
-by the batch. Loads are spread over the cores; layers run one after another. Formulas and sources:
+by the batch. A matmul of two activations (attention) loads its second operand into the bank for every input:
+nothing is shared. Loads are spread over the cores; layers run one after another. Formulas and sources:
 docs/photonics.md.
 """
 
@@ -44,17 +45,24 @@ class LayerCounts:
     fan_out: int
     positions: int  # P: cycles per inference per bank load
     loads: int  # bank loads of one pass over the layer: G * T * ceil(O / fan_out)
+    per_input: bool = False  # the bank holds an activation (a matmul's second operand): loaded for every input
 
     @classmethod
-    def of(cls, positions: int, groups: int, out_per_group: int, k: int, tile: int, fan_out: int) -> LayerCounts:
-        """The counts of a conv (positions = OH * OW) or linear (positions = tokens, 1 for a vector) layer."""
+    def of(cls, positions: int, groups: int, out_per_group: int, k: int, tile: int, fan_out: int,
+           per_input: bool = False) -> LayerCounts:
+        """The counts of a conv (positions = OH * OW) or linear (positions = tokens, 1 for a vector) layer, or of
+        a matmul of two activations (``per_input``: positions = M rows, groups = the batched dimensions, O = P)."""
         tiles = math.ceil(k / tile)
         outputs = positions * groups * out_per_group
         loads = groups * tiles * math.ceil(out_per_group / fan_out)
         cycles = positions * loads
         return cls(macs=outputs * k, outputs=outputs, cycles=cycles, input_conversions=cycles * tile,
                    adc_conversions=outputs * tiles, weights=groups * out_per_group * k, tile=tile, fan_out=fan_out,
-                   positions=positions, loads=loads)
+                   positions=positions, loads=loads, per_input=per_input)
+
+    def inferences_per_load(self, batch_size: int) -> int:
+        """Inferences one bank load serves: the whole batch for weights, one for a matmul's second operand."""
+        return 1 if self.per_input else batch_size
 
     @property
     def bank(self) -> int:
@@ -89,8 +97,10 @@ class LayerSchedule:
 
 def layer_schedule(cfg: PhotonicsConfig, counts: LayerCounts) -> LayerSchedule:
     """The schedule of one layer for ``cfg.batch_size`` inferences on ``cfg.cores`` cores."""
-    return LayerSchedule(loads=counts.loads, rounds=math.ceil(counts.loads / cfg.cores), load_s=cfg.weight_load_us * US,
-                         compute_s=cfg.batch_size * counts.positions / (cfg.clock_ghz * GHZ))
+    shared = counts.inferences_per_load(cfg.batch_size)
+    loads = counts.loads * cfg.batch_size // shared  # a matmul loads its operand for every inference
+    return LayerSchedule(loads=loads, rounds=math.ceil(loads / cfg.cores), load_s=cfg.weight_load_us * US,
+                         compute_s=shared * counts.positions / (cfg.clock_ghz * GHZ))
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,9 @@ class LayerEnergy:
 def layer_energy(cfg: PhotonicsConfig, counts: LayerCounts, adc_bits: int) -> LayerEnergy:
     """Energy per inference of one layer: laser (and LO) on for every cycle, one modulator conversion per input
     value, the bank's devices held while they compute and while each load settles, every weight written once per
-    pass and those two load costs shared by the batch, one ADC conversion per tile value, one digital addition
-    per ADC code and one requantization per output."""
+    pass and those two load costs shared by the batch (not for a matmul's second operand, written for every
+    input), one ADC conversion per tile value, one digital addition per ADC code and one requantization per
+    output."""
     e, seconds = cfg.energy, counts.cycles / (cfg.clock_ghz * GHZ)
     optical = counts.tile * cfg.laser_power_mw * MW
     if cfg.architecture == "coherent" and cfg.lo_power_mw is not None:
@@ -125,7 +136,7 @@ def layer_energy(cfg: PhotonicsConfig, counts: LayerCounts, adc_bits: int) -> La
         laser=laser_energy(optical, cfg.wall_plug_efficiency, seconds),
         modulators=counts.input_conversions * e.modulator_pj * PJ,
         weights=hold_w * seconds,
-        weight_load=load_j / cfg.batch_size,
+        weight_load=load_j / counts.inferences_per_load(cfg.batch_size),
         adc=counts.adc_conversions * walden_adc_energy(e.adc_fom_fj * FJ, adc_bits),
         digital=counts.additions * e.accumulate_pj * PJ + counts.outputs * e.requant_pj * PJ,
     )
