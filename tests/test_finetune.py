@@ -148,3 +148,25 @@ def test_a_diverging_learning_rate_restarts_from_the_ptq_start_at_a_quarter(setu
     monkeypatch.setattr("photosim.experiments.finetune.MAX_LR_RESTARTS", 0)
     with pytest.raises(PhotosimError, match=r"diverged 1 times \(last at lr 0.1: loss .* in epoch 1 against"):
         finetune(loaded.module, data, SPEC, None, lr=0.1, **options)
+
+
+def test_a_user_image_folder_and_a_torchvision_model_fine_tune_end_to_end(tmp_path: Path) -> None:
+    """`--data imagefolder:PATH` as for run (class subfolders, an 80/10/10 split), a torchvision ResNet-18 with the
+    CIFAR stem: the command trains, writes a file the engine runs, and judges it on the folder's test split."""
+    from PIL import Image
+
+    for label, channel in (("cat", 0), ("dog", 2)):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(10):
+            color = [0, 0, 0]
+            color[channel] = 100 + 15 * i
+            Image.new("RGB", (12, 10), color=tuple(color)).save(tmp_path / "images" / label / f"{i}.png")
+    out = tmp_path / "rn.safetensors"
+    result = runner.invoke(app, [str(a) for a in [
+        "finetune", "--model", "torchvision:resnet18", "--cifar-stem", "--num-classes", "2", "--data",
+        f"imagefolder:{tmp_path / 'images'}", "--tile", "32", "--adc-bits", "8", "--noise", "0.005", "--epochs",
+        "1", "--lr", "1e-3", "--repeats", "1", "-o", out]])
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned for 1 epoch(s) on imagefolder:" in result.output and "2 images" in result.output
+    tuned = load(out)
+    assert tuned.input_shape == (3, 32, 32) and photosim.simulate(tuned, torch.zeros(1, 3, 32, 32)).shape == (1, 2)
