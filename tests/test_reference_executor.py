@@ -222,8 +222,8 @@ def graphs(draw, pt: bool = False):
     src = "x"
     choices = ["conv", "clamp", "add", "maxpool", "avgpool", "adaptive", "reshape"] + (["dwconv"] * 2 if pt else [])
     choices += ["concat", "mul"]
-    if not pt:  # the pytorch mode has no rule for mean and table
-        choices += ["mean", "permute", "slice", "table"]
+    if not pt:  # the pytorch mode has no rule for mean, table and l2_normalize
+        choices += ["mean", "permute", "slice", "table", "roll", "pad", "l2_normalize"]
     ops = draw(st.lists(st.sampled_from(choices), min_size=1, max_size=6))
     for i, op in enumerate(ops):
         name = f"n{i}_{op}"
@@ -319,6 +319,15 @@ def graphs(draw, pt: bool = False):
             stop = draw(st.integers(start + 1, shape[dim - 1]))
             m.add(name, "slice", [src], dim=dim, start=start, stop=stop)
             shape = tuple(stop - start if i == dim - 1 else n for i, n in enumerate(shape))
+        elif op == "roll":
+            dim = draw(st.integers(1, 3))
+            m.add(name, "roll", [src], dim=dim, shift=draw(st.integers(0, shape[dim - 1] - 1)))
+        elif op == "pad":  # the fill is the input's zero point (float 0) within its clamp
+            dim, before, after = draw(st.integers(1, 3)), draw(st.integers(0, 2)), draw(st.integers(0, 2))
+            m.add(name, "pad", [src], dim=dim, before=before, after=after)
+            shape = tuple(n + before + after if i == dim - 1 else n for i, n in enumerate(shape))
+        elif op == "l2_normalize":  # over the last dimension, values in [-1, 1]
+            m.add(name, "l2_normalize", [src], qp(1 / 127, 0, 8, signed=True), eps=draw(st.sampled_from([1e-12, 0.5])))
         elif op == "table":  # random output codes within the output clamp: the stored table is the semantics
             q_in = m.qparams(src)
             out_q = _act(draw)
