@@ -626,9 +626,9 @@ def _preflight(points: list[Point]) -> None:
     layer_names: dict[str, list[str]] = {}  # model -> its layer names, traced once
     for p in points:
         c, where = p.config, f"point {p.index} ({p.label})"
-        if c.model not in builtins and not c.model.startswith("torchvision:") and ".py:" not in c.model:
+        if c.model not in builtins and not c.model.startswith(("torchvision:", "hf:")) and ".py:" not in c.model:
             raise PhotosimError(f"{where}: unknown model {c.model!r}; use a built-in ({', '.join(sorted(builtins))}"
-                                "), torchvision:NAME or path/to/file.py:NAME.")
+                                "), torchvision:NAME, hf:CLASS or path/to/file.py:NAME.")
         if c.data.partition(":")[0] not in dataset_names():
             raise PhotosimError(f"{where}: unknown dataset {c.data!r}; use one of {', '.join(dataset_names())}.")
         if c.weights is not None and not Path(c.weights).is_file():

@@ -73,14 +73,15 @@ def quantize_loaded(loaded: LoadedModel, data: DataSpec, spec: QuantSpec, *, num
 
 
 def rebuildable(spec: str) -> bool:
-    """Whether a model spec read from a file may be rebuilt: a built-in or torchvision: name, never user code."""
-    return spec in {m.name for m in list_models()} or spec.startswith("torchvision:")
+    """Whether a model spec read from a file may be rebuilt: a built-in, torchvision: or hf: name (library code),
+    never user code."""
+    return spec in {m.name for m in list_models()} or spec.startswith(("torchvision:", "hf:"))
 
 
 def source_model(qmodel: QuantizedModel) -> nn.Module | None:
     """The float model an integer file was quantized from, when its provenance allows rebuilding it safely.
 
-    Only built-in and ``torchvision:`` models are rebuilt (with recorded weights whose file still has the
+    Only built-in, ``torchvision:`` and ``hf:`` models are rebuilt (with recorded weights whose file still has the
     recorded sha256): a file never makes photosim import or run code, so ``file.py:NAME`` sources and
     import-torch scripts give None; pass the model on the command line instead (``--float-model``).
     """

@@ -7,7 +7,6 @@ a node-by-node translation; how each PyTorch pattern becomes nodes is in photosi
 from __future__ import annotations
 
 import operator
-import os
 from typing import Any
 
 import torch
@@ -16,8 +15,10 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from photosim.errors import PhotosimError
+from photosim.frontend.concrete_trace import ConcreteTracer, RecordingTracer, source_line
 from photosim.frontend.folding import fold_constants, per_sample_constant
 from photosim.frontend.graph import FloatGraph, FloatNode
+from photosim.frontend.hf import Logits, embedding_refusal, is_transformers_model
 from photosim.frontend.nonlinearity import Curve
 from photosim.frontend.patterns import (
     SPLIT_CALLS,
@@ -73,25 +74,23 @@ PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 PASS_THROUGH_CALLS = {F.dropout, "contiguous", "clone", "detach"}
 
 
+DTYPE_CASTS = {"to", "type", "type_as", "float"}  # methods that change nothing when the dtype stays
+
+
 _SHAPE_CALLS = {"size", getattr, operator.getitem, operator.mul, operator.floordiv}
 
 
-class _Tracer(fx.Tracer):
-    """symbolic_trace with source lines recorded, for error messages; photosim's Curve is one node."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.record_stack_traces = True
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, Curve) or super().is_leaf_module(m, module_qualified_name)
-
-
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """fx-trace ``model`` and annotate shapes; name the module and the reason when tracing fails."""
+    """fx-trace ``model`` (a transformers model: its logits) on ``example`` and annotate shapes; name the module and
+    the reason when tracing fails."""
     model = model.eval()
+    if is_transformers_model(model):
+        model = Logits(model)
+    tracer = ConcreteTracer(example) if isinstance(model, Logits) else RecordingTracer()
     try:
-        graph = _Tracer().trace(model)
+        graph = tracer.trace(model)
+    except PhotosimError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the user's model, reported as such
         raise PhotosimError(
             f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. photosim needs a model "
@@ -101,12 +100,6 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
     return gm
-
-
-def _source_line(node: fx.Node) -> str:
-    frames = [line.strip() for line in (node.stack_trace or "").splitlines() if line.strip().startswith("File ")]
-    user_frames = [f for f in frames if f"{os.sep}torch{os.sep}" not in f]  # skip fx's own frames
-    return user_frames[-1] if user_frames else "source line unknown"
 
 
 def is_tensor(node: Any) -> bool:
@@ -140,7 +133,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
     def value(arg: Any) -> Any:
         """An argument a pattern needs as a value (a weight, a bias table): a folded constant's, or the literal."""
         if isinstance(arg, fx.Node) and arg.name not in folded:
-            raise PhotosimError(f"{reader[0].name} at {_source_line(reader[0])}: its argument {arg.name} is computed "
+            raise PhotosimError(f"{reader[0].name} at {source_line(reader[0])}: its argument {arg.name} is computed "
                                 "from the model input; photosim needs a constant (a parameter or buffer) there.")
         return folded[arg.name] if isinstance(arg, fx.Node) else arg
 
@@ -151,7 +144,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         try:
             value = per_sample_constant(folded[arg.name], len(out_shape), out_shape[1:] if equal_shapes else None)
         except ValueError as exc:
-            unsupported.append(f"{arg.name} (a constant read by {consumer.name}: it {exc}) at {_source_line(consumer)}")
+            unsupported.append(f"{arg.name} (a constant read by {consumer.name}: it {exc}) at {source_line(consumer)}")
             return arg.name
         key = (arg.name, tuple(value.shape))
         if key not in constants:
@@ -230,8 +223,10 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
         new: FloatNode | None = None
         eval_stochastic_depth = torchvision_function(target, "stochastic_depth") and not arg(
             args, node.kwargs, 3, "training", True)
+        same_dtype_cast = node.op == "call_method" and target in DTYPE_CASTS and is_tensor(args[0]) \
+            and args[0].meta["tensor_meta"].dtype == node.meta["tensor_meta"].dtype  # float32 -> float32
         if isinstance(module, PASS_THROUGH_MODULES) or (node.op != "call_module" and target in PASS_THROUGH_CALLS) \
-                or eval_stochastic_depth:
+                or eval_stochastic_depth or same_dtype_cast:
             bind(node, src(args[0]))
             continue
         if bounds is not None:
@@ -253,7 +248,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             if producer is None or producer.act is not None:
                 if not isinstance(module, nn.BatchNorm2d):
                     unsupported.append(f"{name} (BatchNorm1d not directly after a linear or Conv1d) at "
-                                       f"{_source_line(node)}")
+                                       f"{source_line(node)}")
                     continue
                 new = batchnorm_as_conv(name, src(args[0]), module)
             else:
@@ -349,9 +344,12 @@ def capture(model: nn.Module, example: torch.Tensor) -> FloatGraph:
             new = decomposed(window_attention_nodes(name, src(args[0]), node, value))
         elif torchvision_function(target, "_patch_merging_pad"):
             new = decomposed(patch_merging_nodes(name, src(args[0]), node))
+        elif isinstance(module, nn.Embedding) or target is F.embedding:
+            unsupported.append(embedding_refusal(name, source_line(node)))
+            continue
         if new is None:
             what = type(module).__name__ if module is not None else getattr(target, "__name__", str(target))
-            unsupported.append(f"{name} ({node.op} {what}) at {_source_line(node)}")
+            unsupported.append(f"{name} ({node.op} {what}) at {source_line(node)}")
             continue
         nodes[new.name] = new
         bind(node, new.name)

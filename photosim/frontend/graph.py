@@ -38,13 +38,18 @@ class FloatGraph:
     input_shape: tuple[int, ...]
 
     def run(self, x: torch.Tensor, observe: Any = None) -> torch.Tensor:
-        """Execute in float; ``observe(name, tensor)`` is called for the input and every node output."""
+        """Execute in float; ``observe(name, tensor)`` is called for the input and every node output. A tensor is
+        dropped after its last consumer, so a batch holds a few activations at a time, not the whole graph's."""
+        last_use = {name: i for i, node in enumerate(self.nodes) for name in node.inputs}
         values = {"input": x}
         if observe:
             observe("input", x)
-        for node in self.nodes:
-            values[node.name] = y = node.forward([values[i] for i in node.inputs])
+        for i, node in enumerate(self.nodes):
+            values[node.name] = y = node.forward([values[name] for name in node.inputs])
             if observe:
                 observe(node.name, y)
+            for name in set(node.inputs):
+                if last_use[name] == i and name != self.output:
+                    del values[name]
         return values[self.output]
 

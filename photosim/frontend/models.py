@@ -1,6 +1,7 @@
 """Model loading: built-in digits models, torchvision architectures and user files, plus weights.
 
-A model spec is a built-in name (``digits-cnn``), ``torchvision:NAME`` or ``path/to/file.py:NAME``;
+A model spec is a built-in name (``digits-cnn``), ``torchvision:NAME``, ``hf:CLASS`` (a transformers model class
+from its default config, photosim.frontend.hf) or ``path/to/file.py:NAME``;
 every loaded module comes back in eval mode with what is known about its input shape and provenance.
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 from photosim._files import require_file
 from photosim._imports import call_object
 from photosim.errors import PhotosimError
+from photosim.frontend.hf import build as build_hf
 from photosim.ir.format import file_sha256
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -336,12 +338,17 @@ def load_model(
         loaded = _load_builtin(_REGISTRY[spec], num_classes, shipped_weights=weights is None)
     elif spec.startswith("torchvision:"):
         loaded = _load_torchvision(spec, num_classes, cifar_stem)
+    elif spec.startswith("hf:"):
+        module, input_shape = build_hf(spec.removeprefix("hf:"), num_classes)
+        loaded = LoadedModel(module=module, spec=spec, input_shape=input_shape, num_classes=num_classes, weights=None,
+                             weights_sha256=None, info=None)
     elif ".py" in spec:
         loaded = _load_user_file(spec, num_classes)
     else:
         raise PhotosimError(
             f"unknown model {spec!r}; use a built-in ({', '.join(sorted(_REGISTRY))}), "
-            "torchvision:NAME (e.g. torchvision:resnet18) or path/to/file.py:NAME (a class or factory "
+            "torchvision:NAME (e.g. torchvision:resnet18), hf:CLASS (e.g. hf:ViTForImageClassification) or "
+            "path/to/file.py:NAME (a class or factory "
             "returning an nn.Module); `photosim models` lists the built-ins."
         )
     if weights is not None:

@@ -28,6 +28,7 @@ from photosim.frontend.algorithms.selection import select
 from photosim.frontend.capture import capture
 from photosim.frontend.data import calibration_batches
 from photosim.frontend.graph import FloatGraph, FloatNode
+from photosim.frontend.hf import Logits, is_transformers_model
 from photosim.frontend.lockstep import LockstepRun
 from photosim.frontend.qconfig import LayerSettings, QuantSpec
 from photosim.ir.fakequant import exp_table, lookup_table
@@ -132,6 +133,8 @@ def quantize(model: nn.Module, calibration_data: Any, spec: QuantSpec | dict | s
     if not spec.auto:
         return _quantize(model, batches, spec, progress, provenance)
     x = torch.cat(batches).float()
+    if is_transformers_model(model):
+        model = Logits(model)  # the output object's logits, as capture takes them
     with torch.no_grad():
         reference = model.eval()(x)
     qmodel, selection = select(
