@@ -54,9 +54,13 @@ def test_a_layer_whose_overrides_conflict_is_named() -> None:
         HardwarePlan.resolve(make_conv_net(), hw)
 
 
-def test_first_sample_must_not_be_negative() -> None:
-    with pytest.raises(PhotosimError, match="first_sample"):
-        Engine(make_conv_net(), HW).codes(torch.zeros(1, 3, 12, 12), first_sample=-1)
+def test_first_sample_must_number_the_batch_within_32_bits() -> None:
+    engine = Engine(make_conv_net(), HW)
+    with pytest.raises(PhotosimError, match="first_sample -1 numbers"):
+        engine.codes(torch.zeros(1, 3, 12, 12), first_sample=-1)
+    with pytest.raises(PhotosimError, match=r"first_sample 4294967295 numbers this batch's 2 samples outside"):
+        engine.codes(torch.zeros(2, 3, 12, 12), first_sample=2**32 - 1)
+    assert engine.codes(torch.zeros(1, 3, 12, 12), first_sample=2**32 - 1).shape[0] == 1
 
 
 def test_gpus_used_lists_the_cuda_devices_of_the_points() -> None:

@@ -263,8 +263,9 @@ class Engine:
         neither) -> :meth:`run`'s dict."""
         self.check_inputs(x)
         if first_sample < 0 or first_sample + len(x) - 1 > MASK32:
-            raise PhotosimError(f"samples {first_sample} .. {first_sample + len(x) - 1} do not lie in [0, 2^32): "
-                                "number the samples of a pass from 0.")
+            raise PhotosimError(f"first_sample {first_sample} numbers this batch's {len(x)} samples outside "
+                                "[0, 2^32) (noise streams are keyed by a 32-bit sample index); number the samples "
+                                "of a pass from 0.")
         # pinned memory (a DataLoader's pin_memory=True) goes to the GPU without blocking the host
         codes = self.model.input_q.quantize(x.to(self.device, non_blocking=x.is_pinned()))
         ids = torch.arange(first_sample, first_sample + len(codes), device=self.device)  # made where it is used
