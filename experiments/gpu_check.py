@@ -50,6 +50,8 @@ def steps(out: Path, quick: bool, device: str) -> list[Step]:
         Step("bench", [py, "-m", "photosim", "bench", "--device", device, "--batch", batch, "--runs", runs,
                        "--no-memory", "--threads", "2", "--json", str(out / "bench.json")], 900),
         Step("profile ideal W8A8", [*profile, "--config", "0"], 300),
+        Step("profile ideal W8A8, cuda-implicit", [*profile, "--config", "0", "--backend", "cuda-implicit",
+                                                   "cuda-ideal"], 300),
         Step("profile output noise", [*profile, "--config", "1"], 300),
         Step("profile tile, ADC, noise, saturating accumulator", [*profile, "--config", "2"], 300),
         Step("cross-device, ideal W8A8 (all codes equal)", [*noisy, "--config", "0"], 900),
