@@ -28,7 +28,7 @@ from photosim.hardware.philox import MASK32
 from photosim.hardware.plan import HardwarePlan, HardwareSpec
 from photosim.hardware.readout import Readout
 from photosim.ir.format import Node, QParams, QuantizedModel, validate
-from photosim.ir.ops import OPS, infer_shapes
+from photosim.ir.ops import OPS, infer_shapes, walk
 
 # On the CPU a batch runs through the graph in sub-batches whose largest tensor has about this many
 # elements: a layer's temporaries then stay in the caches instead of being paged in afresh (3-10x faster).
@@ -217,7 +217,6 @@ class Engine:
                      if OPS[n.op].exp_tabled}  # softmax: round(2^30 exp(-k s_in)) for k = 0 ..
         self._affine = {n.name: tuple(qmodel.tensors[f"{n.name}.{k}"].to(self.device, torch.float64)
                                       for k in ("gamma", "beta")) for n in qmodel.nodes if OPS[n.op].affine}
-        self._last_use = {name: i for i, n in enumerate(qmodel.nodes) for name in n.inputs}
         self.sub_batch = self._sub_batch()
 
     def _sub_batch(self) -> int | None:
@@ -249,14 +248,8 @@ class Engine:
         """
         if sample_ids is None:
             sample_ids = torch.arange(len(codes))
-        values = {self.model.input_name: codes}
-        for i, node in enumerate(self.model.nodes):
-            values[node.name] = KERNELS[node.op](self, node, [values[name] for name in node.inputs], sample_ids)
-            if not keep_all:
-                for name in set(node.inputs):  # an add may read one tensor twice
-                    if self._last_use[name] == i and name != self.model.output:
-                        del values[name]
-        return values
+        return walk(self.model.nodes, {self.model.input_name: codes}, self.model.output,
+                    lambda node, xs: KERNELS[node.op](self, node, xs, sample_ids), keep_all=keep_all)
 
     def _run_batch(self, x: torch.Tensor, first_sample: int, keep_all: bool) -> dict[str, torch.Tensor]:
         """One batch of float inputs, samples numbered from ``first_sample``, run in sub-batches (results depend on

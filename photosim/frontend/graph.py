@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from photosim.ir.ops import OPS
+from photosim.ir.ops import OPS, walk
 
 
 @dataclass
@@ -38,18 +38,9 @@ class FloatGraph:
     input_shape: tuple[int, ...]
 
     def run(self, x: torch.Tensor, observe: Any = None) -> torch.Tensor:
-        """Execute in float; ``observe(name, tensor)`` is called for the input and every node output. A tensor is
-        dropped after its last consumer, so a batch holds a few activations at a time, not the whole graph's."""
-        last_use = {name: i for i, node in enumerate(self.nodes) for name in node.inputs}
-        values = {"input": x}
+        """Execute in float; ``observe(name, tensor)`` is called for the input and every node output (each tensor
+        is dropped after its last consumer: photosim.ir.ops.walk)."""
         if observe:
             observe("input", x)
-        for i, node in enumerate(self.nodes):
-            values[node.name] = y = node.forward([values[name] for name in node.inputs])
-            if observe:
-                observe(node.name, y)
-            for name in set(node.inputs):
-                if last_use[name] == i and name != self.output:
-                    del values[name]
-        return values[self.output]
-
+        return walk(self.nodes, {"input": x}, self.output, lambda node, xs: node.forward(xs),
+                    observe=observe)[self.output]

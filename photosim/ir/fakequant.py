@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from photosim.ir.format import Node, QParams, QuantizedModel, weights_scale
-from photosim.ir.ops import EXP_ONE, OPS
+from photosim.ir.ops import EXP_ONE, OPS, walk
 
 
 def fake_quantize(x: torch.Tensor, q: QParams) -> torch.Tensor:
@@ -61,6 +61,4 @@ def run_node(model: QuantizedModel, node: Node, *inputs: torch.Tensor) -> torch.
 def fake_quant_forward(model: QuantizedModel, x: torch.Tensor) -> torch.Tensor:
     """Float32 outputs of the fake-quantized reference for a batch of float inputs."""
     values = {model.input_name: fake_quantize(x.double(), model.input_q)}
-    for node in model.nodes:
-        values[node.name] = run_node(model, node, *(values[i] for i in node.inputs))
-    return values[model.output].float()
+    return walk(model.nodes, values, model.output, lambda node, xs: run_node(model, node, *xs))[model.output].float()

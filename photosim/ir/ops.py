@@ -10,7 +10,7 @@ look ops up in :data:`OPS`; adding an op is one declaration here, one engine ker
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -725,6 +725,24 @@ class GraphNode(Protocol):
     op: str
     inputs: list[str]
     attrs: Attrs
+
+
+def walk(nodes: Sequence[GraphNode], values: dict[str, Any], output: str,
+         step: Callable[[Any, list[Any]], Any], *, keep_all: bool = False,
+         observe: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+    """Run a graph in topological order: ``values[node.name] = step(node, its inputs' values)`` (``observe`` sees
+    each result). Without ``keep_all`` a tensor is dropped after its last consumer, so a batch holds a few
+    activations at a time, not the whole graph's; the output stays. Returns ``values``."""
+    last_use = {name: i for i, node in enumerate(nodes) for name in node.inputs}
+    for i, node in enumerate(nodes):
+        values[node.name] = y = step(node, [values[name] for name in node.inputs])
+        if observe:
+            observe(node.name, y)
+        if not keep_all:
+            for name in set(node.inputs):  # an add may read one tensor twice
+                if last_use[name] == i and name != output:
+                    del values[name]
+    return values
 
 
 def infer_shapes(input_name: str, input_shape: Shape, nodes: Sequence[GraphNode]) -> dict[str, Shape]:
