@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -725,6 +725,18 @@ class GraphNode(Protocol):
     op: str
     inputs: list[str]
     attrs: Attrs
+
+
+NodeT = TypeVar("NodeT", bound=GraphNode)  # photosim.ir.format.Node or photosim.frontend.graph.FloatNode
+
+
+def consumers(nodes: Sequence[NodeT]) -> dict[str, list[NodeT]]:
+    """Tensor name -> the nodes that read it, in graph order (a node reading one tensor twice is listed twice)."""
+    readers: dict[str, list[NodeT]] = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    return readers
 
 
 def walk(nodes: Sequence[GraphNode], values: dict[str, Any], output: str,

@@ -19,7 +19,7 @@ import torch
 
 from photosim.frontend.algorithms.registry import GraphAlgorithm, register_algorithm
 from photosim.frontend.graph import FloatGraph, FloatNode
-from photosim.ir.ops import OPS
+from photosim.ir.ops import OPS, consumers
 
 MAX_SWEEPS = 100
 TOLERANCE = 1e-6  # stop when every scale of a sweep is within this of 1
@@ -39,15 +39,12 @@ def _homogeneous(node: FloatNode) -> bool:
 
 def equalizable_pairs(graph: FloatGraph) -> list[Pair]:
     """The (A, B) layer pairs of the graph that equalization may rescale."""
-    consumers: dict[str, list[FloatNode]] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
+    readers = consumers(graph.nodes)
     pairs = []
     for first in (n for n in graph.nodes if OPS[n.op].weighted and _homogeneous(n)):
         node = first
-        while node.name != graph.output and len(consumers.get(node.name, [])) == 1:
-            node = consumers[node.name][0]
+        while node.name != graph.output and len(readers.get(node.name, [])) == 1:
+            node = readers[node.name][0]
             if OPS[node.op].weighted:
                 pairs.append(Pair(first, node))
                 break

@@ -17,6 +17,7 @@ import torch
 
 from photosim.ir.fakequant import fake_quant_forward
 from photosim.ir.format import QuantizedModel
+from photosim.ir.ops import consumers
 
 # every combination of equalization, one Gram-based weight rounding (or none) and bias correction
 CANDIDATES: list[list[str]] = [
@@ -68,11 +69,9 @@ def label(names: list[str]) -> str:
 
 def _norm_feeds_linears(qmodel: QuantizedModel) -> bool:
     """Whether some layer_norm's consumers are all linear layers (what SmoothQuant rescales)."""
-    consumers: dict[str, set[str]] = {}
-    for node in qmodel.nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, set()).add(node.op)
-    return any(node.op == "layer_norm" and consumers.get(node.name) == {"linear"} for node in qmodel.nodes)
+    readers = consumers(qmodel.nodes)
+    return any(node.op == "layer_norm" and {r.op for r in readers.get(node.name, [])} == {"linear"}
+               for node in qmodel.nodes)
 
 
 def candidates(qmodel: QuantizedModel) -> list[list[str]]:

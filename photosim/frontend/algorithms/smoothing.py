@@ -19,6 +19,7 @@ import torch
 
 from photosim.frontend.algorithms.registry import GraphAlgorithm, register_algorithm
 from photosim.frontend.graph import FloatGraph, FloatNode
+from photosim.ir.ops import consumers
 
 ALPHA = 0.5  # migration strength (the paper's default)
 
@@ -26,14 +27,11 @@ ALPHA = 0.5  # migration strength (the paper's default)
 def smoothable(graph: FloatGraph) -> dict[str, list[FloatNode]]:
     """layer_norm nodes (by name) with a learned affine and no fused clamp whose consumers are all linear layers,
     with those consumers."""
-    consumers: dict[str, list[FloatNode]] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
-    return {node.name: consumers[node.name] for node in graph.nodes
+    readers = consumers(graph.nodes)
+    return {node.name: readers[node.name] for node in graph.nodes
             if node.op == "layer_norm" and node.weight is not None and node.bias is not None and node.act is None
-            and node.name != graph.output and consumers.get(node.name)
-            and all(c.op == "linear" for c in consumers[node.name])}
+            and node.name != graph.output and readers.get(node.name)
+            and all(c.op == "linear" for c in readers[node.name])}
 
 
 def channel_ranges(graph: FloatGraph, names: Sequence[str], batches: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
