@@ -41,7 +41,7 @@ def steps(out: Path, quick: bool, device: str) -> list[Step]:
     """The commands of the check, in order."""
     py = sys.executable
     batch, images, compare, runs = ("16", "32", "16", "1") if quick else ("1024", "10000", "512", "3")
-    noisy = [py, str(HERE / "noisy_run.py"), "--devices", device, "cpu", "cpu-float", "--images", images,
+    noisy = [py, str(HERE / "noisy_run.py"), "--devices", device, "cpu", "cpu-torch", "cpu-float", "--images", images,
              "--compare", compare, "--batch", "512" if not quick else batch, "--threads", str(os.cpu_count() or 2)]
     profile = [py, str(HERE / "gpu_profile.py"), "--device", device, "--batch", batch, "--runs", runs]
     return [

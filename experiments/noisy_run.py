@@ -6,16 +6,21 @@ Prints the seconds the run takes on the first device given, and how far the othe
 first ``--compare`` samples, then node by node on ``--node-compare`` of them: the noise is a pure function of
 seed, layer and sample index and every device computes it bit for bit, so the codes must be equal; the first
 node that differs while its inputs agree is where two devices' arithmetic parts (a noisy run spreads one changed
-code to many: docs/performance.md). ``cpu-float`` is the CPU with float32 tile sums instead of ``torch._int_mm``;
-``cpu-nudged`` the CPU with every noise value moved by about one unit in the last place.
+code to many: docs/performance.md). Pseudo-devices, all on the CPU: ``cpu-torch`` runs every layer on the torch
+backend (the reference), ``cpu-triton`` every analog layer on the CUDA tile kernel under the Triton interpreter
+(the GPU's arithmetic, about 3 minutes per image of ResNet-18; not with ``cuda`` in the same run), ``cpu-float``
+takes float32 tile sums instead of ``torch._int_mm``, and ``cpu-nudged`` moves every noise value by about one unit
+in the last place.
 
-    python experiments/noisy_run.py --devices cuda cpu cpu-float --images 10000 --compare 512
+    python experiments/noisy_run.py --devices cuda cpu cpu-torch cpu-float --images 10000 --compare 512
+    python experiments/noisy_run.py --devices cpu-torch cpu-triton --images 2 --compare 2 --node-compare 2
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from unittest import mock
 
@@ -28,7 +33,8 @@ from photosim.frontend.ptq import quantize
 from photosim.hardware.plan import HardwarePlan
 
 TILED = 2  # the position of the tile configuration in CONFIGS
-CPU_FLOAT_GEMMS, CPU_NUDGED = "cpu-float", "cpu-nudged"
+CPU_FLOAT_GEMMS, CPU_NUDGED, CPU_TORCH, CPU_TRITON = "cpu-float", "cpu-nudged", "cpu-torch", "cpu-triton"
+CPU_BACKENDS = {CPU_TORCH: ["torch"], CPU_TRITON: ["fused-triton"]}  # pseudo-device -> the backends it requires
 
 
 def run(engine: object, images: int, batch: int, shape: tuple[int, ...], device: str) -> tuple[torch.Tensor, float]:
@@ -55,6 +61,10 @@ def main() -> None:
     parser.add_argument("--config", type=int, default=TILED, choices=range(len(CONFIGS)),
                         help="which of photosim bench's configurations (default: the tile one)")
     args = parser.parse_args()
+    if CPU_TRITON in args.devices:
+        if any(d.startswith("cuda") for d in args.devices):
+            raise SystemExit("cpu-triton interprets the Triton kernels, cuda compiles them: run them separately.")
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are imported, at the first launch
     torch.set_num_threads(args.threads)
     config = CONFIGS[args.config]
     print(f"{config.name}: {config.hw}")
@@ -82,16 +92,19 @@ def main() -> None:
 
 
 def make_engine(qmodel: object, config: BenchConfig, device: str) -> object:
-    """The engine of one chip on ``device``. Two CPU variants: ``cpu-float`` takes float32 tile sums instead of
-    ``torch._int_mm`` (whose oneDNN kernel differs by CPU: AMX, VNNI), a check of the CPU reference itself;
-    ``cpu-nudged`` multiplies the output-noise sigma by 1 + 2^-23, moving each noise value by about one float32
-    unit in the last place: how far a last-bit difference spreads."""
+    """The engine of one chip on ``device``. CPU variants: ``cpu-torch`` and ``cpu-triton`` require the torch and
+    the fused-triton backends; ``cpu-float`` takes float32 tile sums instead of ``torch._int_mm`` (whose oneDNN
+    kernel differs by CPU: AMX, VNNI), a check of the CPU reference itself; ``cpu-nudged`` multiplies the
+    output-noise sigma by 1 + 2^-23, moving each noise value by about one float32 unit in the last place: how far
+    a last-bit difference spreads."""
     hw = copy.deepcopy(config.hw)
     if device == CPU_NUDGED:
         if "output" not in (hw or {}).get("noise", {}):
             raise SystemExit("cpu-nudged needs a configuration with output noise (--config 1 or 2)")
         hw["noise"]["output"]["sigma"] *= 1 + 2.0 ** -23
     plan = HardwarePlan.resolve(qmodel, hw)
+    if device in CPU_BACKENDS:
+        return chip_engine(qmodel, plan, None, seed=0, repeat=0, device="cpu", backend=CPU_BACKENDS[device])
     if device != CPU_FLOAT_GEMMS:
         return chip_engine(qmodel, plan, None, seed=0, repeat=0, device="cpu" if device == CPU_NUDGED else device)
     with mock.patch.object(kernels, "int_mm_is_faster", lambda device_type: False):  # read when layers are planned

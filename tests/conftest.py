@@ -129,3 +129,15 @@ def make_cnn_ops_net() -> QuantizedModel:
     m.add("turned", "permute", ["both"], dims=[0, 1, 3, 2])
     m.add("rows", "mean", ["turned"], dims=[2], keepdim=False)
     return m.build()
+
+
+def box_muller_edge_words() -> torch.Tensor:
+    """uint32 words (int64) where a Box-Muller implementation can part from photosim.hardware.philox's: every
+    power-of-two boundary of the radius' integer k = (w >> 8) + 1 (k = 2^24 is u = 1, radius 0), the lowest and
+    highest 4096 words, every quadrant boundary of the angle, and random words."""
+    ks = {k for e in range(25) for k in (2**e - 1, 2**e, 2**e + 1) if 1 <= k <= 2**24}
+    words = {(k - 1) << 8 | low for k in ks for low in (0, 0x80, 0xFF)}
+    words |= set(range(4096)) | set(range(2**32 - 4096, 2**32))
+    words |= {(q << 30) + d for q in range(5) for d in (-1, 0, 1, 1 << 29) if 0 <= (q << 30) + d < 2**32}
+    random = torch.randint(0, 2**32, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    return torch.tensor(sorted(words | set(random.tolist())), dtype=torch.int64)

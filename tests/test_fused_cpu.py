@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import analog_layer
+from conftest import analog_layer, box_muller_edge_words
 
 from photosim.engine import analog, kernels
 from photosim.engine.backends import BACKENDS
@@ -140,3 +140,17 @@ def test_kernel_normals_are_the_philox_streams() -> None:
     out = np.zeros(count, dtype=np.float32)
     fused_cpu._fill_normals(fused_cpu.round_keys(key), np.int64(12345), np.int64(0), np.int64(count // 4), out)
     assert np.array_equal(out, philox.normal(key, torch.tensor([12345]), count)[0].numpy())
+
+
+def test_kernel_box_muller_equals_philox_at_every_edge() -> None:
+    """The compiled radius and angle equal philox.py's on every edge word, the top 256 included (u = 1, radius 0:
+    a shift by a negative count there once gave 2.67, one normal in 2^24 wrong)."""
+    from photosim.engine import fused_cpu
+    from photosim.hardware import philox
+
+    words = box_muller_edge_words()
+    radius = torch.tensor([fused_cpu._radius(np.int64(w)) for w in words.tolist()])
+    cos_sin = torch.tensor([fused_cpu._cos_sin(np.int64(w)) for w in words.tolist()])
+    assert torch.equal(radius, philox.radius(words))
+    assert torch.equal(cos_sin, torch.stack(philox.cos_sin(words), dim=1))
+    assert radius[-1].item() == 0.0  # w = 2^32 - 1: u = 1

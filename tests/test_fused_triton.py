@@ -17,11 +17,13 @@ import torch
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton fixes the mode of every kernel when it is imported
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
-from conftest import analog_layer  # noqa: E402
+from conftest import analog_layer, box_muller_edge_words  # noqa: E402
 
-from photosim.engine import analog, backends, fused_triton, kernels  # noqa: E402
+from photosim.engine import analog, backends, fused_triton, kernels, triton_philox  # noqa: E402
 from photosim.engine.plan import tile_plan  # noqa: E402
+from photosim.hardware import philox  # noqa: E402
 from photosim.hardware.config import LayerHardware  # noqa: E402
 from photosim.hardware.readout import Readout  # noqa: E402
 from photosim.ir.observers import ActivationObserver  # noqa: E402
@@ -248,6 +250,26 @@ def test_refuses_inexact_operands_and_bad_shapes() -> None:
                                shift=torch.zeros(2, 2, 12, dtype=torch.int64))
     noisy_weights = analog_layer({"noise": {"weight_read": {"sigma": 0.1}}}, layer.weights, None, x_max=255, w_max=128)
     assert "weight error" in FUSED_TRITON.supports(noisy_weights.plan, torch.device(DEVICE))
+
+
+@triton.jit
+def _box_muller_parts(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out (3, n) = radius, cos and sin of the words (triton_philox's transform, for the edge test)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + i, mask=i < n, other=0).to(tl.uint32)
+    cos, sin = triton_philox.cos_sin(w)
+    tl.store(out_ptr + i, triton_philox.radius(w), mask=i < n)
+    tl.store(out_ptr + n + i, cos, mask=i < n)
+    tl.store(out_ptr + 2 * n + i, sin, mask=i < n)
+
+
+def test_kernel_box_muller_equals_philox_at_every_edge() -> None:
+    """triton_philox's radius and angle equal philox.py's on every edge word (conftest.box_muller_edge_words)."""
+    words = box_muller_edge_words()
+    out = torch.empty(3, len(words), dtype=torch.float32, device=DEVICE)
+    _box_muller_parts[(triton.cdiv(len(words), 1024),)](words.to(DEVICE), out, len(words), BLOCK=1024,
+                                                        enable_fp_fusion=False)
+    assert torch.equal(out.cpu(), torch.stack([philox.radius(words), *philox.cos_sin(words)]))
 
 
 def test_available() -> None:

@@ -81,7 +81,9 @@ def _radius(w: np.int64) -> np.float32:
     """philox.radius: sqrt(-2 ln u) for u = ((w >> 8) + 1) 2^-24, the frexp exponent taken from the bit length."""
     k = (w >> 8) + 1  # 1 .. 2^24, k = m 2^e with m in [1/2, 1)
     e = np.int64(64) - numba.cpython.unsafe.numbers.leading_zeros(k)
-    m = np.float32(k << (24 - e)) * TWO_M24  # exact: the shifted integer lies in [2^23, 2^24)
+    # exact: the shifted integer lies in [2^23, 2^24); k = 2^24 (w >= 0xFFFFFF00, u = 1) shifts right, as a shift
+    # by a negative count is undefined (x86 shifts by 63: m = 0, a radius of 2.67 instead of 0)
+    m = np.float32(k >> 1 if e > 24 else k << (24 - e)) * TWO_M24
     low = m < SQRT_HALF
     m = m * TWO if low else m
     e = e - 1 if low else e
