@@ -35,6 +35,7 @@ from photosim.hardware.noise import (
     detector_saturation,
 )
 from photosim.hardware.readout import Readout
+from photosim.ir import ieee
 from photosim.ir.observers import ActivationObserver
 from photosim.ir.ranges import max_int
 
@@ -373,7 +374,7 @@ class AnalogLayer:
 
     def _bias_codes(self, step: float) -> torch.Tensor | None:
         """The bias (G, O) int64 in ADC steps (None: no integer bias)."""
-        return None if self.bias is None else torch.round(self.bias.double() / step).to(torch.int64)
+        return None if self.bias is None else torch.round(ieee.divide(self.bias.double(), step)).to(torch.int64)
 
     def _accumulate(self, codes: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """ADC codes (G, T, M, O) and bias (G, 1, O) in tile order into the accumulator -> (G, M, O), overflows.

@@ -416,9 +416,6 @@ class FusedCPUBackend(Backend):
             return "runs on the CPU"
         if (problem := numba_problem()) is not None:
             return problem
-        if "shot" in readout.tile_noise and readout.dtype == torch.float64:
-            return "float64 shot noise: torch's float64 square root on the CPU, which the reference uses, is not " \
-                   "correctly rounded"
         return _kernel_effects(plan, SIGNAL_EFFECTS)  # torch draws them first (AnalogLayer._signal_noise)
 
     def prepare(self, plan: LayerPlan, device: torch.device, *, diagnostics: bool = True) -> LayerRunner:

@@ -27,6 +27,7 @@ from photosim.hardware.config import HardwareConfig, LayerHardware
 from photosim.hardware.philox import MASK32
 from photosim.hardware.plan import HardwarePlan, HardwareSpec
 from photosim.hardware.readout import Readout
+from photosim.ir import ieee
 from photosim.ir.format import Node, QParams, QuantizedModel, validate
 from photosim.ir.ops import OPS, infer_shapes, walk
 
@@ -88,9 +89,10 @@ def plan_layers(qmodel: QuantizedModel, hw: HardwarePlan, device: torch.device, 
     return plans
 
 
-def _constant_codes(value: torch.Tensor, q: QParams) -> torch.Tensor:
-    """A constant's codes: clamp(rne(f64(value) / s_out) + z_out, qmin, qmax) (docs/format.md, constant)."""
-    return (torch.round(value.double() / q.scale) + q.zero_point).clamp(q.qmin, q.qmax).to(torch.int32)
+def _output_codes(y: torch.Tensor, q: QParams) -> torch.Tensor:
+    """Real values (float64) -> codes: clamp(rne(y / s_out) + z_out, qmin, qmax), the division correctly rounded
+    on every device (docs/format.md, constant; docs/integer-semantics.md, the float64 ops)."""
+    return (torch.round(ieee.divide(y, q.scale)) + q.zero_point).clamp(q.qmin, q.qmax).to(torch.int32)
 
 
 def check_modes(qmodel: QuantizedModel, hw: HardwarePlan) -> None:
@@ -211,7 +213,8 @@ class Engine:
             self._cuda_add = cuda_ideal.add_codes
         self._tables = {n.name: qmodel.tensors[f"{n.name}.table"].to(self.device) for n in qmodel.nodes
                         if OPS[n.op].tabled}  # output code per input storage code, from the lowest
-        self._constants = {n.name: _constant_codes(qmodel.tensors[f"{n.name}.value"].to(self.device), n.output_q)
+        self._constants = {n.name: _output_codes(qmodel.tensors[f"{n.name}.value"].to(self.device, torch.float64),
+                                                 n.output_q)
                            for n in qmodel.nodes if OPS[n.op].valued}
         self._exp = {n.name: qmodel.tensors[f"{n.name}.exp"].to(self.device, torch.int64) for n in qmodel.nodes
                      if OPS[n.op].exp_tabled}  # softmax: round(2^30 exp(-k s_in)) for k = 0 ..
@@ -406,7 +409,7 @@ class Engine:
         x, out = xs[0].to(torch.int64), node.output_q
         e = self._exp[node.name][x.amax(-1, keepdim=True) - x]  # (..., C) int64, exp(-(max - x) s_in) * 2^30
         y = e.double() / e.sum(-1, keepdim=True).double()  # the sum is exact: below C * 2^30 < 2^53
-        return (torch.round(y / out.scale) + out.zero_point).clamp(out.qmin, out.qmax).to(torch.int32)
+        return _output_codes(y, out)
 
     @kernel("layer_norm")
     def _layer_norm(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
@@ -417,18 +420,16 @@ class Engine:
         c = d.shape[-1]
         u = c * d - d.sum(-1, keepdim=True)  # C * (x - mean), exact
         v = (u * u).sum(-1, keepdim=True)  # exact: load refuses C^3 * 2^(2 bits) >= 2^63
-        den = torch.sqrt(v.double() / c + node.attrs["eps"] * c * c / (q.scale * q.scale))
-        y = u.double() / den * gamma + beta
-        return (torch.round(y / out.scale) + out.zero_point).clamp(out.qmin, out.qmax).to(torch.int32)
+        den = ieee.sqrt(ieee.divide(v.double(), c) + node.attrs["eps"] * c * c / (q.scale * q.scale))
+        return _output_codes(u.double() / den * gamma + beta, out)
 
     @kernel("l2_normalize")
     def _l2_normalize(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         """docs/integer-semantics.md, l2_normalize: an exact integer sum of squares, then one float64 formula."""
         q, out = node.input_q[0], node.output_q
         d = xs[0].to(torch.int64) - q.zero_point
-        norm = torch.sqrt((d * d).sum(-1, keepdim=True).double()).clamp_min(node.attrs["eps"] / q.scale)
-        y = d.double() / norm
-        return (torch.round(y / out.scale) + out.zero_point).clamp(out.qmin, out.qmax).to(torch.int32)
+        norm = ieee.sqrt((d * d).sum(-1, keepdim=True).double()).clamp_min(node.attrs["eps"] / q.scale)
+        return _output_codes(d.double() / norm, out)
 
     @kernel("table")
     def _table(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from photosim.ir import ieee
 from photosim.ir.ranges import max_int, narrow_range
 
 
@@ -22,7 +23,7 @@ def digitize(p: torch.Tensor, step: float, bits: int | None) -> tuple[torch.Tens
 
     ``bits=None`` is the ideal readout: round to the integer grid, never clip.
     """
-    codes = torch.round(p / step) if step != 1.0 else torch.round(p)
+    codes = torch.round(ieee.divide(p, step)) if step != 1.0 else torch.round(p)
     if bits is None:
         return codes.to(torch.int64), torch.zeros_like(codes, dtype=torch.bool)
     lo, hi = narrow_range(bits)

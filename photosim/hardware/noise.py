@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from photosim.hardware import philox
+from photosim.ir import ieee
 
 # (tile values p, sigma, full scale FS, standard normals e, the effect's per-tile signal or None) -> noisy p
 TileNoise = Callable[[torch.Tensor, float, float, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -43,13 +43,9 @@ def output_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tens
 @_register(TILE_NOISE, "shot")
 def shot_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.Tensor,
                signal: torch.Tensor | None = None) -> torch.Tensor:
-    """Signal-dependent noise: std = sigma * sqrt(|p| * FS) (variance grows with the detected power).
-
-    float32 takes the correctly rounded square root (philox.sqrt32; torch's CPU sqrt is not), which the compiled
-    CPU readout (photosim.engine.fused_cpu) repeats bit for bit."""
-    power = p.abs() * full_scale
-    root = philox.sqrt32(power) if p.dtype == torch.float32 else torch.sqrt(power)
-    return p + sigma * root * e
+    """Signal-dependent noise: std = sigma * sqrt(|p| * FS) (variance grows with the detected power), the square
+    root correctly rounded (photosim.ir.ieee) as the compiled readouts take it."""
+    return p + sigma * ieee.sqrt(p.abs() * full_scale) * e
 
 
 @_register(TILE_NOISE, "photocurrent")
@@ -58,7 +54,7 @@ def photocurrent_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torc
     """Shot noise of the tile's real photocurrent: std = sigma * sqrt(FS * light), ``signal`` the tile's detected
     light in product units (sum |x_i| Wmax or sum |x_i w_i|, float64), at most FS."""
     assert signal is not None
-    return p + sigma * torch.sqrt(signal * full_scale) * e
+    return p + sigma * ieee.sqrt(signal * full_scale) * e
 
 
 @_register(TILE_NOISE, "rin")
@@ -66,7 +62,7 @@ def intensity_noise(p: torch.Tensor, sigma: float, full_scale: float, e: torch.T
                     signal: torch.Tensor | None = None) -> torch.Tensor:
     """Laser intensity noise carried by the signal: std = sigma * sqrt(sum (x_i w_i)^2) (``signal``: that sum, one
     laser per input) or sigma * |p| (None: one laser for all inputs)."""
-    spread = p.abs() if signal is None else torch.sqrt(signal)
+    spread = p.abs() if signal is None else ieee.sqrt(signal)
     return p + sigma * spread * e
 
 

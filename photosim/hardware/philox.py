@@ -20,9 +20,9 @@ Noise streams (``normal``):
 Uniform -> normal (``box_muller``): Box-Muller on the pairs (word 0, word 1) and (word 2, word 3) of a block,
 giving r cos(theta), r sin(theta) with r = sqrt(-2 ln u), u = ((w0 >> 8) + 1) 2^-24 in (0, 1] (|z| <= 5.77) and
 theta = 2 pi w1 2^-32. The logarithm, sine and cosine are fixed polynomials evaluated as a fixed sequence of
-float32 operations (each correctly rounded in IEEE 754), so the torch code here and the compiled kernels that
-repeat the same sequence (photosim.engine.fused_cpu) give the same bits on a CPU; a GPU kernel that contracts
-multiply-adds differs by float32 rounding only:
+float32 operations (each correctly rounded in IEEE 754: the square root by photosim.ir.ieee), so the torch code
+here and the compiled kernels that repeat the same sequence without contracting multiply-adds
+(photosim.engine.fused_cpu, photosim.engine.triton_philox) give the same bits on every device:
 
 * ln u = ln m + (e - 24) ln 2 where k = (w0 >> 8) + 1 = m 2^e, m in [sqrt(1/2), sqrt(2)); ln m = s (2 + z (2/3 +
   z (2/5 + z (2/7 + z 2/9)))) with s = (m - 1) / (m + 1), z = s^2 (the atanh series; |error| < 1e-8);
@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from photosim.ir import ieee
 
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -113,20 +115,7 @@ def radius(w: torch.Tensor) -> torch.Tensor:
     e = torch.where(low, e - 1, e)
     s = (m - 1) / (m + 1)
     ln_u = s * _horner(LOG_SERIES, s * s) + (e - 24).to(torch.float32) * LN2
-    return sqrt32(ln_u.mul_(-2.0))
-
-
-def sqrt32(x: torch.Tensor) -> torch.Tensor:
-    """The correctly rounded float32 square root of x >= 0 (float32), as IEEE 754 and a CPU's sqrt instruction
-    give it: torch's CPU sqrt is not correctly rounded (float32 nor float64), so the float64 estimate, rounded to
-    float32, is moved to a neighbour when the square root lies beyond the midpoint between them. A midpoint has
-    25 significant bits, so its square is exact in float64 and each test is exact."""
-    y = x.double().sqrt_().float()
-    up, down = torch.nextafter(y, torch.full_like(y, math.inf)), torch.nextafter(y, torch.zeros_like(y))
-    x64, y64 = x.double(), y.double()
-    high, low = (y64 + up.double()) * 0.5, (y64 + down.double()) * 0.5
-    y = torch.where(high * high < x64, up, y)
-    return torch.where((low * low > x64) & (y64 > 0), down, y)
+    return ieee.sqrt(ln_u.mul_(-2.0))
 
 
 def cos_sin(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
