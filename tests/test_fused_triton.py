@@ -229,6 +229,10 @@ def test_refuses_inexact_operands_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="shift"):
         fused_triton.tile_step(a.float(), w.float(), torch.tensor(CASES[1].ids), layer.readout,
                                shift=torch.zeros(2, 2, 12, dtype=torch.int64))
+    x = torch.zeros(2, 5, 4, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="3x3 conv of 5 channels in 2 groups"):
+        fused_triton.conv_tile_step(x, 0, layer.weights.plan, (3, 3), (1, 1), (1, 1), (1, 1), w.float(),
+                                    torch.tensor([0, 1]), layer.readout)
     noisy_weights = analog_layer({"noise": {"weight_read": {"sigma": 0.1}}}, layer.weights, None, x_max=255, w_max=128)
     assert "weight error" in FUSED_TRITON.supports(noisy_weights.plan, torch.device(DEVICE))
 
@@ -299,18 +303,163 @@ def test_an_engine_on_the_kernel_equals_the_cpu_engine(monkeypatch: pytest.Monke
 
     from photosim.engine.executor import Engine
 
-    tile_step = fused_triton.tile_step
+    launch = fused_triton._launch
     monkeypatch.setattr(kernels, "int_mm_is_faster", lambda device_type: int8)
     model = make_conv_net(seed=2)
     x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(2))
     hw = {"tile": 8, "adc": {"bits": 6}, "noise": {"output": {"sigma": 0.02}, "shot": {"sigma": 0.01}},
           "accumulator": {"bits": 12, "overflow": "saturate"}}
     reference = Engine(model, hw, seed=3).node_outputs(x, first_sample=5)
-    calls = []
-    monkeypatch.setattr(fused_triton, "tile_step", lambda *args, **kw: calls.append(1) or tile_step(*args, **kw))
+    convs = []  # per kernel launch: whether it gathered a conv's operands
+    monkeypatch.setattr(fused_triton, "_launch", lambda *args: convs.append(args[0].constants["CONV"]) or launch(*args))
     engine = Engine(model, hw, seed=3, backend=["fused-triton"])
     assert {layer.weights.plan.path for layer in engine.analog.values()} == {"int_mm" if int8 else "float32"}
     got = engine.node_outputs(x, first_sample=5)
-    assert len(calls) >= len(engine.analog)
+    assert sum(convs) >= 3 and len(convs) >= len(engine.analog) == 4  # conv1, dw, grouped (implicit), fc
     for name in reference:
         assert torch.equal(got[name], reference[name]), name
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One conv layer on the kernel's implicit GEMM: geometry, input layout and readout settings."""
+
+    name: str
+    channels: int = 5  # C (not a multiple of L: tiles cross taps)
+    o: int = 6  # output channels
+    size: tuple[int, int] = (6, 5)  # H, W
+    kernel: tuple[int, int] = (3, 3)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    ids: tuple[int, ...] = (3, 8)
+    tile: int = 8
+    operands: Literal["int8", "uint8", "float32"] = "uint8"
+    channels_last: bool = False
+    code_dtype: torch.dtype = torch.int32  # of the input codes
+    output: float = 0.0
+    shot: float = 0.0
+    adc_bits: int | None = None
+    adc_range: float = 1.0
+    acc_bits: int = 32
+    overflow: str = "none"
+    bias_at: str | None = "start"
+
+
+# zero point of the input codes: x - z_in spans X_RANGES[operands]
+CONV_Z_IN = {"int8": 0, "uint8": 0, "float32": 200}
+
+CONV_CASES = [
+    ConvCase("3x3 pad 1, uint8 (offset), output noise, adc clips, saturate", output=0.02, adc_bits=6, adc_range=0.1,
+             acc_bits=7, overflow="saturate"),
+    ConvCase("1x1 stride 2, int8 codes, channels_last, wrap, bias end", kernel=(1, 1), stride=(2, 2),
+             padding=(0, 0), operands="int8", channels_last=True, code_dtype=torch.int8, tile=3, acc_bits=10,
+             overflow="wrap", bias_at="end"),
+    ConvCase("5x5 pad 2 dilation 2 (mostly padding), float32 plan, both noises", kernel=(5, 5), padding=(2, 2),
+             dilation=(2, 2), operands="float32", size=(7, 6), output=0.01, shot=0.02, adc_bits=8, adc_range=0.2),
+    ConvCase("3x1 stride (2, 1) pad (1, 0), 2 groups, channels_last, L = 5", channels=6, kernel=(3, 1),
+             stride=(2, 1), padding=(1, 0), groups=2, tile=5, channels_last=True, output=0.03, adc_bits=5,
+             adc_range=0.1, acc_bits=5, overflow="wrap"),
+    ConvCase("depthwise 3x3 stride 2 pad 1, int16 codes, float32 plan, no bias", channels=4, o=4, groups=4, tile=4,
+             stride=(2, 2), operands="float32", code_dtype=torch.int16, shot=0.02, bias_at=None),
+    ConvCase("3x3 no padding, dilation (1, 2), 3 samples, one tile, ideal readout", kernel=(3, 3), padding=(0, 0),
+             dilation=(1, 2), size=(6, 7), ids=(0, 5, 2), tile=45, operands="int8"),
+]
+
+
+def conv_layer(case: ConvCase, tile_step: analog.TileStep, seed: int = 0
+               ) -> tuple[analog.AnalogLayer, torch.Tensor]:
+    """The AnalogLayer of a conv case, planned and laid out as on a GPU, and its random input codes (N, C, H, W)."""
+    gen = torch.Generator().manual_seed(seed)
+    x_lo, x_hi = X_RANGES[case.operands]
+    x_max, w_max, z_in = max(-x_lo, x_hi), 128, CONV_Z_IN[case.operands]
+    cg = case.channels // case.groups
+    k = case.kernel[0] * case.kernel[1] * cg
+    x = torch.randint(x_lo + z_in, x_hi + z_in + 1, (len(case.ids), case.channels, *case.size), generator=gen)
+    x = x.to(case.code_dtype)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randint(-128, 128, (case.o, cg, *case.kernel), generator=gen)
+    accumulator = {"bits": case.acc_bits, "overflow": case.overflow, "bias_at": case.bias_at or "start"}
+    hw = {"tile": case.tile, "adc": {"bits": case.adc_bits, "range": case.adc_range}, "accumulator": accumulator,
+          "noise": {"output": {"sigma": case.output}, "shot": {"sigma": case.shot}}}
+    readout = Readout.of(LayerHardware.model_validate(hw), k, x_max, w_max, layer=3)
+    plan = tile_plan(k, readout, (x_lo, x_hi), 8, torch.device("cuda"))
+    assert plan.path == {"float32": "float32", "int8": "int_mm", "uint8": "int_mm"}[case.operands]
+    prepared = kernels.prepare_weights(weight, case.groups, plan)
+    weights = replace(prepared, matrix=cuda_layout(prepared.matrix.to(torch.int64), plan))
+    fs = int(readout.full_scale)
+    og = case.o // case.groups
+    bias = torch.randint(-fs // 4, fs // 4, (case.groups, og), generator=gen) if case.bias_at else None
+    layer = analog_layer(hw, weights, bias, x_max=x_max, w_max=w_max, seed=11, repeat=2, index=3,
+                         tile_step=tile_step)
+    attrs = {"kernel": list(case.kernel), "stride": list(case.stride), "padding": list(case.padding),
+             "dilation": list(case.dilation), "groups": case.groups}
+    node = replace(layer.plan.node, op="conv2d", input_q=[replace(layer.plan.node.input_q[0], zero_point=z_in)],
+                   attrs=attrs)
+    layer.plan = replace(layer.plan, node=node)
+    return layer, x
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[c.name for c in CONV_CASES])
+def test_implicit_conv_equals_im2col_and_torch_path(case: ConvCase) -> None:
+    """conv_tile_step (operands gathered from the input) gives tile_step's results on conv2d_patches' im2col
+    operands exactly, and AnalogLayer.conv_acc on it gives the torch path's accumulators and stats."""
+    reference, x = conv_layer(case, "torch")
+    layer, _ = conv_layer(case, "fused-triton")
+    ids = torch.tensor(case.ids)
+    expected = reference.conv_acc(x, ids)
+    geometry = layer.plan.conv_geometry()
+    plan, readout, bias = layer.weights.plan, layer.readout, layer._bias_codes(layer.step)
+    patches = kernels.conv2d_patches(x, layer.plan.z_in, plan, *geometry, case.groups)
+    explicit = fused_triton.tile_step(patches.to(DEVICE), layer.matrix.to(DEVICE), ids.to(DEVICE), readout, bias,
+                                      shift=layer.tile_shift)
+    implicit = fused_triton.conv_tile_step(x.to(DEVICE), layer.plan.z_in, plan, *geometry, layer.matrix.to(DEVICE),
+                                           ids.to(DEVICE), readout, bias, shift=layer.tile_shift)
+    assert torch.equal(implicit.acc, explicit.acc) and torch.equal(implicit.exact, explicit.exact)
+    assert (implicit.clipped, implicit.overflowed) == (explicit.clipped, explicit.overflowed)
+    n, oh, ow = len(case.ids), *expected.shape[2:]
+    og = case.o // case.groups
+    assert torch.equal(implicit.acc.cpu().view(case.groups, n, oh, ow, og).permute(1, 0, 4, 2, 3).reshape(
+        expected.shape), expected)
+    calls = []
+    launch = fused_triton._launch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "conv2d_patches", lambda *args: pytest.fail("the kernel gathers the operands"))
+        patch.setattr(fused_triton, "_launch", lambda *args: calls.append(args[0]) or launch(*args))
+        if DEVICE != "cpu":
+            layer.weights = replace(layer.weights, matrix=layer.weights.matrix.to(DEVICE))
+            layer.bias = None if layer.bias is None else layer.bias.to(DEVICE)
+        got = layer.conv_acc(x.to(DEVICE), ids.to(DEVICE)).cpu()
+    assert len(calls) == 1 and calls[0].constants["CONV"]
+    assert torch.equal(got, expected)
+    for name in ("outputs", "overflowed", "tile_values", "clipped", "max_abs_acc"):
+        assert getattr(layer.stats, name) == getattr(reference.stats, name), name
+    for name in ("signal_power", "error_power"):
+        assert getattr(layer.stats, name) == pytest.approx(getattr(reference.stats, name), rel=1e-12, abs=1e-9)
+    if case.adc_bits and case.adc_range < 1:
+        assert implicit.clipped > 0
+    if case.acc_bits < 16:
+        assert implicit.overflowed > 0
+
+
+def test_implicit_conv_sub_batches_only_beyond_the_accumulator_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv_acc on the kernel launches once per sub-batch of samples whose int64 accumulators and exact sums fit
+    kernels.PATCH_BYTES (here one sample's: 3 launches for 3 samples), with the sample ids of each, and gives the
+    torch path's accumulators."""
+    case = replace(CONV_CASES[3], ids=(4, 0, 9))
+    reference, x = conv_layer(case, "torch")
+    layer, _ = conv_layer(case, "fused-triton")
+    ids = torch.tensor(case.ids)
+    expected = reference.conv_acc(x, ids)
+    one_sample = expected[0].numel() * 16  # (O, OH, OW) accumulators and exact sums, int64
+    launches = []
+    launch = fused_triton._launch
+    monkeypatch.setattr(fused_triton, "_launch", lambda *args: launches.append(args[3].tolist()) or launch(*args))
+    monkeypatch.setattr(kernels, "PATCH_BYTES", 2 * one_sample - 1)
+    assert torch.equal(layer.conv_acc(x.to(DEVICE), ids.to(DEVICE)).cpu(), expected)
+    assert launches == [[4], [0], [9]]
+    monkeypatch.setattr(kernels, "PATCH_BYTES", 3 * one_sample)
+    assert torch.equal(layer.conv_acc(x.to(DEVICE), ids.to(DEVICE)).cpu(), expected)
+    assert launches[3:] == [[4, 0, 9]]

@@ -105,10 +105,10 @@ def test_add_matches_float_requant(fused: ModuleType, seed: int, sa: float, sb: 
     expected = FloatRequant().add(a, b, qa, qb, out_q)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     a_dev, b_dev = (t.to(DEVICE).contiguous(memory_format=layout) for t in (a, b))
-    out = fused.add_codes(a_dev, b_dev, qa, qb, out_q)
+    out = fused.ADDS["float"](a_dev, b_dev, qa, qb, out_q)
     assert torch.equal(out.cpu(), expected) and out.is_contiguous(memory_format=layout)
     other = torch.contiguous_format if channels_last else torch.channels_last
-    assert fused.add_codes(a_dev, b_dev.contiguous(memory_format=other), qa, qb, out_q) is None
+    assert fused.ADDS["float"](a_dev, b_dev.contiguous(memory_format=other), qa, qb, out_q) is None
 
 
 @pytest.mark.parametrize("geometry", [
@@ -130,30 +130,42 @@ def test_patches_match_the_torch_im2col(fused: ModuleType, geometry: tuple[int, 
 
 
 def _with_fused_layers(engine: Engine, fused: ModuleType) -> Engine:
-    """A CPU engine whose layers the cuda-ideal backend supports (as it would on CUDA) and adds take the fused path
-    (under the interpreter)."""
-    engine._cuda_add = fused.add_codes
+    """A CPU engine whose layers the cuda-ideal backend supports run as it prepares them on CUDA (grouped ones on
+    photosim.engine.triton_conv's kernels) and adds take the fused path (under the interpreter)."""
+    engine._cuda_adds = fused.ADDS
     cuda_ideal = backends.BACKENDS["cuda-ideal"]
     for name, plan in engine.layer_plans.items():
         if cuda_ideal.supports(plan, torch.device("cuda")) is None:
-            weights = kernels.prepare_weights(plan.weight, plan.groups, plan.matmul)
-            engine.layers[name] = backends.CudaIdealLayer(plan, fused.FusedLayer.prepare(weights, plan.requant))
+            engine.layers[name] = cuda_ideal.prepare(plan, torch.device("cpu"))
     return engine
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter run on CPU tensors; the gpu tests cover CUDA")
 @pytest.mark.parametrize("int_mm", [True, False])
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("requant", ["float", "fixedpoint"])
 def test_fused_layers_give_the_engines_codes(fused: ModuleType, monkeypatch: pytest.MonkeyPatch, int_mm: bool,
-                                             bits: int) -> None:
+                                             bits: int, requant: str) -> None:
     monkeypatch.setattr(kernels, "int_mm_is_faster", lambda device_type: int_mm)
     model = make_conv_net(seed=bits, w_bits=bits, a_bits=bits)
     x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-    expected = Engine(model).node_outputs(x)
-    engine = _with_fused_layers(Engine(model), fused)
-    assert sum(isinstance(layer, backends.CudaIdealLayer) for layer in engine.layers.values()) == 2  # conv1, fc
+    hw = {"requant": requant}
+    expected = Engine(model, hw).node_outputs(x)
+    engine = _with_fused_layers(Engine(model, hw), fused)
+    kernels_used = {name: type(getattr(layer, "fused", None)).__name__ for name, layer in engine.layers.items()}
+    grouped = "ImplicitLayer" if requant == "float" else "NoneType"  # fixedpoint: ungrouped layers only
+    assert kernels_used == {"conv1": "FusedLayer", "dw": grouped, "grouped": grouped, "fc": "FusedLayer"}
     got = engine.node_outputs(x)
     assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_cuda_ideal_says_why_it_declines_a_grouped_layer() -> None:
+    plans = Engine(make_conv_net(w_bits=12, a_bits=12)).layer_plans
+    assert backends.BACKENDS["cuda-ideal"].supports(plans["dw"], torch.device("cuda")) == \
+        "grouped layers: needs int8 weights (this layer: 12-bit)"
+    assert backends.BACKENDS["cuda-ideal"].supports(plans["conv1"], torch.device("cuda")) is None  # float64 GEMM
+    plans = Engine(make_conv_net(w_bits=16, a_bits=16), {"requant": "fixedpoint"}).layer_plans
+    assert "could leave int32" in backends.BACKENDS["cuda-ideal"].supports(plans["conv1"], torch.device("cuda"))
 
 
 # -- whole engines on CUDA ----------------------------------------------------------------------------------
@@ -192,6 +204,19 @@ def test_cuda_engine_matches_cpu_on_shipped_models(name: str, bits: int) -> None
     model = _digits_model(name, bits)
     x = torch.randn(300, *model.input_shape, generator=torch.Generator().manual_seed(bits))
     _assert_cuda_matches_cpu(model, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_engine_runs_mobilenets_depthwise_layers_on_cuda_ideal() -> None:
+    model = _digits_model("digits-mobilenet", 8)
+    x = torch.randn(300, *model.input_shape, generator=torch.Generator().manual_seed(4))
+    engine = Engine(model, device="cuda")
+    depthwise = {name: choice.backend for name, choice in engine.backends.items() if "depthwise" in name}
+    assert depthwise == dict.fromkeys(("block1.depthwise", "block2.depthwise", "block3.depthwise"), "cuda-ideal")
+    expected = Engine(model).node_outputs(x)
+    got = engine.node_outputs(x)
+    assert [name for name in expected if not torch.equal(got[name].cpu(), expected[name])] == []
 
 
 @pytest.mark.gpu

@@ -1,5 +1,5 @@
-"""The implicit-GEMM conv kernel (photosim.engine.triton_conv, backend cuda-implicit) against the torch kernels, bit
-for bit.
+"""The implicit-GEMM conv kernel and the direct kernel of narrow groups (photosim.engine.triton_conv, backends
+cuda-implicit, and cuda-ideal for grouped layers) against the torch kernels, bit for bit.
 
 Without a GPU the kernel runs under the Triton interpreter on CPU tensors (the ``fused`` fixture of
 tests/test_gpu_engine.py sets TRITON_INTERPRET=1 and re-imports the Triton modules); with one it runs compiled on
@@ -63,16 +63,17 @@ def _on_device(params: RequantParams) -> RequantParams:
     return dataclasses.replace(params, weight_scale=params.weight_scale.to(DEVICE), bias=params.bias.to(DEVICE))
 
 
-def _layer_case(geometry: tuple, bits: int, signed: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                RequantParams]:
-    """Random input codes, weights, bias and requant parameters whose outputs spread over the code range."""
+def _layer_case(geometry: tuple, bits: int, signed: bool, seed: int, groups: int = 1) -> tuple[
+        torch.Tensor, torch.Tensor, RequantParams]:
+    """Random input codes, weights (O, C/groups, kh, kw), bias and per-channel requant parameters whose outputs
+    spread over the code range."""
     n, c, h, w, o, kernel = geometry[:6]
     g = torch.Generator().manual_seed(seed)
     lo, hi = int_range(bits, signed)
     x = torch.randint(lo, hi + 1, (n, c, h, w), generator=g, dtype=torch.int32)
     w_lo, w_hi = int_range(bits, True)
-    weight = torch.randint(w_lo, w_hi + 1, (o, c, *kernel), generator=g)
-    k = c * math.prod(kernel)
+    weight = torch.randint(w_lo, w_hi + 1, (o, c // groups, *kernel), generator=g)
+    k = c // groups * math.prod(kernel)
     typical = math.sqrt(k) * (hi - lo) * w_hi / 4  # a typical |accumulator|
     bias = torch.randint(-int(typical), int(typical) + 1, (o,), generator=g)
     weight_scale = (torch.rand(o, generator=g, dtype=torch.float64) + 0.5) * 150 / typical
@@ -80,25 +81,59 @@ def _layer_case(geometry: tuple, bits: int, signed: bool, seed: int) -> tuple[to
     return x, weight, params
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("bits", [4, 8])
-def test_kernel_gives_float_requant_of_the_exact_accumulators(conv: ModuleType, geometry: tuple, bits: int) -> None:
+def _check_against_torch(conv: ModuleType, geometry: tuple, bits: int, groups: int = 1) -> None:
+    """The layer's codes on the kernel == FloatRequant on kernels.conv2d_acc, for each input zero point of ``bits``
+    (ZERO_POINTS), NCHW and channels_last input in turn."""
     *_, kernel, stride, padding, dilation = geometry
     layouts = itertools.cycle((torch.contiguous_format, torch.channels_last))  # NCHW and the fused path's NHWC
     for (z_in, signed, offset), layout in zip(ZERO_POINTS[bits], layouts):
-        x, weight, params = _layer_case(geometry, bits, signed, seed=bits * 100 + z_in)
+        x, weight, params = _layer_case(geometry, bits, signed, bits * 100 + z_in, groups)
         k = weight[0].numel()
-        reference_weights = kernels.prepare_weights(weight, 1, kernels.MatmulPlan("int64", k))
-        acc = kernels.conv2d_acc(x, z_in, reference_weights, kernel, stride, padding, dilation, 1)
+        reference_weights = kernels.prepare_weights(weight, groups, kernels.MatmulPlan("int64", k))
+        acc = kernels.conv2d_acc(x, z_in, reference_weights, kernel, stride, padding, dilation, groups)
         expected = FloatRequant().requantize(acc + params.bias.view(1, -1, 1, 1), params)
         assert len(expected.unique()) > 20 and ((expected == 3) | (expected == 255)).any()  # spread, clamped
         lo, hi = int_range(bits, signed)
         matmul = kernels.plan_matmul(k, (lo - z_in, hi - z_in), bits, force="int_mm")
         assert matmul.offset == offset
-        layer = conv.ImplicitLayer.prepare(kernels.prepare_weights(weight, 1, matmul, DEVICE), _on_device(params))
+        weights = kernels.prepare_weights(weight, groups, matmul, DEVICE)
+        layer = conv.ImplicitLayer.prepare(weights, _on_device(params))
         got = layer.conv(x.to(DEVICE).contiguous(memory_format=layout), z_in, kernel, stride, padding, dilation)
         assert got.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(got.cpu(), expected), (z_in, signed, layout)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_gives_float_requant_of_the_exact_accumulators(conv: ModuleType, geometry: tuple, bits: int) -> None:
+    _check_against_torch(conv, geometry, bits)
+
+
+GROUPED_GEOMETRIES = [
+    # n, c, h, w, o, kernel, stride, padding, dilation, groups; C/G <= 4 runs on the direct kernel
+    (2, 8, 7, 6, 8, (3, 3), (1, 1), (1, 1), (1, 1), 8),  # depthwise 3x3, multiplier 1, 84 rows: two row blocks
+    (2, 6, 9, 9, 12, (3, 3), (2, 2), (1, 1), (1, 1), 6),  # depthwise, multiplier 2, stride 2
+    (1, 5, 9, 8, 5, (5, 5), (1, 1), (2, 2), (1, 1), 5),  # depthwise 5x5 (EfficientNet's)
+    (1, 4, 9, 8, 8, (3, 3), (1, 1), (2, 2), (2, 2), 4),  # depthwise, multiplier 2, dilation 2
+    (2, 40, 5, 5, 40, (5, 5), (2, 2), (2, 2), (1, 1), 40),  # depthwise, C = 40: a second block of 8 channels
+    (2, 8, 7, 7, 12, (3, 3), (1, 1), (1, 1), (1, 1), 4),  # groups 4: C/G = 2, O/G = 3 (direct)
+    (1, 8, 6, 6, 16, (1, 1), (1, 1), (0, 0), (1, 1), 2),  # pointwise, groups 2: C/G = 4 (direct)
+    (2, 12, 6, 7, 10, (3, 3), (2, 1), (1, 0), (1, 1), 2),  # groups 2: C/G = 6, O/G = 5 (grouped GEMM)
+    (1, 20, 7, 6, 8, (1, 3), (1, 2), (0, 2), (1, 2), 4),  # groups 4: C/G = 5, rectangular geometry (grouped GEMM)
+    (1, 140, 3, 3, 140, (3, 3), (1, 1), (1, 1), (1, 1), 2),  # C/G = O/G = 70: K and O remainders of 6 (GEMM)
+]
+
+
+@pytest.mark.parametrize("geometry", GROUPED_GEOMETRIES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_grouped_and_depthwise_kernels_give_float_requant(conv: ModuleType, geometry: tuple, bits: int) -> None:
+    *_, groups = geometry
+    _check_against_torch(conv, geometry[:-1], bits, groups)
+
+
+def test_narrow_groups_sum_directly(conv: ModuleType) -> None:
+    assert conv.sums_directly(1, 32) and conv.sums_directly(4, 2)  # depthwise, ResNeXt's 32x4d
+    assert not conv.sums_directly(5, 4) and not conv.sums_directly(3, 1)  # wide groups; the ungrouped stem
 
 
 def test_linear_is_the_one_by_one_conv(conv: ModuleType) -> None:
@@ -122,9 +157,8 @@ def test_engine_on_the_backend_gives_the_torch_engines_codes(conv: ModuleType, b
     x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     expected = Engine(model).node_outputs(x)
     engine = Engine(model, backend=["cuda-implicit", "torch"])
-    chosen = {name: choice.backend for name, choice in engine.backends.items()}
-    assert chosen == {"conv1": "cuda-implicit", "dw": "torch", "grouped": "torch", "fc": "cuda-implicit"}
-    assert "ungrouped layers only" in engine.backends["dw"].declined["cuda-implicit"]
+    assert {name: choice.backend for name, choice in engine.backends.items()} == dict.fromkeys(
+        ("conv1", "dw", "grouped", "fc"), "cuda-implicit")  # dw: depthwise 3x3, grouped: pointwise in 2 groups
     got = engine.node_outputs(x)
     assert [name for name in expected if not torch.equal(got[name], expected[name])] == []
 

@@ -79,7 +79,8 @@ class AnalogLayer:
     diagnostics: bool = True  # also compute the SNR against the exact accumulator (one more matmul)
     conv: onednn.OneDNNConv | None = None  # the layer's exact fast conv (a single exact tile uses it)
     calibration: ActivationObserver | None = None  # set while the readout is calibrating: records |tile values|
-    stats: LayerStats = field(default_factory=LayerStats)
+    _stats: LayerStats = field(default_factory=LayerStats, init=False, repr=False)
+    _pending: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)  # see _record
 
     @classmethod
     def prepare(cls, plan: LayerPlan, device: torch.device, tile_step: TileStep, diagnostics: bool = True
@@ -130,6 +131,16 @@ class AnalogLayer:
     @property
     def name(self) -> str:
         return self.plan.name
+
+    @property
+    def stats(self) -> LayerStats:
+        """The diagnostics so far; the batches' counts that _record left on the device are read here, at once."""
+        if self._pending:
+            for overflowed, clipped, largest, signal, error in torch.stack(self._pending).tolist():
+                self._stats.add(LayerStats(overflowed=int(overflowed), clipped=int(clipped), max_abs_acc=int(largest),
+                                           signal_power=signal, error_power=error))
+            self._pending.clear()
+        return self._stats
 
     @property
     def readout(self) -> Readout:
@@ -214,9 +225,9 @@ class AnalogLayer:
         copies = 1 if self.readout.exact_inputs else 3  # inexact inputs: the modulated operands and their noise
         operand_bytes = operands * self.weights.matrix.element_size() * copies
         budget = TILE_BYTES
-        if self.tile_step == "fused-triton":  # the operands and the accumulators: no tile values are stored
+        if self.tile_step == "fused-triton":  # the int64 accumulators and exact sums: the kernel gathers operands
             budget = kernels.PATCH_BYTES
-            per_sample = oh * ow * groups * (operand_bytes + self.weights.out_per_group * 16)
+            per_sample = oh * ow * groups * self.weights.out_per_group * (16 if self.diagnostics else 8)
         elif self.tile_step == "fused-cpu":  # the tile values (int32 / float32 / float64) and the operands
             value_bytes = 8 if self.weights.plan.path == "float64" else 4
             per_sample = oh * ow * groups * (tile_values * value_bytes + operand_bytes)
@@ -226,9 +237,15 @@ class AnalogLayer:
         step = max(1, budget // max(per_sample, 1))
         outs = []
         for start in range(0, max(n, 1), step):  # an empty batch still gives an (0, O, OH, OW) result
-            patches = kernels.conv2d_patches(x[start:start + step], z_in, self.weights.plan, kernel, stride, padding,
-                                             dilation, groups)  # (G, n*OH*OW, K) in the plan's dtype
-            acc = self.dot(patches, sample_ids[start:start + step])  # (G, n*OH*OW, O/G)
+            batch, ids = x[start:start + step], sample_ids[start:start + step]
+            if self.tile_step == "fused-triton":  # the kernel gathers the operands from the input
+                acc = self._recorded(fused_triton.conv_tile_step(
+                    batch, z_in, self.weights.plan, kernel, stride, padding, dilation, self.matrix, ids, self.readout,
+                    self._bias_codes(self.step), exact=self.diagnostics, shift=self.tile_shift))
+            else:
+                patches = kernels.conv2d_patches(batch, z_in, self.weights.plan, kernel, stride, padding, dilation,
+                                                 groups)  # (G, n*OH*OW, K) in the plan's dtype
+                acc = self.dot(patches, ids)  # (G, n*OH*OW, O/G)
             acc = acc.view(groups, -1, oh, ow, acc.shape[-1]).permute(1, 0, 4, 2, 3)  # (n, G, O/G, OH, OW)
             outs.append(acc.reshape(acc.shape[0], groups * acc.shape[2], oh, ow))
         return torch.cat(outs)
@@ -309,10 +326,13 @@ class AnalogLayer:
     def dot_triton(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """dot by photosim.engine.fused_triton's kernel: tile sums, noise, ADC and accumulator in one pass, the
         diagnostics from its exact sums. Used on CUDA (and by the tests under the Triton interpreter)."""
-        step = self.step
-        out = fused_triton.tile_step(a, self.matrix, sample_ids, self.readout, self._bias_codes(step),
-                                     exact=self.diagnostics, shift=self.tile_shift)
-        self._record(out.acc, step, out.overflowed, out.clipped, self.tiles * out.acc.numel(), out.exact)
+        return self._recorded(fused_triton.tile_step(a, self.matrix, sample_ids, self.readout,
+                                                     self._bias_codes(self.step), exact=self.diagnostics,
+                                                     shift=self.tile_shift))
+
+    def _recorded(self, out: fused_triton.TileStep) -> torch.Tensor:
+        """The accumulators (G, M, O/G) of a fused_triton tile step, its counts and diagnostics added to the stats."""
+        self._record(out.acc, self.step, out.counts[1], out.counts[0], self.tiles * out.acc.numel(), out.exact)
         return out.acc
 
     def _readout_fused(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None,
@@ -427,18 +447,25 @@ class AnalogLayer:
                                   stream, r.layer, p.device)  # (N, *lead, P, O)
         return e.movedim(0, len(lead)).reshape(p.shape).to(p.dtype)
 
-    def _record(self, acc: torch.Tensor, step: float, overflowed: int, clipped: int, tile_values: int,
-                exact: torch.Tensor | None) -> None:
-        """Add this batch's overflow, clip and (with diagnostics) SNR counts to the stats."""
-        batch = LayerStats(outputs=acc.numel(), overflowed=overflowed, tile_values=tile_values, clipped=clipped,
-                           max_abs_acc=_largest_abs(acc))
+    def _record(self, acc: torch.Tensor, step: float, overflowed: int | torch.Tensor, clipped: int | torch.Tensor,
+                tile_values: int, exact: torch.Tensor | None) -> None:
+        """Add this batch's overflow, clip and (with diagnostics) SNR counts to the stats. Those computed on the
+        accumulators' device stay there as one float64 tensor (overflowed, clipped, largest |acc|, signal and error
+        powers; counts exact below 2^53) until ``stats`` reads them: reading them per batch would make the host wait
+        for a GPU at every layer."""
+        self._stats.add(LayerStats(outputs=acc.numel(), tile_values=tile_values))
+        zero = torch.zeros((), dtype=torch.float64, device=acc.device)
+        signal = error = largest = zero
+        if acc.numel():
+            lo, hi = torch.aminmax(acc)
+            largest = torch.maximum(-lo, hi).double()
         if exact is not None:
             exact = exact.double()  # int64 exact sums would overflow when squared
             if self.bias is not None:
                 exact = exact + self.bias.unsqueeze(1)
-            batch.signal_power = float(exact.pow(2).sum())
-            batch.error_power = float((acc.double() * step - exact).pow(2).sum())
-        self.stats.add(batch)
+            signal = exact.pow(2).sum()
+            error = (acc.double() * step - exact).pow(2).sum()
+        self._pending.append(torch.stack([zero + overflowed, zero + clipped, largest, signal, error]))
 
 
 def _custom_noise(spec: str, layer: str, p: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:

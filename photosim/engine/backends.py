@@ -29,7 +29,7 @@ import torch
 from photosim.engine import fbgemm, fused_triton, kernels, onednn
 from photosim.engine.analog import AnalogLayer
 from photosim.engine.plan import Kind, LayerPlan
-from photosim.engine.requant import channel_view
+from photosim.engine.requant import INT32_MAX, channel_view
 from photosim.errors import PhotosimError
 from photosim.hardware.noise import SIGNAL_NOISE_VARIANCE
 from photosim.ir.ops import conv_output_size
@@ -257,7 +257,8 @@ class FBGEMMBackend(Backend):
 @dataclass
 class CudaIdealLayer:
     """An ideal layer on CUDA: a cuda_ideal.FusedLayer (three kernels: patches, GEMM, requantization epilogue) or a
-    triton_conv.ImplicitLayer (one kernel: implicit GEMM with the epilogue fused)."""
+    triton_conv.ImplicitLayer (one kernel: implicit GEMM, or direct sums for depthwise layers, with the epilogue
+    fused)."""
 
     plan: LayerPlan
     fused: object  # cuda_ideal.FusedLayer (its module imports Triton)
@@ -273,9 +274,57 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _int8_matmul(plan: LayerPlan) -> kernels.MatmulPlan | None:
+    """The layer's int_mm plan (int8 operands ``x - z_in - offset``, whatever path it chose), or None when its
+    operands do not fit int8."""
+    try:
+        return kernels.plan_matmul(plan.k, plan.x_range, plan.node.w_bits, force="int_mm")
+    except ValueError:
+        return None
+
+
+def _implicit_kernel_problem(plan: LayerPlan) -> str | None:
+    """Why photosim.engine.triton_conv's int8 kernels cannot compute this layer exactly, else None."""
+    w_bits = plan.node.w_bits or 0
+    if w_bits > 8:
+        return f"needs int8 weights (this layer: {w_bits}-bit)"
+    if plan.k * (-kernels.INT8_MIN) ** 2 >= 2**31:
+        return f"K = {plan.k} terms of int8 products could overflow the int32 sums"
+    if plan.k == 1:
+        return "one-term dot products have no int8 weight layout (kernels.plan_matmul)"
+    if _int8_matmul(plan) is None:
+        return f"input codes x - z_in in {list(plan.x_range)} span more than the 256 values of int8"
+    return None
+
+
+def _implicit_layer(plan: LayerPlan, device: torch.device) -> CudaIdealLayer:
+    """The layer on photosim.engine.triton_conv's kernels (int8 weights of each group, offset correction folded)."""
+    from photosim.engine import triton_conv
+
+    matmul = _int8_matmul(plan)
+    assert matmul is not None  # supports() said so
+    weights = kernels.prepare_weights(plan.weight, plan.groups, matmul, device)
+    return CudaIdealLayer(plan, triton_conv.ImplicitLayer.prepare(weights, plan.requant))
+
+
+def _fixedpoint_problem(plan: LayerPlan) -> str | None:
+    """Why the fixedpoint epilogue cannot take this layer: FixedPointRequant refuses accumulators (bias included)
+    outside int32, which a kernel cannot raise, so the bound sum |w| max|x - z_in| + |bias| must prove they fit."""
+    if plan.groups != 1:
+        return "computes the fixedpoint requant mode for ungrouped layers only"
+    x_max = max(abs(v) for v in plan.x_range)
+    weight, bias = plan.weight.cpu().to(torch.int64), plan.requant.bias.cpu().to(torch.int64)
+    bound = weight.abs().flatten(1).sum(1) * x_max + bias.abs()  # per output channel
+    if bound.numel() and int(bound.max()) > INT32_MAX:
+        return "fixedpoint: its accumulators could leave int32, which the torch path checks batch by batch"
+    return None
+
+
 @register
 class CudaIdealBackend(Backend):
-    """Ideal layers on CUDA with a fused requantization epilogue (``float`` requant, one group)."""
+    """Ideal layers on CUDA with a fused requantization epilogue: ungrouped layers as patches, GEMM and epilogue
+    (photosim.engine.cuda_ideal; ``float`` or ``fixedpoint`` requant), grouped and depthwise ones on
+    photosim.engine.triton_conv's grouped implicit-GEMM or direct kernel (``float``)."""
 
     name, kinds, priority = "cuda-ideal", ("ideal",), 20
 
@@ -285,62 +334,43 @@ class CudaIdealBackend(Backend):
             return "runs on CUDA GPUs"
         if not _triton_installed():
             return "needs Triton"
-        if plan.mode.name != "float":
-            return f"computes the float requant mode only (this layer: {plan.mode.name})"
+        if plan.mode.name not in ("float", "fixedpoint"):
+            return f"computes the float and fixedpoint requant modes only (this layer: {plan.mode.name})"
+        if plan.mode.name == "fixedpoint" and (problem := _fixedpoint_problem(plan)):
+            return problem
         if plan.groups != 1:
-            return "runs ungrouped layers only"
+            problem = _implicit_kernel_problem(plan)
+            return None if problem is None else f"grouped layers: {problem}"
         if not (matmul.path == "int_mm" or (matmul.path in ("float32", "float64") and matmul.chunk >= plan.k)):
             return f"needs int8 operands or one exact float chunk (this layer's matmul: {matmul.path})"
         return None
 
     def prepare(self, plan: LayerPlan, device: torch.device, *, diagnostics: bool = True) -> LayerRunner:
+        if plan.groups != 1:
+            return _implicit_layer(plan, device)
         from photosim.engine import cuda_ideal
 
-        return CudaIdealLayer(plan, cuda_ideal.FusedLayer.prepare(_exact_weights(plan, device), plan.requant))
+        fused = cuda_ideal.FusedLayer.prepare(_exact_weights(plan, device), plan.requant, plan.mode.name)
+        return CudaIdealLayer(plan, fused)
 
 
 @register
 class CudaImplicitBackend(Backend):
-    """Ideal layers as one implicit-GEMM int8 kernel each, requantization fused (photosim.engine.triton_conv): no
-    im2col operands in memory. Opt-in until timed against cuda-ideal; on CPU tensors under the Triton interpreter
-    (TRITON_INTERPRET=1), for tests."""
+    """Ideal layers as one implicit-GEMM int8 kernel each (grouped ones too; depthwise ones as direct sums),
+    requantization fused (photosim.engine.triton_conv): no im2col operands in memory. Opt-in until timed against
+    cuda-ideal; on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1), for tests."""
 
     name, kinds, priority, on_request = "cuda-implicit", ("ideal",), 15, ("cuda", "cpu")
 
     def supports(self, plan: LayerPlan, device: torch.device) -> str | None:
-        w_bits = plan.node.w_bits or 0
         if not fused_triton.available(device):
             return "needs Triton and a CUDA device (on the CPU: TRITON_INTERPRET=1)"
         if plan.mode.name != "float":
             return f"computes the float requant mode only (this layer: {plan.mode.name})"
-        if plan.groups != 1:
-            return "runs ungrouped layers only (grouped and depthwise convolutions: torch)"
-        if w_bits > 8:
-            return f"needs int8 weights (this layer: {w_bits}-bit)"
-        if plan.k * (-kernels.INT8_MIN) ** 2 >= 2**31:
-            return f"K = {plan.k} terms of int8 products could overflow the int32 sums"
-        if plan.k == 1:
-            return "one-term dot products have no int8 weight layout (kernels.plan_matmul)"
-        if self._int8_matmul(plan) is None:
-            return f"input codes x - z_in in {list(plan.x_range)} span more than the 256 values of int8"
-        return None
+        return _implicit_kernel_problem(plan)
 
     def prepare(self, plan: LayerPlan, device: torch.device, *, diagnostics: bool = True) -> LayerRunner:
-        from photosim.engine import triton_conv
-
-        matmul = self._int8_matmul(plan)
-        assert matmul is not None  # supports() said so
-        weights = kernels.prepare_weights(plan.weight, 1, matmul, device)
-        return CudaIdealLayer(plan, triton_conv.ImplicitLayer.prepare(weights, plan.requant))
-
-    @staticmethod
-    def _int8_matmul(plan: LayerPlan) -> kernels.MatmulPlan | None:
-        """The layer's int_mm plan (int8 operands ``x - z_in - offset``, whatever path it chose), or None when its
-        operands do not fit int8."""
-        try:
-            return kernels.plan_matmul(plan.k, plan.x_range, plan.node.w_bits, force="int_mm")
-        except ValueError:
-            return None
+        return _implicit_layer(plan, device)
 
 
 # -- analog layers -----------------------------------------------------------------------------------------------

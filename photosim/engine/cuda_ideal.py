@@ -7,7 +7,8 @@ NHWC buffer returned as a channels_last (N, O, OH, OW) view: no permute, and the
 reads it as it is. torch's version (photosim.engine.kernels.conv2d_acc, then FloatRequant) moves about
 140 bytes per output element through int64 and float64 temporaries; this one about 35, most of them the
 GEMM's. Applies to the ``float`` requant mode and one group (photosim.engine.backends' cuda-ideal backend says
-when); the results are the same codes bit for bit.
+when; it runs grouped and depthwise layers on photosim.engine.triton_conv's kernels, whose ImplicitLayer subclasses
+FusedLayer); the results are the same codes bit for bit.
 
 Imports Triton: the engine imports this module only for CUDA devices where Triton is installed.
 """
@@ -20,11 +21,12 @@ import torch
 
 from photosim.engine import triton_patches, triton_requant
 from photosim.engine.kernels import CUDA_INT_MM_MIN_ROWS, PATCH_BYTES, IntegerWeights, IntPair
-from photosim.engine.requant import RequantParams, float_multiplier
+from photosim.engine.requant import RequantParams, float_multiplier, quantize_multiplier
 from photosim.ir.format import QParams
 from photosim.ir.ops import conv_output_size
 
-add_codes = triton_requant.add_codes  # FloatRequant.add in one pass, for the engine's add nodes
+# FloatRequant.add and FixedPointRequant.add in one pass each, for the engine's add nodes (by requant mode)
+ADDS = {"float": triton_requant.add_codes, "fixedpoint": triton_requant.add_codes_fixedpoint}
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,21 @@ class FusedLayer:
     shift: torch.Tensor  # (O,) int64: the int_mm offset correction plus the integer bias
     multiplier: torch.Tensor  # (O,) float64, FloatRequant's
     output: QParams
+    fixedpoint: tuple[torch.Tensor, torch.Tensor] | None = None  # (O,) int64 q and exponent: FixedPointRequant's
 
     @classmethod
-    def prepare(cls, weights: IntegerWeights, params: RequantParams) -> FusedLayer:
-        """Fold the offset correction into the bias; take the float mode's multiplier."""
+    def prepare(cls, weights: IntegerWeights, params: RequantParams, mode: str = "float") -> FusedLayer:
+        """Fold the offset correction into the bias; take the float mode's multiplier, and for the ``fixedpoint``
+        mode its quantized multipliers (requant.quantize_multiplier of the same real multiplier)."""
         shift = params.bias.to(torch.int64)
         if weights.correction is not None:
             shift = shift + weights.correction.view(-1)
-        return cls(weights, shift.contiguous(), float_multiplier(params).contiguous(), params.output)
+        multiplier = float_multiplier(params).contiguous()
+        fixedpoint = None
+        if mode == "fixedpoint":
+            q, exponent = quantize_multiplier(multiplier)
+            fixedpoint = (q.contiguous(), exponent.contiguous())
+        return cls(weights, shift.contiguous(), multiplier, params.output, fixedpoint)
 
     def _matmul(self, patches: torch.Tensor) -> torch.Tensor:
         """Operands (rows, K') -> raw accumulators (rows, O'): int32 from int_mm, exact integers otherwise."""
@@ -56,7 +65,11 @@ class FusedLayer:
         min_rows = CUDA_INT_MM_MIN_ROWS if plan.path == "int_mm" else 0
         patches = triton_patches.patches(x, z_in, plan.offset, kernel, stride, padding, dilation, plan.dtype,
                                          self.weights.matrix.shape[1], min_rows)
-        triton_requant.requantize_rows(self._matmul(patches), self.shift, self.multiplier, self.output, out)
+        acc = self._matmul(patches)
+        if self.fixedpoint is None:
+            triton_requant.requantize_rows(acc, self.shift, self.multiplier, self.output, out)
+        else:  # the backend proved acc + shift within int32 (FixedPointRequant's check)
+            triton_requant.requantize_rows_fixedpoint(acc, self.shift, *self.fixedpoint, self.output, out)
 
     def conv(self, x: torch.Tensor, z_in: int, kernel: IntPair, stride: IntPair, padding: IntPair,
              dilation: IntPair) -> torch.Tensor:

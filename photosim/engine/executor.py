@@ -202,15 +202,15 @@ class Engine:
                                          calibrate_adc=calibrate_adc).items():
             self.analog[name] = AnalogLayer.for_matmul(plan, diagnostics)
             self.backends[name] = Choice("torch")  # the torch tile step: the only one with per-sample weights
-        # CUDA with Triton: adds in the float mode run as one fused kernel of the cuda-ideal backend
+        # CUDA with Triton: adds in the float and fixedpoint modes run as one fused kernel of the cuda-ideal backend
         # (photosim.engine.cuda_ideal), unless ``backend`` requires other ideal backends
-        self._cuda_add = None
+        self._cuda_adds = {}
         cuda_ideal_allowed = not backend or "cuda-ideal" in backend or not any(
             "ideal" in backends.BACKENDS[name].kinds for name in backend)
         if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None and cuda_ideal_allowed:
             from photosim.engine import cuda_ideal
 
-            self._cuda_add = cuda_ideal.add_codes
+            self._cuda_adds = cuda_ideal.ADDS
         self._tables = {n.name: qmodel.tensors[f"{n.name}.table"].to(self.device) for n in qmodel.nodes
                         if OPS[n.op].tabled}  # output code per input storage code, from the lowest
         self._constants = {n.name: _output_codes(qmodel.tensors[f"{n.name}.value"].to(self.device, torch.float64),
@@ -298,8 +298,9 @@ class Engine:
     @kernel("add")
     def _add(self, node: Node, xs: list[torch.Tensor], sample_ids: torch.Tensor) -> torch.Tensor:
         args = (xs[0], xs[1], node.input_q[0], node.input_q[1], node.output_q)
-        if self._cuda_add and self.modes[node.name].name == "float":
-            fused = self._cuda_add(*args)  # None when the two inputs are laid out differently
+        fused_add = self._cuda_adds.get(self.modes[node.name].name)
+        if fused_add is not None:
+            fused = fused_add(*args)  # None when the two inputs are laid out differently
             if fused is not None:
                 return fused
         return self.modes[node.name].add(*args)

@@ -5,6 +5,10 @@ calibration), without the (G, T, M, O) tile, noise and code tensors of the torch
 tile sums of an output block with tl.dot and reads each one out in registers, drawing its noise from the same
 Philox key and counter as photosim.hardware.rng (the semantics: AnalogLayer._readout, docs/hardware.md).
 
+``conv_tile_step`` is the same for a conv, its operands gathered by the kernel from the conv's input (an implicit
+GEMM): kernels.conv2d_patches' im2col buffer is kh*kw times the input, and writing then reading it back was most of
+a conv's time on an H200.
+
 It runs compiled on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before the first call: Triton reads it when the kernel module is imported), which is how the tests check it
 against the torch path on machines without a GPU.
@@ -20,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from photosim.engine.kernels import device_constant
+from photosim.engine.kernels import IntPair, MatmulPlan, conv_output_size, device_constant
 from photosim.hardware import philox, rng
 from photosim.hardware.readout import FLOAT32_EXACT, Readout
 from photosim.ir.ranges import int_range, max_int
@@ -39,8 +43,16 @@ class TileStep:
 
     acc: torch.Tensor  # (G, M, O) int64 accumulators in ADC steps, bias included
     exact: torch.Tensor | None  # (G, M, O) int64 sum of the noiseless tile sums, no bias (None: not asked for)
-    clipped: int  # tile values the ADC clipped (0 for the ideal readout)
-    overflowed: int  # outputs whose running accumulator sum left the accumulator's range
+    counts: torch.Tensor  # (2,) int64 on the device: tile values the ADC clipped (0 for the ideal readout), outputs
+    # whose running accumulator sum left the accumulator's range; left there, as reading it makes the host wait
+
+    @property
+    def clipped(self) -> int:
+        return int(self.counts[0])
+
+    @property
+    def overflowed(self) -> int:
+        return int(self.counts[1])
 
 
 def available(device: torch.device | str) -> bool:
@@ -75,13 +87,63 @@ def tile_step(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readou
     included) must be at most readout.full_scale in magnitude; ValueError where operand_path gives None.
     """
     g, m, k = a.shape
-    o = w.shape[2]
-    path = operand_path(a.dtype, w.dtype, readout.full_scale)
-    if path is None:
-        raise ValueError(f"no exact tile sums for {a.dtype} x {w.dtype} operands at full scale "
-                         f"{readout.full_scale:g}; use the torch path")
     if w.shape[:2] != (g, k):
         raise ValueError(f"weights {tuple(w.shape)} do not match operands {tuple(a.shape)}")
+    operands = a.float() if a.is_floating_point() else a
+    return _tile_step(_Operands(operands, a.dtype, m, (*operands.stride(), *_NO_CONV), _MATRIX), w, sample_ids, readout,
+                      bias_codes, exact, shift)
+
+
+def conv_tile_step(x: torch.Tensor, z_in: int, plan: MatmulPlan, kernel: IntPair, stride: IntPair,
+                   padding: IntPair, dilation: IntPair, w: torch.Tensor, sample_ids: torch.Tensor,
+                   readout: Readout, bias_codes: torch.Tensor | None = None, exact: bool = True,
+                   shift: torch.Tensor | None = None) -> TileStep:
+    """A conv's codes x (N, C, H, W), any strides (NCHW, channels_last), and its weights w (G, kh*kw*C/G, O) ->
+    tile_step of its operands kernels.conv2d_patches(x, z_in, plan, ...) (rows (n, oh, ow), K ordered (kh, kw,
+    C/G)), without forming them: the kernel gathers each operand from x (centred ``x - z_in - plan.offset`` and
+    cast to the plan's dtype; the padding's is ``-plan.offset``), so the im2col buffer, kh*kw times the input and
+    written then read back, is never made. The groups are w's first dimension."""
+    n, c, h, width = x.shape
+    g = w.shape[0]
+    if c % g or kernel[0] * kernel[1] * (c // g) != w.shape[1]:
+        raise ValueError(f"weights {tuple(w.shape)} do not match a {kernel[0]}x{kernel[1]} conv of {c} channels in "
+                         f"{g} groups")
+    if sum((size - 1) * step for size, step in zip(x.shape[1:], x.stride()[1:])) >= INT32_EXACT:
+        raise ValueError(f"one sample of {tuple(x.shape[1:])} spans 2^31 elements or more: the kernel's offsets "
+                         "inside a sample are int32")
+    oh, ow = (conv_output_size(*args) for args in zip((h, width), kernel, stride, padding, dilation))
+    geometry = (c // g, h, width, ow, *x.stride(), z_in + plan.offset, -plan.offset)
+    conv = {"CONV": True, "KW": kernel[1], "SH": stride[0], "SW": stride[1], "PH": padding[0], "PW": padding[1],
+            "DH": dilation[0], "DW": dilation[1]}
+    return _tile_step(_Operands(x, plan.dtype, n * oh * ow, (0, 0, 0, *geometry), conv), w, sample_ids, readout,
+                      bias_codes, exact, shift)
+
+
+# The kernel's conv arguments where it reads a (G, M, K) tensor: channels .. pad_value, and the constexprs.
+_NO_CONV = (0,) * 10
+_MATRIX = {"CONV": False, "KW": 1, "SH": 1, "SW": 1, "PH": 0, "PW": 0, "DH": 1, "DW": 1}
+
+
+@dataclass(frozen=True)
+class _Operands:
+    """Where the kernel takes its operands: a (G, M, K) tensor, or a conv input it gathers them from."""
+
+    tensor: torch.Tensor
+    dtype: torch.dtype  # of the operands the kernel forms (a conv input: the plan's, whatever the codes' dtype)
+    rows: int  # M
+    args: tuple[int, ...]  # stride_ag, stride_am, stride_ak, then the conv's channels .. pad_value (_NO_CONV)
+    constants: dict[str, int | bool]  # the kernel's CONV and the conv's geometry (_MATRIX)
+
+
+def _tile_step(operands: _Operands, w: torch.Tensor, sample_ids: torch.Tensor, readout: Readout,
+               bias_codes: torch.Tensor | None, exact: bool, shift: torch.Tensor | None) -> TileStep:
+    """tile_step and conv_tile_step once their operands are located: the checks they share, then the kernel."""
+    g, k, o = w.shape
+    m = operands.rows
+    path = operand_path(operands.dtype, w.dtype, readout.full_scale)
+    if path is None:
+        raise ValueError(f"no exact tile sums for {operands.dtype} x {w.dtype} operands at full scale "
+                         f"{readout.full_scale:g}; use the torch path")
     samples = len(sample_ids)
     per_sample = m // samples if samples else 0
     if per_sample * samples != m:
@@ -91,17 +153,17 @@ def tile_step(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readou
         raise ValueError(f"shift {tuple(shift.shape)} is not (groups, tiles, outputs) = {(g, tiles, o)}")
     if g * tiles * per_sample * o > STREAM_VALUES:
         raise ValueError(f"{g * tiles * per_sample * o} noise values per sample exceed one Philox stream")
-    acc = torch.empty(g, m, o, dtype=torch.int64, device=a.device)
+    device = operands.tensor.device
+    acc = torch.empty(g, m, o, dtype=torch.int64, device=device)
     sums = torch.empty_like(acc) if exact else None
-    counts = torch.zeros(2, dtype=torch.int64, device=a.device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
     if acc.numel():
-        _launch(a if path == "int8" else a.float(), w if path == "int8" else w.float(), sample_ids, readout,
-                bias_codes, shift, acc, sums, counts)
-    clipped, overflowed = counts.tolist()
-    return TileStep(acc, sums, clipped, overflowed)
+        _launch(operands, w if path == "int8" else w.float(), path == "int8", sample_ids, readout, bias_codes, shift,
+                acc, sums, counts)
+    return TileStep(acc, sums, counts)
 
 
-def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout: Readout,
+def _launch(operands: _Operands, w: torch.Tensor, int8: bool, sample_ids: torch.Tensor, readout: Readout,
             bias_codes: torch.Tensor | None, shift: torch.Tensor | None, acc: torch.Tensor,
             sums: torch.Tensor | None, counts: torch.Tensor) -> None:
     """Run the kernel over (output blocks, groups)."""
@@ -110,37 +172,38 @@ def _launch(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readout:
 
     from photosim.engine import triton_tile
 
+    device = operands.tensor.device
     interpreted = isinstance(triton_tile.tile_step_kernel, InterpretedFunction)
-    if interpreted != (a.device.type == "cpu"):
+    if interpreted != (device.type == "cpu"):
         raise ValueError(f"the Triton kernel was imported {'interpreted' if interpreted else 'compiled'} and cannot "
-                         f"take {a.device.type} tensors: TRITON_INTERPRET=1 before the first call is for CPU tensors")
+                         f"take {device.type} tensors: TRITON_INTERPRET=1 before the first call is for CPU tensors")
 
-    g, m, k = a.shape
-    o = w.shape[2]
+    g, m, o = acc.shape
+    k = w.shape[1]
     philox.check_samples(sample_ids)
-    ids = sample_ids.to(device=a.device, dtype=torch.int64)
+    ids = sample_ids.to(device=device, dtype=torch.int64)
     fs, step = readout.full_scale, readout.step
     sigma_output, sigma_shot = readout.tile_noise.get("output", 0.0), readout.tile_noise.get("shot", 0.0)
-    params = device_constant((sigma_output * fs, sigma_shot, fs, step), torch.float64, a.device)
+    params = device_constant((sigma_output * fs, sigma_shot, fs, step), torch.float64, device)
     out_key = rng.key(readout.seed, readout.repeat, "output", readout.layer)
     shot_key = rng.key(readout.seed, readout.repeat, "shot", readout.layer)
     acc_lo, acc_hi = int_range(readout.acc_bits, signed=True)
     # 64 bits: the int64 sum is the accumulator itself, its wrap-around is the hardware's
     overflow = "none" if readout.overflow == "wrap" and readout.acc_bits >= 64 else readout.overflow
-    bias = None if bias_codes is None else bias_codes.to(device=a.device, dtype=torch.int64).contiguous()
-    shift = None if shift is None else shift.to(device=a.device, dtype=torch.int64).contiguous()
-    int8 = a.dtype == torch.int8
+    bias = None if bias_codes is None else bias_codes.to(device=device, dtype=torch.int64).contiguous()
+    shift = None if shift is None else shift.to(device=device, dtype=torch.int64).contiguous()
     block_m, block_o = BLOCK_M, min(BLOCK_O, max(16, triton.next_power_of_2(o)))
     block_k = max(32 if int8 else 16, min(64, triton.next_power_of_2(readout.tile)))
     grid = (triton.cdiv(m, block_m) * triton.cdiv(o, block_o), g)
     triton_tile.tile_step_kernel[grid](
-        a, w, ids, params, acc if bias is None else bias, acc if shift is None else shift, acc,
+        operands.tensor, w, ids, params, acc if bias is None else bias, acc if shift is None else shift, acc,
         acc if sums is None else sums, counts,
         m, k, o, math.ceil(k / readout.tile), readout.tile, m // len(ids),
-        *a.stride(), *w.stride(), *out_key, *shot_key, max_int(readout.adc_bits or 2, signed=True), acc_lo, acc_hi,
+        *w.stride(), *operands.args, *out_key, *shot_key, max_int(readout.adc_bits or 2, signed=True), acc_lo,
+        acc_hi,
         OUTPUT=bool(sigma_output), SHOT=bool(sigma_shot), DIVIDE=step != 1.0,
         CLIP=readout.adc_bits is not None, BIAS_AT="none" if bias is None else readout.bias_at, OVERFLOW=overflow,
         F64=readout.dtype == torch.float64, EXACT=sums is not None, INT8=int8, SHIFT=shift is not None,
-        ALIGNED=o % 4 == 0,
+        ALIGNED=o % 4 == 0, **operands.constants,
         BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, enable_fp_fusion=False,
     )

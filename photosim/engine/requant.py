@@ -199,6 +199,17 @@ def _scalar_multiplier(real: float, device: torch.device) -> tuple[torch.Tensor,
     return q.to(device), exponent.to(device)
 
 
+def fixedpoint_add_constants(qa: QParams, qb: QParams, out: QParams) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """FixedPointRequant.add's left shift and quantized multipliers (q, exponent: (3,) int64 each, for input a,
+    input b and their sum), as TFLite's int8 add: left_shift 20 for int8 and 15 for int16, as much headroom as
+    int32 leaves; both inputs rescaled to twice the larger input scale."""
+    widest = max(abs(v - q.zero_point) for q in (qa, qb) for v in (q.qmin, q.qmax))
+    left_shift = min(20, 31 - widest.bit_length())
+    twice_max_scale = 2 * max(qa.scale, qb.scale)
+    reals = (qa.scale / twice_max_scale, qb.scale / twice_max_scale, twice_max_scale / ((1 << left_shift) * out.scale))
+    return (left_shift, *quantize_multiplier(torch.tensor(reals, dtype=torch.float64)))
+
+
 def _round_half_away_div(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """TFLite average pool's ``(x +- d/2) / d`` with C truncation: round half away from zero."""
     half = d // 2
@@ -236,18 +247,14 @@ class FixedPointRequant:
         return _clamp_codes(y + p.output.zero_point, p.output)
 
     def add(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
-        # TFLite uses left_shift 20 for int8 and 15 for int16: as much headroom as int32 leaves.
-        widest = max(abs(v - q.zero_point) for q in (qa, qb) for v in (q.qmin, q.qmax))
-        left_shift = min(20, 31 - widest.bit_length())
-        twice_max_scale = 2 * max(qa.scale, qb.scale)
+        left_shift, q, exponent = (c.to(a.device) if isinstance(c, torch.Tensor) else c
+                                   for c in fixedpoint_add_constants(qa, qb, out))
         scaled_a, scaled_b = (
-            multiply_by_quantized_multiplier((codes.to(torch.int64) - q.zero_point) << left_shift,
-                                             *_scalar_multiplier(q.scale / twice_max_scale, a.device))
-            for codes, q in ((a, qa), (b, qb))
+            multiply_by_quantized_multiplier((codes.to(torch.int64) - qc.zero_point) << left_shift, q[i], exponent[i])
+            for i, (codes, qc) in enumerate(((a, qa), (b, qb)))
         )
-        total = scaled_a + scaled_b
-        multiplier, exponent = _scalar_multiplier(twice_max_scale / ((1 << left_shift) * out.scale), a.device)
-        return _clamp_codes(multiply_by_quantized_multiplier(total, multiplier, exponent) + out.zero_point, out)
+        y = multiply_by_quantized_multiplier(scaled_a + scaled_b, q[2], exponent[2])
+        return _clamp_codes(y + out.zero_point, out)
 
     def average(self, sums: torch.Tensor, counts: torch.Tensor, qin: QParams, out: QParams) -> torch.Tensor:
         sums = sums.to(torch.int64)

@@ -1,6 +1,10 @@
 """The Triton kernel of one analog layer's tile step (imported by photosim.engine.fused_triton only when Triton
 is there): per output block, the T tile sums by tl.dot and, in the same loop, each tile value's output / shot
 noise, ADC and accumulator step, so the noise costs registers instead of (G, T, M, O) tensors in memory.
+
+The operands come from a (G, M, K) tensor, or (CONV) straight from a conv's input codes: an implicit GEMM, which
+spares the im2col buffer of kernels.conv2d_patches (kh*kw times the input, written then read back). A tile is any
+run of L consecutive K indices and may cross taps, so every k of a K chunk is mapped to its (i, j, c) on its own.
 """
 
 from __future__ import annotations
@@ -60,26 +64,56 @@ def _add_term(total, sat, over, term, acc_lo, acc_hi, OVERFLOW: tl.constexpr):
 
 
 @triton.jit
+def _gathered(x_rows, ih0, iw0, row_ok, kk, k_ok, channels, height, width, stride_xc, stride_xh, stride_xw, centre,
+              pad_value, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, INT8: tl.constexpr):
+    """The (rows, K chunk kk) operands of a conv gathered from its input, as kernels.conv2d_patches lays them out:
+    k = ((i * KW) + j) * C/G + c, the input code minus ``centre`` (z_in + offset) cast to the operand dtype, and
+    ``pad_value`` (-offset) where the tap falls on the padding. x_rows: each row's pixel (n, group's channel 0);
+    ih0, iw0: its window's top-left corner (padding included)."""
+    tap = kk // channels
+    c = kk % channels
+    ih = ih0[:, None] + ((tap // KW) * DH)[None, :]
+    iw = iw0[:, None] + ((tap % KW) * DW)[None, :]
+    inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+    x = tl.load(x_rows[:, None] + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw,
+                mask=row_ok[:, None] & k_ok[None, :] & inside, other=0)
+    # rows past m and k past K get any operand: their outputs are not stored, their weights load as 0
+    a = tl.where(inside, x.to(tl.int32) - centre, pad_value)
+    if INT8:
+        return a.to(tl.int8)
+    else:
+        return a.to(tl.float32)
+
+
+@triton.jit
 def tile_step_kernel(
     a_ptr, w_ptr, ids_ptr, params_ptr, bias_ptr, shift_ptr, acc_ptr, exact_ptr, counts_ptr,
     m, k, o, tiles, tile, per_sample,
-    stride_ag, stride_am, stride_ak, stride_wg, stride_wk, stride_wo,
+    stride_wg, stride_wk, stride_wo, stride_ag, stride_am, stride_ak,
+    channels, height, width, out_w, stride_xn, stride_xc, stride_xh, stride_xw, centre, pad_value,
     out_k0, out_k1, shot_k0, shot_k1, adc_hi, acc_lo, acc_hi,
     OUTPUT: tl.constexpr, SHOT: tl.constexpr, DIVIDE: tl.constexpr, CLIP: tl.constexpr,
     BIAS_AT: tl.constexpr, OVERFLOW: tl.constexpr, F64: tl.constexpr, EXACT: tl.constexpr, INT8: tl.constexpr,
-    SHIFT: tl.constexpr, ALIGNED: tl.constexpr,
+    SHIFT: tl.constexpr, ALIGNED: tl.constexpr, CONV: tl.constexpr,
+    KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
+    DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (output block, group g) of the tile step of a (G, m, k) by w (G, k, o) (see fused_triton): the
     accumulators (G, m, o) int64, optionally the exact sums, and the clip and overflow counts (atomic adds). SHIFT:
-    each tile sum gets shift (G, tiles, o) int64 added, in int64 (it need not fit the int32 GEMM sum)."""
+    each tile sum gets shift (G, tiles, o) int64 added, in int64 (it need not fit the int32 GEMM sum).
+
+    CONV: a_ptr is a conv input (N, C, H, W) of any strides (stride_x*), row r of the GEMM its output pixel (n, oh,
+    ow) = (r // per_sample, r % per_sample // out_w, r % out_w) and group g its channels g*channels.. (channels =
+    C/G); stride (SH, SW), padding (PH, PW), dilation (DH, DW) and the kernel's width KW say where its taps are."""
     g = tl.program_id(1).to(tl.int64)
     blocks_o = tl.cdiv(o, BLOCK_O)
     rows = (tl.program_id(0) // blocks_o) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     col0 = (tl.program_id(0) % blocks_o).to(tl.int64) * BLOCK_O
     cols = col0 + tl.arange(0, BLOCK_O)
-    valid = (rows[:, None] < m) & (cols[None, :] < o)
-    sample = tl.load(ids_ptr + rows // per_sample, mask=rows < m, other=0).to(tl.uint32)[:, None]
+    row_ok = rows < m
+    valid = row_ok[:, None] & (cols[None, :] < o)
+    sample = tl.load(ids_ptr + rows // per_sample, mask=row_ok, other=0).to(tl.uint32)[:, None]
     pos = (rows % per_sample)[:, None]
     dtype = tl.float64 if F64 else tl.float32
     coef_out = tl.load(params_ptr).to(dtype)
@@ -87,7 +121,14 @@ def tile_step_kernel(
     full_scale = tl.load(params_ptr + 2).to(dtype)
     step = tl.load(params_ptr + 3).to(dtype)
     ks = tl.arange(0, BLOCK_K)
-    a_rows = a_ptr + g * stride_ag + rows[:, None] * stride_am
+    if CONV:
+        # offsets inside one sample in int32 (fused_triton checks they fit; 64-bit division is slow on GPUs)
+        x_rows = a_ptr + (rows // per_sample) * stride_xn + g * channels * stride_xc
+        pixel = (rows % per_sample).to(tl.int32)
+        ih0 = pixel // out_w * SH - PH
+        iw0 = pixel % out_w * SW - PW
+    else:
+        a_rows = a_ptr + g * stride_ag + rows[:, None] * stride_am
     w_cols = w_ptr + g * stride_wg + cols[None, :] * stride_wo
 
     total = tl.zeros((BLOCK_M, BLOCK_O), tl.int64)
@@ -104,7 +145,11 @@ def tile_step_kernel(
         for start in range(0, tile, BLOCK_K):
             kk = t * tile + start + ks
             k_ok = (start + ks < tile) & (kk < k)
-            a = tl.load(a_rows + kk[None, :] * stride_ak, mask=(rows[:, None] < m) & k_ok[None, :], other=0)
+            if CONV:
+                a = _gathered(x_rows, ih0, iw0, row_ok, kk, k_ok, channels, height, width, stride_xc, stride_xh,
+                              stride_xw, centre, pad_value, KW, DH, DW, INT8)
+            else:
+                a = tl.load(a_rows + kk[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0)
             w = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_ok[:, None] & (cols[None, :] < o), other=0)
             p = tl.dot(a, w, p, out_dtype=tl.int32) if INT8 else tl.dot(a, w, p, input_precision="ieee")
         if SHIFT:
