@@ -94,8 +94,7 @@ def launch_everything() -> None:
         _ignoring_results(conv._check_against_torch, triton_conv, tuple(geometry), 8, groups)
     _ignoring_results(gpu.test_epilogue_rounds_ties_to_even_and_clamps, cuda_ideal)
     for test in (fixedpoint.test_ties_after_the_shift_round_half_away_from_zero,
-                 fixedpoint.test_srdhm_saturates_and_extreme_exponents,
-                 fixedpoint.test_span_spans_launches_and_gives_the_int32_error):
+                 fixedpoint.test_srdhm_saturates_and_extreme_exponents):
         _ignoring_results(test, triton_requant)
     codes = torch.zeros(2, 8, 4, 4, dtype=torch.int32)
     q = fixedpoint.qp(0.5, 3)

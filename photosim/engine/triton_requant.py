@@ -30,8 +30,6 @@ NO_FMA = {"enable_fp_fusion": False}  # a fused multiply-add would round acc * M
 BLOCK_ROWS, BLOCK_ELEMENTS = 64, 1024
 INT32_LO: tl.constexpr = tl.constexpr(INT32_MIN)  # jit functions read module globals only as constexprs
 INT32_HI: tl.constexpr = tl.constexpr(INT32_MAX)
-INT64_LO: tl.constexpr = tl.constexpr(-(2**63))
-INT64_HI: tl.constexpr = tl.constexpr(2**63 - 1)
 
 
 @triton.jit
@@ -101,25 +99,10 @@ def fixedpoint_codes(acc, shift, q, exponent, z_out, qmin, qmax):
 
 
 @triton.jit
-def _minimum(a, b):
-    """Combine function of a min reduction (tl.min is a jit function of Triton's own, which the interpreter cannot
-    run when Triton was imported before TRITON_INTERPRET was set)."""
-    return tl.minimum(a, b)
-
-
-@triton.jit
-def _maximum(a, b):
-    """Combine function of a max reduction (see _minimum)."""
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _requant_kernel(acc_ptr, acc_stride, shift_ptr, mult_ptr, exponent_ptr, out_ptr, out_stride, span_ptr, rows, cols,
-                    z_out, qmin, qmax, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, FIXEDPOINT: tl.constexpr,
-                    SPAN: tl.constexpr):
+def _requant_kernel(acc_ptr, acc_stride, shift_ptr, mult_ptr, exponent_ptr, out_ptr, out_stride, rows, cols, z_out,
+                    qmin, qmax, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, FIXEDPOINT: tl.constexpr):
     """One (BLOCK_M, BLOCK_O) tile of the epilogue: float mode (``mult_ptr`` float64 multipliers), or fixedpoint
-    (``mult_ptr``/``exponent_ptr`` int64 q and exponent; with SPAN, min and max of acc + shift folded into
-    ``span_ptr[0:2]`` for FixedPointRequant's int32 check)."""
+    (``mult_ptr``/``exponent_ptr`` int64 q and exponent)."""
     r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask = (r < rows)[:, None] & (o < cols)[None, :]
@@ -129,10 +112,6 @@ def _requant_kernel(acc_ptr, acc_stride, shift_ptr, mult_ptr, exponent_ptr, out_
         q = tl.load(mult_ptr + o, mask=o < cols, other=0)
         exponent = tl.load(exponent_ptr + o, mask=o < cols, other=0)
         codes = fixedpoint_codes(acc, shift, q, exponent, z_out, qmin, qmax)
-        if SPAN:
-            x = acc.to(tl.int64) + shift[None, :]
-            tl.atomic_min(span_ptr, tl.reduce(tl.where(mask, x, INT64_HI), None, _minimum))
-            tl.atomic_max(span_ptr + 1, tl.reduce(tl.where(mask, x, INT64_LO), None, _maximum))
     else:
         mult = tl.load(mult_ptr + o, mask=o < cols, other=0.0)
         codes = accumulator_codes(acc, shift, mult, z_out, qmin, qmax)
@@ -140,7 +119,7 @@ def _requant_kernel(acc_ptr, acc_stride, shift_ptr, mult_ptr, exponent_ptr, out_
 
 
 def _launch_rows(acc: torch.Tensor, shift: torch.Tensor, multiplier: torch.Tensor, exponent: torch.Tensor | None,
-                 out_q: QParams, out: torch.Tensor, span: torch.Tensor | None) -> torch.Tensor:
+                 out_q: QParams, out: torch.Tensor) -> torch.Tensor:
     """Both modes' epilogue launch: ``exponent`` None for float, the int64 exponents for fixedpoint."""
     rows, cols = out.shape
     block_o = min(128, triton.next_power_of_2(max(cols, 1)))
@@ -148,9 +127,8 @@ def _launch_rows(acc: torch.Tensor, shift: torch.Tensor, multiplier: torch.Tenso
     if rows and cols:
         fixedpoint = exponent is not None
         _requant_kernel[grid](acc, acc.stride(0), shift, multiplier, exponent if fixedpoint else multiplier, out,
-                              out.stride(0), shift if span is None else span, rows, cols, out_q.zero_point,
-                              out_q.qmin, out_q.qmax, BLOCK_M=BLOCK_ROWS, BLOCK_O=block_o, FIXEDPOINT=fixedpoint,
-                              SPAN=span is not None, **NO_FMA)
+                              out.stride(0), rows, cols, out_q.zero_point, out_q.qmin, out_q.qmax,
+                              BLOCK_M=BLOCK_ROWS, BLOCK_O=block_o, FIXEDPOINT=fixedpoint, **NO_FMA)
     return out
 
 
@@ -161,26 +139,21 @@ def requantize_rows(acc: torch.Tensor, shift: torch.Tensor, multiplier: torch.Te
     ``acc`` may have padding columns beyond O (ignored); ``shift`` (O,) int64, ``multiplier`` (O,) float64.
     Float accumulators must hold integers (they are converted to int64 exactly).
     """
-    return _launch_rows(acc, shift, multiplier, None, out_q, out, None)
-
-
-def accumulator_span(device: torch.device | str) -> torch.Tensor:
-    """A fresh ``span`` for :func:`requantize_rows_fixedpoint`: (2,) int64 [INT64_MAX, INT64_MIN], so that any
-    launch lowers the first and raises the second."""
-    return torch.tensor([INT64_HI.value, INT64_LO.value], dtype=torch.int64, device=device)
+    return _launch_rows(acc, shift, multiplier, None, out_q, out)
 
 
 def requantize_rows_fixedpoint(acc: torch.Tensor, shift: torch.Tensor, q: torch.Tensor, exponent: torch.Tensor,
-                               out_q: QParams, out: torch.Tensor, span: torch.Tensor | None = None) -> torch.Tensor:
+                               out_q: QParams, out: torch.Tensor) -> torch.Tensor:
     """Matmul results (rows, >= O) -> ``out`` (rows, O) int32 codes as FixedPointRequant.requantize on
     ``acc + shift``: ``clamp(MultiplyByQuantizedMultiplier(acc + shift, q, exponent) + z_out)``.
 
     ``q``, ``exponent``: (O,) int64 from requant.quantize_multiplier (per channel; a per-tensor layer repeats
-    them). The kernel cannot raise FixedPointRequant's out-of-int32 error, so with ``span`` (from
-    :func:`accumulator_span`; several launches may share one) it records min and max of ``acc + shift`` there for
-    the caller to check when it next synchronises.
+    them). A kernel cannot raise FixedPointRequant's error for accumulators outside int32: the caller proves they
+    fit (photosim.engine.backends' cuda-ideal bounds them when it plans the layer).
     """
-    return _launch_rows(acc, shift, q, exponent, out_q, out, span)
+    return _launch_rows(acc, shift, q, exponent, out_q, out)
+
+
 @triton.jit
 def _add_kernel(a_ptr, b_ptr, const_ptr, out_ptr, n, za, zb, z_out, qmin, qmax, left_shift, BLOCK: tl.constexpr,
                 FIXEDPOINT: tl.constexpr):
