@@ -233,8 +233,11 @@ def test_refuses_inexact_operands_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="3x3 conv of 5 channels in 2 groups"):
         fused_triton.conv_tile_step(x, 0, layer.weights.plan, (3, 3), (1, 1), (1, 1), (1, 1), w.float(),
                                     torch.tensor([0, 1]), layer.readout)
-    noisy_weights = analog_layer({"noise": {"weight_read": {"sigma": 0.1}}}, layer.weights, None, x_max=255, w_max=128)
-    assert "weight error" in FUSED_TRITON.supports(noisy_weights.plan, torch.device(DEVICE))
+    with pytest.raises(ValueError, match="tile values must be"):
+        fused_triton.readout_step(torch.zeros(1, 2, 3, 4, dtype=torch.int16), torch.tensor([0]), layer.readout)
+    for hw in ({"detector": {"saturation": 0.5}}, {"noise": {"custom": {"function": "math:fabs"}}}):
+        assert FUSED_TRITON.supports(analog_layer(hw, layer.weights, None, x_max=255, w_max=128).plan,
+                                     torch.device(DEVICE)) is not None, hw
 
 
 @triton.jit
@@ -463,3 +466,138 @@ def test_implicit_conv_sub_batches_only_beyond_the_accumulator_budget(monkeypatc
     monkeypatch.setattr(kernels, "PATCH_BYTES", 3 * one_sample)
     assert torch.equal(layer.conv_acc(x.to(DEVICE), ids.to(DEVICE)).cpu(), expected)
     assert launches[3:] == [[4, 0, 9]]
+
+
+# -- readout of torch's tile values (weight error, modulated inputs, signal-dependent noise) -----------------------
+
+
+@dataclass(frozen=True)
+class ValuesCase:
+    """A layer whose tile values torch forms (the kernel reads them out): settings, plan, groups, outputs."""
+
+    name: str
+    hw: dict
+    plan: Literal["float64", "float32", "int_mm"] = "float64"
+    groups: int = 1
+    o: int = 12  # outputs per group
+    bias: bool = True
+
+
+VALUES_CASES = [
+    ValuesCase("static weight error, output noise, adc 8 clips, saturate",
+               {"noise": {"weight_static": {"sigma": 0.02}, "output": {"sigma": 0.02}},
+                "adc": {"bits": 8, "range": 0.1}, "accumulator": {"bits": 10, "overflow": "saturate"}}),
+    ValuesCase("per-inference weight error, shot noise, 2 groups, O % 4 != 0, wrap, bias end",
+               {"noise": {"weight_read": {"sigma": 0.03}, "shot": {"sigma": 0.03}}, "adc": {"bits": 6, "range": 0.2},
+                "accumulator": {"bits": 6, "overflow": "wrap", "bias_at": "end"}}, groups=2, o=5),
+    ValuesCase("DAC noise, sin2 modulator, both noises, adc 8 clips, no overflow check",
+               {"dac": {"enob": 5, "transfer": "sin2"}, "noise": {"output": {"sigma": 0.01}, "shot": {"sigma": 0.01}},
+                "adc": {"bits": 8, "range": 0.2}}),
+    ValuesCase("photocurrent and rin, output noise, int8 plan (offset), adc 6 clips, saturate",
+               {"noise": {"photocurrent": {"sigma": 0.05}, "rin": {"sigma": 0.1}, "output": {"sigma": 0.01}},
+                "adc": {"bits": 6, "range": 0.1}, "accumulator": {"bits": 7, "overflow": "saturate"}}, plan="int_mm"),
+    ValuesCase("common-laser rin, shot noise, float32 plan, ideal adc, wrap, no bias",
+               {"noise": {"rin": {"sigma": 0.1, "lasers": "common"}, "shot": {"sigma": 0.02}},
+                "accumulator": {"bits": 12, "overflow": "wrap"}}, plan="float32", bias=False),
+    ValuesCase("weight error and DAC noise, photocurrent on products, no noise after, adc 4 clips, saturate",
+               {"dac": {"enob": 6}, "noise": {"weight_static": {"sigma": 0.01}, "weight_read": {"sigma": 0.01},
+                                              "photocurrent": {"sigma": 0.05, "light": "products"}},
+                "adc": {"bits": 4, "range": 0.05}, "accumulator": {"bits": 6, "overflow": "saturate"}}),
+]
+
+
+def values_layers(case: ValuesCase, k: int = 40, tile: int = 16, seed: int = 0
+                  ) -> tuple[analog.AnalogLayer, analog.AnalogLayer, torch.Tensor]:
+    """The torch and fused-triton layers of a case (8-bit unsigned operands x - z_in, int8 weights; K = 40 in tiles
+    of 16: the last one short) and the operands (G, M, K) in the plan's dtype, for samples 7, 2 and 40 of 3 rows."""
+    gen = torch.Generator().manual_seed(seed)
+    g, o = case.groups, case.groups * case.o
+    weight = torch.randint(-128, 128, (o, k), generator=gen)
+    matmul = kernels.MatmulPlan(case.plan, chunk=k, offset=128 if case.plan == "int_mm" else 0)
+    weights = kernels.prepare_weights(weight, g, matmul)
+    fs = tile * 255 * 128
+    bias = torch.randint(-fs // 4, fs // 4, (g, case.o), generator=gen) if case.bias else None
+    layers = tuple(analog_layer({"tile": tile, **case.hw}, weights, bias, x_max=255, w_max=128, seed=11, repeat=2,
+                                index=3, tile_step=step) for step in ("torch", "fused-triton"))
+    a = torch.randint(0, 256, (g, 9, k), generator=gen)
+    return *layers, (a - matmul.offset).to(matmul.dtype)
+
+
+@pytest.mark.parametrize("case", VALUES_CASES, ids=[c.name for c in VALUES_CASES])
+def test_readout_of_torchs_tile_values_equals_torch_path(monkeypatch: pytest.MonkeyPatch, case: ValuesCase) -> None:
+    """Weight error, DAC noise and a modulator transfer, photocurrent and RIN: torch forms (and draws) the tile
+    values, the kernel reads them out (VALUES mode); accumulators and counts equal the torch path's, the powers to
+    1e-12."""
+    reference, layer, a = values_layers(case)
+    ids = torch.tensor([7, 2, 40])
+    expected = reference.dot(a, ids)
+    launches = []
+    launch = fused_triton._launch
+    monkeypatch.setattr(fused_triton, "_launch", lambda *args: launches.append(args[0].constants) or launch(*args))
+    if DEVICE != "cpu":
+        layer.weights = replace(layer.weights, matrix=layer.weights.matrix.to(DEVICE))
+        layer.bias = None if layer.bias is None else layer.bias.to(DEVICE)
+    got = layer.dot(a.to(DEVICE), ids.to(DEVICE)).cpu()
+    assert [c["VALUES"] for c in launches] == [True] and not layer.kernel_forms_sums
+    assert FUSED_TRITON.supports(layer.plan, torch.device(DEVICE)) is None
+    assert torch.equal(got, expected)
+    stats, ref = layer.stats, reference.stats
+    for name in ("outputs", "overflowed", "tile_values", "clipped", "max_abs_acc"):
+        assert getattr(stats, name) == getattr(ref, name), name
+    for name in ("signal_power", "error_power", "signal_noise_power"):
+        assert getattr(stats, name) == pytest.approx(getattr(ref, name), rel=1e-12, abs=1e-9), name
+    assert stats.error_power > 0
+    if "range" in case.hw.get("adc", {}):
+        assert stats.clipped > 0
+    if case.hw.get("accumulator", {}).get("bits", 32) < 16:
+        assert stats.overflowed > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.float64])
+@pytest.mark.parametrize("work", [torch.float32, torch.float64])
+def test_readout_step_equals_the_compiled_cpu_readout(dtype: torch.dtype, work: torch.dtype) -> None:
+    """readout_step on (G, T, M, O) values of each dtype, a transposed view with a shift, in either working dtype:
+    accumulators and counts equal photosim.engine.fused_cpu.readout's (numba's p + shift, then the work dtype)."""
+    from photosim.engine import fused_cpu
+
+    layer, _, _ = make_layer(CASES[1])
+    readout = layer.readout
+    gen = torch.Generator().manual_seed(3)
+    g, t, m, o = 2, readout.tiles, 9, 12
+    scale = readout.full_scale / 3
+    p = (torch.rand(g, t, o, m, generator=gen, dtype=torch.float64) * 2 - 1) * scale
+    p = (p.round() if dtype == torch.int32 else p).to(dtype).transpose(2, 3)  # (G, T, M, O), not contiguous
+    shift = torch.randint(-int(scale), int(scale), (g, t, o), generator=gen)
+    bias_codes = torch.randint(-50, 50, (g, o), generator=gen)
+    ids = torch.tensor([7, 2, 40])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Readout, "dtype", property(lambda self: work))
+        got = fused_triton.readout_step(p.to(DEVICE), ids.to(DEVICE), readout, bias_codes, None, shift)
+        acc, counts = fused_cpu.readout(p, ids, readout, None, bias_codes, None, False, shift)
+    assert got.exact is None
+    assert torch.equal(got.acc.cpu(), acc)
+    assert (got.clipped, got.overflowed) == (counts.clipped, counts.overflowed) and counts.clipped > 0
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter check; on a GPU the gpu tests compare whole engines")
+def test_an_engine_with_weight_error_on_the_kernel_equals_the_cpu_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weight error (static and per inference) on every analog layer: the engine on fused-triton (torch forms the
+    tile values, the kernel reads them out) gives the CPU engine's codes at every node."""
+    from conftest import make_conv_net
+
+    from photosim.engine.executor import Engine
+
+    model = make_conv_net(seed=2)
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    hw = {"tile": 8, "adc": {"bits": 6}, "accumulator": {"bits": 12, "overflow": "saturate"},
+          "noise": {"weight_static": {"sigma": 0.02}, "weight_read": {"sigma": 0.01}, "output": {"sigma": 0.02}}}
+    reference = Engine(model, hw, seed=3).node_outputs(x, first_sample=5)
+    launches = []
+    launch = fused_triton._launch
+    monkeypatch.setattr(fused_triton, "_launch", lambda *args: launches.append(args[0].constants) or launch(*args))
+    engine = Engine(model, hw, seed=3, backend=["fused-triton"])
+    assert set(engine.backends[name].backend for name in engine.analog) == {"fused-triton"}
+    got = engine.node_outputs(x, first_sample=5)
+    assert len(launches) >= len(engine.analog) == 4 and all(c["VALUES"] for c in launches)
+    for name in reference:
+        assert torch.equal(got[name], reference[name]), name

@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"  # before Triton is imported: compiled JIT functions
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.runtime.interpreter  # noqa: E402
@@ -77,8 +78,9 @@ def _ignoring_results(call: object, *args: object) -> None:
 
 
 def launch_everything() -> None:
-    """The kernel launches of the interpreter tests: tile step (every readout case, the implicit conv cases),
-    implicit and direct convs (ungrouped, grouped, depthwise), patches, float and fixedpoint epilogues and adds."""
+    """The kernel launches of the interpreter tests: tile step (every readout case, the implicit conv cases, the
+    readout of torch's tile values), implicit and direct convs (ungrouped, grouped, depthwise), patches, float and
+    fixedpoint epilogues and adds."""
     from tests import test_fused_triton as tile, test_gpu_engine as gpu, test_triton_conv as conv  # noqa: I001
     from tests import test_triton_fixedpoint as fixedpoint
     from photosim.engine import cuda_ideal, triton_conv, triton_patches, triton_requant
@@ -88,6 +90,12 @@ def launch_everything() -> None:
         _ignoring_results(tile.check_against_reference, case)
     for case in tile.CONV_CASES:
         _ignoring_results(tile.test_implicit_conv_equals_im2col_and_torch_path, case)
+    for case in tile.VALUES_CASES:  # the readout of torch's tile values (VALUES)
+        with pytest.MonkeyPatch.context() as patch:
+            _ignoring_results(tile.test_readout_of_torchs_tile_values_equals_torch_path, patch, case)
+    for dtype in (torch.int32, torch.float32, torch.float64):  # VALUES with a shift, either working dtype
+        for work in (torch.float32, torch.float64):
+            _ignoring_results(tile.test_readout_step_equals_the_compiled_cpu_readout, dtype, work)
     for geometry in conv.GEOMETRIES:
         _ignoring_results(conv._check_against_torch, triton_conv, geometry, 8)
     for *geometry, groups in conv.GROUPED_GEOMETRIES:

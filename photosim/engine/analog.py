@@ -5,7 +5,8 @@ instead of the exact integer matmul when its hardware settings are not ideal (mo
 One AnalogLayer runs its tile step on the backend the registry chose (photosim.engine.backends): ``torch`` (the
 reference: torch tile sums, noise, ADC and accumulator below), ``fused-cpu`` (the readout as one compiled numba
 pass, photosim.engine.fused_cpu) or ``fused-triton`` (the whole tile step as one kernel,
-photosim.engine.fused_triton).
+photosim.engine.fused_triton; with weight error, modulated inputs or signal-dependent noise torch forms the tile
+values and the kernel reads them out).
 """
 
 from __future__ import annotations
@@ -133,6 +134,13 @@ class AnalogLayer:
         return self.plan.name
 
     @property
+    def kernel_forms_sums(self) -> bool:
+        """Whether the fused-triton kernel forms the tile sums from the operands (exact weights and inputs, no
+        signal-dependent noise); else torch forms the tile values and the kernel reads them out."""
+        r = self.readout
+        return self.tile_step == "fused-triton" and r.exact_weights and r.exact_inputs and not r.signal_effects
+
+    @property
     def stats(self) -> LayerStats:
         """The diagnostics so far; the batches' counts that _record left on the device are read here, at once."""
         if self._pending:
@@ -225,7 +233,7 @@ class AnalogLayer:
         copies = 1 if self.readout.exact_inputs else 3  # inexact inputs: the modulated operands and their noise
         operand_bytes = operands * self.weights.matrix.element_size() * copies
         budget = TILE_BYTES
-        if self.tile_step == "fused-triton":  # the int64 accumulators and exact sums: the kernel gathers operands
+        if self.kernel_forms_sums:  # the int64 accumulators and exact sums: the kernel gathers the operands
             budget = kernels.PATCH_BYTES
             per_sample = oh * ow * groups * self.weights.out_per_group * (16 if self.diagnostics else 8)
         elif self.tile_step == "fused-cpu":  # the tile values (int32 / float32 / float64) and the operands
@@ -238,7 +246,7 @@ class AnalogLayer:
         outs = []
         for start in range(0, max(n, 1), step):  # an empty batch still gives an (0, O, OH, OW) result
             batch, ids = x[start:start + step], sample_ids[start:start + step]
-            if self.tile_step == "fused-triton":  # the kernel gathers the operands from the input
+            if self.kernel_forms_sums:  # the kernel gathers the operands from the input
                 acc = self._recorded(fused_triton.conv_tile_step(
                     batch, z_in, self.weights.plan, kernel, stride, padding, dilation, self.matrix, ids, self.readout,
                     self._bias_codes(self.step), exact=self.diagnostics, shift=self.tile_shift))
@@ -257,7 +265,7 @@ class AnalogLayer:
     def dot(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """Operands a (G, M, K) = x - z_in - offset (the plan's), rows sample-major -> accumulators (G, M, O/G) in
         ADC steps."""
-        if self.tile_step == "fused-triton":
+        if self.kernel_forms_sums:
             return self.dot_triton(a, sample_ids)
         offset, exact_inputs = self.weights.plan.offset, self.readout.exact_inputs
         if self.weights.plan.path == "int_mm" and exact_inputs:
@@ -308,20 +316,25 @@ class AnalogLayer:
     def _readout(self, p: torch.Tensor, sample_ids: torch.Tensor, exact: torch.Tensor | None = None,
                  shift: torch.Tensor | None = None, signals: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Tile values p (G, T, M, O) + shift (G, T, O) -> analog noise, ADC, accumulator -> (G, M, O) int64 in ADC
-        steps, by the compiled CPU readout (``fused-cpu``) or the torch path (the reference).
+        steps, by the compiled CPU readout (``fused-cpu``), the Triton kernel (``fused-triton``) or the torch path
+        (the reference).
 
         ``exact`` (G, M, O) is the exact accumulator for the diagnostics; None: p's tiles sum to it. ``signals``:
         the per-tile optical quantities of signal-dependent noise (``_tile_signals``): torch draws that noise first
-        on either path, and the compiled readout continues from the noisy values.
+        on every path, and the compiled readouts continue from the noisy values.
         """
         drawn_first = self.readout.signal_effects
         if shift is not None and (self.tile_step != "fused-cpu" or drawn_first):
             p, shift = p.to(torch.int64) + shift.unsqueeze(2), None
-        if self.tile_step != "fused-cpu":
+        if self.tile_step == "torch":
             return self._readout_torch(p, sample_ids, exact, signals)
-        if self.diagnostics and exact is None and drawn_first:
-            exact = p.sum(dim=1, dtype=torch.float64)
-        return self._readout_fused(self._signal_noise(p, sample_ids, signals), sample_ids, exact, shift)
+        if self.diagnostics and exact is None and (drawn_first or self.tile_step == "fused-triton"):
+            exact = p.sum(dim=1, dtype=torch.float64)  # the Triton kernel sums only the tiles it forms
+        p = self._signal_noise(p, sample_ids, signals)
+        if self.tile_step == "fused-triton":
+            return self._recorded(fused_triton.readout_step(p, sample_ids, self.readout, self._bias_codes(self.step),
+                                                            exact))
+        return self._readout_fused(p, sample_ids, exact, shift)
 
     def dot_triton(self, a: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """dot by photosim.engine.fused_triton's kernel: tile sums, noise, ADC and accumulator in one pass, the

@@ -393,8 +393,9 @@ def _kernel_effects(plan: LayerPlan, drawn_first: frozenset[str] = frozenset()) 
 
 @register
 class FusedTritonBackend(Backend):
-    """The whole analog tile step as one Triton kernel on CUDA (photosim.engine.fused_triton); on CPU tensors
-    under the Triton interpreter (TRITON_INTERPRET=1) when required by name, for tests."""
+    """The whole analog tile step as one Triton kernel on CUDA (photosim.engine.fused_triton), or its readout of
+    torch's tile values (weight error, modulated inputs, signal-dependent noise); on CPU tensors under the Triton
+    interpreter (TRITON_INTERPRET=1) when required by name, for tests."""
 
     name, kinds, priority, on_request = "fused-triton", ("analog",), 20, ("cpu",)
 
@@ -403,13 +404,11 @@ class FusedTritonBackend(Backend):
         assert readout is not None
         if not fused_triton.available(device):
             return "needs Triton and a CUDA device (on the CPU: TRITON_INTERPRET=1)"
-        if not readout.exact_weights:
-            return "weight error is modelled by the torch and fused-cpu backends"
-        if not readout.exact_inputs:
-            return "DAC noise and the modulator transfer are modelled by the torch and fused-cpu backends"
-        if fused_triton.operand_path(plan.matmul.dtype, plan.matmul.dtype, readout.full_scale) is None:
+        forms_sums = readout.exact_weights and readout.exact_inputs and not readout.signal_effects
+        if forms_sums and fused_triton.operand_path(plan.matmul.dtype, plan.matmul.dtype, readout.full_scale) is None:
             return f"no exact tile sums of {plan.matmul.path} operands at full scale {readout.full_scale:g}"
-        return _kernel_effects(plan)
+        # weight error, modulated inputs, signal-dependent noise: torch forms (and draws) the tile values first
+        return _kernel_effects(plan, SIGNAL_EFFECTS)
 
     def prepare(self, plan: LayerPlan, device: torch.device, *, diagnostics: bool = True) -> LayerRunner:
         return AnalogLayer.prepare(plan, device, "fused-triton", diagnostics)

@@ -9,6 +9,10 @@ Philox key and counter as photosim.hardware.rng (the semantics: AnalogLayer._rea
 GEMM): kernels.conv2d_patches' im2col buffer is kh*kw times the input, and writing then reading it back was most of
 a conv's time on an H200.
 
+``readout_step`` reads out tile values torch formed already (G, T, M, O): weight error, modulated inputs (DAC noise,
+a nonlinear modulator) or the signal-dependent noise drawn in them, as photosim.engine.fused_cpu does on the CPU;
+the same kernel then skips its tl.dot and loads each tile value instead.
+
 It runs compiled on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before the first call: Triton reads it when the kernel module is imported), which is how the tests check it
 against the torch path on machines without a GPU.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -35,6 +39,7 @@ STREAM_VALUES = 4 << 32  # values one sample's Philox stream holds (2^32 counter
 # 32..128 on an H200 (a 3x3 conv, 64 -> 128 channels, 32 samples of 14 x 14, L = 64).
 BLOCK_M, BLOCK_O = 32, 32
 OperandPath = Literal["int8", "float32"]
+VALUE_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)  # of the tile values readout_step reads
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,8 @@ def tile_step(a: torch.Tensor, w: torch.Tensor, sample_ids: torch.Tensor, readou
     if w.shape[:2] != (g, k):
         raise ValueError(f"weights {tuple(w.shape)} do not match operands {tuple(a.shape)}")
     operands = a.float() if a.is_floating_point() else a
-    return _tile_step(_Operands(operands, a.dtype, m, (*operands.stride(), *_NO_CONV), _MATRIX), w, sample_ids, readout,
-                      bias_codes, exact, shift)
+    return _tile_step(_Operands(operands, a.dtype, m, (*operands.stride(), 0, *_NO_CONV), _MATRIX), w, sample_ids,
+                      readout, bias_codes, exact, shift)
 
 
 def conv_tile_step(x: torch.Tensor, z_in: int, plan: MatmulPlan, kernel: IntPair, stride: IntPair,
@@ -113,42 +118,66 @@ def conv_tile_step(x: torch.Tensor, z_in: int, plan: MatmulPlan, kernel: IntPair
                          "inside a sample are int32")
     oh, ow = (conv_output_size(*args) for args in zip((h, width), kernel, stride, padding, dilation))
     geometry = (c // g, h, width, ow, *x.stride(), z_in + plan.offset, -plan.offset)
-    conv = {"CONV": True, "KW": kernel[1], "SH": stride[0], "SW": stride[1], "PH": padding[0], "PW": padding[1],
-            "DH": dilation[0], "DW": dilation[1]}
-    return _tile_step(_Operands(x, plan.dtype, n * oh * ow, (0, 0, 0, *geometry), conv), w, sample_ids, readout,
+    conv = {"CONV": True, "VALUES": False, "KW": kernel[1], "SH": stride[0], "SW": stride[1], "PH": padding[0],
+            "PW": padding[1], "DH": dilation[0], "DW": dilation[1]}
+    return _tile_step(_Operands(x, plan.dtype, n * oh * ow, (0, 0, 0, 0, *geometry), conv), w, sample_ids, readout,
                       bias_codes, exact, shift)
+
+
+def readout_step(p: torch.Tensor, sample_ids: torch.Tensor, readout: Readout, bias_codes: torch.Tensor | None = None,
+                 exact: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> TileStep:
+    """Tile values p (G, T, M, O) that torch formed (VALUE_DTYPES, any strides; rows sample-major) -> the layer's
+    accumulators, as AnalogLayer._readout reads them out: p + shift in the readout's dtype, output / shot noise, ADC
+    and accumulator in the kernel, no (G, T, M, O) temporaries.
+
+    ``exact`` (G, M, O): the exact accumulators for the diagnostics (the tile values need not sum to them: weight
+    error, noise drawn), returned as they are; ``bias_codes`` and ``shift`` as for tile_step."""
+    if p.dim() != 4 or p.dtype not in VALUE_DTYPES:
+        raise ValueError(f"tile values must be (G, T, M, O) of {', '.join(map(str, VALUE_DTYPES))} (got "
+                         f"{tuple(p.shape)} {p.dtype})")
+    values = _Operands(p, p.dtype, p.shape[2], (p.stride(0), p.stride(2), p.stride(3), p.stride(1), *_NO_CONV),
+                       _VALUES)
+    return replace(_tile_step(values, None, sample_ids, readout, bias_codes, False, shift), exact=exact)
 
 
 # The kernel's conv arguments where it reads a (G, M, K) tensor: channels .. pad_value, and the constexprs.
 _NO_CONV = (0,) * 10
-_MATRIX = {"CONV": False, "KW": 1, "SH": 1, "SW": 1, "PH": 0, "PW": 0, "DH": 1, "DW": 1}
+_MATRIX = {"CONV": False, "VALUES": False, "KW": 1, "SH": 1, "SW": 1, "PH": 0, "PW": 0, "DH": 1, "DW": 1}
+_VALUES = {**_MATRIX, "VALUES": True}
 
 
 @dataclass(frozen=True)
 class _Operands:
-    """Where the kernel takes its operands: a (G, M, K) tensor, or a conv input it gathers them from."""
+    """Where the kernel takes its operands: a (G, M, K) tensor, a conv input it gathers them from, or the tile
+    values themselves (G, T, M, O)."""
 
     tensor: torch.Tensor
     dtype: torch.dtype  # of the operands the kernel forms (a conv input: the plan's, whatever the codes' dtype)
     rows: int  # M
-    args: tuple[int, ...]  # stride_ag, stride_am, stride_ak, then the conv's channels .. pad_value (_NO_CONV)
-    constants: dict[str, int | bool]  # the kernel's CONV and the conv's geometry (_MATRIX)
+    args: tuple[int, ...]  # stride_ag, stride_am, stride_ak, stride_at, then the conv's channels .. pad_value
+    constants: dict[str, int | bool]  # the kernel's CONV, VALUES and the conv's geometry (_MATRIX)
 
 
-def _tile_step(operands: _Operands, w: torch.Tensor, sample_ids: torch.Tensor, readout: Readout,
+def _tile_step(operands: _Operands, w: torch.Tensor | None, sample_ids: torch.Tensor, readout: Readout,
                bias_codes: torch.Tensor | None, exact: bool, shift: torch.Tensor | None) -> TileStep:
-    """tile_step and conv_tile_step once their operands are located: the checks they share, then the kernel."""
-    g, k, o = w.shape
+    """tile_step, conv_tile_step and readout_step (w None: the operands are the tile values) once their operands
+    are located: the checks they share, then the kernel."""
     m = operands.rows
-    path = operand_path(operands.dtype, w.dtype, readout.full_scale)
-    if path is None:
-        raise ValueError(f"no exact tile sums for {operands.dtype} x {w.dtype} operands at full scale "
-                         f"{readout.full_scale:g}; use the torch path")
+    int8 = False
+    if w is None:
+        g, tiles, _, o = operands.tensor.shape
+    else:
+        g, k, o = w.shape
+        path = operand_path(operands.dtype, w.dtype, readout.full_scale)
+        if path is None:
+            raise ValueError(f"no exact tile sums for {operands.dtype} x {w.dtype} operands at full scale "
+                             f"{readout.full_scale:g}; use the torch path")
+        tiles, int8 = math.ceil(k / readout.tile), path == "int8"
+        w = w if int8 else w.float()
     samples = len(sample_ids)
     per_sample = m // samples if samples else 0
     if per_sample * samples != m:
         raise ValueError(f"{m} rows are not {samples} samples of equal size")
-    tiles = math.ceil(k / readout.tile)
     if shift is not None and shift.shape != (g, tiles, o):
         raise ValueError(f"shift {tuple(shift.shape)} is not (groups, tiles, outputs) = {(g, tiles, o)}")
     if g * tiles * per_sample * o > STREAM_VALUES:
@@ -158,15 +187,14 @@ def _tile_step(operands: _Operands, w: torch.Tensor, sample_ids: torch.Tensor, r
     sums = torch.empty_like(acc) if exact else None
     counts = torch.zeros(2, dtype=torch.int64, device=device)
     if acc.numel():
-        _launch(operands, w if path == "int8" else w.float(), path == "int8", sample_ids, readout, bias_codes, shift,
-                acc, sums, counts)
+        _launch(operands, w, int8, sample_ids, readout, bias_codes, shift, acc, sums, counts)
     return TileStep(acc, sums, counts)
 
 
-def _launch(operands: _Operands, w: torch.Tensor, int8: bool, sample_ids: torch.Tensor, readout: Readout,
+def _launch(operands: _Operands, w: torch.Tensor | None, int8: bool, sample_ids: torch.Tensor, readout: Readout,
             bias_codes: torch.Tensor | None, shift: torch.Tensor | None, acc: torch.Tensor,
             sums: torch.Tensor | None, counts: torch.Tensor) -> None:
-    """Run the kernel over (output blocks, groups)."""
+    """Run the kernel over (output blocks, groups); w None: the operands are the tile values (G, T, M, O)."""
     import triton  # imported with the kernel, only when one runs
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -179,7 +207,10 @@ def _launch(operands: _Operands, w: torch.Tensor, int8: bool, sample_ids: torch.
                          f"take {device.type} tensors: TRITON_INTERPRET=1 before the first call is for CPU tensors")
 
     g, m, o = acc.shape
-    k = w.shape[1]
+    if w is None:  # the kernel reads no weights: any pointer, no K
+        k, tiles, w_args = 0, operands.tensor.shape[1], (operands.tensor, 0, 0, 0)
+    else:
+        k, tiles, w_args = w.shape[1], math.ceil(w.shape[1] / readout.tile), (w, *w.stride())
     philox.check_samples(sample_ids)
     ids = sample_ids.to(device=device, dtype=torch.int64)
     fs, step = readout.full_scale, readout.step
@@ -196,10 +227,10 @@ def _launch(operands: _Operands, w: torch.Tensor, int8: bool, sample_ids: torch.
     block_k = max(32 if int8 else 16, min(64, triton.next_power_of_2(readout.tile)))
     grid = (triton.cdiv(m, block_m) * triton.cdiv(o, block_o), g)
     triton_tile.tile_step_kernel[grid](
-        operands.tensor, w, ids, params, acc if bias is None else bias, acc if shift is None else shift, acc,
+        operands.tensor, w_args[0], ids, params, acc if bias is None else bias, acc if shift is None else shift, acc,
         acc if sums is None else sums, counts,
-        m, k, o, math.ceil(k / readout.tile), readout.tile, m // len(ids),
-        *w.stride(), *operands.args, *out_key, *shot_key, max_int(readout.adc_bits or 2, signed=True), acc_lo,
+        m, k, o, tiles, readout.tile, m // len(ids),
+        *w_args[1:], *operands.args, *out_key, *shot_key, max_int(readout.adc_bits or 2, signed=True), acc_lo,
         acc_hi,
         OUTPUT=bool(sigma_output), SHOT=bool(sigma_shot), DIVIDE=step != 1.0,
         CLIP=readout.adc_bits is not None, BIAS_AT="none" if bias is None else readout.bias_at, OVERFLOW=overflow,

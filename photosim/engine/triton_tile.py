@@ -5,6 +5,8 @@ noise, ADC and accumulator step, so the noise costs registers instead of (G, T, 
 The operands come from a (G, M, K) tensor, or (CONV) straight from a conv's input codes: an implicit GEMM, which
 spares the im2col buffer of kernels.conv2d_patches (kh*kw times the input, written then read back). A tile is any
 run of L consecutive K indices and may cross taps, so every k of a K chunk is mapped to its (i, j, c) on its own.
+Or (VALUES) the tile values come formed already, (G, T, M, O): torch's, with weight error, modulated inputs or the
+signal-dependent noise drawn; the kernel reads them out the same way.
 """
 
 from __future__ import annotations
@@ -89,12 +91,12 @@ def _gathered(x_rows, ih0, iw0, row_ok, kk, k_ok, channels, height, width, strid
 def tile_step_kernel(
     a_ptr, w_ptr, ids_ptr, params_ptr, bias_ptr, shift_ptr, acc_ptr, exact_ptr, counts_ptr,
     m, k, o, tiles, tile, per_sample,
-    stride_wg, stride_wk, stride_wo, stride_ag, stride_am, stride_ak,
+    stride_wg, stride_wk, stride_wo, stride_ag, stride_am, stride_ak, stride_at,
     channels, height, width, out_w, stride_xn, stride_xc, stride_xh, stride_xw, centre, pad_value,
     out_k0, out_k1, shot_k0, shot_k1, adc_hi, acc_lo, acc_hi,
     OUTPUT: tl.constexpr, SHOT: tl.constexpr, DIVIDE: tl.constexpr, CLIP: tl.constexpr,
     BIAS_AT: tl.constexpr, OVERFLOW: tl.constexpr, F64: tl.constexpr, EXACT: tl.constexpr, INT8: tl.constexpr,
-    SHIFT: tl.constexpr, ALIGNED: tl.constexpr, CONV: tl.constexpr,
+    SHIFT: tl.constexpr, ALIGNED: tl.constexpr, CONV: tl.constexpr, VALUES: tl.constexpr,
     KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
     DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -105,7 +107,11 @@ def tile_step_kernel(
 
     CONV: a_ptr is a conv input (N, C, H, W) of any strides (stride_x*), row r of the GEMM its output pixel (n, oh,
     ow) = (r // per_sample, r % per_sample // out_w, r % out_w) and group g its channels g*channels.. (channels =
-    C/G); stride (SH, SW), padding (PH, PW), dilation (DH, DW) and the kernel's width KW say where its taps are."""
+    C/G); stride (SH, SW), padding (PH, PW), dilation (DH, DW) and the kernel's width KW say where its taps are.
+
+    VALUES: a_ptr is the tile values (G, T, M, O) (int32, int64, float32 or float64; strides stride_ag, stride_at,
+    stride_am, stride_ak), read out as they are (w is not read; no EXACT sums: the caller has them). A float value
+    gets the shift in float64, as fused_cpu's ``p + shift`` (numpy's promotion) does, then the readout's dtype."""
     g = tl.program_id(1).to(tl.int64)
     blocks_o = tl.cdiv(o, BLOCK_O)
     rows = (tl.program_id(0) // blocks_o) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -141,19 +147,25 @@ def tile_step_kernel(
     if BIAS_AT == "start":
         total, sat, over = _add_term(total, sat, over, bias, acc_lo, acc_hi, OVERFLOW)
     for t in range(tiles):
-        p = tl.zeros((BLOCK_M, BLOCK_O), tl.int32 if INT8 else tl.float32)
-        for start in range(0, tile, BLOCK_K):
-            kk = t * tile + start + ks
-            k_ok = (start + ks < tile) & (kk < k)
-            if CONV:
-                a = _gathered(x_rows, ih0, iw0, row_ok, kk, k_ok, channels, height, width, stride_xc, stride_xh,
-                              stride_xw, centre, pad_value, KW, DH, DW, INT8)
-            else:
-                a = tl.load(a_rows + kk[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0)
-            w = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_ok[:, None] & (cols[None, :] < o), other=0)
-            p = tl.dot(a, w, p, out_dtype=tl.int32) if INT8 else tl.dot(a, w, p, input_precision="ieee")
+        if VALUES:
+            p = tl.load(a_ptr + g * stride_ag + t * stride_at + rows[:, None] * stride_am + cols[None, :] * stride_ak,
+                        mask=valid, other=0)
+        else:
+            p = tl.zeros((BLOCK_M, BLOCK_O), tl.int32 if INT8 else tl.float32)
+            for start in range(0, tile, BLOCK_K):
+                kk = t * tile + start + ks
+                k_ok = (start + ks < tile) & (kk < k)
+                if CONV:
+                    a = _gathered(x_rows, ih0, iw0, row_ok, kk, k_ok, channels, height, width, stride_xc, stride_xh,
+                                  stride_xw, centre, pad_value, KW, DH, DW, INT8)
+                else:
+                    a = tl.load(a_rows + kk[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0)
+                w = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_ok[:, None] & (cols[None, :] < o), other=0)
+                p = tl.dot(a, w, p, out_dtype=tl.int32) if INT8 else tl.dot(a, w, p, input_precision="ieee")
         if SHIFT:
-            p = p.to(tl.int64) + tl.load(shift_ptr + (g * tiles + t) * o + cols, mask=cols < o, other=0)[None, :]
+            shift = tl.load(shift_ptr + (g * tiles + t) * o + cols, mask=cols < o, other=0)[None, :]
+            wide = tl.float64 if p.dtype.is_floating() else tl.int64  # float: exact sums, or VALUES' float values
+            p = p.to(wide) + shift.to(wide)
         if EXACT:
             exact = exact + p.to(tl.int64)
         v = p.to(dtype)
