@@ -153,8 +153,8 @@ def test_fused_layers_give_the_engines_codes(fused: ModuleType, monkeypatch: pyt
     expected = Engine(model, hw).node_outputs(x)
     engine = _with_fused_layers(Engine(model, hw), fused)
     kernels_used = {name: type(getattr(layer, "fused", None)).__name__ for name, layer in engine.layers.items()}
-    grouped = "ImplicitLayer" if requant == "float" else "NoneType"  # fixedpoint: ungrouped layers only
-    assert kernels_used == {"conv1": "FusedLayer", "dw": grouped, "grouped": grouped, "fc": "FusedLayer"}
+    assert kernels_used == {"conv1": "FusedLayer", "dw": "ImplicitLayer", "grouped": "ImplicitLayer",
+                            "fc": "FusedLayer"}
     got = engine.node_outputs(x)
     assert all(torch.equal(got[name], expected[name]) for name in expected)
 

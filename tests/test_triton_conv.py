@@ -152,11 +152,13 @@ def test_linear_is_the_one_by_one_conv(conv: ModuleType) -> None:
 
 @pytest.mark.skipif(CUDA, reason="interpreter run on CPU tensors; the gpu test covers CUDA")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_engine_on_the_backend_gives_the_torch_engines_codes(conv: ModuleType, bits: int) -> None:
+@pytest.mark.parametrize("requant", ["float", "fixedpoint"])
+def test_engine_on_the_backend_gives_the_torch_engines_codes(conv: ModuleType, bits: int, requant: str) -> None:
     model = make_conv_net(seed=bits, w_bits=bits, a_bits=bits)
     x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-    expected = Engine(model).node_outputs(x)
-    engine = Engine(model, backend=["cuda-implicit", "torch"])
+    hw = {"requant": requant}
+    expected = Engine(model, hw).node_outputs(x)
+    engine = Engine(model, hw, backend=["cuda-implicit", "torch"])
     assert {name: choice.backend for name, choice in engine.backends.items()} == dict.fromkeys(
         ("conv1", "dw", "grouped", "fc"), "cuda-implicit")  # dw: depthwise 3x3, grouped: pointwise in 2 groups
     got = engine.node_outputs(x)
@@ -175,8 +177,8 @@ def test_backend_runs_only_when_required_and_says_why_it_declines(conv: ModuleTy
     assert reasons(12)["conv1"] == "cuda-implicit: needs int8 weights (this layer: 12-bit)"
     assert reasons(8, a_bits=12)["conv1"] == \
         "cuda-implicit: input codes x - z_in in [-2047, 2048] span more than the 256 values of int8"
-    assert reasons(8, {"requant": "fixedpoint"})["fc"] == \
-        "cuda-implicit: computes the float requant mode only (this layer: fixedpoint)"
+    assert reasons(8, {"requant": "pytorch"})["fc"] == \
+        "cuda-implicit: computes the float and fixedpoint requant modes only (this layer: pytorch)"
     monkeypatch.delenv("TRITON_INTERPRET")
     assert reasons(8)["fc"] == "cuda-implicit: needs Triton and a CUDA device (on the CPU: TRITON_INTERPRET=1)"
 

@@ -83,7 +83,7 @@ def launch_everything() -> None:
     fixedpoint epilogues and adds."""
     from tests import test_fused_triton as tile, test_gpu_engine as gpu, test_triton_conv as conv  # noqa: I001
     from tests import test_triton_fixedpoint as fixedpoint
-    from photosim.engine import cuda_ideal, triton_conv, triton_patches, triton_requant
+    from photosim.engine import cuda_ideal, kernels, triton_conv, triton_patches, triton_requant
 
     tile.DEVICE = gpu.DEVICE = conv.DEVICE = fixedpoint.DEVICE = "cpu"
     for case in tile.CASES:
@@ -100,6 +100,11 @@ def launch_everything() -> None:
         _ignoring_results(conv._check_against_torch, triton_conv, geometry, 8)
     for *geometry, groups in conv.GROUPED_GEOMETRIES:
         _ignoring_results(conv._check_against_torch, triton_conv, tuple(geometry), 8, groups)
+    for *geometry, groups in (conv.GEOMETRIES[0] + (1,), conv.GROUPED_GEOMETRIES[0]):  # fixedpoint: GEMM, direct
+        x, weight, params = conv._layer_case(tuple(geometry), 8, False, 0, groups)
+        matmul = kernels.plan_matmul(weight[0].numel(), (0, 255), 8, force="int_mm")
+        layer = triton_conv.ImplicitLayer.prepare(kernels.prepare_weights(weight, groups, matmul), params, "fixedpoint")
+        layer.conv(x, 0, *geometry[5:9])
     _ignoring_results(gpu.test_epilogue_rounds_ties_to_even_and_clamps, cuda_ideal)
     for test in (fixedpoint.test_ties_after_the_shift_round_half_away_from_zero,
                  fixedpoint.test_srdhm_saturates_and_extreme_exponents):

@@ -304,14 +304,17 @@ def _implicit_layer(plan: LayerPlan, device: torch.device) -> CudaIdealLayer:
     matmul = _int8_matmul(plan)
     assert matmul is not None  # supports() said so
     weights = kernels.prepare_weights(plan.weight, plan.groups, matmul, device)
-    return CudaIdealLayer(plan, triton_conv.ImplicitLayer.prepare(weights, plan.requant))
+    return CudaIdealLayer(plan, triton_conv.ImplicitLayer.prepare(weights, plan.requant, plan.mode.name))
 
 
-def _fixedpoint_problem(plan: LayerPlan) -> str | None:
-    """Why the fixedpoint epilogue cannot take this layer: FixedPointRequant refuses accumulators (bias included)
-    outside int32, which a kernel cannot raise, so the bound sum |w| max|x - z_in| + |bias| must prove they fit."""
-    if plan.groups != 1:
-        return "computes the fixedpoint requant mode for ungrouped layers only"
+def _epilogue_problem(plan: LayerPlan) -> str | None:
+    """Why the CUDA kernels' requantization epilogue (triton_requant.layer_codes) cannot take this layer: a mode
+    other than float and fixedpoint, or fixedpoint accumulators that might leave int32 (FixedPointRequant refuses
+    those, which a kernel cannot do, so the bound sum |w| max|x - z_in| + |bias| must prove they fit)."""
+    if plan.mode.name not in ("float", "fixedpoint"):
+        return f"computes the float and fixedpoint requant modes only (this layer: {plan.mode.name})"
+    if plan.mode.name == "float":
+        return None
     x_max = max(abs(v) for v in plan.x_range)
     weight, bias = plan.weight.cpu().to(torch.int64), plan.requant.bias.cpu().to(torch.int64)
     bound = weight.abs().flatten(1).sum(1) * x_max + bias.abs()  # per output channel
@@ -323,8 +326,8 @@ def _fixedpoint_problem(plan: LayerPlan) -> str | None:
 @register
 class CudaIdealBackend(Backend):
     """Ideal layers on CUDA with a fused requantization epilogue: ungrouped layers as patches, GEMM and epilogue
-    (photosim.engine.cuda_ideal; ``float`` or ``fixedpoint`` requant), grouped and depthwise ones on
-    photosim.engine.triton_conv's grouped implicit-GEMM or direct kernel (``float``)."""
+    (photosim.engine.cuda_ideal), grouped and depthwise ones on photosim.engine.triton_conv's grouped implicit-GEMM
+    or direct kernel; ``float`` or ``fixedpoint`` requant."""
 
     name, kinds, priority = "cuda-ideal", ("ideal",), 20
 
@@ -334,9 +337,7 @@ class CudaIdealBackend(Backend):
             return "runs on CUDA GPUs"
         if not _triton_installed():
             return "needs Triton"
-        if plan.mode.name not in ("float", "fixedpoint"):
-            return f"computes the float and fixedpoint requant modes only (this layer: {plan.mode.name})"
-        if plan.mode.name == "fixedpoint" and (problem := _fixedpoint_problem(plan)):
+        if problem := _epilogue_problem(plan):
             return problem
         if plan.groups != 1:
             problem = _implicit_kernel_problem(plan)
@@ -365,9 +366,7 @@ class CudaImplicitBackend(Backend):
     def supports(self, plan: LayerPlan, device: torch.device) -> str | None:
         if not fused_triton.available(device):
             return "needs Triton and a CUDA device (on the CPU: TRITON_INTERPRET=1)"
-        if plan.mode.name != "float":
-            return f"computes the float requant mode only (this layer: {plan.mode.name})"
-        return _implicit_kernel_problem(plan)
+        return _epilogue_problem(plan) or _implicit_kernel_problem(plan)
 
     def prepare(self, plan: LayerPlan, device: torch.device, *, diagnostics: bool = True) -> LayerRunner:
         return _implicit_layer(plan, device)

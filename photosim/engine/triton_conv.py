@@ -7,8 +7,9 @@ walks that group's K = kh*kw*C/G tap by tap (the order of photosim.engine.kernel
 of that tap straight from the input (NCHW or channels_last, any strides), centres and shifts them into int8 as the
 int_mm plan does (``x - z_in - offset``; padding is the zero point, so its operand is ``-offset`` as in
 kernels.conv2d_patches), sums int8 x int8 products in int32 with tl.dot, then adds the shift (offset correction
-plus integer bias) in int64 and applies FloatRequant's float64 chain and clamp (photosim.engine.triton_requant's
-helpers, FMA contraction off) before writing int32 codes into an NHWC buffer, returned as a channels_last
+plus integer bias) in int64 and applies the layer's requantization, FloatRequant's float64 chain or
+FixedPointRequant's integer one (photosim.engine.triton_requant.layer_codes, FMA contraction off) and the clamp,
+before writing int32 codes into an NHWC buffer, returned as a channels_last
 (N, O, OH, OW) view. A linear layer is the 1x1 convolution of (N, K, 1, 1).
 
 Grouped layers run on a group grid axis, each group reading its C/G input channels and its weight slice and writing
@@ -29,7 +30,7 @@ import triton.language as tl
 
 from photosim.engine.cuda_ideal import FusedLayer
 from photosim.engine.kernels import IntPair
-from photosim.engine.triton_requant import NO_FMA, accumulator_codes
+from photosim.engine.triton_requant import NO_FMA, layer_codes
 from photosim.ir.ops import conv_output_size
 
 # Untuned starting points (to be timed on a GPU): 64 x 64 int32 accumulators, then the float64 epilogue, stay in
@@ -42,10 +43,10 @@ DIRECT_MAX_GROUP_CHANNELS, DIRECT_BLOCK_M, DIRECT_BLOCK_O = 4, 64, 32
 
 
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, shift_ptr, mult_ptr, out_ptr, rows, group_channels, height, width, out_h, out_w, o,
-                 out_per_group, s_n, s_c, s_h, s_w, s_wg, s_wk, s_wo, centre, pad_value, z_out, qmin, qmax,
-                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
-                 PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+def _conv_kernel(x_ptr, w_ptr, shift_ptr, mult_ptr, exponent_ptr, out_ptr, rows, group_channels, height, width,
+                 out_h, out_w, o, out_per_group, s_n, s_c, s_h, s_w, s_wg, s_wk, s_wo, centre, pad_value, z_out, qmin,
+                 qmax, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+                 PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, FIXEDPOINT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     # index arithmetic in int32 (64-bit division is slow on GPUs); the sample and output offsets in int64
     group = tl.program_id(2)
@@ -77,17 +78,15 @@ def _conv_kernel(x_ptr, w_ptr, shift_ptr, mult_ptr, out_ptr, rows, group_channel
                             mask=c_ok[:, None] & col_ok[None, :], other=0)  # (BLOCK_K, BLOCK_O) int8
                 acc = tl.dot(a, w, acc, out_dtype=tl.int32)
     channel = group * out_per_group + cols
-    shift = tl.load(shift_ptr + channel, mask=col_ok, other=0)
-    mult = tl.load(mult_ptr + channel, mask=col_ok, other=0.0)
-    tl.store(out_ptr + r.to(tl.int64)[:, None] * o + channel[None, :],
-             accumulator_codes(acc, shift, mult, z_out, qmin, qmax), mask=row_ok[:, None] & col_ok[None, :])
+    codes = layer_codes(acc, channel, col_ok, shift_ptr, mult_ptr, exponent_ptr, z_out, qmin, qmax, FIXEDPOINT)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * o + channel[None, :], codes, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _direct_kernel(x_ptr, w_ptr, shift_ptr, mult_ptr, out_ptr, rows, group_channels, height, width, out_h, out_w, o,
-                   out_per_group, s_n, s_c, s_h, s_w, s_wg, s_wk, s_wo, centre, pad_value, z_out, qmin, qmax,
-                   KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
-                   PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+def _direct_kernel(x_ptr, w_ptr, shift_ptr, mult_ptr, exponent_ptr, out_ptr, rows, group_channels, height, width,
+                   out_h, out_w, o, out_per_group, s_n, s_c, s_h, s_w, s_wg, s_wk, s_wo, centre, pad_value, z_out,
+                   qmin, qmax, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                   PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, FIXEDPOINT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr):
     # a (BLOCK_M, BLOCK_O) block of output channels of any groups: each column reads its group's input channels
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel rows (n, oh, ow)
@@ -114,10 +113,8 @@ def _direct_kernel(x_ptr, w_ptr, shift_ptr, mult_ptr, out_ptr, rows, group_chann
                 a = tl.where(inside[:, None], x.to(tl.int32) - centre, pad_value)  # (BLOCK_M, BLOCK_O) int8 values
                 w = tl.load(w_column + (tap + c) * s_wk, mask=col_ok, other=0).to(tl.int32)  # (BLOCK_O,)
                 acc += a * w[None, :]
-    shift = tl.load(shift_ptr + channel, mask=col_ok, other=0)
-    mult = tl.load(mult_ptr + channel, mask=col_ok, other=0.0)
-    tl.store(out_ptr + r.to(tl.int64)[:, None] * o + channel[None, :],
-             accumulator_codes(acc, shift, mult, z_out, qmin, qmax), mask=row_ok[:, None] & col_ok[None, :])
+    codes = layer_codes(acc, channel, col_ok, shift_ptr, mult_ptr, exponent_ptr, z_out, qmin, qmax, FIXEDPOINT)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * o + channel[None, :], codes, mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _block(size: int, smallest: int, largest: int) -> int:
@@ -148,9 +145,11 @@ class ImplicitLayer(FusedLayer):
         oh, ow = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
         matrix, offset = self.weights.matrix, self.weights.plan.offset  # (G, K', O'/G) int8, K ordered (kh, kw, C/G)
         groups, og = matrix.shape[0], self.weights.out_per_group
-        args = (x, matrix, self.shift, self.multiplier, out, rows, c // groups, h, w, oh, ow, o, og, *x.stride(),
+        multiplier, exponent = self.fixedpoint or (self.multiplier, self.multiplier)  # float: exponents unread
+        args = (x, matrix, self.shift, multiplier, exponent, out, rows, c // groups, h, w, oh, ow, o, og, *x.stride(),
                 *matrix.stride(), z_in + offset, -offset, self.output.zero_point, self.output.qmin, self.output.qmax)
-        geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, **NO_FMA)
+        geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, FIXEDPOINT=self.fixedpoint is not None,
+                        **NO_FMA)
         if sums_directly(c // groups, groups):
             grid = (triton.cdiv(rows, DIRECT_BLOCK_M), triton.cdiv(o, DIRECT_BLOCK_O))
             _direct_kernel[grid](*args, BLOCK_M=DIRECT_BLOCK_M, BLOCK_O=DIRECT_BLOCK_O, **geometry)

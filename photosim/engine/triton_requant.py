@@ -99,22 +99,31 @@ def fixedpoint_codes(acc, shift, q, exponent, z_out, qmin, qmax):
 
 
 @triton.jit
+def layer_codes(acc, channel, col_ok, shift_ptr, mult_ptr, exponent_ptr, z_out, qmin, qmax,
+                FIXEDPOINT: tl.constexpr):
+    """The epilogue of every ideal CUDA kernel: a (rows, O) block of raw accumulators of output channels
+    ``channel`` (O,) -> int32 codes, their per-channel constants loaded here: float mode (``mult_ptr`` float64
+    multipliers; ``exponent_ptr`` unread) or fixedpoint (``mult_ptr`` / ``exponent_ptr`` int64 q and exponent)."""
+    shift = tl.load(shift_ptr + channel, mask=col_ok, other=0)
+    if FIXEDPOINT:
+        q = tl.load(mult_ptr + channel, mask=col_ok, other=0)
+        exponent = tl.load(exponent_ptr + channel, mask=col_ok, other=0)
+        codes = fixedpoint_codes(acc, shift, q, exponent, z_out, qmin, qmax)
+    else:
+        mult = tl.load(mult_ptr + channel, mask=col_ok, other=0.0)
+        codes = accumulator_codes(acc, shift, mult, z_out, qmin, qmax)
+    return codes
+
+
+@triton.jit
 def _requant_kernel(acc_ptr, acc_stride, shift_ptr, mult_ptr, exponent_ptr, out_ptr, out_stride, rows, cols, z_out,
                     qmin, qmax, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, FIXEDPOINT: tl.constexpr):
-    """One (BLOCK_M, BLOCK_O) tile of the epilogue: float mode (``mult_ptr`` float64 multipliers), or fixedpoint
-    (``mult_ptr``/``exponent_ptr`` int64 q and exponent)."""
+    """One (BLOCK_M, BLOCK_O) tile of the epilogue (layer_codes) over a matmul's results."""
     r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask = (r < rows)[:, None] & (o < cols)[None, :]
     acc = tl.load(acc_ptr + r[:, None] * acc_stride + o[None, :], mask=mask, other=0)
-    shift = tl.load(shift_ptr + o, mask=o < cols, other=0)
-    if FIXEDPOINT:
-        q = tl.load(mult_ptr + o, mask=o < cols, other=0)
-        exponent = tl.load(exponent_ptr + o, mask=o < cols, other=0)
-        codes = fixedpoint_codes(acc, shift, q, exponent, z_out, qmin, qmax)
-    else:
-        mult = tl.load(mult_ptr + o, mask=o < cols, other=0.0)
-        codes = accumulator_codes(acc, shift, mult, z_out, qmin, qmax)
+    codes = layer_codes(acc, o, o < cols, shift_ptr, mult_ptr, exponent_ptr, z_out, qmin, qmax, FIXEDPOINT)
     tl.store(out_ptr + r[:, None] * out_stride + o[None, :], codes, mask=mask)
 
 
