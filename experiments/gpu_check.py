@@ -44,14 +44,15 @@ def steps(out: Path, quick: bool, device: str) -> list[Step]:
     noisy = [py, str(HERE / "noisy_run.py"), "--devices", device, "cpu", "cpu-torch", "cpu-float", "--images", images,
              "--compare", compare, "--batch", "512" if not quick else batch, "--threads", str(os.cpu_count() or 2)]
     profile = [py, str(HERE / "gpu_profile.py"), "--device", device, "--batch", batch, "--runs", runs]
+    implicit = [Step("profile ideal W8A8, cuda-implicit", [*profile, "--config", "0", "--backend", "cuda-implicit",
+                                                           "cuda-ideal"], 300)] if device.startswith("cuda") else []
     return [
         Step("environment", [py, "-c", ENVIRONMENT], 120),
         Step("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 900),
         Step("bench", [py, "-m", "photosim", "bench", "--device", device, "--batch", batch, "--runs", runs,
                        "--no-memory", "--threads", "2", "--json", str(out / "bench.json")], 900),
         Step("profile ideal W8A8", [*profile, "--config", "0"], 300),
-        Step("profile ideal W8A8, cuda-implicit", [*profile, "--config", "0", "--backend", "cuda-implicit",
-                                                   "cuda-ideal"], 300),
+        *implicit,  # a CUDA backend: not in a --device cpu smoke run
         Step("profile output noise", [*profile, "--config", "1"], 300),
         Step("profile tile, ADC, noise, saturating accumulator", [*profile, "--config", "2"], 300),
         Step("cross-device, ideal W8A8 (all codes equal)", [*noisy, "--config", "0"], 900),

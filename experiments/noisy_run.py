@@ -8,7 +8,7 @@ seed, layer and sample index and every device computes it bit for bit, so the co
 node that differs while its inputs agree is where two devices' arithmetic parts (a noisy run spreads one changed
 code to many: docs/performance.md). Pseudo-devices, all on the CPU: ``cpu-torch`` runs every layer on the torch
 backend (the reference), ``cpu-triton`` every analog layer on the CUDA tile kernel under the Triton interpreter
-(the GPU's arithmetic, about 3 minutes per image of ResNet-18; not with ``cuda`` in the same run), ``cpu-float``
+(the GPU's arithmetic, 4 to 8 minutes per image of ResNet-18; not with ``cuda`` in the same run), ``cpu-float``
 takes float32 tile sums instead of ``torch._int_mm``, and ``cpu-nudged`` moves every noise value by about one unit
 in the last place.
 
