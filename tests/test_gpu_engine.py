@@ -238,9 +238,10 @@ def test_cuda_engine_matches_cpu_on_the_conv_net(bits: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_and_cpu_draw_the_same_noisy_tile_run() -> None:
-    """The bench's tile configuration (tile 64, 8-bit ADC, output noise, saturating accumulator) on ResNet-18: the
-    first layer sees the same input codes on both devices, so its codes must be equal everywhere; later layers may
-    only differ where an earlier code did (none should), so >= 99.9% of the output codes agree."""
+    """The bench's tile configuration (tile 64, 8-bit ADC, output noise, saturating accumulator) on ResNet-18: every
+    node's codes equal the CPU's (the issue's target was >= 99.9% of the outputs; the noise and every float step are
+    correctly rounded on both devices, and one changed code would spread, so anything less is a bug: the first
+    differing node names it)."""
     from photosim.experiments.bench import CONFIGS
 
     hw = CONFIGS[2].hw
@@ -250,7 +251,4 @@ def test_cuda_and_cpu_draw_the_same_noisy_tile_run() -> None:
     engine = Engine(model, hw, seed=3, device="cuda")
     got = engine.node_outputs(x, first_sample=100)
     assert {choice.backend for choice in engine.backends.values()} == {"fused-triton"}
-    first = model.nodes[0].name
-    assert torch.equal(got[first], expected[first])
-    out = model.output
-    assert (got[out] == expected[out]).float().mean() >= 0.999
+    assert [node.name for node in model.nodes if not torch.equal(got[node.name], expected[node.name])] == []
