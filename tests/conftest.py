@@ -12,6 +12,7 @@ from photosim.engine.plan import LayerPlan
 from photosim.engine.requant import REQUANT_MODES
 from photosim.hardware.config import LayerHardware
 from photosim.hardware.readout import Readout
+from photosim.ir.fakequant import fake_quant_forward
 from photosim.ir.format import Node, QParams, QuantizedModel
 
 
@@ -141,3 +142,13 @@ def box_muller_edge_words() -> torch.Tensor:
     words |= {(q << 30) + d for q in range(5) for d in (-1, 0, 1, 1 << 29) if 0 <= (q << 30) + d < 2**32}
     random = torch.randint(0, 2**32, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
     return torch.tensor(sorted(words | set(random.tolist())), dtype=torch.int64)
+
+
+def w8a8_outputs(model: torch.nn.Module, calibration: torch.Tensor, x: torch.Tensor, **simulate: Any
+                 ) -> tuple[QuantizedModel, torch.Tensor, torch.Tensor]:
+    """A float model quantized W8A8 on ``calibration``, and its ideal integer engine's and the fake-quant
+    reference's outputs on ``x`` (``simulate``: photosim.simulate's options)."""
+    import photosim
+
+    qm = photosim.quantize(model, calibration, {"w_bits": 8, "a_bits": 8})
+    return qm, photosim.simulate(qm, x, **simulate), fake_quant_forward(qm, x)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from conftest import w8a8_outputs
 
 import photosim
-from photosim.ir.fakequant import fake_quant_forward
 
 SMALL = ["mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "efficientnet_b0",
          "regnet_y_400mf", "googlenet"]  # one per family whose ops this file is about
@@ -28,9 +28,7 @@ def build(name: str) -> torch.nn.Module:
 def test_small_cnns_run_on_integers(name: str) -> None:
     torch.manual_seed(0)
     calibration, x = torch.randn(8, 3, 64, 64), torch.randn(16, 3, 64, 64)
-    qm = photosim.quantize(build(name), calibration, {"w_bits": 8, "a_bits": 8})
-    reference = fake_quant_forward(qm, x)
-    ideal = photosim.simulate(qm, x, batch_size=8)
+    qm, ideal, reference = w8a8_outputs(build(name), calibration, x, batch_size=8)
     # one-LSB roundings (float mode against float64) grow through a deep net: a small fraction of the range
     assert (ideal - reference).abs().max() <= 0.1 * reference.abs().max()
     assert (ideal.argmax(1) == reference.argmax(1)).float().mean() >= 0.9  # random logits have near-ties
@@ -45,8 +43,7 @@ def test_vision_transformers_run_on_integers() -> None:
     with torch.no_grad():
         model.heads.head.weight.normal_(0, 0.02)  # torchvision starts the head at zero
     calibration, x = torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64)
-    qm = photosim.quantize(model, calibration, {"w_bits": 8, "a_bits": 8})
-    ideal, reference = photosim.simulate(qm, x), fake_quant_forward(qm, x)
+    qm, ideal, reference = w8a8_outputs(model, calibration, x)
     assert (ideal.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
     assert (ideal - reference).abs().max() <= 0.1 * reference.abs().max()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import w8a8_outputs
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
@@ -100,8 +101,7 @@ def test_convnext_captures_exactly() -> None:
 
 def test_convnext_runs_on_integers_and_on_the_hardware() -> None:
     model, calibration, x = small_convnext(), torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
-    qm = photosim.quantize(model, calibration, {"w_bits": 8, "a_bits": 8})
-    ideal, reference = photosim.simulate(qm, x), fake_quant_forward(qm, x)
+    qm, ideal, reference = w8a8_outputs(model, calibration, x)
     # one-LSB roundings (float mode against the float64 reference) through 2 blocks: a few output steps at most
     assert (ideal - reference).abs().max() <= 3.01 * qm.node(qm.output).output_q.scale
     assert (ideal.argmax(1) == reference.argmax(1)).float().mean() >= 0.9

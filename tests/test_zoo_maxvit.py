@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import w8a8_outputs
 from torch import nn
 from torchvision.models.maxvit import MaxVit
 
-import photosim
 from photosim.errors import PhotosimError
 from photosim.frontend.capture import capture
-from photosim.ir.fakequant import fake_quant_forward
 
 
 class Einsum(nn.Module):
@@ -60,7 +59,6 @@ def test_maxvit_captures_and_runs_on_integers() -> None:
     assert [n.op for n in graph.nodes].count("matmul") == 4  # window and grid attention: q k^T and A v each
     with torch.no_grad():
         assert torch.allclose(graph.run(x), model(x), atol=1e-5)
-    qm = photosim.quantize(model, calibration, {"w_bits": 8, "a_bits": 8})
-    ideal, reference = photosim.simulate(qm, x), fake_quant_forward(qm, x)
+    qm, ideal, reference = w8a8_outputs(model, calibration, x)
     assert (ideal - reference).abs().max() <= 0.1 * reference.abs().max()
     assert (ideal.argmax(1) == reference.argmax(1)).float().mean() >= 0.9

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ModelBuilder, qp
+from conftest import ModelBuilder, qp, w8a8_outputs
 from test_reference_new_ops import compare, inputs
 from torch import nn
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
@@ -20,7 +20,6 @@ import photosim
 from photosim.errors import PhotosimError
 from photosim.frontend.capture import capture
 from photosim.frontend.windows import shift_mask
-from photosim.ir.fakequant import fake_quant_forward
 
 
 @pytest.mark.parametrize("mode", ["float", "fixedpoint", "pytorch"])
@@ -75,8 +74,7 @@ def test_swin_captures_exactly_with_the_batch_first() -> None:
 
 def test_swin_runs_on_integers_and_on_the_hardware() -> None:
     model, calibration, x = small_swin(), torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
-    qm = photosim.quantize(model, calibration, {"w_bits": 8, "a_bits": 8})
-    ideal, reference = photosim.simulate(qm, x), fake_quant_forward(qm, x)
+    qm, ideal, reference = w8a8_outputs(model, calibration, x)
     # one-LSB roundings (float mode against float64) grow through the blocks: a small fraction of the range
     assert (ideal - reference).abs().max() <= 0.1 * reference.abs().max()
     assert (ideal.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
@@ -104,8 +102,7 @@ def test_swin_v2_captures_exactly_with_padding_and_cosine_attention() -> None:
 
 def test_swin_v2_runs_on_integers() -> None:
     model, calibration, x = small_swin_v2(), torch.randn(16, 3, 20, 20), torch.randn(16, 3, 20, 20)
-    qm = photosim.quantize(model, calibration, {"w_bits": 8, "a_bits": 8})
-    ideal, reference = photosim.simulate(qm, x), fake_quant_forward(qm, x)
+    qm, ideal, reference = w8a8_outputs(model, calibration, x)
     assert (ideal - reference).abs().max() <= 0.1 * reference.abs().max()
     assert (ideal.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
 

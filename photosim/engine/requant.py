@@ -247,8 +247,8 @@ class FixedPointRequant:
         return _clamp_codes(y + p.output.zero_point, p.output)
 
     def add(self, a: torch.Tensor, b: torch.Tensor, qa: QParams, qb: QParams, out: QParams) -> torch.Tensor:
-        left_shift, q, exponent = (c.to(a.device) if isinstance(c, torch.Tensor) else c
-                                   for c in fixedpoint_add_constants(qa, qb, out))
+        left_shift, q, exponent = fixedpoint_add_constants(qa, qb, out)
+        q, exponent = q.to(a.device), exponent.to(a.device)
         scaled_a, scaled_b = (
             multiply_by_quantized_multiplier((codes.to(torch.int64) - qc.zero_point) << left_shift, q[i], exponent[i])
             for i, (codes, qc) in enumerate(((a, qa), (b, qb)))

@@ -43,6 +43,17 @@ DIRECT_MAX_GROUP_CHANNELS, DIRECT_BLOCK_M, DIRECT_BLOCK_O = 4, 64, 32
 
 
 @triton.jit
+def _tap(sample, oh, ow, row_ok, i, j, height, width, s_h, s_w, SH: tl.constexpr, SW: tl.constexpr,
+         PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """Tap (i, j) of each output pixel's window: the pointer to its input pixel (channel 0 of ``sample``) and
+    whether it lies inside the input (else it is padding), for output pixels (oh, ow)."""
+    ih = oh * SH - PH + i * DH
+    iw = ow * SW - PW + j * DW
+    inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+    return sample + ih * s_h + iw * s_w, inside
+
+
+@triton.jit
 def _conv_kernel(x_ptr, w_ptr, shift_ptr, mult_ptr, exponent_ptr, out_ptr, rows, group_channels, height, width,
                  out_h, out_w, o, out_per_group, s_n, s_c, s_h, s_w, s_wg, s_wk, s_wo, centre, pad_value, z_out, qmin,
                  qmax, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
@@ -62,11 +73,8 @@ def _conv_kernel(x_ptr, w_ptr, shift_ptr, mult_ptr, exponent_ptr, out_ptr, rows,
     col_ok = cols < out_per_group
     acc = tl.full((BLOCK_M, BLOCK_O), 0, tl.int32)  # not tl.zeros: a jit function, compiled if Triton came first
     for i in tl.static_range(KH):
-        ih = oh * SH - PH + i * DH
         for j in tl.static_range(KW):
-            iw = ow * SW - PW + j * DW
-            inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)  # (BLOCK_M,): not padding
-            pixel = sample + ih * s_h + iw * s_w
+            pixel, inside = _tap(sample, oh, ow, row_ok, i, j, height, width, s_h, s_w, SH, SW, PH, PW, DH, DW)
             tap = (i * KW + j) * group_channels  # K index of the group's channel 0 at this tap
             for c0 in range(0, group_channels, BLOCK_K):
                 c = c0 + ks
@@ -101,11 +109,8 @@ def _direct_kernel(x_ptr, w_ptr, shift_ptr, mult_ptr, exponent_ptr, out_ptr, row
     w_column = w_ptr + group.to(tl.int64) * s_wg + (channel % out_per_group) * s_wo  # (BLOCK_O,) pointers
     acc = tl.full((BLOCK_M, BLOCK_O), 0, tl.int32)
     for i in tl.static_range(KH):
-        ih = oh * SH - PH + i * DH
         for j in tl.static_range(KW):
-            iw = ow * SW - PW + j * DW
-            inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)  # (BLOCK_M,): not padding
-            pixel = sample + ih * s_h + iw * s_w
+            pixel, inside = _tap(sample, oh, ow, row_ok, i, j, height, width, s_h, s_w, SH, SW, PH, PW, DH, DW)
             tap = (i * KW + j) * group_channels
             for c in range(0, group_channels):
                 x = tl.load(pixel[:, None] + first_channel + c * s_c, mask=inside[:, None] & col_ok[None, :],
